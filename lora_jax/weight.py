@@ -1,0 +1,235 @@
+"""`LoraWeight`: one frozen kernel with its low-rank adapter, as a pytree node.
+
+The math, stated once for the whole package. A kernel ``w`` has each axis labelled by a *layout*
+string, one letter per axis:
+
+* ``i`` an input axis (contracted with the activation in ``x @ w``),
+* ``o`` an output axis,
+* ``s`` a stack axis (layers stacked by ``nn.scan``: one independent adapter per index).
+
+The adapter factors keep the stack axes first and the input/output axes in the kernel's order::
+
+    a: (*stack, *in, r)        b: (*stack, r, *out)
+    delta[s, i, o] = scale * sum_r a[s, i, r] * b[s, r, o]     (transposed into w's axis order)
+    scale = alpha / r          (rsLoRA: alpha / sqrt(r))
+
+so for a Flax ``Dense`` kernel ``(in, out)`` (layout ``"io"``) ``a`` is ``(in, r)``, ``b`` is
+``(r, out)`` and ``y = x @ w + scale * (x @ a) @ b``. PEFT stores the same factors transposed:
+``lora_A.weight = a.T`` ``(r, in)`` and ``lora_B.weight = b.T`` ``(out, r)``.
+
+This module knows nothing of rules or trees; it only defines one weight.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["LoraWeight", "factor_shapes", "delta_from_factors", "check_layout", "is_lora", "to_matrix", "from_matrix"]
+
+_KINDS = frozenset("sio")
+
+
+def check_layout(layout: str, shape: Sequence[int], *, where: str = "kernel") -> str:
+    """Validate a layout string against a kernel shape and return it.
+
+    Args:
+      layout: one letter per axis, each of ``s`` (stack), ``i`` (input), ``o`` (output); stack
+        axes may appear anywhere, at least one ``i`` and one ``o`` are required.
+      shape: the kernel's shape.
+      where: a name for the kernel, used in error messages.
+
+    Raises:
+      ValueError: when the layout does not fit the shape.
+    """
+    if not isinstance(layout, str) or set(layout) - _KINDS:
+        raise ValueError(f"{where}: layout must be a string of 's', 'i', 'o' letters, got {layout!r}")
+    if len(layout) != len(shape):
+        raise ValueError(
+            f"{where}: layout {layout!r} has {len(layout)} axes but the kernel has shape {tuple(shape)} "
+            f"({len(shape)} axes)"
+        )
+    if "i" not in layout or "o" not in layout:
+        raise ValueError(f"{where}: layout {layout!r} needs at least one input ('i') and one output ('o') axis")
+    return layout
+
+
+def _parts(shape: Sequence[int], layout: str, kind: str) -> tuple[int, ...]:
+    return tuple(int(d) for d, k in zip(shape, layout) if k == kind)
+
+
+def factor_shapes(shape: Sequence[int], layout: str, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``(a, b)`` for a kernel of ``shape`` and ``layout`` at ``rank``.
+
+    >>> factor_shapes((3, 16, 32), "sio", 4)
+    ((3, 16, 4), (3, 4, 32))
+    """
+    s, i, o = (_parts(shape, layout, k) for k in "sio")
+    return s + i + (rank,), s + (rank,) + o
+
+
+def to_matrix(w: jax.Array, layout: str) -> jax.Array:
+    """View a kernel as ``(*stack, prod(in), prod(out))`` (axes reordered, then flattened).
+
+    >>> import jax.numpy as jnp
+    >>> to_matrix(jnp.zeros((5, 3, 2)), "oii").shape
+    (6, 5)
+    """
+    order = [j for k in "sio" for j, c in enumerate(layout) if c == k]
+    s, i, o = (_parts(w.shape, layout, k) for k in "sio")
+    return jnp.transpose(w, order).reshape(s + (int(np.prod(i)), int(np.prod(o))))
+
+
+def from_matrix(m: jax.Array, shape: Sequence[int], layout: str) -> jax.Array:
+    """Inverse of `to_matrix`: a ``(*stack, in, out)`` matrix back to the kernel's shape and layout."""
+    order = [j for k in "sio" for j, c in enumerate(layout) if c == k]
+    s, i, o = (_parts(shape, layout, k) for k in "sio")
+    return jnp.transpose(m.reshape(s + i + o), np.argsort(order))
+
+
+def _einsum_specs(layout: str) -> tuple[str, str, str]:
+    letters = string.ascii_letters[: len(layout)]
+    r = "Z" if "Z" not in letters else "z"
+    s = "".join(c for c, k in zip(letters, layout) if k == "s")
+    i = "".join(c for c, k in zip(letters, layout) if k == "i")
+    o = "".join(c for c, k in zip(letters, layout) if k == "o")
+    return s + i + r, s + r + o, letters
+
+
+def delta_from_factors(a: jax.Array, b: jax.Array, layout: str, *, precision=None,
+                       preferred_element_type=None) -> jax.Array:
+    """``sum_r a[s, i, r] b[s, r, o]`` arranged in the kernel's axis order (no scale applied)."""
+    sa, sb, out = _einsum_specs(layout)
+    return jnp.einsum(f"{sa},{sb}->{out}", a, b, precision=precision,
+                      preferred_element_type=preferred_element_type)
+
+
+def is_lora(x: Any) -> bool:
+    """True for a `LoraWeight` node (use as ``is_leaf`` when walking a LoRA tree)."""
+    return isinstance(x, LoraWeight)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LoraWeight:
+    """A frozen kernel ``w`` with its adapter factors ``a``, ``b``.
+
+    Children (pytree leaves): ``w``, ``a``, ``b`` and, for DoRA, the magnitude ``m`` (None
+    otherwise). Static data: ``layout``, ``rank``, ``alpha``, ``rslora``, ``dropout`` and an
+    optional per-layer ``layer_mask`` for stacked kernels (layers where it is False get no delta).
+    Children may be None (``lora.split`` uses that), so the class never checks shapes itself; use
+    `lora.init` to build one.
+
+    A `LoraWeight` is not an array: passing it to a function that was not transformed with
+    `lora.wrap` raises a ``TypeError`` rather than silently using the base weight.
+
+    Example:
+      >>> import jax.numpy as jnp, lora_jax as lora
+      >>> lw = lora.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), layout="io", rank=2, alpha=4.0)
+      >>> lw.scale, lw.merge()[0, 0].item()
+      (2.0, 9.0)
+    """
+
+    __slots__ = ("w", "a", "b", "m", "layout", "rank", "alpha", "rslora", "dropout", "layer_mask")
+
+    def __init__(self, w, a, b, *, layout: str, rank: int, alpha: float, rslora: bool = False,
+                 dropout: float = 0.0, m=None, layer_mask: Optional[tuple[bool, ...]] = None):
+        self.w, self.a, self.b, self.m = w, a, b, m
+        self.layout = layout
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.rslora = bool(rslora)
+        self.dropout = float(dropout)
+        self.layer_mask = None if layer_mask is None else tuple(bool(v) for v in layer_mask)
+
+    # -- pytree -----------------------------------------------------------------------------
+    def _static(self):
+        return (self.layout, self.rank, self.alpha, self.rslora, self.dropout, self.layer_mask)
+
+    def tree_flatten_with_keys(self):
+        g = jax.tree_util.GetAttrKey
+        return ((g("w"), self.w), (g("a"), self.a), (g("b"), self.b), (g("m"), self.m)), self._static()
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b, self.m), self._static()
+
+    @classmethod
+    def tree_unflatten(cls, static, children):
+        layout, rank, alpha, rslora, dropout, layer_mask = static
+        w, a, b, m = children
+        return cls(w, a, b, m=m, layout=layout, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
+                   layer_mask=layer_mask)
+
+    def replace(self, **changes) -> "LoraWeight":
+        """A copy with some children or static fields replaced."""
+        fields = dict(w=self.w, a=self.a, b=self.b, m=self.m, layout=self.layout, rank=self.rank,
+                      alpha=self.alpha, rslora=self.rslora, dropout=self.dropout, layer_mask=self.layer_mask)
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"LoraWeight.replace: unknown fields {sorted(unknown)}; fields are {sorted(fields)}")
+        fields.update(changes)
+        return LoraWeight(fields.pop("w"), fields.pop("a"), fields.pop("b"), **fields)
+
+    # -- derived ----------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        """``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA)."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.layout)
+
+    def effective_a(self) -> jax.Array:
+        """``a`` with the per-layer mask applied (layers outside ``layer_mask`` contribute nothing)."""
+        if self.layer_mask is None:
+            return self.a
+        mask = jnp.asarray(np.array(self.layer_mask), dtype=self.a.dtype)
+        return self.a * mask.reshape(mask.shape + (1,) * (self.a.ndim - 1))
+
+    def delta(self, dtype=jnp.float32) -> jax.Array:
+        """``scale * a @ b`` in ``w``'s layout, computed and returned in ``dtype``."""
+        a = self.effective_a().astype(dtype)
+        return (self.scale * delta_from_factors(a, self.b.astype(dtype), self.layout,
+                                                precision=jax.lax.Precision.HIGHEST)).astype(dtype)
+
+    def merge(self) -> jax.Array:
+        """``w + scale * a @ b`` in ``w``'s dtype, computed in float32 (or wider if ``w`` is)."""
+        ct = jnp.promote_types(self.w.dtype, jnp.float32)
+        return (self.w.astype(ct) + self.delta(ct)).astype(self.w.dtype)
+
+    def unmerge(self, merged: jax.Array) -> jax.Array:
+        """The base weight back from a merged one: ``merged - scale * a @ b`` in ``merged``'s dtype."""
+        ct = jnp.promote_types(merged.dtype, jnp.float32)
+        return (merged.astype(ct) - self.delta(ct)).astype(merged.dtype)
+
+    # -- not an array -----------------------------------------------------------------------
+    def _not_an_array(self, *_, **__):
+        raise TypeError(
+            f"a LoraWeight (kernel shape {getattr(self.w, 'shape', None)}, rank {self.rank}) was used as an "
+            "array. Call the model through lora.wrap(fn)(lora_params, ...), or lora.merge(lora_params) "
+            "first; lora_jax never falls back to the base weight silently."
+        )
+
+    __jax_array__ = _not_an_array
+    __array__ = _not_an_array
+
+    def __repr__(self) -> str:
+        def sh(x):
+            return None if x is None else f"{getattr(x, 'dtype', '?')}{list(getattr(x, 'shape', ()))}"
+        extra = f", m={sh(self.m)}" if self.m is not None else ""
+        mask = f", layer_mask={self.layer_mask}" if self.layer_mask is not None else ""
+        return (f"LoraWeight(w={sh(self.w)}, a={sh(self.a)}, b={sh(self.b)}{extra}, layout={self.layout!r}, "
+                f"rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}, dropout={self.dropout:g}{mask})")
