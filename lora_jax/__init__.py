@@ -12,6 +12,7 @@ from .weight import LoraWeight, is_lora
 from .rules import Rule, Rules
 from .tree import init, merge, unmerge, split, combine, count, summary, Count
 from .optim import freeze, labels
+from .interpreter import wrap, MaterializeWarning
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ __all__ = [
     "Rule", "Rules",
     "init", "merge", "unmerge", "split", "combine", "count", "summary", "Count",
     "freeze", "labels",
+    "wrap", "MaterializeWarning",
 ]

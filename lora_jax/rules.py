@@ -16,8 +16,9 @@ Targets are given three ways, as in PEFT:
   except embeddings and output heads (``lm_head``, ``classifier``, ``score``, ...) unless
   ``include_head=True``.
 
-Only floating leaves with at least two axes beyond the stack axes are ever selected (biases and
-norm scales under a matched module are skipped).
+A match on a module path selects that module's kernel-like leaves (``kernel``, ``weight``, ``w``,
+``embedding``); a match on a full leaf path selects that leaf whatever its name. Only floating
+leaves with at least two axes beyond the stack axes are ever selected.
 """
 
 from __future__ import annotations
@@ -121,10 +122,13 @@ class _Matcher:
     def __call__(self, path: str, include_head: bool = False) -> bool:
         module = path.rpartition("/")[0]
         leaf = path.rpartition("/")[2]
+        # a match on the module path selects its kernel-like leaves (not a 2-D DenseGeneral bias);
+        # a match on the leaf path itself selects that leaf whatever its name
+        kernel_like = leaf in _KERNEL_NAMES or leaf in _EMBED_NAMES
         if self.kind == "regex":
-            return bool(self.regex.fullmatch(path) or (module and self.regex.fullmatch(module)))
+            return bool(self.regex.fullmatch(path) or (kernel_like and module and self.regex.fullmatch(module)))
         if self.kind == "names":
-            return any(_suffix_match(n, module) or _suffix_match(n, path) for n in self.names)
+            return any(_suffix_match(n, path) or (kernel_like and _suffix_match(n, module)) for n in self.names)
         # all-linear
         if leaf not in _KERNEL_NAMES:
             return False

@@ -1,0 +1,728 @@
+"""`wrap(fn)`: run any JAX function with LoRA weights kept factorized.
+
+``wrap`` traces ``fn`` with plain arrays standing in for each `LoraWeight` (``jax.make_jaxpr``)
+and evaluates the jaxpr with an interpreter in which each LoRA weight is a *lazy* value
+``w + a @ b`` (the scale folded into ``a``). Lazy values stay lazy through layout-only ops
+(``convert_element_type``, ``transpose``, ``reshape``/``squeeze``/``expand_dims`` that keep the
+stack/input/output axis groups apart, ``slice``, ``dynamic_slice``, ``rev``, ``copy``, sharding
+constraints, multiplication by a scalar) and are consumed factorized by:
+
+* ``dot_general`` (any contracting/batch dims, either side): ``x.w + (x.a).b`` — or ``(x.b).a``
+  when ``x`` contracts with the output axes, as a tied LM head ``h @ E.T`` does;
+* ``conv_general_dilated`` (groups=1): a conv with ``a`` as a rank-r kernel, then a 1x1 conv with ``b``;
+* ``gather`` of rows (embedding lookups): ``w[ids] + a[ids] @ b``.
+
+``jit``, ``remat``/``checkpoint`` (its policy kept), ``scan`` (a stacked LoRA weight in ``xs`` is
+sliced per step and stays factorized), ``cond`` and ``while`` are entered and re-expressed with
+their public functions. ``custom_jvp``/``custom_vjp`` calls get the merged weight (their rules need
+it). Any other primitive that meets a LoRA weight gets ``w + a @ b`` for that use only, with a
+`MaterializeWarning` once per primitive. Only public JAX API is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import string
+import warnings
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+from jax.extend.core import primitives as P
+
+from .weight import LoraWeight, delta_from_factors, is_lora
+
+__all__ = ["wrap", "MaterializeWarning"]
+
+
+class MaterializeWarning(UserWarning):
+    """A LoRA weight met a primitive with no factorized rule and was merged for that use.
+
+    The result is still exact; only the cost differs. Turn it into an error in tests with
+    ``warnings.simplefilter("error", lora.MaterializeWarning)``.
+    """
+
+
+# ------------------------------------------------------------------------------------------
+# The lazy value
+# ------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_pytree_node_class
+class _Lazy:
+    """``w + a @ b`` in the layout ``kinds`` (scale already folded into ``a``).
+
+    ``a``: ``(*s, *i, r)``, ``b``: ``(*s, r, *o)`` with each group in ``w``'s axis order.
+    ``key``: the dropout key (None: no dropout).
+    """
+
+    __slots__ = ("w", "a", "b", "key", "kinds", "dropout")
+
+    def __init__(self, w, a, b, key, kinds: str, dropout: float):
+        self.w, self.a, self.b, self.key = w, a, b, key
+        self.kinds, self.dropout = kinds, dropout
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b, self.key), (self.kinds, self.dropout)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    def with_(self, **kw):
+        d = dict(w=self.w, a=self.a, b=self.b, key=self.key, kinds=self.kinds, dropout=self.dropout)
+        d.update(kw)
+        return _Lazy(**d)
+
+    def axes(self, kind: str) -> list[int]:
+        return [j for j, k in enumerate(self.kinds) if k == kind]
+
+    def materialize(self):
+        ct = jnp.promote_types(self.w.dtype, jnp.float32)
+        with jax.named_scope("lora_materialize"):
+            d = delta_from_factors(self.a.astype(ct), self.b.astype(ct), self.kinds)
+            return (self.w.astype(ct) + d).astype(self.w.dtype)
+
+
+def _is_lazy(x) -> bool:
+    return isinstance(x, _Lazy)
+
+
+def _dense(x):
+    return x.materialize() if _is_lazy(x) else x
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation context
+# ------------------------------------------------------------------------------------------
+
+
+class _Ctx:
+    """Per-call state: dropout salts (loop iteration counters) and a counter of LoRA uses."""
+
+    def __init__(self, salts=()):
+        self.salts = tuple(salts)
+        self.uses = [0]
+
+    def child(self, salt):
+        c = _Ctx(self.salts + (salt,))
+        c.uses = self.uses
+        return c
+
+    def dropout(self, x, lz: _Lazy):
+        """Inverted dropout on the adapter's input ``x`` (identity when ``lz`` has no key)."""
+        if lz.key is None or lz.dropout <= 0.0:
+            return x
+        self.uses[0] += 1
+        k = jax.random.fold_in(lz.key, self.uses[0])
+        for s in self.salts:
+            k = jax.random.fold_in(k, s)
+        keep = 1.0 - lz.dropout
+        mask = jax.random.bernoulli(k, keep, x.shape)
+        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def _bind(eqn, invals):
+    bp = eqn.primitive.get_bind_params(eqn.params)
+    # jax < 0.7 returns (subfuns, params); newer releases return params alone
+    subfuns, params = bp if isinstance(bp, tuple) else ((), bp)
+    out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return out if eqn.primitive.multiple_results else [out]
+
+
+def _read(env, v):
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def _eval_jaxpr(jaxpr, consts, args, ctx: _Ctx):
+    env = {}
+
+    def write(v, val):
+        if not isinstance(v, jcore.DropVar):
+            env[v] = val
+
+    for v, val in zip(jaxpr.constvars, consts):
+        write(v, val)
+    if len(args) != len(jaxpr.invars):
+        raise TypeError(f"internal: jaxpr takes {len(jaxpr.invars)} inputs, got {len(args)}")
+    for v, val in zip(jaxpr.invars, args):
+        write(v, val)
+    for eqn in jaxpr.eqns:
+        invals = [_read(env, v) for v in eqn.invars]
+        if any(_is_lazy(x) for x in invals):
+            rule = _RULES.get(eqn.primitive, _fallback)
+            outvals = rule(ctx, eqn, invals)
+        else:
+            outvals = _bind(eqn, invals)
+        for v, val in zip(eqn.outvars, outvals):
+            write(v, val)
+    return [_read(env, v) for v in jaxpr.outvars]
+
+
+def _eval_closed(closed, args, ctx):
+    return _eval_jaxpr(closed.jaxpr, closed.consts, args, ctx)
+
+
+# ------------------------------------------------------------------------------------------
+# Fallback
+# ------------------------------------------------------------------------------------------
+
+
+def _fallback(ctx, eqn, invals):
+    warnings.warn(
+        f"lora_jax.wrap: primitive '{eqn.primitive.name}' has no factorized LoRA rule; the LoRA weight "
+        f"was merged (w + s*A@B) for this use. Results are exact; only the cost differs.",
+        MaterializeWarning, stacklevel=2)
+    return _bind(eqn, [_dense(x) for x in invals])
+
+
+def _dense_call(ctx, eqn, invals):
+    """Custom-derivative calls: their rules need the dense weight, so give it to them."""
+    return _bind(eqn, [_dense(x) for x in invals])
+
+
+# ------------------------------------------------------------------------------------------
+# Layout-only ops: stay lazy
+# ------------------------------------------------------------------------------------------
+
+
+def _w_only(ctx, eqn, invals):
+    """Ops that change only how w is stored (copy, sharding constraints): apply to w."""
+    (lz,) = invals
+    (w,) = _bind(eqn, [lz.w])
+    return [lz.with_(w=w)]
+
+
+def _convert(ctx, eqn, invals):
+    (lz,) = invals
+    if not jnp.issubdtype(eqn.params["new_dtype"], jnp.inexact):
+        return _fallback(ctx, eqn, invals)
+    (w,) = _bind(eqn, [lz.w])
+    return [lz.with_(w=w)]
+
+
+def _factor_axes(lz: _Lazy):
+    """For each w axis: its position in a (or None) and in b (or None)."""
+    s, i, o = lz.axes("s"), lz.axes("i"), lz.axes("o")
+    in_a, in_b = {}, {}
+    for p, j in enumerate(s):
+        in_a[j] = p
+        in_b[j] = p
+    for p, j in enumerate(i):
+        in_a[j] = len(s) + p
+    for p, j in enumerate(o):
+        in_b[j] = len(s) + 1 + p
+    return in_a, in_b
+
+
+def _transpose(ctx, eqn, invals):
+    (lz,) = invals
+    perm = tuple(eqn.params["permutation"])
+    (w,) = _bind(eqn, [lz.w])
+    kinds = "".join(lz.kinds[p] for p in perm)
+    s_old, i_old, o_old = lz.axes("s"), lz.axes("i"), lz.axes("o")
+    s_new = [p for p in perm if lz.kinds[p] == "s"]
+    i_new = [p for p in perm if lz.kinds[p] == "i"]
+    o_new = [p for p in perm if lz.kinds[p] == "o"]
+    ns = len(s_old)
+    pa = [s_old.index(j) for j in s_new] + [ns + i_old.index(j) for j in i_new] + [ns + len(i_old)]
+    pb = [s_old.index(j) for j in s_new] + [ns] + [ns + 1 + o_old.index(j) for j in o_new]
+    return [lz.with_(w=w, a=jnp.transpose(lz.a, pa), b=jnp.transpose(lz.b, pb), kinds=kinds)]
+
+
+def _reshape_kinds(kinds: str, old: Sequence[int], new: Sequence[int]) -> Optional[str]:
+    """Kinds of the new axes if the reshape keeps stack/in/out groups apart, else None."""
+    if 0 in old or 0 in new:
+        return None
+    old_nu = [k for k, d in enumerate(old) if d != 1]
+    new_nu = [k for k, d in enumerate(new) if d != 1]
+    out = ["s"] * len(new)  # unit axes become unit stack axes (present in a and b)
+    p = q = 0
+    while p < len(old_nu) and q < len(new_nu):
+        go, gn = [old_nu[p]], [new_nu[q]]
+        po, pn = old[old_nu[p]], new[new_nu[q]]
+        p, q = p + 1, q + 1
+        while po != pn:
+            if po < pn:
+                if p >= len(old_nu):
+                    return None
+                go.append(old_nu[p])
+                po *= old[old_nu[p]]
+                p += 1
+            else:
+                if q >= len(new_nu):
+                    return None
+                gn.append(new_nu[q])
+                pn *= new[new_nu[q]]
+                q += 1
+        ks = {kinds[a] for a in go}
+        if len(ks) != 1:
+            return None
+        k = ks.pop()
+        for b in gn:
+            out[b] = k
+    if p != len(old_nu) or q != len(new_nu):
+        return None
+    kinds_new = "".join(out)
+    if "i" not in kinds_new and "i" in kinds or "o" not in kinds_new and "o" in kinds:
+        return None
+    return kinds_new
+
+
+def _reshape_to(lz: _Lazy, w, new_shape) -> Optional[_Lazy]:
+    kinds = _reshape_kinds(lz.kinds, lz.w.shape, new_shape)
+    if kinds is None:
+        return None
+    r = lz.a.shape[-1]
+    part = lambda k: tuple(d for d, c in zip(new_shape, kinds) if c == k)  # noqa: E731
+    a = lz.a.reshape(part("s") + part("i") + (r,))
+    b = lz.b.reshape(part("s") + (r,) + part("o"))
+    return lz.with_(w=w, a=a, b=b, kinds=kinds)
+
+
+def _reshape(ctx, eqn, invals):
+    lz = invals[0]
+    if eqn.params.get("dimensions") is not None or len(invals) != 1:
+        return _fallback(ctx, eqn, invals)
+    new_shape = tuple(eqn.outvars[0].aval.shape)
+    (w,) = _bind(eqn, [lz.w])
+    out = _reshape_to(lz, w, new_shape)
+    return [out] if out is not None else _fallback(ctx, eqn, invals)
+
+
+def _squeeze(ctx, eqn, invals):
+    (lz,) = invals
+    (w,) = _bind(eqn, [lz.w])
+    out = _reshape_to(lz, w, tuple(eqn.outvars[0].aval.shape))
+    return [out] if out is not None else _fallback(ctx, eqn, invals)
+
+
+def _broadcast_in_dim(ctx, eqn, invals):
+    lz = invals[0]
+    shape, bdims = tuple(eqn.params["shape"]), tuple(eqn.params["broadcast_dimensions"])
+    ok = (len(invals) == 1 and list(bdims) == sorted(bdims)
+          and all(shape[d] == lz.shape[k] for k, d in enumerate(bdims))
+          and all(shape[d] == 1 for d in range(len(shape)) if d not in bdims))
+    if not ok:
+        return _fallback(ctx, eqn, invals)
+    (w,) = _bind(eqn, [lz.w])
+    out = _reshape_to(lz, w, shape)
+    return [out] if out is not None else _fallback(ctx, eqn, invals)
+
+
+def _factor_index(lz: _Lazy, per_axis, r_value):
+    """Map a per-w-axis list of values to a's and b's axes (the rank axis gets ``r_value``)."""
+    in_a, in_b = _factor_axes(lz)
+    va = [r_value] * lz.a.ndim
+    vb = [r_value] * lz.b.ndim
+    for j, v in enumerate(per_axis):
+        if j in in_a:
+            va[in_a[j]] = v
+        if j in in_b:
+            vb[in_b[j]] = v
+    return va, vb
+
+
+def _slice(ctx, eqn, invals):
+    (lz,) = invals
+    p = eqn.params
+    (w,) = _bind(eqn, [lz.w])
+    strides = p["strides"] or (1,) * lz.w.ndim
+    r = lz.a.shape[-1]
+    sa, sb = _factor_index(lz, p["start_indices"], 0)
+    la, lb = _factor_index(lz, p["limit_indices"], None)
+    ta, tb = _factor_index(lz, strides, 1)
+    la[la.index(None)] = r
+    lb[lb.index(None)] = r
+    a = jax.lax.slice(lz.a, sa, la, ta)
+    b = jax.lax.slice(lz.b, sb, lb, tb)
+    return [lz.with_(w=w, a=a, b=b)]
+
+
+def _dynamic_slice(ctx, eqn, invals):
+    lz, starts = invals[0], invals[1:]
+    if any(_is_lazy(s) for s in starts) or len(starts) != lz.w.ndim:
+        return _fallback(ctx, eqn, invals)
+    (w,) = _bind(eqn, [lz.w, *starts])
+    sizes = eqn.params["slice_sizes"]
+    r = lz.a.shape[-1]
+    zero = jnp.zeros((), jnp.asarray(starts[0]).dtype) if starts else 0
+    sa, sb = _factor_index(lz, starts, zero)
+    za, zb = _factor_index(lz, sizes, r)
+    a = jax.lax.dynamic_slice(lz.a, sa, za)
+    b = jax.lax.dynamic_slice(lz.b, sb, zb)
+    return [lz.with_(w=w, a=a, b=b)]
+
+
+def _rev(ctx, eqn, invals):
+    (lz,) = invals
+    (w,) = _bind(eqn, [lz.w])
+    in_a, in_b = _factor_axes(lz)
+    dims = eqn.params["dimensions"]
+    a = jax.lax.rev(lz.a, tuple(in_a[d] for d in dims if d in in_a))
+    b = jax.lax.rev(lz.b, tuple(in_b[d] for d in dims if d in in_b))
+    return [lz.with_(w=w, a=a, b=b)]
+
+
+def _scalar_mul(ctx, eqn, invals):
+    x, y = invals
+    if _is_lazy(x) and not _is_lazy(y) and jnp.ndim(y) == 0:
+        lz, c = x, y
+    elif _is_lazy(y) and not _is_lazy(x) and jnp.ndim(x) == 0:
+        lz, c = y, x
+    else:
+        return _fallback(ctx, eqn, invals)
+    (w,) = _bind(eqn, [x if x is not lz else lz.w, y if y is not lz else lz.w])
+    return [lz.with_(w=w, a=lz.a * jnp.asarray(c).astype(lz.a.dtype))]
+
+
+def _neg(ctx, eqn, invals):
+    (lz,) = invals
+    (w,) = _bind(eqn, [lz.w])
+    return [lz.with_(w=w, a=-lz.a)]
+
+
+# ------------------------------------------------------------------------------------------
+# Consumers: dot_general, conv, gather
+# ------------------------------------------------------------------------------------------
+
+
+def _letters(n, start=0):
+    return list(string.ascii_letters[start:start + n])
+
+
+def _dot_general(ctx, eqn, invals):
+    lhs, rhs = invals
+    if _is_lazy(lhs) and _is_lazy(rhs):
+        lhs = lhs.materialize()
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lazy_is_rhs = _is_lazy(rhs)
+    lz, x = (rhs, lhs) if lazy_is_rhs else (lhs, rhs)
+    xc, wc, xb, wb = (lc, rc, lb, rb) if lazy_is_rhs else (rc, lc, rb, lb)
+    base = _bind(eqn, [lhs, lz.w] if lazy_is_rhs else [lz.w, rhs])[0]
+
+    # einsum letters: x's axes, then w's; contracted/batched pairs share one
+    xl = _letters(x.ndim)
+    wl = _letters(lz.w.ndim, x.ndim)
+    for a, b in zip(xc, wc):
+        wl[b] = xl[a]
+    for a, b in zip(xb, wb):
+        wl[b] = xl[a]
+    batch = [xl[a] for a in xb]
+    x_free = [xl[a] for a in range(x.ndim) if a not in xc and a not in xb]
+    w_free = [wl[b] for b in range(lz.w.ndim) if b not in wc and b not in wb]
+    out = batch + (x_free + w_free if lazy_is_rhs else w_free + x_free)
+    r = "Z"
+    s = [wl[j] for j in lz.axes("s")]
+    a_spec = s + [wl[j] for j in lz.axes("i")] + [r]
+    b_spec = s + [r] + [wl[j] for j in lz.axes("o")]
+
+    shared = set(xl)
+    first_is_a = bool(shared & {wl[j] for j in lz.axes("i")}) or not (shared & {wl[j] for j in lz.axes("o")})
+    (f_spec, f_val), (g_spec, g_val) = ((a_spec, lz.a), (b_spec, lz.b)) if first_is_a else ((b_spec, lz.b),
+                                                                                          (a_spec, lz.a))
+    keep = set(out) | set(g_spec)
+    inter = []
+    for c in xl + f_spec:
+        if c in keep and c not in inter:
+            inter.append(c)
+    cd = lz.dtype
+    prec = eqn.params.get("precision")
+    pet = eqn.params.get("preferred_element_type")
+    out_dtype = eqn.outvars[0].aval.dtype
+    with jax.named_scope("lora"):
+        xd = ctx.dropout(x, lz)
+        t = jnp.einsum(f"{''.join(xl)},{''.join(f_spec)}->{''.join(inter)}", xd, f_val.astype(cd), precision=prec,
+                       preferred_element_type=pet)
+        t = t.astype(jnp.result_type(x.dtype, cd))
+        d = jnp.einsum(f"{''.join(inter)},{''.join(g_spec)}->{''.join(out)}", t, g_val.astype(cd), precision=prec,
+                       preferred_element_type=pet)
+    return [base + d.astype(out_dtype)]
+
+
+def _conv(ctx, eqn, invals):
+    lhs, rhs = invals
+    p = eqn.params
+    if _is_lazy(lhs) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return _fallback(ctx, eqn, invals)
+    lz = rhs
+    dn = p["dimension_numbers"]
+    out_dim, in_dim = dn.rhs_spec[0], dn.rhs_spec[1]
+    if "s" in lz.kinds or lz.kinds[out_dim] != "o" or lz.kinds.count("o") != 1:
+        return _fallback(ctx, eqn, invals)
+    base = _bind(eqn, [lhs, lz.w])[0]
+    cd = lz.dtype
+    r = lz.a.shape[-1]
+    nd = lz.w.ndim
+    # a as a kernel in w's layout with the output-feature axis replaced by the rank
+    a_k = jnp.moveaxis(lz.a.astype(cd), -1, out_dim)
+    # b as a 1x1 kernel: rank on the input-feature axis, outputs on the output axis
+    b_k = lz.b.astype(cd).reshape((r, lz.b.shape[-1]) + (1,) * (nd - 2))
+    src = [in_dim, out_dim] + [d for d in dn.rhs_spec[2:]]
+    b_k = jnp.transpose(b_k, np.argsort(src))
+    common = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
+    with jax.named_scope("lora"):
+        xd = ctx.dropout(lhs, lz)
+        t = jax.lax.conv_general_dilated(xd, a_k, p["window_strides"], p["padding"], p["lhs_dilation"],
+                                         p["rhs_dilation"], dn, **common)
+        t = t.astype(jnp.result_type(lhs.dtype, cd))
+        dn2 = jax.lax.ConvDimensionNumbers(lhs_spec=dn.out_spec, rhs_spec=dn.rhs_spec, out_spec=dn.out_spec)
+        nsp = nd - 2
+        d = jax.lax.conv_general_dilated(t, b_k, (1,) * nsp, [(0, 0)] * nsp, (1,) * nsp, (1,) * nsp, dn2, **common)
+    return [base + d.astype(eqn.outvars[0].aval.dtype)]
+
+
+def _gather(ctx, eqn, invals):
+    lz, idx = invals
+    if _is_lazy(idx) or not _is_lazy(lz):
+        return _fallback(ctx, eqn, invals)
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    kinds = lz.kinds
+    n_o = kinds.count("o")
+    nd = lz.w.ndim
+    o_axes = list(range(nd - n_o, nd))
+    out_nd = eqn.outvars[0].aval.ndim
+    ok = ("s" not in kinds and kinds == "i" * (nd - n_o) + "o" * n_o
+          and not set(o_axes) & set(dn.collapsed_slice_dims) and not set(o_axes) & set(dn.start_index_map)
+          and not set(o_axes) & set(dn.operand_batching_dims)
+          and all(p["slice_sizes"][j] == lz.w.shape[j] for j in o_axes)
+          and tuple(dn.offset_dims[-n_o:]) == tuple(range(out_nd - n_o, out_nd)))
+    if not ok:
+        return _fallback(ctx, eqn, invals)
+    base = _bind(eqn, [lz.w, idx])[0]
+    r = lz.a.shape[-1]
+    dn_a = jax.lax.GatherDimensionNumbers(
+        offset_dims=tuple(dn.offset_dims[:-n_o]) + (out_nd - n_o,), collapsed_slice_dims=dn.collapsed_slice_dims,
+        start_index_map=dn.start_index_map, operand_batching_dims=dn.operand_batching_dims,
+        start_indices_batching_dims=dn.start_indices_batching_dims)
+    with jax.named_scope("lora"):
+        rows = jax.lax.gather(lz.a.astype(lz.dtype), idx, dn_a, tuple(p["slice_sizes"][:nd - n_o]) + (r,),
+                              indices_are_sorted=p["indices_are_sorted"], unique_indices=p["unique_indices"],
+                              mode=p["mode"], fill_value=p["fill_value"])
+        d = jnp.tensordot(rows, lz.b.astype(lz.dtype), axes=1)
+    return [base + d.astype(eqn.outvars[0].aval.dtype)]
+
+
+# ------------------------------------------------------------------------------------------
+# Higher-order primitives: entered, re-expressed through their public functions
+# ------------------------------------------------------------------------------------------
+
+
+def _inline(ctx, eqn, invals):
+    closed = eqn.params["jaxpr"]
+    return _eval_closed(closed, invals, ctx)
+
+
+def _call(ctx, eqn, invals):
+    call = eqn.params["call_jaxpr"]
+    if isinstance(call, jcore.ClosedJaxpr):
+        return _eval_closed(call, invals, ctx)
+    return _eval_jaxpr(call, [], invals, ctx)
+
+
+def _remat(ctx, eqn, invals):
+    p = eqn.params
+    jaxpr = p["jaxpr"]
+
+    def body(*args):
+        return [_dense(o) for o in _eval_jaxpr(jaxpr, [], list(args), ctx)]
+
+    return jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
+
+
+def _scan(ctx, eqn, invals):
+    p = eqn.params
+    nc, ncar = p["num_consts"], p["num_carry"]
+    consts, init, xs = list(invals[:nc]), [_dense(v) for v in invals[nc:nc + ncar]], list(invals[nc + ncar:])
+    length = p["length"]
+    xs_in = []
+    for v in xs:
+        if _is_lazy(v):
+            if v.kinds[0] == "s" and v.a.shape[0] == length:
+                key = None if v.key is None else jax.random.split(v.key, length)
+                v = _Lazy(v.w, v.a, v.b, key, v.kinds[1:], v.dropout)
+            else:
+                v = v.materialize()
+        xs_in.append(v)
+    salted = any(_is_lazy(c) and c.key is not None for c in consts)
+    body_jaxpr = p["jaxpr"]
+
+    def body(carry, x):
+        sub = ctx
+        if salted:
+            x, it = x[:-1], x[-1]
+            sub = ctx.child(it)
+        outs = [_dense(o) for o in _eval_closed(body_jaxpr, consts + list(carry) + list(x), sub)]
+        return outs[:ncar], outs[ncar:]
+
+    extra = [jnp.arange(length, dtype=jnp.uint32)] if salted else []
+    carry, ys = jax.lax.scan(body, init, xs_in + extra, length=length, reverse=p["reverse"], unroll=p["unroll"])
+    return list(carry) + list(ys)
+
+
+def _cond(ctx, eqn, invals):
+    index, ops = invals[0], list(invals[1:])
+    if _is_lazy(index):
+        return _fallback(ctx, eqn, invals)
+
+    def branch(closed):
+        return lambda *args: [_dense(o) for o in _eval_closed(closed, list(args), ctx)]
+
+    return jax.lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops)
+
+
+def _while(ctx, eqn, invals):
+    p = eqn.params
+    cc, bc = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts = list(invals[:cc]), list(invals[cc:cc + bc])
+    init = [_dense(v) for v in invals[cc + bc:]]
+
+    def cond_fun(carry):
+        return _dense(_eval_closed(p["cond_jaxpr"], cconsts + list(carry), ctx)[0])
+
+    def body_fun(carry):
+        return [_dense(o) for o in _eval_closed(p["body_jaxpr"], bconsts + list(carry), ctx)]
+
+    return list(jax.lax.while_loop(cond_fun, body_fun, init))
+
+
+def _prim(name):
+    return getattr(P, name, None)
+
+
+_RULES: dict[Any, Callable] = {}
+for _name, _rule in [
+    ("dot_general_p", _dot_general), ("conv_general_dilated_p", _conv), ("gather_p", _gather),
+    ("convert_element_type_p", _convert), ("transpose_p", _transpose), ("reshape_p", _reshape),
+    ("squeeze_p", _squeeze), ("broadcast_in_dim_p", _broadcast_in_dim), ("slice_p", _slice),
+    ("dynamic_slice_p", _dynamic_slice), ("rev_p", _rev), ("copy_p", _w_only), ("copy_p_", _w_only),
+    ("sharding_constraint_p", _w_only), ("mul_p", _scalar_mul), ("neg_p", _neg),
+    ("jit_p", _inline), ("pjit_p", _inline), ("closed_call_p", _call), ("call_p", _call), ("remat_p", _remat),
+    ("checkpoint_p", _remat), ("scan_p", _scan), ("cond_p", _cond), ("while_p", _while),
+    ("custom_jvp_call_p", _dense_call), ("custom_vjp_call_p", _dense_call), ("custom_vjp_call_jaxpr_p", _dense_call),
+]:
+    _p = _prim(_name)
+    if _p is not None:
+        _RULES[_p] = _rule
+
+
+# ------------------------------------------------------------------------------------------
+# wrap
+# ------------------------------------------------------------------------------------------
+
+
+def _is_dynamic(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _as_key(rng):
+    if rng is None:
+        return None
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng
+    if rng.dtype == jnp.uint32 and rng.shape[-1:] == (2,):
+        return jax.random.wrap_key_data(rng)
+    raise TypeError(f"lora.wrap: rng must be a jax.random key, got an array of {rng.dtype}{list(rng.shape)}")
+
+
+def _static_zero(scale) -> bool:
+    return isinstance(scale, (int, float, np.number)) and not isinstance(scale, bool) and float(scale) == 0.0
+
+
+def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scale=1.0) -> Callable:
+    """Transform ``fn`` so that its arguments at ``argnums`` may hold `LoraWeight` nodes.
+
+    The returned function has ``fn``'s signature and computes ``fn(merge(lora_params), ...)``
+    without ever forming ``w + s*a@b``: each LoRA weight enters its matmul, conv or embedding
+    lookup factorized, ``x@w + s*(x@a)@b``. It composes with ``jit``, ``grad``, ``vmap``,
+    ``jax.checkpoint`` and sharding, and works on any function of a parameter pytree
+    (``model.apply``, transformers' Flax models, ``nnx`` via ``nnx.split``, plain JAX).
+
+    Args:
+      fn: the function to transform.
+      argnums: which positional argument(s) may hold LoRA weights.
+      rng: a ``jax.random`` key that drives LoRA dropout (each weight's ``dropout`` rate); None
+        means no dropout (evaluation).
+      scale: multiplies every delta at run time; ``0.0`` runs exactly the base model (the adapter
+        disabled). May be a traced value.
+
+    Returns:
+      The transformed function.
+
+    Raises:
+      TypeError: if a `LoraWeight` appears outside ``argnums`` or has no base weight.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lora
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> lp = lora.init(params, lora.Rules("w", rank=2, init=False), 0)
+      >>> f = lambda p, x: jnp.tanh(x @ p["w"])
+      >>> x = jnp.ones((2, 4))
+      >>> bool(jnp.allclose(lora.wrap(f)(lp, x), f(lora.merge(lp), x), atol=1e-6))
+      True
+    """
+    argnums_t = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    rng_key = _as_key(rng)
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        for j, arg in enumerate(args):
+            if j not in argnums_t and any(is_lora(v) for v in jax.tree_util.tree_leaves(arg, is_leaf=is_lora)):
+                raise TypeError(f"lora.wrap: argument {j} holds LoraWeight nodes but argnums={argnums!r}")
+        if any(is_lora(v) for v in jax.tree_util.tree_leaves(kwargs, is_leaf=is_lora)):
+            raise TypeError("lora.wrap: LoraWeight nodes must be passed positionally (at argnums), not as keywords")
+        for j in argnums_t:
+            if j >= len(args):
+                raise TypeError(f"lora.wrap: argnums={argnums!r} but only {len(args)} positional arguments were given")
+        flat, in_tree = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_lora)
+        loras = [j for j, v in enumerate(flat) if is_lora(v)]
+        for j in loras:
+            if flat[j].w is None or flat[j].a is None or flat[j].b is None:
+                raise TypeError("lora.wrap: a LoraWeight without w, a or b (a lora.split half?); pass "
+                                "lora.combine(trainable, frozen)")
+        if not loras:
+            return fn(*args, **kwargs)
+        if _static_zero(scale):
+            plain = [v.w if is_lora(v) else v for v in flat]
+            a, k = jax.tree_util.tree_unflatten(in_tree, plain)
+            return fn(*a, **k)
+        dyn = [j for j, v in enumerate(flat) if is_lora(v) or _is_dynamic(v)]
+
+        def flat_fn(*dyn_vals):
+            leaves = list(flat)
+            for j, v in zip(dyn, dyn_vals):
+                leaves[j] = v
+            a, k = jax.tree_util.tree_unflatten(in_tree, leaves)
+            return fn(*a, **k)
+
+        standins = [jax.ShapeDtypeStruct(flat[j].w.shape, flat[j].w.dtype) if is_lora(flat[j]) else flat[j]
+                    for j in dyn]
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*standins)
+        invals = []
+        for n, j in enumerate(dyn):
+            v = flat[j]
+            if is_lora(v):
+                a = v.effective_a()
+                a = a * jnp.asarray(v.scale * scale).astype(a.dtype)
+                key = None
+                if rng_key is not None and v.dropout > 0:
+                    key = jax.random.fold_in(rng_key, n)
+                v = _Lazy(v.w, a, v.b, key, v.layout, v.dropout)
+            invals.append(v)
+        outs = _eval_closed(closed, invals, _Ctx())
+        outs = [_dense(o) for o in outs]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    return wrapped
