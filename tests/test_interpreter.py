@@ -494,3 +494,25 @@ def test_closure_over_outer_tracers_and_kwargs():
 
     x, y = rand(1, (2, 6)), rand(2, (2, 6))
     _rel_close(outer(lp, x, y), jnp.tanh(x @ lora.merge(lp)["w"] + 3 * y), 1e-6)
+
+
+def test_wrap_inside_checkpoint_value_and_grad_and_vmapped_adapters():
+    params = {"l1": rand(0, (8, 16)), "l2": rand(1, (16, 4))}
+    mlp = lambda p, x: jnp.tanh(x @ p["l1"]) @ p["l2"]  # noqa: E731
+    lp = nonzero_b(lora.init(params, lora.Rules(["l1", "l2"], rank=2), 0))
+    x = rand(2, (3, 8))
+    f = jax.checkpoint(lambda p, x: jnp.sum(lora.wrap(mlp)(p, x) ** 2))
+    v1, g1 = jax.value_and_grad(f)(lp, x)
+    v2, g2 = jax.value_and_grad(lambda p, x: jnp.sum(mlp(lora.merge(p), x) ** 2))(lp, x)
+    _rel_close(v1, v2, 2e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        _rel_close(a, b, 2e-6)
+    # an ensemble of adapters on one base: vmap over the adapter factors only
+    members = [nonzero_b(lp, seed=s) for s in range(3)]
+    stacked = jax.tree_util.tree_map(
+        lambda l, *ms: l.replace(a=jnp.stack([m.a for m in ms]), b=jnp.stack([m.b for m in ms])), lp, *members,
+        is_leaf=lora.is_lora)
+    axes = jax.tree_util.tree_map(lambda l: l.replace(w=None, a=0, b=0), lp, is_leaf=lora.is_lora)
+    ys = jax.vmap(lora.wrap(mlp), in_axes=(axes, None))(stacked, x)
+    for s in range(3):
+        _rel_close(ys[s], mlp(lora.merge(members[s]), x), 2e-6)
