@@ -242,7 +242,8 @@ class Rules:
       dropout: LoRA dropout on the adapter's input (applied by `lora.wrap` when given an rng).
       init: ``"kaiming"`` (PEFT's default: ``a`` Kaiming-uniform with a=sqrt(5), ``b`` zero),
         ``"gaussian"`` (``a`` normal with std ``1/r``), ``False`` (both random: a non-identity
-        start, for tests), or a callable ``(key, w, layout, rank, dtype) -> (a, b, w)``.
+        start, for tests), ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, or a callable
+        ``(key, w, layout, rank, dtype, scale) -> (a, b, w)`` (see `lora_jax.initializers`).
       use_rslora: scale by ``alpha / sqrt(r)``.
       exclude: names or a regex never to match.
       rank_pattern, alpha_pattern: ``{name_or_regex: value}`` overrides, first match wins.
@@ -407,10 +408,18 @@ class Rules:
         return Target(
             path=path, rank=rank, alpha=alpha,
             dropout=self.dropout if rule.dropout is None else float(rule.dropout),
-            init=self.init if rule.init is None else rule.init,
+            init=self._init_for(path, self.init if rule.init is None else rule.init),
             rslora=self.use_rslora if rule.use_rslora is None else bool(rule.use_rslora),
             layout=layout, a_dtype=self.a_dtype, layer_mask=layer_mask,
         )
+
+    @staticmethod
+    def _init_for(path, init):
+        # PEFT starts an embedding's adapter the other way round: A zero, B normal
+        if path.rpartition("/")[2] in _EMBED_NAMES and (init is True or (isinstance(init, str) and
+                                                                          init.lower() in ("kaiming", "default"))):
+            return "embedding"
+        return init
 
     def _layout(self, path, shape, stack, rule) -> str:
         n = len(shape) - stack

@@ -103,7 +103,8 @@ def init(params, rules: Union[Rules, Any], key, *, add: bool = False):
             out.append(leaf)
             continue
         fn = initializers.get(t.init, where=p)
-        a, b, w = fn(_path_key(key, p), leaf, t.layout, t.rank, _a_dtype(t, leaf.dtype))
+        scale = t.alpha / (np.sqrt(t.rank) if t.rslora else t.rank)
+        a, b, w = fn(_path_key(key, p), leaf, t.layout, t.rank, _a_dtype(t, leaf.dtype), scale)
         want_a, want_b = factor_shapes(leaf.shape, t.layout, t.rank)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b or tuple(w.shape) != tuple(leaf.shape):
             raise ValueError(f"{p}: init {t.init!r} returned a{list(a.shape)}, b{list(b.shape)}, w{list(w.shape)}; "
