@@ -33,7 +33,7 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
-from .weight import LoraWeight, delta_from_factors, is_lora
+from .weight import LoraWeight, column_norm, delta_from_factors, in_w_layout, is_lora
 
 __all__ = ["wrap", "MaterializeWarning"]
 
@@ -57,20 +57,24 @@ class _Lazy:
 
     ``a``: ``(*s, *i, r)``, ``b``: ``(*s, r, *o)`` with each group in ``w``'s axis order.
     ``key``: the dropout key (None: no dropout).
+    ``mag``: DoRA's per-output-feature factor ``m / ||w + a@b||`` (gradient stopped at the norm),
+    shaped like ``b`` with a rank of 1 so that every layout op treats it as it treats ``b``; the
+    weight is then ``mag * (w + a @ b)``. None without DoRA.
     """
 
-    __slots__ = ("w", "a", "b", "key", "kinds", "dropout")
+    __slots__ = ("w", "a", "b", "key", "mag", "kinds", "dropout")
 
-    def __init__(self, w, a, b, key, kinds: str, dropout: float):
-        self.w, self.a, self.b, self.key = w, a, b, key
+    def __init__(self, w, a, b, key, kinds: str, dropout: float, mag=None):
+        self.w, self.a, self.b, self.key, self.mag = w, a, b, key, mag
         self.kinds, self.dropout = kinds, dropout
 
     def tree_flatten(self):
-        return (self.w, self.a, self.b, self.key), (self.kinds, self.dropout)
+        return (self.w, self.a, self.b, self.key, self.mag), (self.kinds, self.dropout)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
+        w, a, b, key, mag = children
+        return cls(w, a, b, key, *aux, mag=mag)
 
     @property
     def dtype(self):
@@ -81,18 +85,26 @@ class _Lazy:
         return self.w.shape
 
     def with_(self, **kw):
-        d = dict(w=self.w, a=self.a, b=self.b, key=self.key, kinds=self.kinds, dropout=self.dropout)
+        d = dict(w=self.w, a=self.a, b=self.b, key=self.key, kinds=self.kinds, dropout=self.dropout, mag=self.mag)
         d.update(kw)
         return _Lazy(**d)
 
     def axes(self, kind: str) -> list[int]:
         return [j for j, k in enumerate(self.kinds) if k == kind]
 
+    def b_like(self, f):
+        """Apply ``f(array, rank)`` to ``b`` and to the DoRA factor (whose rank axis has size 1)."""
+        return dict(b=f(self.b, self.b.shape[len(self.axes("s"))]),
+                    mag=None if self.mag is None else f(self.mag, 1))
+
     def materialize(self):
         ct = jnp.promote_types(self.w.dtype, jnp.float32)
         with jax.named_scope("lora_materialize"):
             d = delta_from_factors(self.a.astype(ct), self.b.astype(ct), self.kinds)
-            return (self.w.astype(ct) + d).astype(self.w.dtype)
+            if self.mag is None:
+                return (self.w.astype(ct) + d).astype(self.w.dtype)
+            m0, m1 = (in_w_layout(m.astype(ct), self.w.shape, self.kinds) for m in _mags(self))
+            return (m0 * self.w.astype(ct) + m1 * d).astype(self.w.dtype)
 
 
 def _is_lazy(x) -> bool:
@@ -238,7 +250,7 @@ def _transpose(ctx, eqn, invals):
     ns = len(s_old)
     pa = [s_old.index(j) for j in s_new] + [ns + i_old.index(j) for j in i_new] + [ns + len(i_old)]
     pb = [s_old.index(j) for j in s_new] + [ns] + [ns + 1 + o_old.index(j) for j in o_new]
-    return [lz.with_(w=w, a=jnp.transpose(lz.a, pa), b=jnp.transpose(lz.b, pb), kinds=kinds)]
+    return [lz.with_(w=w, a=jnp.transpose(lz.a, pa), kinds=kinds, **lz.b_like(lambda x, _: jnp.transpose(x, pb)))]
 
 
 def _reshape_kinds(kinds: str, old: Sequence[int], new: Sequence[int]) -> Optional[str]:
@@ -287,8 +299,7 @@ def _reshape_to(lz: _Lazy, w, new_shape) -> Optional[_Lazy]:
     r = lz.a.shape[-1]
     part = lambda k: tuple(d for d, c in zip(new_shape, kinds) if c == k)  # noqa: E731
     a = lz.a.reshape(part("s") + part("i") + (r,))
-    b = lz.b.reshape(part("s") + (r,) + part("o"))
-    return lz.with_(w=w, a=a, b=b, kinds=kinds)
+    return lz.with_(w=w, a=a, kinds=kinds, **lz.b_like(lambda x, n: x.reshape(part("s") + (n,) + part("o"))))
 
 
 def _reshape(ctx, eqn, invals):
@@ -344,10 +355,15 @@ def _slice(ctx, eqn, invals):
     la, lb = _factor_index(lz, p["limit_indices"], None)
     ta, tb = _factor_index(lz, strides, 1)
     la[la.index(None)] = r
-    lb[lb.index(None)] = r
+    ri = lb.index(None)
+
+    def cut(x, n):
+        lim = list(lb)
+        lim[ri] = n
+        return jax.lax.slice(x, sb, lim, tb)
+
     a = jax.lax.slice(lz.a, sa, la, ta)
-    b = jax.lax.slice(lz.b, sb, lb, tb)
-    return [lz.with_(w=w, a=a, b=b)]
+    return [lz.with_(w=w, a=a, **lz.b_like(cut))]
 
 
 def _dynamic_slice(ctx, eqn, invals):
@@ -359,10 +375,17 @@ def _dynamic_slice(ctx, eqn, invals):
     r = lz.a.shape[-1]
     zero = jnp.zeros((), jnp.asarray(starts[0]).dtype) if starts else 0
     sa, sb = _factor_index(lz, starts, zero)
-    za, zb = _factor_index(lz, sizes, r)
+    za, zb = _factor_index(lz, sizes, None)
+    za[za.index(None)] = r
+    ri = zb.index(None)
+
+    def cut(x, n):
+        sz = list(zb)
+        sz[ri] = n
+        return jax.lax.dynamic_slice(x, sb, sz)
+
     a = jax.lax.dynamic_slice(lz.a, sa, za)
-    b = jax.lax.dynamic_slice(lz.b, sb, zb)
-    return [lz.with_(w=w, a=a, b=b)]
+    return [lz.with_(w=w, a=a, **lz.b_like(cut))]
 
 
 def _rev(ctx, eqn, invals):
@@ -371,8 +394,7 @@ def _rev(ctx, eqn, invals):
     in_a, in_b = _factor_axes(lz)
     dims = eqn.params["dimensions"]
     a = jax.lax.rev(lz.a, tuple(in_a[d] for d in dims if d in in_a))
-    b = jax.lax.rev(lz.b, tuple(in_b[d] for d in dims if d in in_b))
-    return [lz.with_(w=w, a=a, b=b)]
+    return [lz.with_(w=w, a=a, **lz.b_like(lambda x, _: jax.lax.rev(x, tuple(in_b[d] for d in dims if d in in_b))))]
 
 
 def _scalar_mul(ctx, eqn, invals):
@@ -403,6 +425,32 @@ def _rank_first_grads() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def _mags(lz: _Lazy):
+    """DoRA's (base, adapter) output factors, each ``(*s, *o)``."""
+    ns = len(lz.axes("s"))
+    return jnp.take(lz.mag, 0, axis=ns), jnp.take(lz.mag, 1, axis=ns)
+
+
+def _expand(m, letters, out):
+    """Arrange ``m`` (axes named by ``letters``, all in ``out``) to broadcast against ``out``."""
+    order = sorted(range(len(letters)), key=lambda k: out.index(letters[k]))
+    m = jnp.transpose(m, order)
+    shape = [1] * len(out)
+    for k in order:
+        shape[out.index(letters[k])] = m.shape[order.index(k)]
+    return m.reshape(shape)
+
+
+def _apply_dora(ctx_eqn, base, d, m0, m1, dropped_base, out_dtype):
+    """``m0 * base + m1 * d`` (or ``base + (m0-1) * dropped_base + m1 * d`` under dropout)."""
+    ct = jnp.promote_types(out_dtype, jnp.float32)
+    if dropped_base is None:
+        y = m0.astype(ct) * base.astype(ct) + m1.astype(ct) * d.astype(ct)
+    else:
+        y = base.astype(ct) + (m0.astype(ct) - 1) * dropped_base.astype(ct) + m1.astype(ct) * d.astype(ct)
+    return y.astype(out_dtype)
+
+
 def _letters(n, start=0):
     return list(string.ascii_letters[start:start + n])
 
@@ -415,7 +463,6 @@ def _dot_general(ctx, eqn, invals):
     lazy_is_rhs = _is_lazy(rhs)
     lz, x = (rhs, lhs) if lazy_is_rhs else (lhs, rhs)
     xc, wc, xb, wb = (lc, rc, lb, rb) if lazy_is_rhs else (rc, lc, rb, lb)
-    base = _bind(eqn, [lhs, lz.w] if lazy_is_rhs else [lz.w, rhs])[0]
 
     # einsum letters: x's axes, then w's; contracted/batched pairs share one
     xl = _letters(x.ndim)
@@ -428,6 +475,10 @@ def _dot_general(ctx, eqn, invals):
     x_free = [xl[a] for a in range(x.ndim) if a not in xc and a not in xb]
     w_free = [wl[b] for b in range(lz.w.ndim) if b not in wc and b not in wb]
     out = batch + (x_free + w_free if lazy_is_rhs else w_free + x_free)
+    per_out = [wl[j] for j in lz.axes("s")] + [wl[j] for j in lz.axes("o")]
+    if lz.mag is not None and not set(per_out) <= set(out):
+        return _fallback(ctx, eqn, invals)  # DoRA's output scaling needs the output axes kept
+    base = _bind(eqn, [lhs, lz.w] if lazy_is_rhs else [lz.w, rhs])[0]
     r = "Z"
     s = [wl[j] for j in lz.axes("s")]
     a_spec = s + [wl[j] for j in lz.axes("i")] + [r]
@@ -459,6 +510,10 @@ def _dot_general(ctx, eqn, invals):
         t = t.astype(jnp.result_type(x.dtype, cd))
         d = jnp.einsum(f"{''.join(inter)},{''.join(g_spec)}->{''.join(out)}", t, g_val.astype(cd), precision=prec,
                        preferred_element_type=pet)
+        if lz.mag is not None:
+            m0, m1 = (_expand(m, per_out, out) for m in _mags(lz))
+            dropped = None if xd is x else _bind(eqn, [xd, lz.w] if lazy_is_rhs else [lz.w, xd])[0]
+            return [_apply_dora(eqn, base, d, m0, m1, dropped, out_dtype)]
     return [base + d.astype(out_dtype)]
 
 
@@ -491,6 +546,12 @@ def _conv(ctx, eqn, invals):
         dn2 = jax.lax.ConvDimensionNumbers(lhs_spec=dn.out_spec, rhs_spec=dn.rhs_spec, out_spec=dn.out_spec)
         nsp = nd - 2
         d = jax.lax.conv_general_dilated(t, b_k, (1,) * nsp, [(0, 0)] * nsp, (1,) * nsp, (1,) * nsp, dn2, **common)
+        if lz.mag is not None:
+            shape = [1] * nd
+            shape[dn.out_spec[1]] = lz.w.shape[out_dim]
+            m0, m1 = (m.reshape(shape) for m in _mags(lz))
+            dropped = None if xd is lhs else _bind(eqn, [xd, lz.w])[0]
+            return [_apply_dora(eqn, base, d, m0, m1, dropped, eqn.outvars[0].aval.dtype)]
     return [base + d.astype(eqn.outvars[0].aval.dtype)]
 
 
@@ -523,6 +584,9 @@ def _gather(ctx, eqn, invals):
                               indices_are_sorted=p["indices_are_sorted"], unique_indices=p["unique_indices"],
                               mode=p["mode"], fill_value=p["fill_value"])
         d = jnp.tensordot(rows, lz.b.astype(lz.dtype), axes=1)
+        if lz.mag is not None:
+            m0, m1 = _mags(lz)
+            return [_apply_dora(eqn, base, d, m0, m1, None, eqn.outvars[0].aval.dtype)]
     return [base + d.astype(eqn.outvars[0].aval.dtype)]
 
 
@@ -563,7 +627,7 @@ def _scan(ctx, eqn, invals):
         if _is_lazy(v):
             if v.kinds[0] == "s" and v.a.shape[0] == length:
                 key = None if v.key is None else jax.random.split(v.key, length)
-                v = _Lazy(v.w, v.a, v.b, key, v.kinds[1:], v.dropout)
+                v = _Lazy(v.w, v.a, v.b, key, v.kinds[1:], v.dropout, mag=v.mag)
             else:
                 v = v.materialize()
         xs_in.append(v)
@@ -725,12 +789,16 @@ def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scal
         for n, j in enumerate(dyn):
             v = flat[j]
             if is_lora(v):
-                a = v.effective_a()
-                a = a * jnp.asarray(v.scale * scale).astype(a.dtype)
+                a = v.effective_a() * jnp.asarray(v.scale, v.a.dtype)
+                t = jnp.asarray(scale).astype(a.dtype)
+                mag = None
+                if v.m is not None:  # DoRA: the norm is a constant (detached), as in the paper and PEFT
+                    ratio = v.m.astype(jnp.float32) / jax.lax.stop_gradient(column_norm(v.w, a, v.b, v.layout))
+                    mag = jnp.stack([1.0 + t * (ratio - 1.0), ratio], axis=v.layout.count("s"))
                 key = None
                 if rng_key is not None and v.dropout > 0:
                     key = jax.random.fold_in(rng_key, n)
-                v = _Lazy(v.w, a, v.b, key, v.layout, v.dropout)
+                v = _Lazy(v.w, a * t, v.b, key, v.layout, v.dropout, mag=mag)
             invals.append(v)
         outs = _eval_closed(closed, invals, _Ctx())
         outs = [_dense(o) for o in outs]

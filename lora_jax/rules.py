@@ -189,6 +189,7 @@ class Rule:
     in_axes: Optional[Sequence[int]] = None
     stack_axes: Optional[int] = None
     exclude: Any = None
+    use_dora: Optional[bool] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +205,7 @@ class Target:
     layout: str
     a_dtype: Any
     layer_mask: Optional[tuple[bool, ...]] = None
+    dora: bool = False
 
 
 def _check_rank(rank, what):
@@ -245,6 +247,8 @@ class Rules:
         start, for tests), ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, or a callable
         ``(key, w, layout, rank, dtype, scale) -> (a, b, w)`` (see `lora_jax.initializers`).
       use_rslora: scale by ``alpha / sqrt(r)``.
+      use_dora: DoRA: a trainable magnitude ``m`` per output feature beside ``a``, ``b``
+        (initialised to the kernel's norm over its input axes, so the model starts unchanged).
       exclude: names or a regex never to match.
       rank_pattern, alpha_pattern: ``{name_or_regex: value}`` overrides, first match wins.
       layers: only these layer indices (an int or a list). The index is read from the path
@@ -267,12 +271,13 @@ class Rules:
                  rank_pattern: Optional[Mapping[str, int]] = None, alpha_pattern: Optional[Mapping[str, float]] = None,
                  layers: Union[int, Sequence[int], None] = None, layers_pattern: Union[str, Sequence[str], None] = None,
                  layout: str = "in_out", in_axes: Optional[Sequence[int]] = None, stack_axes: int = 0,
-                 a_dtype: Any = "float32", include_head: bool = False):
+                 a_dtype: Any = "float32", include_head: bool = False, use_dora: bool = False):
         self.rank = _check_rank(rank, "Rules")
         self.alpha = _check_alpha(alpha, "Rules")
         self.dropout = _check_dropout(dropout, "Rules")
         self.init = _check_init(init, "Rules")
         self.use_rslora = bool(use_rslora)
+        self.use_dora = bool(use_dora)
         self.layout = layout
         self.in_axes = None if in_axes is None else tuple(int(a) for a in in_axes)
         if isinstance(stack_axes, bool) or not isinstance(stack_axes, (int, np.integer)) or stack_axes < 0:
@@ -411,6 +416,7 @@ class Rules:
             init=self._init_for(path, self.init if rule.init is None else rule.init),
             rslora=self.use_rslora if rule.use_rslora is None else bool(rule.use_rslora),
             layout=layout, a_dtype=self.a_dtype, layer_mask=layer_mask,
+            dora=self.use_dora if rule.use_dora is None else bool(rule.use_dora),
         )
 
     @staticmethod

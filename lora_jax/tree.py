@@ -16,7 +16,7 @@ import numpy as np
 
 from . import initializers
 from .rules import Rules, Target, path_str
-from .weight import LoraWeight, factor_shapes, is_lora
+from .weight import LoraWeight, column_norm, factor_shapes, is_lora
 
 __all__ = ["init", "merge", "unmerge", "split", "combine", "count", "summary", "lora_items", "Count"]
 
@@ -109,8 +109,12 @@ def init(params, rules: Union[Rules, Any], key, *, add: bool = False):
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b or tuple(w.shape) != tuple(leaf.shape):
             raise ValueError(f"{p}: init {t.init!r} returned a{list(a.shape)}, b{list(b.shape)}, w{list(w.shape)}; "
                              f"expected a{list(want_a)}, b{list(want_b)}, w{list(leaf.shape)}")
-        out.append(LoraWeight(w, a, b, layout=t.layout, rank=t.rank, alpha=t.alpha, rslora=t.rslora,
-                              dropout=t.dropout, layer_mask=t.layer_mask))
+        lw = LoraWeight(w, a, b, layout=t.layout, rank=t.rank, alpha=t.alpha, rslora=t.rslora,
+                        dropout=t.dropout, layer_mask=t.layer_mask)
+        if t.dora:  # magnitude = ||w + s a@b|| per output feature: the adapted kernel starts as w
+            m = column_norm(w, lw.scale * lw.effective_a(), b, t.layout).astype(a.dtype)
+            lw = lw.replace(m=m)
+        out.append(lw)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LoraWeight", "factor_shapes", "delta_from_factors", "check_layout", "is_lora", "to_matrix", "from_matrix"]
+__all__ = ["LoraWeight", "factor_shapes", "delta_from_factors", "check_layout", "is_lora", "to_matrix", "from_matrix",
+           "column_norm", "in_w_layout"]
 
 _KINDS = frozenset("sio")
 
@@ -109,6 +110,37 @@ def delta_from_factors(a: jax.Array, b: jax.Array, layout: str, *, precision=Non
                       preferred_element_type=preferred_element_type)
 
 
+def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, layout: str) -> jax.Array:
+    """``||w + a @ b||`` over the input axes: one norm per (stack, output) index, shape ``(*s, *o)``.
+
+    Computed without forming ``a @ b``: ``||w||^2 + 2 <w, a b> + ||a b||^2`` with ``a^T w`` (``r`` x
+    out) and ``a^T a`` (``r`` x ``r``). This is DoRA's weight norm (PEFT: ``||W + s B A||`` per output
+    row of the ``(out, in)`` weight); pass ``a`` already scaled.
+    """
+    letters = string.ascii_letters[: len(layout)]
+    s = "".join(c for c, k in zip(letters, layout) if k == "s")
+    i = "".join(c for c, k in zip(letters, layout) if k == "i")
+    o = "".join(c for c, k in zip(letters, layout) if k == "o")
+    ct = jnp.promote_types(w.dtype, jnp.float32)
+    w, a, b = w.astype(ct), a.astype(ct), b.astype(ct)
+    hp = jax.lax.Precision.HIGHEST
+    ww = jnp.einsum(f"{letters},{letters}->{s}{o}", w, w, precision=hp)
+    aw = jnp.einsum(f"{s}{i}Y,{letters}->{s}Y{o}", a, w, precision=hp)
+    cross = jnp.einsum(f"{s}Y{o},{s}Y{o}->{s}{o}", b, aw, precision=hp)
+    gram = jnp.einsum(f"{s}{i}Y,{s}{i}Z->{s}YZ", a, a, precision=hp)
+    quad = jnp.einsum(f"{s}Y{o},{s}YZ,{s}Z{o}->{s}{o}", b, gram, b, precision=hp)
+    return jnp.sqrt(jnp.maximum(ww + 2.0 * cross + quad, 0.0))
+
+
+def in_w_layout(v: jax.Array, shape: Sequence[int], layout: str) -> jax.Array:
+    """A ``(*s, *o)`` per-output vector arranged to broadcast against a kernel of ``shape``."""
+    order = [j for j, k in enumerate(layout) if k == "s"] + [j for j, k in enumerate(layout) if k == "o"]
+    target = [1] * len(shape)
+    for j in order:
+        target[j] = shape[j]
+    return jnp.transpose(v, np.argsort(np.argsort(order))).reshape(target)
+
+
 def is_lora(x: Any) -> bool:
     """True for a `LoraWeight` node (use as ``is_leaf`` when walking a LoRA tree)."""
     return isinstance(x, LoraWeight)
@@ -119,7 +151,8 @@ class LoraWeight:
     """A frozen kernel ``w`` with its adapter factors ``a``, ``b``.
 
     Children (pytree leaves): ``w``, ``a``, ``b`` and, for DoRA, the magnitude ``m`` (None
-    otherwise). Static data: ``layout``, ``rank``, ``alpha``, ``rslora``, ``dropout`` and an
+    otherwise; shape ``(*stack, *out)``: the adapted kernel is ``m / ||w + scale a@b|| * (w + scale
+    a@b)`` with the norm taken over the input axes, as in the DoRA paper and PEFT). Static data: ``layout``, ``rank``, ``alpha``, ``rslora``, ``dropout`` and an
     optional per-layer ``layer_mask`` for stacked kernels (layers where it is False get no delta).
     Children may be None (``lora.split`` uses that), so the class never checks shapes itself; use
     `lora.init` to build one.
@@ -199,21 +232,42 @@ class LoraWeight:
         mask = jnp.asarray(np.array(self.layer_mask), dtype=self.a.dtype)
         return self.a * mask.reshape(mask.shape + (1,) * (self.a.ndim - 1))
 
-    def delta(self, dtype=jnp.float32) -> jax.Array:
+    def lora_delta(self, dtype=jnp.float32) -> jax.Array:
         """``scale * a @ b`` in ``w``'s layout, computed and returned in ``dtype``."""
         a = self.effective_a().astype(dtype)
         return (self.scale * delta_from_factors(a, self.b.astype(dtype), self.layout,
                                                 precision=jax.lax.Precision.HIGHEST)).astype(dtype)
 
+    def dora_factor(self, dtype=jnp.float32) -> jax.Array:
+        """DoRA's ``m / ||w + scale a@b||`` per output feature, arranged to broadcast against ``w``."""
+        norm = column_norm(self.w.astype(dtype), self.scale * self.effective_a().astype(dtype), self.b.astype(dtype),
+                           self.layout)
+        norm = jax.lax.stop_gradient(norm)  # a constant, as in the DoRA paper (sec. 4.3) and PEFT
+        return in_w_layout(self.m.astype(dtype) / norm, self.w.shape, self.layout)
+
+    def delta(self, dtype=jnp.float32) -> jax.Array:
+        """What the adapter adds to ``w``: ``scale * a @ b``, or for DoRA
+        ``m / ||w + scale a@b|| * (w + scale a@b) - w``; computed and returned in ``dtype``."""
+        d = self.lora_delta(dtype)
+        if self.m is None:
+            return d
+        w = self.w.astype(dtype)
+        return self.dora_factor(dtype) * (w + d) - w
+
     def merge(self) -> jax.Array:
-        """``w + scale * a @ b`` in ``w``'s dtype, computed in float32 (or wider if ``w`` is)."""
+        """The adapted kernel ``w + delta`` in ``w``'s dtype, computed in float32 (or wider if ``w`` is)."""
         ct = jnp.promote_types(self.w.dtype, jnp.float32)
-        return (self.w.astype(ct) + self.delta(ct)).astype(self.w.dtype)
+        if self.m is not None:
+            return (self.dora_factor(ct) * (self.w.astype(ct) + self.lora_delta(ct))).astype(self.w.dtype)
+        return (self.w.astype(ct) + self.lora_delta(ct)).astype(self.w.dtype)
 
     def unmerge(self, merged: jax.Array) -> jax.Array:
-        """The base weight back from a merged one: ``merged - scale * a @ b`` in ``merged``'s dtype."""
+        """The base weight back from a merged one (``merged - delta``; for DoRA the norm comes from
+        this node's ``w``), in ``merged``'s dtype."""
         ct = jnp.promote_types(merged.dtype, jnp.float32)
-        return (merged.astype(ct) - self.delta(ct)).astype(merged.dtype)
+        if self.m is not None:
+            return (merged.astype(ct) / self.dora_factor(ct) - self.lora_delta(ct)).astype(merged.dtype)
+        return (merged.astype(ct) - self.lora_delta(ct)).astype(merged.dtype)
 
     # -- not an array -----------------------------------------------------------------------
     def _not_an_array(self, *_, **__):
