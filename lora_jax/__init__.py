@@ -8,18 +8,20 @@
 >>> merged = lora.merge(lp)
 """
 
-from .weight import LoraWeight, is_lora
+from .weight import LoraWeight, Trainable, is_lora
 from .rules import Rule, Rules
 from .tree import init, merge, unmerge, split, combine, count, summary, Count
 from .optim import freeze, labels
 from .interpreter import wrap, MaterializeWarning
+from .adapters import add, select, delete, adapter_names, combine_adapters
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraWeight", "is_lora",
+    "LoraWeight", "Trainable", "is_lora",
     "Rule", "Rules",
     "init", "merge", "unmerge", "split", "combine", "count", "summary", "Count",
     "freeze", "labels",
     "wrap", "MaterializeWarning",
+    "add", "select", "delete", "adapter_names", "combine_adapters",
 ]

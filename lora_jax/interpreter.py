@@ -33,7 +33,7 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
-from .weight import LoraWeight, column_norm, delta_from_factors, in_w_layout, is_lora
+from .weight import LoraWeight, column_norm, delta_from_factors, in_w_layout, is_lora, is_node, is_trainable
 
 __all__ = ["wrap", "MaterializeWarning"]
 
@@ -62,19 +62,20 @@ class _Lazy:
     weight is then ``mag * (w + a @ b)``. None without DoRA.
     """
 
-    __slots__ = ("w", "a", "b", "key", "mag", "kinds", "dropout")
+    __slots__ = ("w", "a", "b", "key", "mag", "kinds", "dropout", "routed")
 
-    def __init__(self, w, a, b, key, kinds: str, dropout: float, mag=None):
+    def __init__(self, w, a, b, key, kinds: str, dropout: float, mag=None, routed: bool = False):
         self.w, self.a, self.b, self.key, self.mag = w, a, b, key, mag
-        self.kinds, self.dropout = kinds, dropout
+        self.kinds, self.dropout, self.routed = kinds, dropout, routed
 
     def tree_flatten(self):
-        return (self.w, self.a, self.b, self.key, self.mag), (self.kinds, self.dropout)
+        return (self.w, self.a, self.b, self.key, self.mag), (self.kinds, self.dropout, self.routed)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         w, a, b, key, mag = children
-        return cls(w, a, b, key, *aux, mag=mag)
+        kinds, dropout, routed = aux
+        return cls(w, a, b, key, kinds, dropout, mag=mag, routed=routed)
 
     @property
     def dtype(self):
@@ -85,7 +86,8 @@ class _Lazy:
         return self.w.shape
 
     def with_(self, **kw):
-        d = dict(w=self.w, a=self.a, b=self.b, key=self.key, kinds=self.kinds, dropout=self.dropout, mag=self.mag)
+        d = dict(w=self.w, a=self.a, b=self.b, key=self.key, kinds=self.kinds, dropout=self.dropout, mag=self.mag,
+                 routed=self.routed)
         d.update(kw)
         return _Lazy(**d)
 
@@ -98,6 +100,10 @@ class _Lazy:
                     mag=None if self.mag is None else f(self.mag, 1))
 
     def materialize(self):
+        if self.routed:
+            raise ValueError("lora.wrap(adapter_ids=...): a LoRA weight reached an operation with no factorized rule "
+                             "(it would have to be merged), which per-example routing cannot do; route only models "
+                             "whose LoRA weights feed matmuls, convolutions and embedding lookups")
         ct = jnp.promote_types(self.w.dtype, jnp.float32)
         with jax.named_scope("lora_materialize"):
             d = delta_from_factors(self.a.astype(ct), self.b.astype(ct), self.kinds)
@@ -123,14 +129,34 @@ def _dense(x):
 class _Ctx:
     """Per-call state: dropout salts (loop iteration counters) and a counter of LoRA uses."""
 
-    def __init__(self, salts=()):
+    def __init__(self, salts=(), route=None):
         self.salts = tuple(salts)
         self.uses = [0]
+        self.route = route  # (examples, n_adapters * r) 0/1 mask of each example's rank columns
 
     def child(self, salt):
-        c = _Ctx(self.salts + (salt,))
+        c = _Ctx(self.salts + (salt,), self.route)
         c.uses = self.uses
         return c
+
+    def routed(self, t, example_axis: int, rank_axis: int):
+        """Keep, for each example (along ``example_axis``), only its adapter's rank columns."""
+        if self.route is None:
+            return t
+        n_ex, width = self.route.shape
+        rows = t.shape[example_axis]
+        if t.shape[rank_axis] != width:
+            raise ValueError(f"internal: routed rank width {t.shape[rank_axis]} != {width}")
+        if rows % n_ex:
+            raise ValueError(f"lora.wrap(adapter_ids=...): {n_ex} adapter ids but a LoRA input has {rows} rows on its "
+                             f"leading axis (shape {tuple(t.shape)}); the leading axis must be the examples (or "
+                             "examples x tokens, flattened)")
+        mask = jnp.repeat(self.route, rows // n_ex, axis=0) if rows != n_ex else self.route
+        shape = [1] * t.ndim
+        shape[example_axis], shape[rank_axis] = rows, width
+        if example_axis > rank_axis:
+            mask = mask.T
+        return t * mask.reshape(shape).astype(t.dtype)
 
     def dropout(self, x, lz: _Lazy):
         """Inverted dropout on the adapter's input ``x`` (identity when ``lz`` has no key)."""
@@ -192,11 +218,12 @@ def _eval_closed(closed, args, ctx):
 
 
 def _fallback(ctx, eqn, invals):
+    dense = [_dense(x) for x in invals]  # raises first if this use cannot be merged (routing)
     warnings.warn(
         f"lora_jax.wrap: primitive '{eqn.primitive.name}' has no factorized LoRA rule; the LoRA weight "
         f"was merged (w + s*A@B) for this use. Results are exact; only the cost differs.",
         MaterializeWarning, stacklevel=2)
-    return _bind(eqn, [_dense(x) for x in invals])
+    return _bind(eqn, dense)
 
 
 def _dense_call(ctx, eqn, invals):
@@ -508,6 +535,11 @@ def _dot_general(ctx, eqn, invals):
         t = jnp.einsum(f"{''.join(xl)},{''.join(f_spec)}->{''.join(inter)}", xd, f_val, precision=prec,
                        preferred_element_type=pet)
         t = t.astype(jnp.result_type(x.dtype, cd))
+        if ctx.route is not None:
+            if xl[0] not in inter:
+                raise ValueError("lora.wrap(adapter_ids=...): a LoRA matmul contracts its input's leading (example) "
+                                 "axis, so examples cannot be routed to different adapters")
+            t = ctx.routed(t, inter.index(xl[0]), inter.index(r))
         d = jnp.einsum(f"{''.join(inter)},{''.join(g_spec)}->{''.join(out)}", t, g_val.astype(cd), precision=prec,
                        preferred_element_type=pet)
         if lz.mag is not None:
@@ -543,6 +575,7 @@ def _conv(ctx, eqn, invals):
         t = jax.lax.conv_general_dilated(xd, a_k, p["window_strides"], p["padding"], p["lhs_dilation"],
                                          p["rhs_dilation"], dn, **common)
         t = t.astype(jnp.result_type(lhs.dtype, cd))
+        t = ctx.routed(t, dn.out_spec[0], dn.out_spec[1])
         dn2 = jax.lax.ConvDimensionNumbers(lhs_spec=dn.out_spec, rhs_spec=dn.rhs_spec, out_spec=dn.out_spec)
         nsp = nd - 2
         d = jax.lax.conv_general_dilated(t, b_k, (1,) * nsp, [(0, 0)] * nsp, (1,) * nsp, (1,) * nsp, dn2, **common)
@@ -583,6 +616,7 @@ def _gather(ctx, eqn, invals):
         rows = jax.lax.gather(lz.a.astype(lz.dtype), idx, dn_a, tuple(p["slice_sizes"][:nd - n_o]) + (r,),
                               indices_are_sorted=p["indices_are_sorted"], unique_indices=p["unique_indices"],
                               mode=p["mode"], fill_value=p["fill_value"])
+        rows = ctx.routed(rows, 0, rows.ndim - 1)
         d = jnp.tensordot(rows, lz.b.astype(lz.dtype), axes=1)
         if lz.mag is not None:
             m0, m1 = _mags(lz)
@@ -716,7 +750,64 @@ def _static_zero(scale) -> bool:
     return isinstance(scale, (int, float, np.number)) and not isinstance(scale, bool) and float(scale) == 0.0
 
 
-def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scale=1.0) -> Callable:
+def _adapter_order(loras) -> list[str]:
+    """Every adapter name in the LoRA weights, in order of first appearance (oldest first)."""
+    names = []
+    for v in loras:
+        for node in v.chain():
+            if node.name not in names:
+                names.append(node.name)
+    return names
+
+
+def _lazy_from(v: LoraWeight, n: int, t, rng_key, route_names=None, r_block=0):
+    """The lazy value for a LoRA weight: its active adapters (or, when routing, every adapter in
+    ``route_names`` order, each padded to ``r_block`` rank columns) as one concatenated rank."""
+    base, chain = v.base, v.chain()
+    layouts = {node.layout for node in chain}
+    if len(layouts) != 1:
+        raise ValueError(f"lora.wrap: adapters on one kernel disagree on its layout: {sorted(layouts)}")
+    ns = v.layout.count("s")
+    if route_names is None:
+        nodes = [node for node in chain if node.active]
+        if not nodes:
+            return base
+        if len(nodes) > 1 and any(node.m is not None for node in nodes):
+            raise ValueError(f"lora.wrap: {len(nodes)} adapters are active on one kernel and one of them is DoRA; "
+                             f"activate one ({[node.name for node in nodes]}) with lora.select")
+        a_parts = [node.effective_a() * jnp.asarray(node.scale, node.a.dtype) for node in nodes]
+        b_parts = [node.effective_b() for node in nodes]
+    else:
+        if any(node.m is not None for node in chain):
+            raise ValueError("lora.wrap(adapter_ids=...): per-example routing does not support DoRA adapters")
+        by_name = {node.name: node for node in chain}
+        nodes = list(chain)
+        a_shape, b_shape = v.a.shape[:-1], v.b.shape[:ns] + v.b.shape[ns + 1:]
+        a_parts, b_parts = [], []
+        for name in route_names:
+            node = by_name.get(name)
+            pad = r_block - (node.rank if node is not None else 0)
+            if node is None:
+                a_parts.append(jnp.zeros(a_shape + (r_block,), jnp.float32))
+                b_parts.append(jnp.zeros(b_shape[:ns] + (r_block,) + b_shape[ns:], jnp.float32))
+                continue
+            a = node.effective_a() * jnp.asarray(node.scale, node.a.dtype)
+            a_parts.append(jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]))
+            b = node.effective_b()
+            b_parts.append(jnp.pad(b, [(0, 0)] * ns + [(0, pad)] + [(0, 0)] * (b.ndim - ns - 1)))
+    a = jnp.concatenate(a_parts, axis=-1) if len(a_parts) > 1 else a_parts[0]
+    b = jnp.concatenate(b_parts, axis=ns) if len(b_parts) > 1 else b_parts[0]
+    t = jnp.asarray(t).astype(a.dtype)
+    mag = None
+    if route_names is None and nodes[0].m is not None:  # DoRA: the norm is a constant, as in the paper and PEFT
+        ratio = nodes[0].m.astype(jnp.float32) / jax.lax.stop_gradient(column_norm(base, a, b, v.layout))
+        mag = jnp.stack([1.0 + t * (ratio - 1.0), ratio], axis=ns)
+    dropout = max(node.dropout for node in nodes)
+    key = jax.random.fold_in(rng_key, n) if rng_key is not None and dropout > 0 else None
+    return _Lazy(base, a * t, b, key, v.layout, dropout, mag=mag, routed=route_names is not None)
+
+
+def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scale=1.0, adapter_ids=None) -> Callable:
     """Transform ``fn`` so that its arguments at ``argnums`` may hold `LoraWeight` nodes.
 
     The returned function has ``fn``'s signature and computes ``fn(merge(lora_params), ...)``
@@ -724,6 +815,7 @@ def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scal
     lookup factorized, ``x@w + s*(x@a)@b``. It composes with ``jit``, ``grad``, ``vmap``,
     ``jax.checkpoint`` and sharding, and works on any function of a parameter pytree
     (``model.apply``, transformers' Flax models, ``nnx`` via ``nnx.split``, plain JAX).
+    Several active adapters on one kernel (`lora.add`, `lora.select`) act as their sum.
 
     Args:
       fn: the function to transform.
@@ -732,6 +824,10 @@ def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scal
         means no dropout (evaluation).
       scale: multiplies every delta at run time; ``0.0`` runs exactly the base model (the adapter
         disabled). May be a traced value.
+      adapter_ids: per-example routing: an int array, one entry per example (the leading axis of
+        the inputs), indexing `lora.adapter_names` of the tree; ``-1`` runs the base model. All
+        adapters run in one batched computation (each example keeps only its adapter's rank
+        columns), whatever their ``active`` flags. May be traced.
 
     Returns:
       The transformed function.
@@ -754,23 +850,24 @@ def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scal
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         for j, arg in enumerate(args):
-            if j not in argnums_t and any(is_lora(v) for v in jax.tree_util.tree_leaves(arg, is_leaf=is_lora)):
+            if j not in argnums_t and any(is_node(v) for v in jax.tree_util.tree_leaves(arg, is_leaf=is_node)):
                 raise TypeError(f"lora.wrap: argument {j} holds LoraWeight nodes but argnums={argnums!r}")
-        if any(is_lora(v) for v in jax.tree_util.tree_leaves(kwargs, is_leaf=is_lora)):
+        if any(is_node(v) for v in jax.tree_util.tree_leaves(kwargs, is_leaf=is_node)):
             raise TypeError("lora.wrap: LoraWeight nodes must be passed positionally (at argnums), not as keywords")
         for j in argnums_t:
             if j >= len(args):
                 raise TypeError(f"lora.wrap: argnums={argnums!r} but only {len(args)} positional arguments were given")
-        flat, in_tree = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_lora)
+        flat, in_tree = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
+        flat = [v.value if is_trainable(v) else v for v in flat]  # fully trained leaves are plain arrays to fn
         loras = [j for j, v in enumerate(flat) if is_lora(v)]
         for j in loras:
-            if flat[j].w is None or flat[j].a is None or flat[j].b is None:
-                raise TypeError("lora.wrap: a LoraWeight without w, a or b (a lora.split half?); pass "
+            if any(x is None for node in flat[j].chain() for x in (node.a, node.b)) or flat[j].base is None:
+                raise TypeError("lora.wrap: a LoraWeight without its base, a or b (a lora.split half?); pass "
                                 "lora.combine(trainable, frozen)")
         if not loras:
             return fn(*args, **kwargs)
-        if _static_zero(scale):
-            plain = [v.w if is_lora(v) else v for v in flat]
+        if _static_zero(scale) and adapter_ids is None:
+            plain = [v.base if is_lora(v) else v for v in flat]
             a, k = jax.tree_util.tree_unflatten(in_tree, plain)
             return fn(*a, **k)
         dyn = [j for j, v in enumerate(flat) if is_lora(v) or _is_dynamic(v)]
@@ -782,25 +879,26 @@ def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scal
             a, k = jax.tree_util.tree_unflatten(in_tree, leaves)
             return fn(*a, **k)
 
-        standins = [jax.ShapeDtypeStruct(flat[j].w.shape, flat[j].w.dtype) if is_lora(flat[j]) else flat[j]
+        standins = [jax.ShapeDtypeStruct(flat[j].shape, flat[j].dtype) if is_lora(flat[j]) else flat[j]
                     for j in dyn]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*standins)
+        route_names, r_block, ctx = None, 0, _Ctx()
+        if adapter_ids is not None:
+            route_names = _adapter_order([flat[j] for j in loras])
+            r_block = max(node.rank for j in loras for node in flat[j].chain())
+            ids = jnp.asarray(adapter_ids)
+            if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise TypeError(f"lora.wrap: adapter_ids must be a 1-D integer array (one id per example), got "
+                                f"{ids.dtype}{list(ids.shape)}")
+            onehot = (ids[:, None] == jnp.arange(len(route_names))[None, :]).astype(jnp.float32)
+            ctx = _Ctx(route=jnp.repeat(onehot, r_block, axis=1))
         invals = []
         for n, j in enumerate(dyn):
             v = flat[j]
             if is_lora(v):
-                a = v.effective_a() * jnp.asarray(v.scale, v.a.dtype)
-                t = jnp.asarray(scale).astype(a.dtype)
-                mag = None
-                if v.m is not None:  # DoRA: the norm is a constant (detached), as in the paper and PEFT
-                    ratio = v.m.astype(jnp.float32) / jax.lax.stop_gradient(column_norm(v.w, a, v.b, v.layout))
-                    mag = jnp.stack([1.0 + t * (ratio - 1.0), ratio], axis=v.layout.count("s"))
-                key = None
-                if rng_key is not None and v.dropout > 0:
-                    key = jax.random.fold_in(rng_key, n)
-                v = _Lazy(v.w, a * t, v.b, key, v.layout, v.dropout, mag=mag)
+                v = _lazy_from(v, n, scale, rng_key, route_names, r_block)
             invals.append(v)
-        outs = _eval_closed(closed, invals, _Ctx())
+        outs = _eval_closed(closed, invals, ctx)
         outs = [_dense(o) for o in outs]
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from .weight import LoraWeight, is_lora
+from .weight import Trainable, is_lora, is_node, is_trainable, map_chain
 
 __all__ = ["freeze", "labels", "TRAIN", "FROZEN"]
 
@@ -14,16 +14,23 @@ FROZEN = "frozen"
 
 
 def labels(tree):
-    """A tree of the same structure with ``"lora"`` on each ``a``, ``b`` (and DoRA ``m``) and
-    ``"frozen"`` on every other leaf. Works on full trees, `lora.split` halves and gradient trees."""
+    """A tree of the same structure with ``"lora"`` on each ``a``, ``b`` (and DoRA ``m``) of every
+    active adapter and ``"frozen"`` on every other leaf. Works on full trees, `lora.split` halves
+    and gradient trees."""
+
+    def node(n, w):
+        on = TRAIN if n.active else FROZEN  # only the selected adapters train
+        return n.replace(w=w, a=None if n.a is None else on, b=None if n.b is None else on,
+                         m=None if n.m is None else on)
 
     def lab(x):
         if is_lora(x):
-            return x.replace(w=None if x.w is None else FROZEN, a=None if x.a is None else TRAIN,
-                             b=None if x.b is None else TRAIN, m=None if x.m is None else TRAIN)
+            return map_chain(x, node, lambda base: None if base is None else FROZEN)
+        if is_trainable(x):
+            return Trainable(TRAIN)
         return FROZEN
 
-    return jax.tree_util.tree_map(lab, tree, is_leaf=is_lora)
+    return jax.tree_util.tree_map(lab, tree, is_leaf=is_node)
 
 
 def freeze(tx: optax.GradientTransformation, tree=None) -> optax.GradientTransformation:
@@ -47,6 +54,6 @@ def freeze(tx: optax.GradientTransformation, tree=None) -> optax.GradientTransfo
       >>> tx = lora.freeze(optax.adam(1e-3), lp)
       >>> state = tx.init(lp)
     """
-    if tree is not None and not any(is_lora(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_lora)):
+    if tree is not None and not any(is_node(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_node)):
         raise ValueError("freeze: the tree holds no LoraWeight, so nothing would train; call lora.init first")
     return optax.multi_transform({TRAIN: tx, FROZEN: optax.set_to_zero()}, labels)

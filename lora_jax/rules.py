@@ -139,6 +139,16 @@ class _Matcher:
             return False
         return True
 
+    def under(self, path: str) -> bool:
+        """True when a module on ``path`` (any ancestor of the leaf, or the leaf itself) matches."""
+        comps = path.split("/")
+        prefixes = ["/".join(comps[:k]) for k in range(1, len(comps) + 1)]
+        if self.kind == "regex":
+            return any(self.regex.fullmatch(p) for p in prefixes)
+        if self.kind == "names":
+            return any(_suffix_match(n, p) for n in self.names for p in prefixes)
+        return False
+
     def describe(self) -> str:
         if self.kind == "all":
             return repr(ALL_LINEAR)
@@ -190,6 +200,7 @@ class Rule:
     stack_axes: Optional[int] = None
     exclude: Any = None
     use_dora: Optional[bool] = None
+    enable_lora: Optional[Sequence[bool]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +217,7 @@ class Target:
     a_dtype: Any
     layer_mask: Optional[tuple[bool, ...]] = None
     dora: bool = False
+    out_slices: Optional[tuple[bool, ...]] = None
 
 
 def _check_rank(rank, what):
@@ -258,6 +270,12 @@ class Rules:
       layout, in_axes, stack_axes: kernel layout defaults (see `Rule`).
       a_dtype: dtype of ``a``/``b``: ``"float32"`` (default, even for a bf16 base) or ``"base"``.
       include_head: let ``"all-linear"`` select output heads too.
+      enable_lora: loralib's ``MergedLinear`` switch: split the output features into equal slices
+        and give a delta only to the True ones (``[True, False, True]``: q and v of a fused q|k|v).
+      bias: ``"none"``, ``"all"`` (every ``bias`` leaf trains in full) or ``"lora_only"`` (the
+        biases of the modules that get LoRA), as PEFT.
+      modules_to_save: module names (or a regex) whose every leaf trains in full and is saved with
+        the adapter (a classification head), as PEFT.
 
     Example:
       >>> import lora_jax as lora
@@ -271,13 +289,20 @@ class Rules:
                  rank_pattern: Optional[Mapping[str, int]] = None, alpha_pattern: Optional[Mapping[str, float]] = None,
                  layers: Union[int, Sequence[int], None] = None, layers_pattern: Union[str, Sequence[str], None] = None,
                  layout: str = "in_out", in_axes: Optional[Sequence[int]] = None, stack_axes: int = 0,
-                 a_dtype: Any = "float32", include_head: bool = False, use_dora: bool = False):
+                 a_dtype: Any = "float32", include_head: bool = False, use_dora: bool = False,
+                 enable_lora: Optional[Sequence[bool]] = None, bias: str = "none", modules_to_save: Any = None):
         self.rank = _check_rank(rank, "Rules")
         self.alpha = _check_alpha(alpha, "Rules")
         self.dropout = _check_dropout(dropout, "Rules")
         self.init = _check_init(init, "Rules")
         self.use_rslora = bool(use_rslora)
         self.use_dora = bool(use_dora)
+        self.enable_lora = self._check_slices(enable_lora, "Rules")
+        if bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"Rules: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+        self.bias = bias
+        self.modules_to_save = None if modules_to_save is None else _Matcher(modules_to_save,
+                                                                              "Rules(modules_to_save=...)")
         self.layout = layout
         self.in_axes = None if in_axes is None else tuple(int(a) for a in in_axes)
         if isinstance(stack_axes, bool) or not isinstance(stack_axes, (int, np.integer)) or stack_axes < 0:
@@ -320,12 +345,23 @@ class Rules:
                 _check_dropout(r.dropout, what)
             if r.init is not None:
                 _check_init(r.init, what)
+            self._check_slices(r.enable_lora, what)
             ex = None if r.exclude is None else _Matcher(r.exclude, what + " exclude")
             self._matchers.append((_Matcher(r.targets, what), ex))
         # layout strings are checked here for their letters; their fit is checked per leaf
         for lay in [self.layout] + [r.layout for r in self.rules if r.layout is not None]:
             if not isinstance(lay, str) or (lay not in _LAYOUTS and set(lay) - set("sio")):
                 raise ValueError(f"Rules: layout must be 'in_out', 'out_in' or letters 's'/'i'/'o' per axis, got {lay!r}")
+
+    @staticmethod
+    def _check_slices(slices, what):
+        if slices is None:
+            return None
+        if isinstance(slices, (str, bytes)) or not all(isinstance(v, (bool, np.bool_)) for v in slices) or \
+                not any(slices):
+            raise ValueError(f"{what}: enable_lora must be a list of booleans with at least one True (one per equal "
+                             f"output slice, e.g. [True, False, True] for q|k|v), got {slices!r}")
+        return tuple(bool(v) for v in slices)
 
     @staticmethod
     def _patterns(patterns, what, check):
@@ -410,6 +446,10 @@ class Rules:
         if rank > min(n_in, n_out):
             raise ValueError(f"{path}: rank {rank} is larger than min(in={n_in}, out={n_out}) for a kernel of "
                              f"shape {shape} with layout {layout!r}")
+        slices = self._check_slices(rule.enable_lora, path) if rule.enable_lora is not None else self.enable_lora
+        if slices is not None and n_out % len(slices):
+            raise ValueError(f"{path}: enable_lora has {len(slices)} slices but the kernel has {n_out} output features "
+                             f"(shape {shape}, layout {layout!r}), which they do not divide")
         return Target(
             path=path, rank=rank, alpha=alpha,
             dropout=self.dropout if rule.dropout is None else float(rule.dropout),
@@ -417,6 +457,7 @@ class Rules:
             rslora=self.use_rslora if rule.use_rslora is None else bool(rule.use_rslora),
             layout=layout, a_dtype=self.a_dtype, layer_mask=layer_mask,
             dora=self.use_dora if rule.use_dora is None else bool(rule.use_dora),
+            out_slices=slices,
         )
 
     @staticmethod
@@ -457,6 +498,32 @@ class Rules:
         if "i" not in layout or "o" not in layout or set(layout) - set("sio"):
             raise ValueError(f"{path}: layout {layout!r} for shape {shape} needs at least one 'i' and one 'o' axis")
         return layout
+
+    def fully_trained(self, leaves: Iterable[tuple[str, Sequence[int], Any]], lora_paths) -> set[str]:
+        """Paths trained in full: leaves under ``modules_to_save`` modules and the biases ``bias`` asks for.
+
+        Raises:
+          ValueError: if a leaf is both a LoRA target and in ``modules_to_save``, or if
+            ``modules_to_save`` matches nothing.
+        """
+        lora_modules = {p.rpartition("/")[0] for p in lora_paths}
+        out = set()
+        saved = set()
+        for path, shape, dtype in leaves:
+            module = path.rpartition("/")[0]
+            if self.modules_to_save is not None and self.modules_to_save.under(path):
+                if path in lora_paths:
+                    raise ValueError(f"{path} is both a LoRA target and in modules_to_save; choose one")
+                saved.add(path)
+                out.add(path)
+            elif path.rpartition("/")[2] == "bias" and path not in lora_paths and (
+                    self.bias == "all" or (self.bias == "lora_only" and module in lora_modules)):
+                out.add(path)
+        if self.modules_to_save is not None and not saved:
+            sample = [p for p, _, _ in leaves][:12]
+            raise ValueError(f"modules_to_save {self.modules_to_save.describe()} matched no leaf; some paths that "
+                             f"exist: {sample}")
+        return out
 
     def select(self, leaves: Iterable[tuple[str, Sequence[int], Any]]) -> dict[str, Target]:
         """Resolve every ``(path, shape, dtype)``; raise if nothing is selected.

@@ -16,9 +16,9 @@ import numpy as np
 
 from . import initializers
 from .rules import Rules, Target, path_str
-from .weight import LoraWeight, column_norm, factor_shapes, is_lora
+from .weight import LoraWeight, Trainable, column_norm, factor_shapes, is_lora, is_node, is_trainable, map_chain
 
-__all__ = ["init", "merge", "unmerge", "split", "combine", "count", "summary", "lora_items", "Count"]
+__all__ = ["init", "make_weight", "merge", "unmerge", "split", "combine", "count", "summary", "lora_items", "Count"]
 
 
 def _as_key(key):
@@ -38,7 +38,7 @@ def _path_key(key, path: str):
 
 
 def _is_array(x) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype") and not is_lora(x)
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not is_node(x)
 
 
 def lora_items(tree) -> Iterator[tuple[str, LoraWeight]]:
@@ -88,34 +88,48 @@ def init(params, rules: Union[Rules, Any], key, *, add: bool = False):
     if not isinstance(rules, Rules):
         rules = Rules(rules)
     key = _as_key(key)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
-    existing = [path_str(kp) for kp, leaf in flat if is_lora(leaf)]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
+    existing = [path_str(kp) for kp, leaf in flat if is_node(leaf)]
     if existing and not add:
         raise ValueError(f"params already hold {len(existing)} LoRA weight(s) (e.g. {existing[:3]}); "
                          "pass add=True to put adapters on further leaves, or lora.merge() first")
     paths = [path_str(kp) for kp, _ in flat]
     candidates = [(p, tuple(leaf.shape), leaf.dtype) for p, (kp, leaf) in zip(paths, flat) if _is_array(leaf)]
     targets = rules.select(candidates)
+    full = rules.fully_trained(candidates, set(targets))
     out = []
     for p, (kp, leaf) in zip(paths, flat):
         t = targets.get(p) if _is_array(leaf) else None
-        if t is None:
-            out.append(leaf)
-            continue
-        fn = initializers.get(t.init, where=p)
-        scale = t.alpha / (np.sqrt(t.rank) if t.rslora else t.rank)
-        a, b, w = fn(_path_key(key, p), leaf, t.layout, t.rank, _a_dtype(t, leaf.dtype), scale)
-        want_a, want_b = factor_shapes(leaf.shape, t.layout, t.rank)
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b or tuple(w.shape) != tuple(leaf.shape):
-            raise ValueError(f"{p}: init {t.init!r} returned a{list(a.shape)}, b{list(b.shape)}, w{list(w.shape)}; "
-                             f"expected a{list(want_a)}, b{list(want_b)}, w{list(leaf.shape)}")
-        lw = LoraWeight(w, a, b, layout=t.layout, rank=t.rank, alpha=t.alpha, rslora=t.rslora,
-                        dropout=t.dropout, layer_mask=t.layer_mask)
-        if t.dora:  # magnitude = ||w + s a@b|| per output feature: the adapted kernel starts as w
-            m = column_norm(w, lw.scale * lw.effective_a(), b, t.layout).astype(a.dtype)
-            lw = lw.replace(m=m)
-        out.append(lw)
+        if t is not None:
+            leaf = make_weight(leaf, t, _path_key(key, p), p)
+        elif p in full and _is_array(leaf):
+            leaf = Trainable(leaf)
+        out.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def make_weight(leaf, t: Target, key, path: str, *, name: str = "default", active: bool = True, inner=None):
+    """One `LoraWeight` for the array ``leaf`` from resolved options ``t`` (on top of ``inner``, an
+    existing chain of adapters on the same kernel, when given)."""
+    fn = initializers.get(t.init, where=path)
+    scale = t.alpha / (np.sqrt(t.rank) if t.rslora else t.rank)
+    a, b, w = fn(key, leaf, t.layout, t.rank, _a_dtype(t, leaf.dtype), scale)
+    want_a, want_b = factor_shapes(leaf.shape, t.layout, t.rank)
+    if tuple(a.shape) != want_a or tuple(b.shape) != want_b or tuple(w.shape) != tuple(leaf.shape):
+        raise ValueError(f"{path}: init {t.init!r} returned a{list(a.shape)}, b{list(b.shape)}, w{list(w.shape)}; "
+                         f"expected a{list(want_a)}, b{list(want_b)}, w{list(leaf.shape)}")
+    if inner is not None and w is not leaf:
+        raise ValueError(f"{path}: init {t.init!r} rewrites the base kernel, which the adapters already on it "
+                         f"({[n.name for n in inner.chain()]}) were trained against; use it on a kernel without adapters")
+    lw = LoraWeight(w if inner is None else inner, a, b, layout=t.layout, rank=t.rank, alpha=t.alpha,
+                    rslora=t.rslora, dropout=t.dropout, layer_mask=t.layer_mask, out_slices=t.out_slices, name=name,
+                    active=active)
+    if t.dora:  # magnitude = ||w + s a@b|| per output feature: the adapted kernel starts as w
+        if inner is not None:
+            raise ValueError(f"{path}: DoRA adapters cannot share a kernel with other adapters")
+        m = column_norm(w, lw.scale * lw.effective_a(), lw.effective_b(), t.layout).astype(a.dtype)
+        lw = lw.replace(m=m)
+    return lw
 
 
 def merge(tree, *, safe: bool = False):
@@ -135,12 +149,13 @@ def merge(tree, *, safe: bool = False):
       >>> bool((lora.merge(lp)["k"] == 1).all())
       True
     """
-    merged = jax.tree_util.tree_map(lambda x: x.merge() if is_lora(x) else x, tree, is_leaf=is_lora)
+    merged = jax.tree_util.tree_map(lambda x: x.merge() if is_lora(x) else (x.value if is_trainable(x) else x), tree,
+                                    is_leaf=is_node)
     if safe:
         bad = []
         for (kp, leaf), (_, orig) in zip(jax.tree_util.tree_flatten_with_path(merged)[0],
-                                         jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)[0]):
-            if not is_lora(orig):
+                                         jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]):
+            if not is_node(orig):
                 continue
             try:
                 finite = bool(jnp.all(jnp.isfinite(leaf)))
@@ -158,16 +173,17 @@ def unmerge(merged, tree):
     """The base parameters back from ``merged`` (as returned by `merge`) and the LoRA tree.
 
     Leaves where ``tree`` holds a `LoraWeight` become ``merged - scale * a @ b``; every other leaf
-    is taken from ``merged``.
+    (fully trained ones included: they have no base) is taken from ``merged``.
     """
-    return jax.tree_util.tree_map(lambda t, m: t.unmerge(m) if is_lora(t) else m, tree, merged, is_leaf=is_lora)
+    return jax.tree_util.tree_map(lambda t, m: t.unmerge(m) if is_lora(t) else m, tree, merged, is_leaf=is_node)
 
 
 def split(tree):
     """Partition a LoRA tree into ``(trainable, frozen)`` with the same structure.
 
-    ``trainable`` keeps each `LoraWeight` with ``w=None`` and every other leaf as None;
-    ``frozen`` keeps every other leaf and each `LoraWeight` with ``a``, ``b``, ``m`` set to None.
+    ``trainable`` keeps each `LoraWeight` with ``w=None`` (and each `Trainable` leaf) and every other
+    leaf as None; ``frozen`` keeps every other leaf and each `LoraWeight` with ``a``, ``b``, ``m``
+    set to None.
     Differentiate with respect to ``trainable`` only and no gradient buffer for the base exists.
 
     Example:
@@ -177,9 +193,18 @@ def split(tree):
       >>> len(jax.tree_util.tree_leaves(trainable)), len(jax.tree_util.tree_leaves(frozen))
       (2, 2)
     """
-    trainable = jax.tree_util.tree_map(lambda x: x.replace(w=None) if is_lora(x) else None, tree, is_leaf=is_lora)
-    frozen = jax.tree_util.tree_map(lambda x: x.replace(a=None, b=None, m=None) if is_lora(x) else x, tree,
-                                    is_leaf=is_lora)
+    def train(x):
+        if is_lora(x):
+            return map_chain(x, lambda n, w: n.replace(w=w), lambda base: None)
+        return x if is_trainable(x) else None
+
+    def freeze(x):
+        if is_lora(x):
+            return map_chain(x, lambda n, w: n.replace(w=w, a=None, b=None, m=None), lambda base: base)
+        return None if is_trainable(x) else x
+
+    trainable = jax.tree_util.tree_map(train, tree, is_leaf=is_node)
+    frozen = jax.tree_util.tree_map(freeze, tree, is_leaf=is_node)
     return trainable, frozen
 
 
@@ -190,7 +215,7 @@ def combine(trainable, frozen):
         if is_lora(f):
             if not is_lora(t):
                 raise TypeError(f"combine: frozen holds a LoraWeight where trainable holds {type(t).__name__}")
-            return f.replace(a=t.a, b=t.b, m=t.m)
+            return f.replace(w=join(f.w, t.w), a=t.a, b=t.b, m=t.m)
         return f if t is None else t
 
     return jax.tree_util.tree_map(join, frozen, trainable, is_leaf=lambda x: is_lora(x) or x is None)
@@ -217,10 +242,14 @@ class Count:
                 f"trainable%: {self.percent:.4f}")
 
 
-def _lora_trainable(lw: LoraWeight) -> int:
+def _node_trainable(lw: LoraWeight) -> int:
+    if not lw.active:
+        return 0
     n = _size(lw.a) + _size(lw.b) + _size(lw.m)
     if lw.layer_mask is not None and n:
         n = n * sum(lw.layer_mask) // len(lw.layer_mask)
+    if lw.out_slices is not None and lw.b is not None:
+        n -= _size(lw.b) * (len(lw.out_slices) - sum(lw.out_slices)) // len(lw.out_slices)
     return n
 
 
@@ -231,12 +260,18 @@ def count(tree) -> Count:
     """
     total = 0
     rows = []
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)[0]:
-        if is_lora(leaf):
-            n = _lora_trainable(leaf)
-            total += _size(leaf.w) + _size(leaf.a) + _size(leaf.b) + _size(leaf.m)
-            shape = tuple(leaf.w.shape) if leaf.w is not None else None
-            rows.append((path_str(kp), shape, leaf.layout, leaf.rank, leaf.alpha, n))
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
+        if is_trainable(leaf):
+            total += _size(leaf.value)
+            rows.append((path_str(kp) + " (full)", tuple(leaf.value.shape) if leaf.value is not None else None, "-",
+                         0, 0.0, _size(leaf.value)))
+        elif is_lora(leaf):
+            total += _size(leaf.base)
+            shape = tuple(leaf.base.shape) if leaf.base is not None else None
+            for node in leaf.chain():
+                total += _size(node.a) + _size(node.b) + _size(node.m)
+                name = "" if node.name == "default" else f" [{node.name}]"
+                rows.append((path_str(kp) + name, shape, node.layout, node.rank, node.alpha, _node_trainable(node)))
         elif hasattr(leaf, "shape"):
             total += _size(leaf)
     return Count(trainable=sum(r[-1] for r in rows), total=total, per_target=tuple(rows))

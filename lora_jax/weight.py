@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LoraWeight", "factor_shapes", "delta_from_factors", "check_layout", "is_lora", "to_matrix", "from_matrix",
+__all__ = ["LoraWeight", "Trainable", "is_trainable", "map_chain", "factor_shapes", "delta_from_factors", "check_layout", "is_lora", "to_matrix", "from_matrix",
            "column_norm", "in_w_layout"]
 
 _KINDS = frozenset("sio")
@@ -146,16 +146,89 @@ def is_lora(x: Any) -> bool:
     return isinstance(x, LoraWeight)
 
 
+def is_trainable(x: Any) -> bool:
+    """True for a `Trainable` node (a leaf trained in full)."""
+    return isinstance(x, Trainable)
+
+
+def is_node(x: Any) -> bool:
+    """True for the nodes lora_jax defines (`LoraWeight`, `Trainable`)."""
+    return isinstance(x, (LoraWeight, Trainable))
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Trainable:
+    """A leaf trained in full beside the adapters (PEFT's ``modules_to_save`` and ``bias``).
+
+    Its one child is ``value``. `lora.wrap` and `lora.merge` see the plain value; `lora.split`
+    puts it on the trainable side, `lora.freeze` trains it, and adapters are saved with it.
+    Like `LoraWeight`, it is not an array: an unwrapped model that receives it raises.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("value"), self.value),), None
+
+    def tree_flatten(self):
+        return (self.value,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(children[0])
+
+    @property
+    def shape(self):
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    def _not_an_array(self, *_, **__):
+        raise TypeError(f"a lora.Trainable leaf (shape {getattr(self.value, 'shape', None)}) was used as an array; "
+                        "call the model through lora.wrap(fn)(tree, ...) or lora.merge(tree) first")
+
+    __jax_array__ = _not_an_array
+    __array__ = _not_an_array
+
+    def __repr__(self):
+        v = self.value
+        return f"Trainable({getattr(v, 'dtype', '?')}{list(getattr(v, 'shape', ()))})" if v is not None else \
+            "Trainable(None)"
+
+
+def map_chain(lw, node_fn, base_fn):
+    """Rebuild a chain of adapters: ``node_fn(node, new_w)`` for each node (innermost first) and
+    ``base_fn(base)`` for the array under them. Returns what the outermost ``node_fn`` returns."""
+    if isinstance(lw, LoraWeight):
+        return node_fn(lw, map_chain(lw.w, node_fn, base_fn))
+    return base_fn(lw)
+
+
+_STATIC = ("layout", "rank", "alpha", "rslora", "dropout", "layer_mask", "out_slices", "name", "active")
+
+
 @jax.tree_util.register_pytree_with_keys_class
 class LoraWeight:
     """A frozen kernel ``w`` with its adapter factors ``a``, ``b``.
 
     Children (pytree leaves): ``w``, ``a``, ``b`` and, for DoRA, the magnitude ``m`` (None
     otherwise; shape ``(*stack, *out)``: the adapted kernel is ``m / ||w + scale a@b|| * (w + scale
-    a@b)`` with the norm taken over the input axes, as in the DoRA paper and PEFT). Static data: ``layout``, ``rank``, ``alpha``, ``rslora``, ``dropout`` and an
-    optional per-layer ``layer_mask`` for stacked kernels (layers where it is False get no delta).
-    Children may be None (``lora.split`` uses that), so the class never checks shapes itself; use
-    `lora.init` to build one.
+    a@b)`` with the norm taken over the input axes, as in the DoRA paper and PEFT).
+
+    Static data: ``layout``, ``rank``, ``alpha``, ``rslora``, ``dropout``; an optional per-layer
+    ``layer_mask`` for stacked kernels (layers where it is False get no delta); optional
+    ``out_slices`` (loralib's ``enable_lora``: the flattened output split in equal slices, only the
+    True ones get a delta, e.g. q and v of a fused q|k|v kernel); the adapter's ``name`` and whether
+    it is ``active``.
+
+    Several adapters on one kernel form a chain: ``w`` is then itself a `LoraWeight` (the adapter
+    added before), down to the base array (`base`). Children may be None (`lora.split` uses that),
+    so the class never checks shapes itself; use `lora.init` / `lora.add` to build one.
 
     A `LoraWeight` is not an array: passing it to a function that was not transformed with
     `lora.wrap` raises a ``TypeError`` rather than silently using the base weight.
@@ -167,10 +240,11 @@ class LoraWeight:
       (2.0, 9.0)
     """
 
-    __slots__ = ("w", "a", "b", "m", "layout", "rank", "alpha", "rslora", "dropout", "layer_mask")
+    __slots__ = ("w", "a", "b", "m") + _STATIC
 
     def __init__(self, w, a, b, *, layout: str, rank: int, alpha: float, rslora: bool = False,
-                 dropout: float = 0.0, m=None, layer_mask: Optional[tuple[bool, ...]] = None):
+                 dropout: float = 0.0, m=None, layer_mask: Optional[tuple[bool, ...]] = None,
+                 out_slices: Optional[tuple[bool, ...]] = None, name: str = "default", active: bool = True):
         self.w, self.a, self.b, self.m = w, a, b, m
         self.layout = layout
         self.rank = int(rank)
@@ -178,10 +252,13 @@ class LoraWeight:
         self.rslora = bool(rslora)
         self.dropout = float(dropout)
         self.layer_mask = None if layer_mask is None else tuple(bool(v) for v in layer_mask)
+        self.out_slices = None if out_slices is None else tuple(bool(v) for v in out_slices)
+        self.name = str(name)
+        self.active = bool(active)
 
     # -- pytree -----------------------------------------------------------------------------
     def _static(self):
-        return (self.layout, self.rank, self.alpha, self.rslora, self.dropout, self.layer_mask)
+        return tuple(getattr(self, f) for f in _STATIC)
 
     def tree_flatten_with_keys(self):
         g = jax.tree_util.GetAttrKey
@@ -192,20 +269,34 @@ class LoraWeight:
 
     @classmethod
     def tree_unflatten(cls, static, children):
-        layout, rank, alpha, rslora, dropout, layer_mask = static
         w, a, b, m = children
-        return cls(w, a, b, m=m, layout=layout, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
-                   layer_mask=layer_mask)
+        return cls(w, a, b, m=m, **dict(zip(_STATIC, static)))
 
     def replace(self, **changes) -> "LoraWeight":
         """A copy with some children or static fields replaced."""
-        fields = dict(w=self.w, a=self.a, b=self.b, m=self.m, layout=self.layout, rank=self.rank,
-                      alpha=self.alpha, rslora=self.rslora, dropout=self.dropout, layer_mask=self.layer_mask)
+        fields = dict(w=self.w, a=self.a, b=self.b, m=self.m, **{f: getattr(self, f) for f in _STATIC})
         unknown = set(changes) - set(fields)
         if unknown:
             raise TypeError(f"LoraWeight.replace: unknown fields {sorted(unknown)}; fields are {sorted(fields)}")
         fields.update(changes)
         return LoraWeight(fields.pop("w"), fields.pop("a"), fields.pop("b"), **fields)
+
+    # -- chains of adapters -----------------------------------------------------------------
+    @property
+    def base(self):
+        """The frozen base array under every adapter of the chain."""
+        w = self.w
+        while isinstance(w, LoraWeight):
+            w = w.w
+        return w
+
+    def chain(self) -> list["LoraWeight"]:
+        """Every adapter on this kernel, the first added first (this node last)."""
+        nodes, n = [], self
+        while isinstance(n, LoraWeight):
+            nodes.append(n)
+            n = n.w
+        return nodes[::-1]
 
     # -- derived ----------------------------------------------------------------------------
     @property
@@ -215,11 +306,11 @@ class LoraWeight:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.w.shape)
+        return tuple(self.base.shape)
 
     @property
     def dtype(self):
-        return self.w.dtype
+        return self.base.dtype
 
     @property
     def ndim(self) -> int:
@@ -232,42 +323,71 @@ class LoraWeight:
         mask = jnp.asarray(np.array(self.layer_mask), dtype=self.a.dtype)
         return self.a * mask.reshape(mask.shape + (1,) * (self.a.ndim - 1))
 
+    def effective_b(self) -> jax.Array:
+        """``b`` with the output-slice mask applied (disabled slices contribute nothing)."""
+        if self.out_slices is None:
+            return self.b
+        out = tuple(self.b.shape[self.layout.count("s") + 1:])
+        n = int(np.prod(out))
+        k = len(self.out_slices)
+        mask = np.repeat(np.array(self.out_slices, bool), n // k).reshape(out)
+        return self.b * jnp.asarray(mask, self.b.dtype)
+
     def lora_delta(self, dtype=jnp.float32) -> jax.Array:
-        """``scale * a @ b`` in ``w``'s layout, computed and returned in ``dtype``."""
+        """``scale * a @ b`` in the kernel's layout, computed and returned in ``dtype``."""
         a = self.effective_a().astype(dtype)
-        return (self.scale * delta_from_factors(a, self.b.astype(dtype), self.layout,
+        return (self.scale * delta_from_factors(a, self.effective_b().astype(dtype), self.layout,
                                                 precision=jax.lax.Precision.HIGHEST)).astype(dtype)
 
-    def dora_factor(self, dtype=jnp.float32) -> jax.Array:
+    def _inner(self):
+        """The kernel this adapter applies to: the base, or the merge of the adapters before it."""
+        return self.w.merge() if isinstance(self.w, LoraWeight) else self.w
+
+    def dora_factor(self, dtype=jnp.float32, w=None) -> jax.Array:
         """DoRA's ``m / ||w + scale a@b||`` per output feature, arranged to broadcast against ``w``."""
-        norm = column_norm(self.w.astype(dtype), self.scale * self.effective_a().astype(dtype), self.b.astype(dtype),
-                           self.layout)
+        w = self._inner() if w is None else w
+        norm = column_norm(w.astype(dtype), self.scale * self.effective_a().astype(dtype),
+                           self.effective_b().astype(dtype), self.layout)
         norm = jax.lax.stop_gradient(norm)  # a constant, as in the DoRA paper (sec. 4.3) and PEFT
-        return in_w_layout(self.m.astype(dtype) / norm, self.w.shape, self.layout)
+        return in_w_layout(self.m.astype(dtype) / norm, w.shape, self.layout)
+
+    def _apply(self, w, ct):
+        """This adapter on the kernel ``w`` (computed in ``ct``)."""
+        d = self.lora_delta(ct)
+        if self.m is None:
+            return w.astype(ct) + d
+        return self.dora_factor(ct, w) * (w.astype(ct) + d)
 
     def delta(self, dtype=jnp.float32) -> jax.Array:
-        """What the adapter adds to ``w``: ``scale * a @ b``, or for DoRA
+        """What this adapter adds to the kernel below it: ``scale * a @ b``, or for DoRA
         ``m / ||w + scale a@b|| * (w + scale a@b) - w``; computed and returned in ``dtype``."""
-        d = self.lora_delta(dtype)
         if self.m is None:
-            return d
-        w = self.w.astype(dtype)
-        return self.dora_factor(dtype) * (w + d) - w
+            return self.lora_delta(dtype)
+        w = self._inner().astype(dtype)
+        return self._apply(w, dtype) - w
 
     def merge(self) -> jax.Array:
-        """The adapted kernel ``w + delta`` in ``w``'s dtype, computed in float32 (or wider if ``w`` is)."""
-        ct = jnp.promote_types(self.w.dtype, jnp.float32)
-        if self.m is not None:
-            return (self.dora_factor(ct) * (self.w.astype(ct) + self.lora_delta(ct))).astype(self.w.dtype)
-        return (self.w.astype(ct) + self.lora_delta(ct)).astype(self.w.dtype)
+        """The adapted kernel in the base dtype, computed in float32 (or wider): every active adapter
+        of the chain applied in order."""
+        inner = self._inner()
+        if not self.active:
+            return inner
+        ct = jnp.promote_types(inner.dtype, jnp.float32)
+        return self._apply(inner, ct).astype(inner.dtype)
 
     def unmerge(self, merged: jax.Array) -> jax.Array:
-        """The base weight back from a merged one (``merged - delta``; for DoRA the norm comes from
-        this node's ``w``), in ``merged``'s dtype."""
+        """The base weight back from a merged one (every active adapter removed, last first; a
+        DoRA norm is taken from the kernel below the adapter), in ``merged``'s dtype."""
         ct = jnp.promote_types(merged.dtype, jnp.float32)
-        if self.m is not None:
-            return (merged.astype(ct) / self.dora_factor(ct) - self.lora_delta(ct)).astype(merged.dtype)
-        return (merged.astype(ct) - self.lora_delta(ct)).astype(merged.dtype)
+        w = merged.astype(ct)
+        for node in reversed(self.chain()):
+            if not node.active:
+                continue
+            if node.m is not None:
+                w = w / node.dora_factor(ct) - node.lora_delta(ct)
+            else:
+                w = w - node.lora_delta(ct)
+        return w.astype(merged.dtype)
 
     # -- not an array -----------------------------------------------------------------------
     def _not_an_array(self, *_, **__):
@@ -282,8 +402,14 @@ class LoraWeight:
 
     def __repr__(self) -> str:
         def sh(x):
+            if isinstance(x, LoraWeight):
+                return repr(x)
             return None if x is None else f"{getattr(x, 'dtype', '?')}{list(getattr(x, 'shape', ()))}"
         extra = f", m={sh(self.m)}" if self.m is not None else ""
-        mask = f", layer_mask={self.layer_mask}" if self.layer_mask is not None else ""
+        for f in ("layer_mask", "out_slices"):
+            if getattr(self, f) is not None:
+                extra += f", {f}={getattr(self, f)}"
+        if self.name != "default" or not self.active:
+            extra += f", name={self.name!r}, active={self.active}"
         return (f"LoraWeight(w={sh(self.w)}, a={sh(self.a)}, b={sh(self.b)}{extra}, layout={self.layout!r}, "
-                f"rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}, dropout={self.dropout:g}{mask})")
+                f"rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}, dropout={self.dropout:g})")
