@@ -14,6 +14,7 @@ from .tree import init, merge, unmerge, split, combine, count, summary, Count
 from .optim import freeze, labels
 from .interpreter import wrap, MaterializeWarning
 from .adapters import add, select, delete, adapter_names, combine_adapters
+from .quant import QuantizedArray, quantize, dequantize
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "freeze", "labels",
     "wrap", "MaterializeWarning",
     "add", "select", "delete", "adapter_names", "combine_adapters",
+    "QuantizedArray", "quantize", "dequantize",
 ]

@@ -78,6 +78,11 @@ class _Lazy:
         return cls(w, a, b, key, kinds, dropout, mag=mag, routed=routed)
 
     @property
+    def wd(self):
+        """The base as a dense array (a quantized base is dequantized here, at its use)."""
+        return self.w.dequantize() if hasattr(self.w, "dequantize") else self.w
+
+    @property
     def dtype(self):
         return self.w.dtype
 
@@ -108,9 +113,9 @@ class _Lazy:
         with jax.named_scope("lora_materialize"):
             d = delta_from_factors(self.a.astype(ct), self.b.astype(ct), self.kinds)
             if self.mag is None:
-                return (self.w.astype(ct) + d).astype(self.w.dtype)
+                return (self.wd.astype(ct) + d).astype(self.w.dtype)
             m0, m1 = (in_w_layout(m.astype(ct), self.w.shape, self.kinds) for m in _mags(self))
-            return (m0 * self.w.astype(ct) + m1 * d).astype(self.w.dtype)
+            return (m0 * self.wd.astype(ct) + m1 * d).astype(self.w.dtype)
 
 
 def _is_lazy(x) -> bool:
@@ -239,7 +244,7 @@ def _dense_call(ctx, eqn, invals):
 def _w_only(ctx, eqn, invals):
     """Ops that change only how w is stored (copy, sharding constraints): apply to w."""
     (lz,) = invals
-    (w,) = _bind(eqn, [lz.w])
+    (w,) = _bind(eqn, [lz.wd])
     return [lz.with_(w=w)]
 
 
@@ -247,7 +252,7 @@ def _convert(ctx, eqn, invals):
     (lz,) = invals
     if not jnp.issubdtype(eqn.params["new_dtype"], jnp.inexact):
         return _fallback(ctx, eqn, invals)
-    (w,) = _bind(eqn, [lz.w])
+    (w,) = _bind(eqn, [lz.wd])
     return [lz.with_(w=w)]
 
 
@@ -268,7 +273,7 @@ def _factor_axes(lz: _Lazy):
 def _transpose(ctx, eqn, invals):
     (lz,) = invals
     perm = tuple(eqn.params["permutation"])
-    (w,) = _bind(eqn, [lz.w])
+    (w,) = _bind(eqn, [lz.wd])
     kinds = "".join(lz.kinds[p] for p in perm)
     s_old, i_old, o_old = lz.axes("s"), lz.axes("i"), lz.axes("o")
     s_new = [p for p in perm if lz.kinds[p] == "s"]
@@ -334,14 +339,14 @@ def _reshape(ctx, eqn, invals):
     if eqn.params.get("dimensions") is not None or len(invals) != 1:
         return _fallback(ctx, eqn, invals)
     new_shape = tuple(eqn.outvars[0].aval.shape)
-    (w,) = _bind(eqn, [lz.w])
+    (w,) = _bind(eqn, [lz.wd])
     out = _reshape_to(lz, w, new_shape)
     return [out] if out is not None else _fallback(ctx, eqn, invals)
 
 
 def _squeeze(ctx, eqn, invals):
     (lz,) = invals
-    (w,) = _bind(eqn, [lz.w])
+    (w,) = _bind(eqn, [lz.wd])
     out = _reshape_to(lz, w, tuple(eqn.outvars[0].aval.shape))
     return [out] if out is not None else _fallback(ctx, eqn, invals)
 
@@ -354,7 +359,7 @@ def _broadcast_in_dim(ctx, eqn, invals):
           and all(shape[d] == 1 for d in range(len(shape)) if d not in bdims))
     if not ok:
         return _fallback(ctx, eqn, invals)
-    (w,) = _bind(eqn, [lz.w])
+    (w,) = _bind(eqn, [lz.wd])
     out = _reshape_to(lz, w, shape)
     return [out] if out is not None else _fallback(ctx, eqn, invals)
 
@@ -375,7 +380,7 @@ def _factor_index(lz: _Lazy, per_axis, r_value):
 def _slice(ctx, eqn, invals):
     (lz,) = invals
     p = eqn.params
-    (w,) = _bind(eqn, [lz.w])
+    (w,) = _bind(eqn, [lz.wd])
     strides = p["strides"] or (1,) * lz.w.ndim
     r = lz.a.shape[-1]
     sa, sb = _factor_index(lz, p["start_indices"], 0)
@@ -397,7 +402,7 @@ def _dynamic_slice(ctx, eqn, invals):
     lz, starts = invals[0], invals[1:]
     if any(_is_lazy(s) for s in starts) or len(starts) != lz.w.ndim:
         return _fallback(ctx, eqn, invals)
-    (w,) = _bind(eqn, [lz.w, *starts])
+    (w,) = _bind(eqn, [lz.wd, *starts])
     sizes = eqn.params["slice_sizes"]
     r = lz.a.shape[-1]
     zero = jnp.zeros((), jnp.asarray(starts[0]).dtype) if starts else 0
@@ -417,7 +422,7 @@ def _dynamic_slice(ctx, eqn, invals):
 
 def _rev(ctx, eqn, invals):
     (lz,) = invals
-    (w,) = _bind(eqn, [lz.w])
+    (w,) = _bind(eqn, [lz.wd])
     in_a, in_b = _factor_axes(lz)
     dims = eqn.params["dimensions"]
     a = jax.lax.rev(lz.a, tuple(in_a[d] for d in dims if d in in_a))
@@ -432,13 +437,13 @@ def _scalar_mul(ctx, eqn, invals):
         lz, c = y, x
     else:
         return _fallback(ctx, eqn, invals)
-    (w,) = _bind(eqn, [x if x is not lz else lz.w, y if y is not lz else lz.w])
+    (w,) = _bind(eqn, [x if x is not lz else lz.wd, y if y is not lz else lz.wd])
     return [lz.with_(w=w, a=lz.a * jnp.asarray(c).astype(lz.a.dtype))]
 
 
 def _neg(ctx, eqn, invals):
     (lz,) = invals
-    (w,) = _bind(eqn, [lz.w])
+    (w,) = _bind(eqn, [lz.wd])
     return [lz.with_(w=w, a=-lz.a)]
 
 
@@ -505,7 +510,7 @@ def _dot_general(ctx, eqn, invals):
     per_out = [wl[j] for j in lz.axes("s")] + [wl[j] for j in lz.axes("o")]
     if lz.mag is not None and not set(per_out) <= set(out):
         return _fallback(ctx, eqn, invals)  # DoRA's output scaling needs the output axes kept
-    base = _bind(eqn, [lhs, lz.w] if lazy_is_rhs else [lz.w, rhs])[0]
+    base = _bind(eqn, [lhs, lz.wd] if lazy_is_rhs else [lz.wd, rhs])[0]
     r = "Z"
     s = [wl[j] for j in lz.axes("s")]
     a_spec = s + [wl[j] for j in lz.axes("i")] + [r]
@@ -544,7 +549,7 @@ def _dot_general(ctx, eqn, invals):
                        preferred_element_type=pet)
         if lz.mag is not None:
             m0, m1 = (_expand(m, per_out, out) for m in _mags(lz))
-            dropped = None if xd is x else _bind(eqn, [xd, lz.w] if lazy_is_rhs else [lz.w, xd])[0]
+            dropped = None if xd is x else _bind(eqn, [xd, lz.wd] if lazy_is_rhs else [lz.wd, xd])[0]
             return [_apply_dora(eqn, base, d, m0, m1, dropped, out_dtype)]
     return [base + d.astype(out_dtype)]
 
@@ -559,7 +564,7 @@ def _conv(ctx, eqn, invals):
     out_dim, in_dim = dn.rhs_spec[0], dn.rhs_spec[1]
     if "s" in lz.kinds or lz.kinds[out_dim] != "o" or lz.kinds.count("o") != 1:
         return _fallback(ctx, eqn, invals)
-    base = _bind(eqn, [lhs, lz.w])[0]
+    base = _bind(eqn, [lhs, lz.wd])[0]
     cd = lz.dtype
     r = lz.a.shape[-1]
     nd = lz.w.ndim
@@ -583,7 +588,7 @@ def _conv(ctx, eqn, invals):
             shape = [1] * nd
             shape[dn.out_spec[1]] = lz.w.shape[out_dim]
             m0, m1 = (m.reshape(shape) for m in _mags(lz))
-            dropped = None if xd is lhs else _bind(eqn, [xd, lz.w])[0]
+            dropped = None if xd is lhs else _bind(eqn, [xd, lz.wd])[0]
             return [_apply_dora(eqn, base, d, m0, m1, dropped, eqn.outvars[0].aval.dtype)]
     return [base + d.astype(eqn.outvars[0].aval.dtype)]
 
@@ -606,7 +611,7 @@ def _gather(ctx, eqn, invals):
           and tuple(dn.offset_dims[-n_o:]) == tuple(range(out_nd - n_o, out_nd)))
     if not ok:
         return _fallback(ctx, eqn, invals)
-    base = _bind(eqn, [lz.w, idx])[0]
+    base = _bind(eqn, [lz.wd, idx])[0]
     r = lz.a.shape[-1]
     dn_a = jax.lax.GatherDimensionNumbers(
         offset_dims=tuple(dn.offset_dims[:-n_o]) + (out_nd - n_o,), collapsed_slice_dims=dn.collapsed_slice_dims,
@@ -661,7 +666,8 @@ def _scan(ctx, eqn, invals):
         if _is_lazy(v):
             if v.kinds[0] == "s" and v.a.shape[0] == length:
                 key = None if v.key is None else jax.random.split(v.key, length)
-                v = _Lazy(v.w, v.a, v.b, key, v.kinds[1:], v.dropout, mag=v.mag)
+                w = v.w.unstacked() if hasattr(v.w, "unstacked") else v.w  # a quantized stack stays quantized
+                v = _Lazy(w, v.a, v.b, key, v.kinds[1:], v.dropout, mag=v.mag, routed=v.routed)
             else:
                 v = v.materialize()
         xs_in.append(v)
@@ -750,6 +756,18 @@ def _static_zero(scale) -> bool:
     return isinstance(scale, (int, float, np.number)) and not isinstance(scale, bool) and float(scale) == 0.0
 
 
+def _quantized(x) -> bool:
+    return hasattr(x, "dequantize") and hasattr(x, "scheme")
+
+
+def _quantized_lazy(q):
+    """A quantized frozen kernel without an adapter: a rank-0 lazy, dequantized where it is used."""
+    kinds = "s" * q.stack + "i" * (q.ndim - q.stack - 1) + "o"
+    a_shape = tuple(d for d, k in zip(q.shape, kinds) if k in "si") + (0,)
+    b_shape = tuple(d for d, k in zip(q.shape, kinds) if k == "s") + (0,) + (q.shape[-1],)
+    return _Lazy(q, jnp.zeros(a_shape, jnp.float32), jnp.zeros(b_shape, jnp.float32), None, kinds, 0.0)
+
+
 def _adapter_order(loras) -> list[str]:
     """Every adapter name in the LoRA weights, in order of first appearance (oldest first)."""
     names = []
@@ -800,7 +818,8 @@ def _lazy_from(v: LoraWeight, n: int, t, rng_key, route_names=None, r_block=0):
     t = jnp.asarray(t).astype(a.dtype)
     mag = None
     if route_names is None and nodes[0].m is not None:  # DoRA: the norm is a constant, as in the paper and PEFT
-        ratio = nodes[0].m.astype(jnp.float32) / jax.lax.stop_gradient(column_norm(base, a, b, v.layout))
+        dense = base.dequantize() if hasattr(base, "dequantize") else base
+        ratio = nodes[0].m.astype(jnp.float32) / jax.lax.stop_gradient(column_norm(dense, a, b, v.layout))
         mag = jnp.stack([1.0 + t * (ratio - 1.0), ratio], axis=ns)
     dropout = max(node.dropout for node in nodes)
     key = jax.random.fold_in(rng_key, n) if rng_key is not None and dropout > 0 else None
@@ -857,20 +876,22 @@ def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scal
         for j in argnums_t:
             if j >= len(args):
                 raise TypeError(f"lora.wrap: argnums={argnums!r} but only {len(args)} positional arguments were given")
-        flat, in_tree = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
+        flat, in_tree = jax.tree_util.tree_flatten((args, kwargs), is_leaf=lambda x: is_node(x) or _quantized(x))
         flat = [v.value if is_trainable(v) else v for v in flat]  # fully trained leaves are plain arrays to fn
         loras = [j for j, v in enumerate(flat) if is_lora(v)]
+        quants = [j for j, v in enumerate(flat) if _quantized(v)]
         for j in loras:
             if any(x is None for node in flat[j].chain() for x in (node.a, node.b)) or flat[j].base is None:
                 raise TypeError("lora.wrap: a LoraWeight without its base, a or b (a lora.split half?); pass "
                                 "lora.combine(trainable, frozen)")
-        if not loras:
+        if not loras and not quants:
             return fn(*args, **kwargs)
-        if _static_zero(scale) and adapter_ids is None:
+        if _static_zero(scale) and adapter_ids is None and not quants and \
+                not any(_quantized(flat[j].base) for j in loras):
             plain = [v.base if is_lora(v) else v for v in flat]
             a, k = jax.tree_util.tree_unflatten(in_tree, plain)
             return fn(*a, **k)
-        dyn = [j for j, v in enumerate(flat) if is_lora(v) or _is_dynamic(v)]
+        dyn = [j for j, v in enumerate(flat) if is_lora(v) or _quantized(v) or _is_dynamic(v)]
 
         def flat_fn(*dyn_vals):
             leaves = list(flat)
@@ -879,8 +900,8 @@ def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scal
             a, k = jax.tree_util.tree_unflatten(in_tree, leaves)
             return fn(*a, **k)
 
-        standins = [jax.ShapeDtypeStruct(flat[j].shape, flat[j].dtype) if is_lora(flat[j]) else flat[j]
-                    for j in dyn]
+        standins = [jax.ShapeDtypeStruct(flat[j].shape, flat[j].dtype) if is_lora(flat[j]) or _quantized(flat[j])
+                    else flat[j] for j in dyn]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*standins)
         route_names, r_block, ctx = None, 0, _Ctx()
         if adapter_ids is not None:
@@ -897,6 +918,8 @@ def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scal
             v = flat[j]
             if is_lora(v):
                 v = _lazy_from(v, n, scale, rng_key, route_names, r_block)
+            elif _quantized(v):
+                v = _quantized_lazy(v)
             invals.append(v)
         outs = _eval_closed(closed, invals, ctx)
         outs = [_dense(o) for o in outs]

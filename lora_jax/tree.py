@@ -7,6 +7,7 @@ is needed to describe it: merging, freezing, saving and sharding read the nodes'
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import zlib
 from typing import Any, Iterator, Optional, Union
 
@@ -132,13 +133,34 @@ def make_weight(leaf, t: Target, key, path: str, *, name: str = "default", activ
     return lw
 
 
-def merge(tree, *, safe: bool = False):
+def _quantized(x) -> bool:
+    return hasattr(x, "dequantize") and hasattr(x, "scheme")
+
+
+def _merge_leaf(x, requantize: bool):
+    if is_trainable(x):
+        return x.value
+    if _quantized(x):
+        return x.dequantize()
+    if not is_lora(x):
+        return x
+    merged = x.merge()
+    if requantize and _quantized(x.base):
+        warnings.warn(f"merge(requantize=True): the merged kernel {x.base.shape} is rounded to {x.base.scheme} again; "
+                      "the adapter's effect is only kept to that precision", stacklevel=3)
+        return x.base.requantize(merged)
+    return merged
+
+
+def merge(tree, *, safe: bool = False, requantize: bool = False):
     """Fold every adapter into its kernel: ``w + scale * a @ b`` in ``w``'s dtype (float32 math).
 
     Args:
       tree: a LoRA tree.
       safe: check that every merged kernel is finite and raise otherwise (needs concrete arrays,
         i.e. outside ``jit``). Nothing is modified either way: the result is a new tree.
+      requantize: store kernels whose base was quantized (`lora.quantize`) quantized again, with a
+        warning (the merge is rounded); by default they come back dense in full precision.
 
     Raises:
       ValueError: with ``safe=True``, naming every kernel whose merge holds NaN or Inf.
@@ -149,13 +171,13 @@ def merge(tree, *, safe: bool = False):
       >>> bool((lora.merge(lp)["k"] == 1).all())
       True
     """
-    merged = jax.tree_util.tree_map(lambda x: x.merge() if is_lora(x) else (x.value if is_trainable(x) else x), tree,
-                                    is_leaf=is_node)
+    is_leaf = lambda x: is_node(x) or _quantized(x)  # noqa: E731
+    merged = jax.tree_util.tree_map(lambda x: _merge_leaf(x, requantize), tree, is_leaf=is_leaf)
     if safe:
         bad = []
-        for (kp, leaf), (_, orig) in zip(jax.tree_util.tree_flatten_with_path(merged)[0],
-                                         jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]):
-            if not is_node(orig):
+        for (kp, leaf), (_, orig) in zip(jax.tree_util.tree_flatten_with_path(merged, is_leaf=_quantized)[0],
+                                         jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]):
+            if not is_node(orig) or _quantized(leaf):
                 continue
             try:
                 finite = bool(jnp.all(jnp.isfinite(leaf)))

@@ -340,8 +340,11 @@ class LoraWeight:
                                                 precision=jax.lax.Precision.HIGHEST)).astype(dtype)
 
     def _inner(self):
-        """The kernel this adapter applies to: the base, or the merge of the adapters before it."""
-        return self.w.merge() if isinstance(self.w, LoraWeight) else self.w
+        """The kernel this adapter applies to: the base (dequantized if stored quantized), or the
+        merge of the adapters before it."""
+        if isinstance(self.w, LoraWeight):
+            return self.w.merge()
+        return self.w.dequantize() if hasattr(self.w, "dequantize") else self.w
 
     def dora_factor(self, dtype=jnp.float32, w=None) -> jax.Array:
         """DoRA's ``m / ||w + scale a@b||`` per output feature, arranged to broadcast against ``w``."""
