@@ -516,3 +516,33 @@ def test_wrap_inside_checkpoint_value_and_grad_and_vmapped_adapters():
     ys = jax.vmap(lora.wrap(mlp), in_axes=(axes, None))(stacked, x)
     for s in range(3):
         _rel_close(ys[s], mlp(lora.merge(members[s]), x), 2e-6)
+
+
+class SharedBody(nn.Module):
+    @nn.compact
+    def __call__(self, h, mask):
+        return jnp.tanh(nn.Dense(16, use_bias=False, name="shared")(h)) * mask, None
+
+
+class SharedScan(nn.Module):
+    """nn.scan with broadcast parameters (one kernel used at every step) and a broadcast input."""
+
+    @nn.compact
+    def __call__(self, x, mask):
+        scanned = nn.scan(SharedBody, variable_broadcast="params", split_rngs={"params": False},
+                          in_axes=nn.broadcast, length=4)
+        h, _ = scanned(name="body")(x, mask)
+        return h
+
+
+def test_nn_scan_with_broadcast_params_and_inputs():
+    m = SharedScan()
+    x, mask = rand(1, (3, 16)), (rand(2, (3, 16)) > 0).astype(jnp.float32)
+    params = m.init(jax.random.key(0), x, mask)["params"]
+    lp = nonzero_b(lora.init(params, lora.Rules(["shared"], rank=2), 0))
+    assert lp["body"]["shared"]["kernel"].layout == "io"  # not stacked: a scan const
+    check_equivalence(lambda p, x: m.apply({"params": p}, x, mask), lp, x)
+    # dropout on a const inside scan draws a fresh mask per step (the step index is folded in)
+    lpd = jax.tree_util.tree_map(lambda l: l.replace(dropout=0.5) if lora.is_lora(l) else l, lp, is_leaf=lora.is_lora)
+    y1 = lora.wrap(lambda p, x: m.apply({"params": p}, x, mask), rng=jax.random.key(0))(lpd, x)
+    assert np.isfinite(np.asarray(y1)).all()
