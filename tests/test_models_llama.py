@@ -284,7 +284,7 @@ def test_remat_policies_same_loss_and_grads(saved):
     params = jax.tree.map(jnp.asarray, L.load_hf(saved["llama"]))
     ids = jnp.asarray(_batch()[0])
     ref_l, ref_g = jax.jit(jax.value_and_grad(functools.partial(_loss, L.LlamaForCausalLM(cfg))))(params, ids)
-    for policy in ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"):
+    for policy in ("nothing_saveable", "dots_with_no_batch_dims_saveable"):
         m = L.LlamaForCausalLM(cfg.replace(remat_policy=policy))
         l, g = jax.jit(jax.value_and_grad(functools.partial(_loss, m)))(params, ids)
         np.testing.assert_allclose(l, ref_l, rtol=1e-6)

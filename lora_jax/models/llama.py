@@ -47,7 +47,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -172,7 +172,8 @@ class LlamaConfig:
         set_("dtype", _canon_dtype(self.dtype, "dtype"))
         set_("param_dtype", _canon_dtype(self.param_dtype, "param_dtype"))
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"LlamaConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+            raise ValueError(f"LlamaConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"LlamaConfig.hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}")
         if self.remat_policy is not None and not callable(self.remat_policy) \
@@ -180,7 +181,8 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.remat_policy must be None, a jax.checkpoint_policies callable or one of "
                              f"{REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or int(self.sliding_window) <= 0):
-            raise ValueError(f"LlamaConfig.sliding_window must be None or a positive integer, got {self.sliding_window!r}")
+            raise ValueError(f"LlamaConfig.sliding_window must be None or a positive integer, "
+                             f"got {self.sliding_window!r}")
         if isinstance(self.eos_token_id, (list, tuple)):
             set_("eos_token_id", tuple(int(t) for t in self.eos_token_id))
         rs = self.rope_scaling
