@@ -97,9 +97,7 @@ def run_jax(system: str, args) -> dict:
     import lora_jax as lora
     from lora_jax.models import llama as L
 
-    # TODO(wrap): temporary stand-in until lora.wrap lands; it merges, so lora_jax == merged until then.
-    wrap = getattr(lora, "wrap", None) or (lambda f: lambda p, *a, **k: f(lora.merge(p), *a, **k))
-    wrap_is_real = hasattr(lora, "wrap")
+    wrap = lora.wrap
 
     cfg = L.LlamaConfig(**SIZES[args.size], dtype="bfloat16", param_dtype="bfloat16", max_position_embeddings=4096,
                         remat_policy=args.remat, attention_impl=args.attention)
@@ -162,8 +160,6 @@ def run_jax(system: str, args) -> dict:
     dev = jax.devices()[0]
     extra = {"loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "trainable_params": n_train,
              "jax": jax.__version__, "attention": L._attention_impl(cfg)}
-    if system == "lora_jax" and not wrap_is_real:
-        extra["note"] = "lora.wrap missing: temporary merge fallback (TODO(wrap))"
     return _result(system, args, med, times, stats.get("peak_bytes_in_use"),
                    getattr(dev, "device_kind", str(dev)), extra)
 

@@ -306,8 +306,9 @@ def test_lora_rules_and_merged_export(saved):
     assert len(list(lora.tree.lora_items(all_linear))) == 7
     ids = _batch()[0]
     merged = lora.merge(lp)
-    # TODO(wrap): lora.wrap(model.apply)({"params": lp}, ids) once the interpreter lands
-    ours = np.asarray(L.LlamaForCausalLM(cfg).apply({"params": merged}, ids))
+    model = L.LlamaForCausalLM(cfg)
+    ours = np.asarray(lora.wrap(lambda p, ids: model.apply({"params": p}, ids))(lp, ids))
+    np.testing.assert_allclose(ours, np.asarray(model.apply({"params": merged}, ids)), **TOL)
     tm = _torch_model("qwen2")
     sd = {k: torch.from_numpy(np.asarray(v)) for k, v in L.to_hf_state_dict(jax.device_get(merged), cfg).items()}
     moved = tf.Qwen2ForCausalLM(tm.config).eval()
