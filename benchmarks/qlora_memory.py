@@ -1,0 +1,82 @@
+"""QLoRA memory and accuracy: the frozen base of a Llama in bf16 vs NF4 (+ double quantization).
+
+Builds a random-init Llama (lora_jax.models.llama; default: the 1.1B config of the anchors),
+puts LoRA r=16 on its 7 projections, quantizes the frozen kernels with ``lora.quantize`` and
+prints one JSON line: bytes of the frozen base in bf16 and NF4 (the 7 projections under the
+adapters, and the whole frozen model with ``which="all"``, embeddings and head included), their ratio, and the logit error of the NF4 model vs the bf16 model
+on a fixed input (max and RMS, relative to the bf16 logits' RMS), plus the same for int8.
+
+Usage: python benchmarks/qlora_memory.py [--size 1b|160m|tiny] [--tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lora_jax as lora
+from lora_jax.models import llama as L
+from lora_jax.quant import nbytes
+from lora_jax.tree import lora_items
+
+SIZES = {
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "160m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def base_bytes(tree) -> int:
+    """Bytes of the frozen kernels under the LoRA adapters (quantized or not)."""
+    return sum(x.nbytes for _, lw in lora_items(tree) for x in jax.tree_util.tree_leaves(lw.base))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1b", choices=sorted(SIZES))
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--block", type=int, default=64)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    cfg = L.LlamaConfig(**SIZES[args.size], dtype="bfloat16", param_dtype="bfloat16", max_position_embeddings=2048)
+    model = L.LlamaForCausalLM(cfg)
+    params = L.init_params(cfg, jax.random.key(0))
+    lp = lora.init(params, lora.Rules(TARGETS, rank=16, alpha=32, stack_axes=1), 1)
+    fwd = jax.jit(lora.wrap(lambda p, ids: model.apply({"params": p}, ids)))
+    ids = jax.random.randint(jax.random.key(2), (1, args.tokens), 0, cfg.vocab_size)
+    ref = np.asarray(fwd(lp, ids), np.float64)
+    ref_rms = float(np.sqrt(np.mean(ref ** 2)))
+    out = {"benchmark": "qlora_memory", "size": args.size, "params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
+           "device": str(jax.devices()[0]), "jax": jax.__version__, "block": args.block}
+    bf16_proj = base_bytes(lp)
+    bf16_all = nbytes(lp)
+    for scheme in ("nf4", "int8"):
+        q = lora.quantize(lp, scheme, block=args.block, double_quant=True)
+        q_all = lora.quantize(lp, scheme, block=args.block, double_quant=True, which="all")
+        got = np.asarray(fwd(q, ids), np.float64)
+        err = got - ref
+        out[scheme] = {
+            "projection_bytes": base_bytes(q), "bf16_projection_bytes": bf16_proj,
+            "projection_ratio": round(bf16_proj / base_bytes(q), 3),
+            "whole_model_bytes": nbytes(q_all), "bf16_whole_model_bytes": bf16_all,
+            "whole_model_ratio": round(bf16_all / nbytes(q_all), 3),
+            "logit_max_abs_err_over_rms": round(float(np.abs(err).max()) / ref_rms, 4),
+            "logit_rms_err_over_rms": round(float(np.sqrt(np.mean(err ** 2))) / ref_rms, 4),
+            "top1_agreement": round(float((got.argmax(-1) == ref.argmax(-1)).mean()), 4),
+        }
+        del q, q_all
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
