@@ -457,3 +457,19 @@ def test_save_merged_is_atomic_and_refuses_overwrite(saved, tmp_path):
         hf.save_merged(out, model, broken, overwrite=True)
     hf.save_merged(out, model, lp, overwrite=True)
     assert "keep.txt" not in os.listdir(out)
+
+
+def test_example_hf_finetune_demo(tmp_path, capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "hf_finetune.py")
+    spec = importlib.util.spec_from_file_location("hf_finetune", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    assert ex.main(["--demo", "--steps", "3", "--batch", "2", "--seq-len", "32", "--verify",
+                    "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(" in out
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    err = float(out.split("max |JAX - PyTorch PEFT| logits = ")[1].split()[0])
+    assert err < 1e-5
