@@ -124,6 +124,23 @@ def test_from_pretrained_dtype_and_base_model(saved):
     np.testing.assert_allclose(got, want, **TOL)
 
 
+def test_base_model_checkpoint_into_head_model_and_bf16_export(saved, tmp_path):
+    torch.manual_seed(3)
+    tf.GPT2Model(CONFIGS["gpt2"][1]()).save_pretrained(tmp_path / "base", safe_serialization=True)
+    model, params = hf.from_pretrained(tmp_path / "base", architecture="GPT2LMHeadModel")  # keys lack "transformer."
+    want = torch_logits(tf.GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval())
+    np.testing.assert_allclose(jax_logits(model, params), want, **TOL)
+    # bf16 parameters export as bf16 and say so in config.json
+    model, params = hf.from_pretrained(saved["llama"], dtype=jnp.bfloat16)
+    hf.save_merged(tmp_path / "bf16", model, params)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert tf.LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto").dtype == torch.bfloat16
+    for prefer in ("flax", "safetensors"):
+        _, back = hf.from_pretrained(tmp_path / "bf16", prefer=prefer)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a).view(np.uint16),
+                                                                          np.asarray(b).view(np.uint16)), back, params)
+
+
 def _copy_ckpt(src, dst):
     shutil.copytree(src, dst)
     return os.path.join(dst, "model.safetensors")
@@ -352,6 +369,10 @@ def train(model, lp, name, steps=3):
     return lora.combine(trainable, frozen)
 
 
+def load_peft_head(d, params, model):
+    return hf.load_peft(d, params, model)["classifier"]["kernel"]
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_trained_in_lora_jax_loads_in_peft(saved, tmp_path, name):
     model, params = hf.from_pretrained(saved[name])
@@ -360,18 +381,29 @@ def test_trained_in_lora_jax_loads_in_peft(saved, tmp_path, name):
     if name == "llama":  # an embedding adapter too
         lp = lora.init(lp, lora.Rules("embed_tokens", rank=4, alpha=8, use_rslora=True), 1, add=True)
     lp = train(model, lp, name)
+    if name == "bert":  # an adapter on the classifier head is exported merged, as PEFT's modules_to_save
+        lp = lora.init(lp, lora.Rules("classifier", rank=2, init=False), 2, add=True)
     want = jax_logits(model, lora.merge(lp))  # TODO(wrap)
     assert np.abs(want - jax_logits(model, params)).max() > 1e-2
     hf.save_peft(tmp_path / "ad", lp, model)
     pm = PeftModel.from_pretrained(load_torch(name, saved[name]), tmp_path / "ad").eval()
     np.testing.assert_allclose(torch_logits(pm), want, **TOL)
+    back = dict(lora_items(hf.load_peft(tmp_path / "ad", params, model)))  # and back into JAX, exactly
+    for p, lw in lora_items(lp):
+        if p.startswith("classifier/"):
+            np.testing.assert_array_equal(load_peft_head(tmp_path / "ad", params, model), lw.merge())
+            continue
+        assert (back[p].rank, back[p].alpha, back[p].rslora, back[p].layout) == (lw.rank, lw.alpha, True, lw.layout)
+        np.testing.assert_array_equal(back[p].a, lw.a)
+        np.testing.assert_array_equal(back[p].b, lw.b)
+    assert set(back) == {p for p, _ in lora_items(lp) if not p.startswith("classifier/")}
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["use_rslora"] is True
     assert cfg["base_model_name_or_path"] == saved[name] and cfg["bias"] == "none"
     if name == "gpt2":
         assert cfg["task_type"] == "CAUSAL_LM" and cfg["fan_in_fan_out"] is True
-        assert cfg["target_modules"] == ["attn.c_proj", "c_attn"] or cfg["target_modules"] == sorted(
-            ["c_attn"] + [f"transformer.h.{i}.attn.c_proj" for i in range(2)])
+        # c_attn everywhere -> its short name; c_proj only in attention (not the MLP) -> full names
+        assert cfg["target_modules"] == ["c_attn", "transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
         assert cfg["rank_pattern"] == {f"transformer.h.{i}.attn.c_proj": 2 for i in range(2)}
         assert cfg["alpha_pattern"] == {"transformer.h.1.attn.c_attn": 12}
     if name == "llama":

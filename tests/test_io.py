@@ -27,7 +27,8 @@ def params_tree():
 
 def lora_tree(use_dora=False):
     stacked = lora.Rules("stack", stack_axes=1, rank=2, layers=[0, 2], use_dora=use_dora)
-    others = lora.Rules([lora.Rule(["enc/0", "enc/1"]), lora.Rule(["attn/0"], layout="ioo", alpha=3.0, use_rslora=True)],
+    others = lora.Rules([lora.Rule(["enc/0", "enc/1"]),
+                         lora.Rule(["attn/0"], layout="ioo", alpha=3.0, use_rslora=True)],
                         rank=4, alpha=8, dropout=0.1, use_dora=use_dora)
     lp = lora.init(lora.init(params_tree(), stacked, 0), others, 1, add=True)
     return nonzero_b(lp)

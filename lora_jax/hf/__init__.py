@@ -1,12 +1,14 @@
 """Hugging Face interop: transformers checkpoints and PyTorch PEFT adapters, in and out, without torch.
 
->>> import lora_jax as lora, lora_jax.hf as hf                       # doctest: +SKIP
->>> model, params = hf.from_pretrained("path/to/llama")             # transformers Flax model + params
->>> lp = lora.init(params, hf.rules_for(model, "all-linear", rank=16), 0)
->>> # ... train lp ...
->>> hf.save_peft("adapter", lp, model)                              # PeftModel.from_pretrained(base, "adapter")
->>> hf.save_merged("merged", model, lp)                             # AutoModelForCausalLM.from_pretrained("merged")
->>> lp = hf.load_peft("adapter_from_pytorch", params, model)
+Example::
+
+    import lora_jax as lora, lora_jax.hf as hf
+    model, params = hf.from_pretrained("path/to/llama")      # transformers Flax model + params, no torch
+    lp = lora.init(params, hf.rules_for(model, "all-linear", rank=16), 0)
+    # ... train lp ...
+    hf.save_peft("adapter", lp, model)       # PyTorch: PeftModel.from_pretrained(base, "adapter")
+    hf.save_merged("merged", model, lp)      # PyTorch: AutoModelForCausalLM.from_pretrained("merged")
+    lp = hf.load_peft("adapter_from_pytorch", params, model)
 
 Supported architectures: GPT-2, Llama, Mistral, Qwen2 (causal LM and base model) and BERT (base
 model and sequence classification), through the transformers Flax ports. See `lora_jax.hf.arch`.

@@ -216,6 +216,9 @@ def save_merged(path, model, params, *, overwrite: bool = False) -> None:
     cfg = res.torch_config()
     if res.tied and "lm_head.weight" in sd:
         cfg.tie_word_embeddings = False
+    float_dtypes = {a.dtype.name for a in sd.values() if a.dtype.kind == "f" or a.dtype.name == "bfloat16"}
+    if len(float_dtypes) == 1:
+        cfg.dtype = float_dtypes.pop()  # what PyTorch's save_pretrained records (and dtype="auto" loads)
     tree = _numpy_tree(unflatten(flatten(params)))
     with atomic_directory(path, overwrite=overwrite, what="save_merged") as tmp:
         cfg.to_json_file(os.path.join(tmp, CONFIG), use_diff=True)

@@ -15,18 +15,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..rules import ALL_LINEAR, Rule, Rules
-from .arch import resolve
+from .arch import ARCHS, resolve
 
 __all__ = ["rules_for", "PRESETS", "PEFT_DEFAULT_TARGETS"]
 
 PRESETS = ("all-linear", "attention", "peft")
-PEFT_DEFAULT_TARGETS = {
-    "gpt2": ("c_attn",),
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "bert": ("query", "value"),
-}
+PEFT_DEFAULT_TARGETS = {name: arch.peft_targets for name, arch in ARCHS.items()}
 
 
 def rules_for(model_or_config: Any, preset: str = "all-linear", *, rank: int = 8, alpha: float = 8, **kw) -> Rules:

@@ -26,13 +26,6 @@ __all__ = ["atomic_directory", "contained", "read_safetensors", "write_safetenso
            "to_numpy"]
 
 
-def _umask() -> int:
-    # the process umask can only be read by setting it; set it straight back
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
 def _check_target(path: str, overwrite: bool, what: str) -> None:
     if os.path.lexists(path):
         if not os.path.isdir(path) or os.path.islink(path):
@@ -66,8 +59,10 @@ def atomic_directory(path, *, overwrite: bool = False, what: str = "save") -> It
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    # mkdtemp makes the directory private (0o700); recreate it so it gets the usual umask-based mode
+    os.rmdir(tmp)
+    os.mkdir(tmp)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         _check_target(path, overwrite, what)  # the target may have appeared while we were writing
         if os.path.lexists(path) and os.listdir(path):
