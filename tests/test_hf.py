@@ -444,7 +444,7 @@ def test_save_merged_loads_in_pytorch_and_flax(saved, tmp_path, name):
     out = tmp_path / "merged"
     hf.save_merged(out, model, lp)
     assert sorted(os.listdir(out)) == ["config.json", "flax_model.msgpack", "model.safetensors"]
-    assert sorted(os.listdir(tmp_path)) == ["merged"]
+    assert sorted(os.listdir(tmp_path)) == ["merged"]  # no temporary directory left behind
     np.testing.assert_allclose(torch_logits(load_torch(name, out)), want, **TOL)
     _, back = hf.from_pretrained(out, prefer="flax")
     np.testing.assert_allclose(jax_logits(model, back), want, **TOL)
@@ -459,6 +459,9 @@ def test_save_merged_loads_in_pytorch_and_flax(saved, tmp_path, name):
         flax_cls = tf.FlaxGPT2LMHeadModel if name == "gpt2" else tf.FlaxBertForSequenceClassification
         fm, fparams = flax_cls.from_pretrained(out, _do_init=False)
         np.testing.assert_allclose(jax_logits(fm, fparams), want, **TOL)
+        fm.save_pretrained(tmp_path / "by_transformers", params=fparams)  # and transformers' msgpack reads here
+        _, again = hf.from_pretrained(tmp_path / "by_transformers")
+        jax.tree_util.tree_map(np.testing.assert_array_equal, again, back)
         assert "lm_head.weight" not in sd  # GPT-2's head stays tied
 
 
