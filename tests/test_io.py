@@ -1,0 +1,186 @@
+"""Generic adapter files: exact round trips, and bad files that name every problem."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import lora_jax as lora
+from lora_jax.io import load_adapter, save_adapter
+from lora_jax.io._files import atomic_directory, contained
+
+from helpers import nonzero_b, rand
+
+
+def params_tree():
+    # nested dicts, a list and a tuple; a stacked (nn.scan) kernel; an N-d kernel; bf16 and f32
+    return {
+        "enc": [{"kernel": rand(0, (16, 8))}, {"kernel": rand(1, (8, 8), jnp.bfloat16)}],
+        "stack": {"w": rand(2, (3, 8, 6))},
+        "attn": ({"kernel": rand(3, (8, 2, 4))}, {"bias": rand(4, (4,))}),
+    }
+
+
+def lora_tree(use_dora=False):
+    stacked = lora.Rules("stack", stack_axes=1, rank=2, layers=[0, 2], use_dora=use_dora)
+    others = lora.Rules([lora.Rule(["enc/0", "enc/1"]),
+                         lora.Rule(["attn/0"], layout="ioo", alpha=3.0, use_rslora=True)],
+                        rank=4, alpha=8, dropout=0.1, use_dora=use_dora)
+    lp = lora.init(lora.init(params_tree(), stacked, 0), others, 1, add=True)
+    return nonzero_b(lp)
+
+
+def _assert_same(got, want):
+    gl = jax.tree_util.tree_flatten_with_path(got, is_leaf=lora.is_lora)[0]
+    wl = jax.tree_util.tree_flatten_with_path(want, is_leaf=lora.is_lora)[0]
+    assert [k for k, _ in gl] == [k for k, _ in wl]
+    for (k, g), (_, w) in zip(gl, wl):
+        if lora.is_lora(w):
+            assert lora.is_lora(g), k
+            assert g._static() == w._static(), (k, g, w)
+            for name in ("w", "a", "b", "m"):
+                x, y = getattr(g, name), getattr(w, name)
+                assert (x is None) == (y is None), (k, name)
+                if x is not None:
+                    assert x.dtype == y.dtype and x.shape == y.shape
+                    # bit for bit, whatever the dtype
+                    np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+        else:
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_round_trip_is_bit_exact(tmp_path, use_dora):
+    lp = lora_tree(use_dora)
+    # the static data really varies: layer masks, N-d layouts, rsLoRA, dtypes
+    items = dict(lora.tree.lora_items(lp))
+    assert items["stack/w"].layer_mask == (True, False, True) and items["attn/0/kernel"].layout == "ioo"
+    assert items["enc/1/kernel"].a.dtype == jnp.float32 and items["enc/1/kernel"].w.dtype == jnp.bfloat16
+    save_adapter(tmp_path / "ad", lp)
+    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter.json", "adapter.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["ad"]  # no temporary directory left behind
+    back = load_adapter(tmp_path / "ad", params_tree())
+    _assert_same(back, lp)
+    assert len(items) == 4 and (items["enc/0/kernel"].m is not None) == use_dora
+
+
+def test_bf16_factors_and_trainable_half(tmp_path):
+    params = {"k": rand(0, (12, 6), jnp.bfloat16)}
+    lp = nonzero_b(lora.init(params, lora.Rules("k", rank=3, a_dtype="base"), 0))
+    assert lp["k"].a.dtype == jnp.bfloat16
+    trainable, _ = lora.split(lp)  # no base weight in it: the file never needs one
+    save_adapter(tmp_path / "ad", trainable)
+    _assert_same(load_adapter(tmp_path / "ad", params), lp)
+
+
+def test_params_are_not_modified_and_refuse_overwrite(tmp_path):
+    params = params_tree()
+    before = jax.tree_util.tree_map(np.asarray, params)
+    save_adapter(tmp_path / "ad", lora_tree())
+    load_adapter(tmp_path / "ad", params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.asarray, params))
+    with pytest.raises(ValueError, match="not empty.*overwrite=True"):
+        save_adapter(tmp_path / "ad", lora_tree())
+    other = lora.init({"k": rand(0, (4, 4))}, lora.Rules("k", rank=1), 0)
+    save_adapter(tmp_path / "ad", other, overwrite=True)
+    assert set(load_adapter(tmp_path / "ad", {"k": rand(0, (4, 4))})) == {"k"}
+    assert sorted(os.listdir(tmp_path)) == ["ad"]
+
+
+def test_save_refuses_a_tree_without_adapters(tmp_path):
+    with pytest.raises(ValueError, match="no LoraWeight"):
+        save_adapter(tmp_path / "ad", params_tree())
+    assert not os.path.exists(tmp_path / "ad")
+
+
+def _tamper(d, fn):
+    f = os.path.join(d, "adapter.safetensors")
+    t = load_file(f)
+    fn(t)
+    save_file(t, f)
+
+
+def test_bad_file_lists_every_problem(tmp_path):
+    d = tmp_path / "ad"
+    save_adapter(d, lora_tree())
+
+    def tamper(t):
+        del t["enc/0/kernel.lora_a"]                         # missing key
+        t["enc/0/kernel.extra"] = np.zeros(3, np.float32)     # extra key
+        t["stack/w.lora_b"] = np.zeros((3, 2, 7), np.float32)  # wrong shape (out is 6)
+    _tamper(d, tamper)
+    with pytest.raises(ValueError) as e:
+        load_adapter(d, params_tree())
+    msg = str(e.value)
+    assert "3 problem(s)" in msg
+    assert "'enc/0/kernel.lora_a' (a) is missing" in msg
+    assert "enc/0/kernel.extra: tensor in adapter.safetensors that no metadata entry names" in msg
+    assert "stack/w: b 'stack/w.lora_b' has shape (3, 2, 7), expected (3, 2, 6)" in msg
+
+
+def test_params_that_do_not_fit(tmp_path):
+    d = tmp_path / "ad"
+    save_adapter(d, lora_tree())
+    params = params_tree()
+    params["enc"][0]["kernel"] = rand(0, (16, 9))   # saved for (16, 8)
+    del params["stack"]                             # path gone
+    with pytest.raises(ValueError) as e:
+        load_adapter(d, params)
+    msg = str(e.value)
+    assert "enc/0/kernel: the adapter was saved for a kernel of shape (16, 8), params have (16, 9)" in msg
+    assert "stack/w: no such path in params" in msg
+    with pytest.raises(ValueError, match="already hold a LoraWeight"):
+        load_adapter(d, lora_tree())
+
+
+def test_truncated_and_malformed_files(tmp_path):
+    d = tmp_path / "ad"
+    save_adapter(d, lora_tree())
+    f = d / "adapter.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 10])
+    with pytest.raises(ValueError, match="adapter.safetensors' is not a readable safetensors file"):
+        load_adapter(d, params_tree())
+    f.write_bytes(data)
+    meta = json.loads((d / "adapter.json").read_text())
+    meta["weights"]["enc/0/kernel"]["rank"] = 0
+    meta["weights"]["stack/w"]["layout"] = "sxo"
+    (d / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as e:
+        load_adapter(d, params_tree())
+    assert "enc/0/kernel: rank must be a positive integer, got 0" in str(e.value)
+    assert "stack/w: layout must be letters" in str(e.value)
+    (d / "adapter.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_adapter(d, params_tree())
+    with pytest.raises(FileNotFoundError, match="no adapter directory"):
+        load_adapter(tmp_path / "nope", params_tree())
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out") as t:
+            open(os.path.join(t, "half"), "w").write("x")
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out", overwrite=True) as t:
+            raise RuntimeError("boom")
+    assert (tmp_path / "out" / "keep").read_text() == "old"  # the old directory survives a failed overwrite
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_contained_refuses_escapes(tmp_path):
+    assert contained(tmp_path, "a.safetensors") == os.path.join(os.path.realpath(tmp_path), "a.safetensors")
+    for bad in ("../x.safetensors", "/etc/passwd", "sub/../../x", ""):
+        with pytest.raises(ValueError):
+            contained(tmp_path, bad)
+    os.symlink("/tmp", tmp_path / "link")
+    with pytest.raises(ValueError, match="outside"):
+        contained(tmp_path, "link/x")
