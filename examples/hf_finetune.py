@@ -105,9 +105,11 @@ def main(argv=None) -> int:
     tx = lora.freeze(optax.adamw(args.lr), trainable)
     state = tx.init(trainable)
 
+    def forward(p, x):
+        return model(x, attention_mask=jnp.ones_like(x), params=p).logits
+
     def loss_fn(t, x):
-        merged = lora.merge(lora.combine(t, frozen))  # TODO(wrap): lora.wrap(model.__call__)(params, x)
-        logits = model(x[:, :-1], attention_mask=jnp.ones_like(x[:, :-1]), params=merged).logits
+        logits = lora.wrap(forward)(lora.combine(t, frozen), x[:, :-1])  # factorized: x@W + s(x@A)@B
         return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), x[:, 1:]).mean()
 
     @jax.jit
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         pm = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), out).eval()
         with torch.no_grad():
             want = pm(torch.tensor(x, dtype=torch.long)).logits.numpy()
-        got = np.asarray(model(x, attention_mask=np.ones_like(x), params=lora.merge(lp)).logits)  # TODO(wrap)
+        got = np.asarray(jax.jit(lora.wrap(forward))(lp, jnp.asarray(x)))
         err = float(np.abs(got - want).max())
         print(f"\nverify: max |JAX - PyTorch PEFT| logits = {err:.2e}")
         if err > 1e-3:

@@ -15,6 +15,7 @@ from .optim import freeze, labels
 from .interpreter import wrap, MaterializeWarning
 from .adapters import add, select, delete, adapter_names, combine_adapters
 from .quant import QuantizedArray, quantize, dequantize
+from .io import save_adapter, load_adapter
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,5 @@ __all__ = [
     "wrap", "MaterializeWarning",
     "add", "select", "delete", "adapter_names", "combine_adapters",
     "QuantizedArray", "quantize", "dequantize",
+    "save_adapter", "load_adapter",
 ]

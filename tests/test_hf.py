@@ -79,10 +79,10 @@ _JITTED = {}
 
 def jax_logits(model, params):
     """Logits of the Flax model, jitted once per class and config (op-by-op dispatch compiles hundreds
-    of tiny programs on CPU)."""
+    of tiny programs on CPU). A LoRA tree runs through lora.wrap (factorized)."""
     key = (type(model).__name__, model.config.to_json_string(), str(model.dtype))
     if key not in _JITTED:
-        _JITTED[key] = jax.jit(lambda p, ids: model(ids, attention_mask=jnp.ones_like(ids), params=p).logits)
+        _JITTED[key] = jax.jit(lora.wrap(lambda p, ids: model(ids, attention_mask=jnp.ones_like(ids), params=p).logits))
     return np.asarray(_JITTED[key](params, IDS))
 
 
@@ -266,7 +266,7 @@ def test_load_peft_matches_peft(saved, tmp_path, name):
     model, params = hf.from_pretrained(saved[name])
     before = jax.tree_util.tree_map(np.asarray, params)
     tree = hf.load_peft(tmp_path / "ad", params, model)
-    got = jax_logits(model, lora.merge(tree))  # TODO(wrap): lora.wrap(model.__call__)(tree, ...)
+    got = jax_logits(model, tree)
     np.testing.assert_allclose(got, want, **TOL)
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.asarray, params))
     items = dict(lora_items(tree))
@@ -288,7 +288,7 @@ def test_load_peft_dora(saved, tmp_path):
     model, params = hf.from_pretrained(saved["llama"])
     tree = hf.load_peft(tmp_path / "ad", params, model)
     assert all(lw.m is not None for _, lw in lora_items(tree))
-    np.testing.assert_allclose(jax_logits(model, lora.merge(tree)), want, **TOL)  # TODO(wrap)
+    np.testing.assert_allclose(jax_logits(model, tree), want, **TOL)
     hf.save_peft(tmp_path / "back", tree, model)
     pm = PeftModel.from_pretrained(load_torch("llama", saved["llama"]), tmp_path / "back").eval()
     np.testing.assert_allclose(torch_logits(pm), want, **TOL)
@@ -349,8 +349,8 @@ def train(model, lp, name, steps=3):
     ids = jnp.asarray(IDS)
 
     def loss_fn(t):
-        params = lora.merge(lora.combine(t, frozen))  # TODO(wrap): lora.wrap(model.__call__)
-        logits = model(ids, attention_mask=jnp.ones_like(ids), params=params).logits
+        logits = lora.wrap(lambda p: model(ids, attention_mask=jnp.ones_like(ids), params=p).logits)(
+            lora.combine(t, frozen))
         if name == "bert":
             return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean()
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
@@ -370,7 +370,9 @@ def train(model, lp, name, steps=3):
 
 
 def load_peft_head(d, params, model):
-    return hf.load_peft(d, params, model)["classifier"]["kernel"]
+    head = hf.load_peft(d, params, model)["classifier"]["kernel"]
+    assert isinstance(head, lora.Trainable)  # modules_to_save come back trainable, as in PEFT
+    return head.value
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
@@ -383,7 +385,7 @@ def test_trained_in_lora_jax_loads_in_peft(saved, tmp_path, name):
     lp = train(model, lp, name)
     if name == "bert":  # an adapter on the classifier head is exported merged, as PEFT's modules_to_save
         lp = lora.init(lp, lora.Rules("classifier", rank=2, init=False), 2, add=True)
-    want = jax_logits(model, lora.merge(lp))  # TODO(wrap)
+    want = jax_logits(model, lp)
     assert np.abs(want - jax_logits(model, params)).max() > 1e-2
     hf.save_peft(tmp_path / "ad", lp, model)
     pm = PeftModel.from_pretrained(load_torch(name, saved[name]), tmp_path / "ad").eval()
@@ -439,7 +441,7 @@ def test_save_merged_loads_in_pytorch_and_flax(saved, tmp_path, name):
     if name == "llama_tied":  # an adapter on the tied embedding unties the head on export
         lp = lora.init(lp, lora.Rules("embed_tokens", rank=2, init=False), 1, add=True)  # a and b random
     lp = nonzero_b(lp, scale=0.3)
-    want = jax_logits(model, lora.merge(lp))  # TODO(wrap)
+    want = jax_logits(model, lp)
     assert np.abs(want - jax_logits(model, params)).max() > 1e-2
     out = tmp_path / "merged"
     hf.save_merged(out, model, lp)
@@ -508,3 +510,33 @@ def test_example_hf_finetune_demo(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
     err = float(out.split("max |JAX - PyTorch PEFT| logits = ")[1].split()[0])
     assert err < 1e-5
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trainable_biases_and_modules_to_save_round_trip_with_peft(saved, tmp_path, bias):
+    """bias='lora_only'/'all' and a modules_to_save module (not the head) written as PEFT reads them."""
+    model, params = hf.from_pretrained(saved["bert"])
+    rules = lora.Rules(["query", "value"], rank=2, alpha=4, bias=bias, modules_to_save=["pooler"])
+    lp = nonzero_b(lora.init(params, rules, 0), scale=0.3)
+    lp = jax.tree_util.tree_map(lambda x: lora.Trainable(x.value + 0.05) if isinstance(x, lora.Trainable) else x, lp,
+                                is_leaf=lambda x: isinstance(x, lora.Trainable))  # as if they had trained
+    want = jax_logits(model, lp)
+    hf.save_peft(tmp_path / "ad", lp, model)
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["bias"] == bias and "bert.pooler.dense" in cfg["modules_to_save"]
+    pm = PeftModel.from_pretrained(load_torch("bert", saved["bert"]), tmp_path / "ad").eval()
+    np.testing.assert_allclose(torch_logits(pm), want, **TOL)
+    back = hf.load_peft(tmp_path / "ad", params, model)
+    assert isinstance(back["bert"]["pooler"]["dense"]["kernel"], lora.Trainable)
+    np.testing.assert_allclose(jax_logits(model, back), want, **TOL)
+
+
+def test_save_peft_picks_one_adapter_of_several(saved, tmp_path):
+    model, params = hf.from_pretrained(saved["llama"])
+    lp = nonzero_b(lora.init(params, hf.rules_for(model, "attention", rank=2, alpha=4), 0), scale=0.3)
+    lp = nonzero_b(lora.add(lp, "other", lora.Rules(["q_proj"], rank=3, alpha=3), 1), seed=2, scale=0.3)
+    with pytest.raises(ValueError, match=r"holds adapters \['default', 'other'\].*pass adapter=<name>"):
+        hf.save_peft(tmp_path / "x", lp, model)
+    hf.save_peft(tmp_path / "ad", lp, model, adapter="other")
+    pm = PeftModel.from_pretrained(load_torch("llama", saved["llama"]), tmp_path / "ad").eval()
+    np.testing.assert_allclose(torch_logits(pm), jax_logits(model, lora.select(lp, "other")), **TOL)

@@ -184,3 +184,31 @@ def test_contained_refuses_escapes(tmp_path):
     os.symlink("/tmp", tmp_path / "link")
     with pytest.raises(ValueError, match="outside"):
         contained(tmp_path, "link/x")
+
+
+def test_round_trip_of_chains_slices_and_fully_trained_leaves(tmp_path):
+    import flax.linen as nn
+
+    params = {"body": {"kernel": jnp.ones((6, 9)) * 0.1, "bias": jnp.zeros(9)},
+              "head": {"kernel": jnp.ones((9, 3)), "bias": jnp.zeros(3)}}
+    rules = lora.Rules([lora.Rule(["body"], enable_lora=[True, False, True])], rank=2, modules_to_save=["head"],
+                       bias="lora_only")
+    lp = lora.init(params, rules, 0)
+    lp = lora.select(lora.add(lp, "second", lora.Rules(["body"], rank=3, use_rslora=True), 1), "second")
+    lp = jax.tree_util.tree_map(lambda x: x.replace(b=x.b + 0.5) if lora.is_lora(x) else x, lp, is_leaf=lora.is_lora)
+    lora.save_adapter(tmp_path / "ad", lp)
+    back = lora.load_adapter(tmp_path / "ad", params)
+    assert jax.tree_util.tree_structure(back, is_leaf=lora.is_lora) == jax.tree_util.tree_structure(lp, is_leaf=lora.is_lora)
+    for x, y in zip(jax.tree_util.tree_leaves(lp), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chain = back["body"]["kernel"].chain()
+    assert [(n.name, n.active, n.out_slices) for n in chain] == [("default", False, (True, False, True)),
+                                                                 ("second", True, None)]
+    assert isinstance(back["head"]["kernel"], lora.Trainable) and isinstance(back["body"]["bias"], lora.Trainable)
+    np.testing.assert_array_equal(lora.merge(back)["body"]["kernel"], lora.merge(lp)["body"]["kernel"])
+    # a quantized base takes the adapter too
+    q = lora.load_adapter(tmp_path / "ad", {**params, "body": {**params["body"],
+                                                               "kernel": lora.quantize(lora.init(
+                                                                   {"k": params["body"]["kernel"]}, lora.Rules("k", rank=1),
+                                                                   0), "int8", block=6)["k"].base}})
+    assert isinstance(q["body"]["kernel"].base, lora.QuantizedArray)

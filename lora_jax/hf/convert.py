@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from ..rules import path_str
-from ..weight import is_lora
+from ..weight import is_lora, is_node
 from .arch import Resolved, resolve
 
 __all__ = ["torch_key", "torch_module_name", "kernel_layout", "torch_to_flax", "flax_to_torch", "expected_shapes",
@@ -90,7 +90,7 @@ def kernel_layout(model_or_config, flax_path: str) -> str:
 
 def flatten(tree) -> dict[str, Any]:
     """``{leaf path: leaf}`` of a tree (LoRA nodes kept whole)."""
-    return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)[0]}
+    return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]}
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
@@ -120,7 +120,7 @@ def check_tree(flat: Mapping[str, Any], expected: Mapping[str, tuple], what: str
             problems.append(f"missing: {p} {shape}")
         else:
             leaf = flat[p]
-            got = tuple(leaf.w.shape) if is_lora(leaf) and leaf.w is not None else tuple(getattr(leaf, "shape", ()))
+            got = tuple(leaf.base.shape) if is_lora(leaf) and leaf.base is not None else tuple(getattr(leaf, "shape", ()))
             if got != shape:
                 problems.append(f"shape mismatch: {p} is {got}, the model expects {shape}")
     problems += [f"unexpected: {p} {tuple(getattr(flat[p], 'shape', ()))}" for p in flat if p not in expected]

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..rules import path_str
 from ..io._files import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
-from ..weight import LoraWeight, factor_shapes, is_lora
+from ..weight import LoraWeight, Trainable, factor_shapes, is_lora, is_node, is_trainable
 from .arch import Resolved, resolve
 from .convert import check_tree, expected_shapes, flatten, kernel_layout, torch_key, torch_module_name
 from .presets import PEFT_DEFAULT_TARGETS
@@ -44,8 +44,37 @@ PREFIX = "base_model.model."
 _UNSUPPORTED = {
     "lora_bias": (False, None), "layer_replication": (None,), "target_parameters": (None, []),
     "trainable_token_indices": (None,), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
-    "use_bdlora": (None, False), "megatron_config": (None,), "bias": ("none", None),
+    "use_bdlora": (None, False), "megatron_config": (None,), "bias": ("none", "all", "lora_only", None),
 }
+
+
+def _one_adapter(tree, adapter: Optional[str]):
+    """The tree with each chain of adapters reduced to the one PEFT file to write."""
+    names = set()
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_lora):
+        if is_lora(leaf):
+            names.update(n.name for n in leaf.chain())
+    if adapter is None:
+        active = set()
+        for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_lora):
+            if is_lora(leaf):
+                active.update(n.name for n in leaf.chain() if n.active)
+        if len(names) <= 1:
+            return tree
+        if len(active) != 1:
+            raise ValueError(f"save_peft: the tree holds adapters {sorted(names)} ({sorted(active)} active); a PEFT "
+                             "directory holds one: pass adapter=<name>")
+        adapter = active.pop()
+    if adapter not in names:
+        raise ValueError(f"save_peft: no adapter named {adapter!r}; the tree has {sorted(names)}")
+
+    def pick(x):
+        if not is_lora(x):
+            return x
+        node = next((n for n in x.chain() if n.name == adapter), None)
+        return x.base if node is None else node.replace(w=x.base, active=True)
+
+    return jax.tree_util.tree_map(pick, tree, is_leaf=is_lora)
 
 
 def _lora_modules(expected: dict) -> dict[str, str]:
@@ -86,7 +115,8 @@ def _target_names(targeted: list[str], all_modules: list[str]) -> list[str]:
     return sorted(out)
 
 
-def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_path: Optional[str] = None) -> None:
+def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_path: Optional[str] = None,
+              adapter: Optional[str] = None) -> None:
     """Write the adapters of a LoRA tree as a PEFT LoRA adapter directory.
 
     ``adapter_config.json`` is derived from the `LoraWeight` nodes: the most common rank and
@@ -94,7 +124,11 @@ def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_
     keyed by module name; ``use_rslora``/``use_dora`` must be the same for all targets.
     ``task_type`` follows the model class (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION); for SEQ_CLS
     the classifier head is saved in full as ``modules_to_save`` (merged, if it holds an adapter),
-    as PEFT does. Factors are written in float32.
+    as PEFT does. `lora.Trainable` leaves are written in full: a module whose every leaf is
+    trainable goes to ``modules_to_save``, trainable biases set ``bias`` (``"all"`` when every bias
+    of the model trains, ``"lora_only"`` when exactly those of the adapted modules do). Factors are
+    written in float32. A tree with several adapters writes the one named ``adapter`` (default:
+    the only active one).
 
     Load it in PyTorch with
     ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)``.
@@ -113,10 +147,13 @@ def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_
     """
     res = resolve(model, what="save_peft")
     expected = expected_shapes(res, model)
-    flat = flatten(tree)
+    flat = flatten(_one_adapter(tree, adapter))
     check_tree(flat, expected, f"save_peft: the tree does not fit {res.flax_class}")
     heads = _head_modules(res, expected)
     items = [(p, v) for p, v in flat.items() if is_lora(v) and p.split("/")[0] not in heads]
+    full = {p for p, v in flat.items() if is_trainable(v) and p.split("/")[0] not in heads}
+    saved_modules, bias_mode, full_problems = _full_leaves(
+        full, [p for p in expected if p.split("/")[0] not in heads], {p for p, _ in items})
     if not items:
         raise ValueError("save_peft: the tree holds no LoraWeight outside the classifier head; call lora.init first")
     problems = []
@@ -139,6 +176,7 @@ def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_
                           ("use_dora", {lw.m is not None for _, lw in items})):
         if len(values) > 1:
             problems.append(f"{field} differs between targets; PEFT has one {field} per adapter")
+    problems += full_problems
     if problems:
         raise ValueError(f"save_peft: {len(problems)} adapter(s) cannot be written in PEFT format:\n  "
                          + "\n  ".join(problems))
@@ -150,17 +188,21 @@ def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_
     tensors = {}
     for p, lw in items:
         key = PREFIX + names[p]
-        a, b = np.asarray(lw.a, np.float32).T, np.asarray(lw.b, np.float32).T
+        a, b = np.asarray(lw.effective_a(), np.float32).T, np.asarray(lw.effective_b(), np.float32).T
         if p.endswith("/embedding"):
             tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"] = a, b
         else:
             tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
         if lw.m is not None:
             tensors[key + ".lora_magnitude_vector"] = np.asarray(lw.m, np.float32)
+    lora_modules = {p.rpartition("/")[0] for p, _ in items}
     for p, v in flat.items():
-        if p.split("/")[0] in heads:
-            arr = np.asarray(v.merge() if is_lora(v) else v)
-            tensors[PREFIX + torch_key(p)] = arr.T if p.endswith("/kernel") else arr
+        if p.split("/")[0] in heads or p in full:
+            arr = np.asarray(v.merge() if is_lora(v) else (v.value if is_trainable(v) else v))
+            key = PREFIX + torch_key(p)
+            if p.rpartition("/")[0] in lora_modules and p.endswith("/bias"):  # PEFT wraps it: base_layer.bias
+                key = f"{PREFIX}{torch_module_name(p)}.base_layer.bias"
+            tensors[key] = arr.T if p.endswith("/kernel") else arr
     fan_in_fan_out = any(kernel_layout(model, p) == "oi" for p, _ in items)
     config = {
         "peft_type": "LORA",
@@ -174,9 +216,9 @@ def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_
         "use_dora": items[0][1].m is not None,
         "fan_in_fan_out": fan_in_fan_out,
         "lora_dropout": dropout,
-        "bias": "none",
+        "bias": bias_mode,
         "init_lora_weights": True,
-        "modules_to_save": heads or None,
+        "modules_to_save": (heads + saved_modules) or None,
         "base_model_name_or_path": base_model_name_or_path or getattr(res.config, "_name_or_path", None) or None,
         "inference_mode": True,
         "layers_to_transform": None,
@@ -186,6 +228,30 @@ def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_
     with atomic_directory(path, overwrite=overwrite, what="save_peft") as tmp:
         write_safetensors(os.path.join(tmp, ADAPTER_WEIGHTS), tensors, {"format": "pt"})
         write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
+
+
+def _full_leaves(full: set, expected, lora_paths: set):
+    """Fully trained leaves in PEFT terms: (modules_to_save, bias mode, problems)."""
+    by_module = collections.defaultdict(set)
+    for p in expected:
+        by_module[p.rpartition("/")[0]].add(p)
+    whole = sorted({p.rpartition("/")[0] for p in full if by_module[p.rpartition("/")[0]] <= full})
+    rest = {p for p in full if p.rpartition("/")[0] not in whole}
+    biases = {p for p in rest if p.endswith("/bias")}
+    problems = [f"{p}: a fully trained leaf PEFT cannot hold (only whole modules, as modules_to_save, or biases)"
+                for p in sorted(rest - biases)]
+    all_biases = {p for p in expected if p.endswith("/bias") and p.rpartition("/")[0] not in whole}
+    lora_modules = {q.rpartition("/")[0] for q in lora_paths}
+    lora_biases = {p for p in all_biases if p.rpartition("/")[0] in lora_modules}
+    mode = "none"
+    if biases == lora_biases and biases:
+        mode = "lora_only"
+    elif biases == all_biases and biases:
+        mode = "all"
+    elif biases:
+        problems.append(f"trainable biases {sorted(biases)[:3]} are neither every bias nor those of the adapted "
+                        "modules; PEFT's bias is 'none', 'all' or 'lora_only'")
+    return [torch_module_name(m + "/kernel") for m in whole], mode, problems
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -271,8 +337,9 @@ def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
     Each adapted module becomes a `LoraWeight` whose ``w`` comes from ``params`` and ``a``, ``b``
     from the file, with rank and alpha from the config (``rank_pattern``/``alpha_pattern``
     resolved as PEFT does) and ``use_rslora``; DoRA's ``lora_magnitude_vector`` becomes ``m``.
-    Full weights the adapter carries (``modules_to_save`` heads, an embedding's ``base_layer``)
-    replace those of ``params``, as in PEFT.
+    Full weights the adapter carries replace those of ``params``, as in PEFT: ``modules_to_save``
+    modules and biases (``bias="all"``/``"lora_only"``) come back as `lora.Trainable` leaves (they
+    trained and keep training), an embedding's ``base_layer`` as a plain array.
 
     Strict: keys the model has no place for, factors of the wrong shape (both shapes named) and
     modules the config targets but the file lacks are all reported in one ``ValueError``;
@@ -309,8 +376,8 @@ def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
     expected = expected_shapes(res, model)
     flat_kp, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
     flat = flatten(params)
-    if any(is_lora(v) for v in flat.values()):
-        raise ValueError("load_peft: params already hold LoraWeight nodes; pass the base parameters")
+    if any(is_node(v) for v in flat.values()):
+        raise ValueError("load_peft: params already hold LoraWeight or Trainable nodes; pass the base parameters")
     check_tree(flat, expected, f"load_peft: params do not fit {res.flax_class}")
     modules = _lora_modules(expected)
     by_torch_key = {torch_key(p): p for p in expected}
@@ -323,7 +390,13 @@ def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
 
     factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     replace: dict[str, np.ndarray] = {}
+    trained: set[str] = set()  # full weights that train (modules_to_save, biases): lora.Trainable
     unexpected = []
+    factor_modules = set()
+    for k in tensors:
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", k[len(PREFIX):])
+        if k.startswith(PREFIX) and m:
+            factor_modules.add(m.group(1))
     for key, arr in tensors.items():
         if not key.startswith(PREFIX):
             unexpected.append(f"unexpected: {key} (PEFT keys start with {PREFIX!r})")
@@ -343,17 +416,25 @@ def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
             else:
                 factors[mod][role] = arr
             continue
-        base = re.fullmatch(r"(?P<mod>.+)\.base_layer\.weight", rest)
-        tk = f"{base.group('mod')}.weight" if base else rest
+        base = re.fullmatch(r"(?P<mod>.+)\.base_layer\.(?P<leaf>weight|bias)", rest)
+        tk = f"{base.group('mod')}.{base.group('leaf')}" if base else rest
+        if base and base.group("leaf") == "bias":  # a LoRA layer's own bias (bias="all"/"lora_only")
+            base = None
         fp = by_torch_key.get(tk)
         if fp is None:
             unexpected.append(f"unexpected: {key} (no parameter {tk!r} in {res.flax_class})")
             continue
         mod = tk.rpartition(".")[0]
-        if not base and not any(re.match(rf"(^|.*\.){s}($|\..*)", mod) for s in saved):
-            unexpected.append(f"unexpected: {key} (full weight of {mod!r}, which is not in modules_to_save)")
+        in_saved = any(re.match(rf"(^|.*\.){s}($|\..*)", mod) for s in saved)
+        bias_ok = tk.endswith(".bias") and (cfg.get("bias") == "all" or (
+            cfg.get("bias") == "lora_only" and mod in factor_modules))
+        if not base and not in_saved and not bias_ok:
+            unexpected.append(f"unexpected: {key} (full weight of {mod!r}, which is not in modules_to_save; bias is "
+                              f"{cfg.get('bias', 'none')!r})")
             continue
         replace[fp] = np.asarray(arr).T if fp.endswith("/kernel") else np.asarray(arr)
+        if not base:
+            trained.add(fp)
 
     problems = list(unexpected)
     built = {}
@@ -418,7 +499,8 @@ def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
                 lw = lw.replace(w=jnp.asarray(replace[p], dtype=leaf.dtype))
             leaves.append(lw)
         elif p in replace:
-            leaves.append(jnp.asarray(replace[p], dtype=leaf.dtype))
+            value = jnp.asarray(replace[p], dtype=leaf.dtype)
+            leaves.append(Trainable(value) if p in trained else value)
         else:
             leaves.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, leaves)
