@@ -184,6 +184,9 @@ def _check_node(p, e, w_shape, tensors, used, problems):
     want = {"a": want_a, "b": want_b, "m": _m_shape(w_shape, e["layout"])}
     ok = len(arrays) == len(names)
     for role, arr in arrays.items():
+        if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
+            problems.append(f"{p}: {role} {names[role]!r} has dtype {arr.dtype}, expected a floating dtype")
+            ok = False
         if tuple(arr.shape) != tuple(want[role]):
             problems.append(f"{p}: {role} {names[role]!r} has shape {tuple(arr.shape)}, expected "
                             f"{tuple(want[role])} for w{tuple(w_shape)} layout {e['layout']!r} rank {e['rank']}")
@@ -281,6 +284,8 @@ def load_adapter(path, params) -> Any:
             used.add(e["full"])
             if e["full"] not in tensors:
                 problems.append(f"{p}: tensor {e['full']!r} (fully trained leaf) is missing from {TENSORS}")
+            elif tensors[e["full"]].dtype != np.dtype(w.dtype):
+                problems.append(f"{p}: fully trained leaf has dtype {tensors[e['full']].dtype}, params have {w.dtype}")
             elif tuple(tensors[e["full"]].shape) != tuple(w.shape):
                 problems.append(f"{p}: fully trained leaf has shape {tuple(tensors[e['full']].shape)}, params have "
                                 f"{tuple(w.shape)}")
