@@ -298,7 +298,10 @@ def _build(cls, data: dict, prefix: str, problems: list):
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in fields:
-            problems.append(f"unknown key {key!r}{_suggest(str(k), fields)} (keys here: {', '.join(fields)})")
+            hint = difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.6)
+            where = f"keys in {prefix.rstrip('.')}" if prefix else "top-level keys"
+            problems.append(f"unknown key {key!r}" + (f"; did you mean {prefix + hint[0]!r}?" if hint else "")
+                            + f" ({where}: {', '.join(fields)})")
             continue
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
@@ -388,7 +391,8 @@ def _cross_checks(cfg: Config, problems: list):
     if t.batch_size % t.grad_accum:
         problems.append(f"train.batch_size: {t.batch_size} does not divide by train.grad_accum={t.grad_accum}")
     if t.warmup_steps > t.steps:
-        problems.append(f"train.warmup_steps: {t.warmup_steps} is more than train.steps={t.steps}")
+        problems.append(f"train.warmup_steps: {t.warmup_steps} is more than train.steps={t.steps}; expected a value "
+                        f"<= {t.steps} (e.g. train.warmup_steps={t.steps // 10})")
     for k in ("data", "fsdp", "tensor"):
         if getattr(m, k) == 0:
             problems.append(f"mesh.{k}: 0 is not allowed; expected a positive size or -1 (the remaining devices)")
@@ -404,7 +408,8 @@ def _cross_checks(cfg: Config, problems: list):
         _check_model_init(cfg.model.init, problems)
         if cfg.model.pretrain.warmup_steps > cfg.model.pretrain.steps:
             problems.append(f"model.pretrain.warmup_steps: {cfg.model.pretrain.warmup_steps} is more than "
-                            f"model.pretrain.steps={cfg.model.pretrain.steps}")
+                            f"model.pretrain.steps={cfg.model.pretrain.steps}; expected a value <= "
+                            f"{cfg.model.pretrain.steps}")
     if cfg.tokenizer.path is not None:
         _check_file(cfg.tokenizer.path, "tokenizer.path", problems, want_dir=True)
     if cfg.lora.dropout > 0:

@@ -22,6 +22,7 @@ pass, so that the rest of `lora_jax.train` stays model-agnostic:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging as pylogging
 import os
@@ -120,6 +121,9 @@ def _cast(params, dtype):
     return jax.tree_util.tree_map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
+_INIT_FNS: dict = {}
+
+
 def new_model(init: dict, *, vocab_size: int, seed: int = 0, compute_dtype="float32", param_dtype="float32"):
     """A transformers Flax causal LM built from a config with random weights.
 
@@ -144,7 +148,11 @@ def new_model(init: dict, *, vocab_size: int, seed: int = 0, compute_dtype="floa
     with _quiet_transformers():
         model = FlaxAutoModelForCausalLM.from_config(config, dtype=jnp.dtype(compute_dtype), seed=seed,
                                                      _do_init=False)
-    params = jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(seed), (1, 8))
+    key = (type(model).__name__, config.to_json_string(), str(jnp.dtype(compute_dtype)))
+    init_fn = _INIT_FNS.get(key)
+    if init_fn is None:  # one compile per model config and process (tests build many runs)
+        init_fn = _INIT_FNS[key] = jax.jit(functools.partial(model.init_weights, input_shape=(1, 8)))
+    params = init_fn(jax.random.PRNGKey(seed))
     return model, _cast(params, param_dtype)
 
 

@@ -44,7 +44,8 @@ from .files import atomic_write_text
 from .metrics import MetricsWriter, perplexity, plot_losses, read_metrics
 from .trainer import LoopSpec, Trainer, make_optimizer
 
-__all__ = ["run", "resolve_out_dir", "load_run", "RunHandle", "compute_dtype", "RESUME_MAY_DIFFER"]
+__all__ = ["run", "resolve_out_dir", "load_run", "load_checkpoint", "latest_run", "evaluate", "generate",
+           "RunHandle", "compute_dtype", "RESUME_MAY_DIFFER"]
 
 # keys that may change between a run and its resumption
 RESUME_MAY_DIFFER = ("out_dir", "name", "distributed", "mesh.", "train.resume", "train.steps", "train.progress",
@@ -364,12 +365,15 @@ class RunHandle:
         return _model.make_apply(self.model)
 
 
-def _restore_adapter(out_dir: str, cfg: Config, lp):
-    """The newest checkpoint's adapter put into ``lp`` (None if there is no checkpoint)."""
-    step = latest_step(_ckpt_dir(out_dir))
+def load_checkpoint(out_dir: str, cfg: Config, lora_params, step: Optional[int] = None):
+    """``(state, meta)`` of a run's checkpoint (the newest finalized one unless ``step``), on the
+    default device: ``state`` holds ``adapter`` (the trainable half), ``opt_state`` and ``rng``
+    (key data). ``lora_params`` (the run's LoRA tree) gives the structure; returns ``(None, None)``
+    when the run has no checkpoint."""
+    step = latest_step(_ckpt_dir(out_dir)) if step is None else step
     if step is None:
         return None, None
-    trainable, frozen = _tree.split(lp)
+    trainable, _ = _tree.split(lora_params)
     tx, _ = make_optimizer(LoopSpec.from_config(cfg.train))
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev)  # noqa: E731
@@ -378,10 +382,17 @@ def _restore_adapter(out_dir: str, cfg: Config, lp):
               "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=dev)}
     ck = Checkpointer(_ckpt_dir(out_dir), keep=cfg.train.keep_checkpoints, async_save=False)
     try:
-        saved, _ = ck.restore(step, target)
+        return ck.restore(step, target)
     finally:
         ck.close()
-    return _tree.combine(saved["adapter"], frozen), step
+
+
+def _restore_adapter(out_dir: str, cfg: Config, lp):
+    """The newest checkpoint's adapter put into ``lp`` (None if there is no checkpoint)."""
+    saved, meta = load_checkpoint(out_dir, cfg, lp)
+    if saved is None:
+        return None, None
+    return _tree.combine(saved["adapter"], _tree.split(lp)[1]), int(meta["step"])
 
 
 def latest_run(name: Optional[str] = None) -> str:
