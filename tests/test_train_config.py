@@ -94,6 +94,17 @@ def test_cli_errors_write_nothing(tmp_path, capsys, args, message):
     assert not run_dir.exists()
 
 
+def test_malformed_data_is_reported_before_anything_is_written(tmp_path, capsys):
+    from train_helpers import tiny_overrides
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"prompt": 3, "completion": "x"}\n')
+    rc = main(["train"] + tiny_overrides(tmp_path / "run") + [f"data.train={bad}"])
+    assert rc == 2
+    assert f"data.train: {bad}:2: 'prompt' and 'completion' must both be strings" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_dry_run_prints_the_resolved_config(capsys, tmp_path):
     assert main(["train", "default", "train.steps=3", "train.warmup_steps=1", f"out_dir={tmp_path / 'r'}", "--dry-run"]) == 0
     out = yaml.safe_load(capsys.readouterr().out)

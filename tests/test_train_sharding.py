@@ -21,12 +21,18 @@ def _spec(x):
 _RUNS = {}
 
 
-def _run(data, fsdp, tensor, grad_accum=1, evals=False):
+def _run(data, fsdp, tensor, grad_accum=1, evals=False, remat="none", dtype="float32"):
     """The tiny LoRA run on a (data, fsdp, tensor) mesh; cached, as each costs a compile."""
-    key = (data, fsdp, tensor, grad_accum)
+    key = (data, fsdp, tensor, grad_accum, remat, dtype)
     if key in _RUNS:
         return _RUNS[key]
-    model, params = tiny_model()
+    if dtype == "float32":
+        model, params = tiny_model()
+    else:
+        from lora_jax.train.model import new_model
+        from train_helpers import TINY_INIT, VOCAB
+
+        model, params = new_model(TINY_INIT, vocab_size=VOCAB, seed=0, compute_dtype=dtype)
     lp = lora.init(params, lora.Rules("all-linear", rank=4, alpha=8, init=False), jax.random.key(0))
     trainable, frozen = lora.split(lp)
     apply = make_apply(model)
@@ -35,7 +41,7 @@ def _run(data, fsdp, tensor, grad_accum=1, evals=False):
     # unseen); SGD's updates are linear in the gradients, so the adapters must agree as tightly as the
     # gradients do.
     spec = LoopSpec(steps=4, batch_size=16, grad_accum=grad_accum, lr=0.5, optimizer="sgd", warmup_steps=0,
-                    log_every=1, progress=False)
+                    log_every=1, progress=False, remat=remat)
     tr = Trainer(spec, mesh=shd.make_mesh(data, fsdp, tensor), trainable=trainable, frozen=frozen,
                  rows=synthetic_rows(), eval_rows=synthetic_rows(6, seed=1) if evals else None,
                  logits_fn=lambda t, f, x, m, rng: forward(apply, lora.combine(t, f), x, m, rng=rng), seed=0,
@@ -51,11 +57,12 @@ def reference():
     return _run(1, 1, 1, evals=True)
 
 
-@pytest.mark.parametrize("data,fsdp,tensor,grad_accum", [(8, 1, 1, 1), (2, 4, 1, 1), (1, 8, 1, 2), (2, 2, 2, 1)])
-def test_same_losses_and_adapter_on_every_mesh(reference, data, fsdp, tensor, grad_accum):
-    """(1, 8) runs with two micro-batches of 8: accumulation must change nothing either."""
+@pytest.mark.parametrize("data,fsdp,tensor,grad_accum,remat", [
+    (8, 1, 1, 1, "nothing_saveable"), (2, 4, 1, 1, "none"), (1, 8, 1, 2, "none"), (2, 2, 2, 1, "dots_saveable")])
+def test_same_losses_and_adapter_on_every_mesh(reference, data, fsdp, tensor, grad_accum, remat):
+    """(1, 8) runs with two micro-batches of 8, two runs rematerialize: none of it may change the result."""
     ref, ref_losses, ref_evals = reference
-    tr, losses, _ = _run(data, fsdp, tensor, grad_accum)
+    tr, losses, _ = _run(data, fsdp, tensor, grad_accum, remat=remat)
     assert len(losses) == 4
     assert ref_evals[-1] < ref_evals[0] - 0.01  # it learns
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
@@ -75,7 +82,7 @@ def _lw(tree, layer, module):
 
 
 def test_factors_are_sharded_like_their_kernels():
-    tr, _, _ = _run(2, 4, 1, 1)
+    tr, _, _ = _run(2, 4, 1, 1, remat="none")
     t, f = tr.trainable, tr.frozen
     # q_proj (32, 32): fsdp on the first of two equal axes (input) -> a splits its input axis
     q, qf = _lw(t, 0, "q_proj"), _lw(f, 0, "q_proj")
@@ -102,7 +109,7 @@ def test_factors_are_sharded_like_their_kernels():
 
 
 def test_tensor_axis_shards_columns_and_rows():
-    tr, _, _ = _run(2, 2, 2, 1)
+    tr, _, _ = _run(2, 2, 2, 1, remat="dots_saveable")
     t, f = tr.trainable, tr.frozen
     # column-parallel q_proj: output axis on tensor, input on fsdp
     assert _spec(_lw(f, 0, "q_proj").w) == ("fsdp", "tensor")
@@ -110,6 +117,16 @@ def test_tensor_axis_shards_columns_and_rows():
     # row-parallel o_proj: input axis on tensor
     assert _spec(_lw(f, 0, "o_proj").w) == ("tensor", "fsdp")
     assert _spec(_lw(t, 0, "o_proj").a) == ("tensor", None) and _spec(_lw(t, 0, "o_proj").b) == (None, "fsdp")
+
+
+def test_bfloat16_compute_keeps_float32_adapter_and_optimizer_state(reference):
+    _, ref_losses, _ = reference
+    tr, losses, _ = _run(2, 4, 1, 1, dtype="bfloat16")
+    leaves = jax.tree_util.tree_leaves(tr.state["params"]) + jax.tree_util.tree_leaves(tr.state["opt_state"])
+    assert {str(x.dtype) for x in leaves if x.ndim} == {"float32"}
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(tr.frozen)} == {"float32"}  # param_dtype
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)  # bf16 activations: ~3 significant digits
+    assert not np.allclose(losses, ref_losses, rtol=1e-6)  # and they really were bf16
 
 
 def test_kernel_spec_rules():

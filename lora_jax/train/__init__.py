@@ -1,11 +1,11 @@
 """Fine-tuning with LoRA: config, data, sharded jitted loop, checkpoints, metrics; ``lora-jax train``.
 
 >>> from lora_jax.train import load_config
->>> cfg = load_config(None, ["train.steps=2"])
+>>> cfg = load_config(None, ["train.steps=2", "train.warmup_steps=0"])
 >>> cfg.train.steps
 2
 
-Run it with ``lora_jax.train.run(cfg)`` or from the shell with ``lora-jax train train.steps=2``.
+Run it with ``lora_jax.train.run(cfg)`` or from the shell with ``lora-jax train train.steps=20``.
 """
 
 from .config import Config, ConfigError, load_config, config_names, to_yaml

@@ -98,7 +98,8 @@ class TokenizerConfig:
     """The tokenizer: the checkpoint's own, or a byte-level BPE trained on the pretraining text."""
 
     path: Optional[str] = _f(None, "tokenizer dir; null: model.path's, or trained here for a fresh model", file=True)
-    vocab_size: int = _f(512, "BPE vocabulary trained for a fresh model", min=260, max=1_000_000)
+    vocab_size: int = _f(512, "BPE vocabulary trained for a fresh model (256 bytes + 7 special tokens at least)",
+                         min=263, max=1_000_000)
 
 
 @dataclass

@@ -336,7 +336,7 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
         metrics.close()
     if main:
         atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    if "eval_loss_after" in summary:
+    if "eval_loss_after" in summary and not summary.get("stopped"):
         say(f"# eval loss on the held-out data: {summary['eval_loss_before']:.4f} before LoRA -> "
             f"{summary['eval_loss_after']:.4f} after (perplexity {summary['eval_ppl_before']:.2f} -> "
             f"{summary['eval_ppl_after']:.2f})")

@@ -8,10 +8,10 @@ optax update — all inside one ``jax.jit``. The loss function is optionally wra
 ``jax.checkpoint`` with a named policy.
 
 Example (the pieces, on any ``logits_fn(trainable, frozen, inputs, mask, rng)``):
-  >>> spec = LoopSpec(steps=10, batch_size=8, lr=1e-3)
+  >>> spec = LoopSpec(steps=10, batch_size=8, lr=1e-3, warmup_steps=2)
   >>> tx, schedule = make_optimizer(spec)
-  >>> float(schedule(0)), float(schedule(10)) > 0
-  (0.001, True)
+  >>> [round(float(schedule(s)), 6) for s in (0, 1, 2, 10)]  # warmup, peak, cosine down to 10%
+  [0.0, 0.0005, 0.001, 0.0001]
 """
 
 from __future__ import annotations
@@ -355,6 +355,9 @@ class Trainer:
         spec = self.spec
         end = spec.steps if until is None else min(int(until), spec.steps)
         start = self.step
+        if end <= start:
+            return {"step": start, "stopped": start < spec.steps, "train_s": 0.0, "tokens_per_s": 0.0,
+                    "compile_s": self.compile_s, "eval": None}
         bar = Progress(spec.steps, start, enabled=spec.progress, desc=self.phase)
         say = bar.write
         tokens_per_step = spec.batch_size * self.rows.seq_len
