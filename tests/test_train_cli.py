@@ -108,6 +108,17 @@ def test_export_and_generate(trained, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("LOG, ALDER") and len(text.strip()) > len("LOG, ALDER")
     assert main(["generate", str(trained), "--adapter", str(out), "--max-new-tokens", "0"]) == 2
+    # greedy sampling: each new token is the argmax of the model's logits at the end of the text so far
+    # (one causal forward over the whole sequence gives all of those logits)
+    from lora_jax.train.pipeline import sample
+
+    h = load_run(str(trained), adapter=str(out))
+    ids = [h.tokenizer.bos_token_id] + h.tokenizer.encode("LOG, ALDER", add_special_tokens=False)
+    new = sample(h.apply, h.lora_params, ids, max_new_tokens=3, max_len=64, eos_id=None, pad_id=0, temperature=0)
+    x = np.asarray([ids + new])
+    logits = np.asarray(forward(h.apply, h.lora_params, x, np.ones_like(x)))[0]
+    assert new == [int(np.argmax(logits[len(ids) - 1 + k])) for k in range(3)]
+    assert text.strip().startswith(h.tokenizer.decode(ids + new, skip_special_tokens=True))
 
 
 def test_a_second_fresh_run_into_the_same_dir_is_refused(trained, capsys):

@@ -44,7 +44,7 @@ from .files import atomic_write_text
 from .metrics import MetricsWriter, perplexity, plot_losses, read_metrics
 from .trainer import LoopSpec, Trainer, make_optimizer
 
-__all__ = ["run", "resolve_out_dir", "load_run", "load_checkpoint", "latest_run", "evaluate", "generate",
+__all__ = ["run", "resolve_out_dir", "load_run", "load_checkpoint", "latest_run", "evaluate", "generate", "sample",
            "RunHandle", "compute_dtype", "RESUME_MAY_DIFFER"]
 
 # keys that may change between a run and its resumption
@@ -156,11 +156,23 @@ def _documents(paths, fmt, what):
 
 
 def _init_distributed():
+    """``jax.distributed.initialize()`` with its auto-detection (SLURM, Open MPI, TPU pods, or the
+    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables)."""
+    kw = {}
+    for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if os.environ.get(var):  # jax reads JAX_COORDINATOR_ADDRESS itself, not these two
+            try:
+                kw[arg] = int(os.environ[var])
+            except ValueError:
+                raise ConfigError(f"distributed: {var}={os.environ[var]!r} is not an integer") from None
     try:
-        jax.distributed.initialize()
-    except RuntimeError as e:
-        if "already" not in str(e):
-            raise
+        jax.distributed.initialize(**kw)
+    except (RuntimeError, ValueError) as e:
+        if "already" in str(e):
+            return
+        raise ConfigError(f"distributed: jax.distributed.initialize() failed ({e}). Run one process per host under "
+                          "SLURM, Open MPI or a TPU pod, or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                          "JAX_PROCESS_ID; or set distributed=false on a single host") from None
 
 
 def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print) -> dict:
@@ -489,27 +501,62 @@ def evaluate(handle: RunHandle, rows: _data.Rows, batch_size: Optional[int] = No
     return out
 
 
+def sample(apply: Callable, lora_params, ids, *, max_new_tokens: int, max_len: int, eos_id: Optional[int],
+           pad_id: int, temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> list[int]:
+    """Sample up to ``max_new_tokens`` after ``ids`` with the LoRA model (`model.forward`).
+
+    One jitted ``lax.fori_loop`` over a fixed buffer of ``max_len`` tokens: every step runs the
+    model on the whole buffer (no KV cache: meant for checking a run, not for serving) and
+    appends a token drawn from ``softmax(logits / temperature)`` (top-k if ``top_k``; greedy at
+    ``temperature == 0``), stopping at ``eos_id``. Returns the new tokens.
+    """
+    ids = [int(i) for i in ids]
+    n0 = len(ids)
+    new = min(int(max_new_tokens), int(max_len) - n0)
+    if new < 1:
+        raise ValueError(f"generate: the prompt has {n0} tokens, the model only {max_len} positions")
+    import jax.numpy as jnp
+
+    length = n0 + new
+    buf = jnp.asarray(ids + [pad_id] * new, jnp.int32)
+    eos = -1 if eos_id is None else int(eos_id)
+
+    @jax.jit
+    def run_loop(lp, buf, key):
+        def body(i, carry):
+            buf, key, done = carry
+            pos = n0 + i
+            mask = (jnp.arange(length) < pos).astype(jnp.int32)
+            logits = _model.forward(apply, lp, buf[None], mask[None])[0, pos - 1].astype(jnp.float32)
+            key, sub = jax.random.split(key)
+            if temperature == 0:
+                nxt = jnp.argmax(logits)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = jax.lax.top_k(logits, top_k)[0][-1]
+                    logits = jnp.where(logits < kth, -jnp.inf, logits)
+                nxt = jax.random.categorical(sub, logits)
+            nxt = jnp.where(done, pad_id, nxt).astype(jnp.int32)
+            return buf.at[pos].set(nxt), key, done | (nxt == eos)
+
+        return jax.lax.fori_loop(0, new, body, (buf, key, jnp.zeros((), bool)))[0]
+
+    out = np.asarray(jax.device_get(run_loop(lora_params, buf, jax.random.key(seed)))).tolist()[n0:]
+    return out[: out.index(eos) + 1] if eos in out else out
+
+
 def generate(handle: RunHandle, prompt: str = "", *, max_new_tokens: int = 64, temperature: float = 0.8,
              top_k: int = 0, seed: int = 0, use_adapter: bool = True) -> str:
-    """Sample a continuation of ``prompt`` from base + adapter (merged for sampling; TODO(wrap))."""
+    """``prompt`` and a sampled continuation from base + adapter (or the base alone), as text."""
     tok, model = handle.tokenizer, handle.model
-    params = _tree.merge(handle.lora_params) if use_adapter else _base_only(handle.lora_params)
+    tree = handle.lora_params if use_adapter else _base_only(handle.lora_params)
     ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(
         tok.encode(prompt, add_special_tokens=False))
     if not ids:
         raise ValueError("generate: empty prompt and the tokenizer has no bos_token to start from")
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
-    new = min(int(max_new_tokens), int(max_pos) - len(ids))
-    if new < 1:
-        raise ValueError(f"generate: the prompt has {len(ids)} tokens, the model only {max_pos} positions")
-    kw = dict(max_new_tokens=new, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-              eos_token_id=tok.eos_token_id)
-    if temperature > 0:
-        kw.update(do_sample=True, temperature=float(temperature), prng_key=jax.random.PRNGKey(seed))
-        if top_k:
-            kw["top_k"] = int(top_k)
-    else:
-        kw["do_sample"] = False
-    out = model.generate(np.asarray([ids], np.int32), params=params, **kw)
-    seq = np.asarray(out.sequences[0]).tolist()
-    return tok.decode(seq, skip_special_tokens=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    new = sample(handle.apply, tree, ids, max_new_tokens=max_new_tokens, max_len=int(max_pos),
+                 eos_id=tok.eos_token_id, pad_id=pad, temperature=temperature, top_k=top_k, seed=seed)
+    return tok.decode(ids + new, skip_special_tokens=True)

@@ -34,7 +34,7 @@ from ..rules import path_str
 from ..weight import LoraWeight, is_lora
 
 __all__ = ["AXES", "BATCH_AXES", "make_mesh", "kernel_spec", "lora_factor_specs", "param_shardings",
-           "state_shardings", "batch_sharding", "replicated", "mesh_shape"]
+           "state_shardings", "batch_sharding", "replicated", "mesh_shape", "place"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -196,3 +196,24 @@ def state_shardings(abstract_state, params, params_shardings, mesh: Mesh):
         return rep
 
     return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def place(tree, shardings):
+    """Put every array of ``tree`` on its sharding; works with one process or many.
+
+    Arrays already so placed are kept; global arrays are resharded by a jitted identity; host or
+    single-device arrays (the same on every process) are cut with ``jax.make_array_from_callback``,
+    so each process provides only its own devices' shards (``jax.device_put`` cannot target
+    other processes' devices).
+    """
+
+    def put(x, s):
+        if isinstance(x, jax.Array):
+            if x.sharding == s:
+                return x
+            if not x.is_fully_addressable:
+                return jax.jit(lambda v: v, out_shardings=s)(x)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+    return jax.tree_util.tree_map(put, tree, shardings)

@@ -242,16 +242,16 @@ class Trainer:
 
         self.trainable_shardings = shd.param_shardings(trainable, mesh)
         self.frozen_shardings = shd.param_shardings(frozen, mesh) if frozen is not None else None
-        trainable = jax.device_put(trainable, self.trainable_shardings)
-        self.frozen = jax.device_put(frozen, self.frozen_shardings) if frozen is not None else None
+        trainable = shd.place(trainable, self.trainable_shardings)
+        self.frozen = shd.place(frozen, self.frozen_shardings) if frozen is not None else None
         opt_abstract = jax.eval_shape(self.tx.init, trainable)
         opt_shardings = shd.state_shardings(opt_abstract, trainable, self.trainable_shardings, mesh)
         rep = shd.replicated(mesh)
         opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(trainable)
         self.state = {
             "params": trainable, "opt_state": opt_state,
-            "rng": jax.device_put(jax.random.fold_in(jax.random.key(self.seed), 1), rep),
-            "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
+            "rng": jax.jit(lambda: jax.random.fold_in(jax.random.key(self.seed), 1), out_shardings=rep)(),
+            "step": jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=rep)(),
         }
         self.state_shardings = {"params": self.trainable_shardings, "opt_state": opt_shardings, "rng": rep,
                                 "step": rep}
@@ -312,9 +312,10 @@ class Trainer:
         target = _abstract(self.checkpoint_state())
         saved, meta = self.checkpointer.restore(step, target)
         rep = shd.replicated(self.mesh)
+        n = int(meta["step"])
         self.state = {"params": saved["adapter"], "opt_state": saved["opt_state"],
-                      "rng": jax.device_put(jax.random.wrap_key_data(saved["rng"]), rep),
-                      "step": jax.device_put(jnp.asarray(int(meta["step"]), jnp.int32), rep)}
+                      "rng": jax.jit(jax.random.wrap_key_data, out_shardings=rep)(saved["rng"]),
+                      "step": jax.jit(lambda: jnp.asarray(n, jnp.int32), out_shardings=rep)()}
         self.position = int(meta["position"])
         return int(meta["step"])
 
