@@ -177,7 +177,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_ac
             (nll, correct, grads), _ = jax.lax.scan(body, zero, (batch, jnp.arange(grad_accum)))
         n = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / n, grads)
-        gnorm = optax.global_norm(grads)
+        gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(grads)))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         new = {"params": params, "opt_state": opt_state, "rng": rng, "step": state["step"] + 1}
