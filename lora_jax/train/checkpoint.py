@@ -1,0 +1,178 @@
+"""Training checkpoints with orbax: adapter, optimizer state, rng, step and data position.
+
+Each checkpoint is one orbax step directory holding two items:
+
+* ``state``: the arrays (``ocp.args.StandardSave``), as a nested dict keyed by each leaf's key
+  path (``adapter/model/layers/0/self_attn/q_proj/kernel/a``, ``opt_state/0/mu/...``,
+  ``rng``) — flat string keys keep custom pytree nodes (`LoraWeight`, optax states) out of the
+  file format; the live tree's structure is used to rebuild them on restore;
+* ``meta``: JSON (``ocp.args.JsonSave``): step, data position, seed and anything else passed.
+
+Saving is asynchronous when asked (``enable_async_checkpointing``): `save` returns once the arrays
+are copied off the devices, the writing goes on in the background, and only finalized steps are
+ever listed or restored. Restoring takes the target shardings, so a run may resume on a different
+mesh.
+
+Example:
+  >>> import jax.numpy as jnp, tempfile
+  >>> ck = Checkpointer(tempfile.mkdtemp(), keep=2, async_save=False)
+  >>> ck.save(3, {"x": jnp.ones(2)}, {"position": 12})
+  >>> ck.latest_step()
+  3
+  >>> ck.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+__all__ = ["Checkpointer", "latest_step", "flatten_state", "unflatten_state"]
+
+
+def _quiet():
+    """orbax logs every save at INFO through absl; keep warnings (never lower a level set higher)."""
+    for name in ("absl", "orbax"):
+        log = logging.getLogger(name)
+        if log.getEffectiveLevel() < logging.WARNING:
+            log.setLevel(logging.WARNING)
+
+
+def _key_part(k) -> str:
+    tu = jax.tree_util
+    if isinstance(k, tu.DictKey):
+        return str(k.key)
+    if isinstance(k, tu.SequenceKey):
+        return str(k.idx)
+    if isinstance(k, tu.GetAttrKey):
+        return str(k.name)
+    if isinstance(k, tu.FlattenedIndexKey):
+        return str(k.key)
+    return str(k)
+
+
+def flatten_state(tree) -> tuple[dict, Any]:
+    """A nested dict of the leaves keyed by their key-path parts, and the tree's structure.
+
+    Raises:
+      ValueError: if two leaves map to the same keys (never for the trees the trainer saves).
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out: dict = {}
+    for kp, leaf in flat:
+        parts = [_key_part(k) for k in kp] or ["_"]
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"checkpoint keys collide at {'/'.join(parts)}")
+            node = nxt
+        if parts[-1] in node:
+            raise ValueError(f"checkpoint keys collide at {'/'.join(parts)}")
+        node[parts[-1]] = leaf
+    return out, treedef
+
+
+def unflatten_state(nested: dict, treedef, like) -> Any:
+    """Inverse of `flatten_state`: the leaves of ``nested`` put back into ``like``'s structure."""
+    leaves = []
+    for kp, _ in jax.tree_util.tree_flatten_with_path(like)[0]:
+        node = nested
+        for part in [_key_part(k) for k in kp] or ["_"]:
+            node = node[part]
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _manager(directory: str, *, keep: int = 1, async_save: bool = True, read_only: bool = False):
+    import orbax.checkpoint as ocp
+
+    _quiet()
+    opts = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=opts)
+
+
+def latest_step(directory: str) -> Optional[int]:
+    """The newest finalized checkpoint step under ``directory`` (None if there is none). Writes nothing."""
+    if not os.path.isdir(directory):
+        return None
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)  # orbax warns that a read-only manager is read-only
+    try:
+        m = _manager(directory, read_only=True)
+        try:
+            return m.latest_step()
+        finally:
+            m.close()
+    finally:
+        log.setLevel(level)
+
+
+class Checkpointer:
+    """An orbax ``CheckpointManager`` for training state.
+
+    Args:
+      directory: where step directories go (created on first save).
+      keep: how many of the newest checkpoints to keep.
+      async_save: write in the background (`wait` / `close` block until finished).
+    """
+
+    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._m = _manager(self.directory, keep=keep, async_save=async_save)
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """Save ``state`` (a pytree of arrays) and ``meta`` (JSON-able) as ``step``."""
+        import orbax.checkpoint as ocp
+
+        nested, _ = flatten_state(state)
+        meta = dict(meta, step=int(step))
+        self._m.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(nested),
+                                                          meta=ocp.args.JsonSave(meta)), force=True)
+
+    def latest_step(self) -> Optional[int]:
+        """The newest finalized step (None if none)."""
+        return self._m.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._m.all_steps())
+
+    def restore(self, step: int, target) -> tuple[Any, dict]:
+        """``(state, meta)`` of ``step``; ``target`` is a pytree of ``jax.ShapeDtypeStruct`` with
+        shardings (or arrays) giving the structure, dtypes and placement to restore into.
+
+        Raises:
+          ValueError: if the saved arrays do not match the target (names the differences).
+        """
+        import orbax.checkpoint as ocp
+
+        nested, treedef = flatten_state(target)
+        abstract = jax.tree_util.tree_map(
+            lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
+            jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), nested)
+        try:
+            out = self._m.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                     meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint step {step} in {self.directory} does not match this run's state "
+                             f"(different model, adapter or optimizer config?): {e}") from None
+        state = unflatten_state(out["state"], treedef, target)
+        return state, dict(out["meta"])
+
+    def wait(self) -> None:
+        """Block until background writes are finished."""
+        self._m.wait_until_finished()
+
+    def close(self) -> None:
+        self._m.wait_until_finished()
+        self._m.close()

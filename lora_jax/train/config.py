@@ -1,0 +1,547 @@
+"""The run configuration: a tree of dataclasses, loaded from YAML plus ``key=value`` overrides.
+
+Every value is checked before any work starts (and before anything is written): an unknown key
+gets a "did you mean" suggestion, a wrong type or an out-of-range value names the key and what is
+allowed, a missing file names the path. All problems found are reported together in one
+`ConfigError` (a ``ValueError``).
+
+The dataclass defaults *are* the default run; ``lora_jax/conf/default.yaml`` spells them out with
+comments (a test keeps the two equal). A user YAML file only needs the keys it changes.
+
+Example:
+  >>> from lora_jax.train.config import load_config
+  >>> cfg = load_config(None, ["train.steps=20", "lora.rank=4"])
+  >>> cfg.train.steps, cfg.lora.rank
+  (20, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Optional, Union
+
+import yaml
+
+__all__ = [
+    "Config", "ModelConfig", "PretrainConfig", "TokenizerConfig", "DataConfig", "LoraConfig", "TrainConfig",
+    "MeshConfig", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "config_names", "resolve_path",
+    "BUILTIN_PREFIX", "REMAT_POLICIES",
+]
+
+BUILTIN_PREFIX = "builtin:"
+REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+DTYPES = ("float32", "bfloat16", "float16")
+CAUSAL_LM_ARCHS = ("llama", "mistral", "gemma", "gpt2", "gpt_neo", "gptj", "opt", "bloom", "xglm")
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; the message lists every problem, one per line."""
+
+    def __init__(self, problems):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            msg = self.problems[0]
+        else:
+            msg = f"{len(self.problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(msg)
+
+
+def _meta(doc: str = "", *, choices=None, min=None, max=None, gt=None, lt=None, file=False):
+    return {"doc": doc, "choices": choices, "min": min, "max": max, "gt": gt, "lt": lt, "file": file}
+
+
+def _f(default, doc="", **kw):
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: yaml.safe_load(yaml.safe_dump(d)), metadata=_meta(doc, **kw))
+    return field(default=default, metadata=_meta(doc, **kw))
+
+
+def _default_init() -> dict:
+    return {"arch": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+            "tie_word_embeddings": False}
+
+
+@dataclass
+class PretrainConfig:
+    """Brief full-parameter pretraining of a model built from ``model.init`` (no download needed)."""
+
+    data: str = _f(BUILTIN_PREFIX + "pretrain.txt", "text the fresh base model is pretrained on", file=True)
+    steps: int = _f(150, "optimizer steps", min=0)
+    batch_size: int = _f(16, "sequences per step", min=1)
+    lr: float = _f(3e-3, "peak learning rate (warmup + cosine)", gt=0)
+    warmup_steps: int = _f(15, "linear warmup steps", min=0)
+
+
+@dataclass
+class ModelConfig:
+    """The base model: a local HF checkpoint, or one built from a config and pretrained here."""
+
+    path: Optional[str] = _f(None, "local HF checkpoint dir; null: build from model.init and pretrain it", file=True)
+    compute_dtype: str = _f("auto", "activations/matmul dtype; auto: bfloat16 on GPU/TPU, float32 on CPU",
+                            choices=("auto",) + DTYPES)
+    param_dtype: str = _f("float32", "dtype of the frozen base weights", choices=DTYPES)
+    init: dict = field(default_factory=_default_init, metadata=_meta(
+        "transformers config of the fresh model (key 'arch' picks the family); used when path is null"))
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig, metadata=_meta("used when path is null"))
+
+
+@dataclass
+class TokenizerConfig:
+    """The tokenizer: the checkpoint's own, or a byte-level BPE trained on the pretraining text."""
+
+    path: Optional[str] = _f(None, "tokenizer dir; null: model.path's, or trained here for a fresh model", file=True)
+    vocab_size: int = _f(512, "BPE vocabulary trained for a fresh model (256 bytes + 7 special tokens at least)",
+                         min=263, max=1_000_000)
+
+
+@dataclass
+class DataConfig:
+    """Fine-tuning data."""
+
+    train: Union[str, list] = _f(BUILTIN_PREFIX + "finetune.txt",
+                                 "text or JSONL file(s), or a dir (each .txt file one document)", file=True)
+    eval: Optional[Union[str, list]] = _f(None, "eval file(s); null: hold out data.eval_fraction of train",
+                                          file=True)
+    eval_fraction: float = _f(0.1, "share of train documents held out for eval (the last ones)", min=0.0, lt=1.0)
+    format: str = _f("auto", "auto picks by extension (.jsonl/.json: JSONL, else text)",
+                     choices=("auto", "text", "jsonl"))
+    seq_len: int = _f(128, "tokens per training row", min=2)
+    packing: bool = _f(True, "concatenate documents (EOS between) into rows; false: one document per row")
+
+
+@dataclass
+class LoraConfig:
+    """The adapter (see `lora_jax.Rules`)."""
+
+    targets: Union[str, list] = _f("all-linear", "module names, a regex, or all-linear")
+    rank: int = _f(8, "LoRA rank r", min=1)
+    alpha: float = _f(16.0, "lora_alpha; the delta is scaled by alpha/r", gt=0)
+    dropout: float = _f(0.0, "LoRA dropout on the adapter input", min=0.0, lt=1.0)
+    rslora: bool = _f(False, "scale by alpha/sqrt(r)")
+    init: str = _f("kaiming", "adapter init", choices=("kaiming", "gaussian"))
+    layout: str = _f("auto", "kernel layout; auto: out_in for gpt2, in_out otherwise",
+                     choices=("auto", "in_out", "out_in"))
+    exclude: Optional[Union[str, list]] = _f(None, "names/regex never adapted")
+
+
+@dataclass
+class TrainConfig:
+    """The optimization loop."""
+
+    steps: int = _f(100, "optimizer steps", min=1)
+    batch_size: int = _f(16, "global batch in sequences per optimizer step", min=1)
+    grad_accum: int = _f(1, "micro-batches per step (batch_size must divide by it)", min=1)
+    lr: float = _f(3e-3, "peak learning rate", gt=0)
+    schedule: str = _f("cosine", "after warmup", choices=("cosine", "linear", "constant"))
+    warmup_steps: int = _f(10, "linear warmup from 0", min=0)
+    end_lr_ratio: float = _f(0.1, "final lr / peak lr (cosine, linear)", min=0.0, max=1.0)
+    optimizer: str = _f("adamw", "", choices=("adamw", "adam", "sgd", "lion"))
+    b1: float = _f(0.9, "Adam/Lion beta1 (SGD momentum)", min=0.0, lt=1.0)
+    b2: float = _f(0.999, "Adam/Lion beta2", min=0.0, lt=1.0)
+    weight_decay: float = _f(0.0, "decoupled weight decay on the adapter", min=0.0)
+    clip_norm: float = _f(1.0, "clip gradients to this global norm; 0: off", min=0.0)
+    remat: str = _f("none", "jax.checkpoint policy for the loss function", choices=REMAT_POLICIES)
+    eval_every: int = _f(25, "steps between evals; 0: only before and after", min=0)
+    eval_batches: int = _f(0, "batches per eval; 0: the whole eval set", min=0)
+    log_every: int = _f(5, "steps between metric lines", min=1)
+    checkpoint_every: int = _f(50, "steps between checkpoints; 0: only at the end", min=0)
+    keep_checkpoints: int = _f(2, "newest checkpoints kept", min=1)
+    async_checkpoint: bool = _f(True, "write checkpoints in the background")
+    resume: bool = _f(False, "continue from the newest finalized checkpoint in out_dir")
+    progress: bool = _f(True, "show a progress bar")
+    export: bool = _f(True, "export the adapter (PEFT format) at the end")
+    plot: bool = _f(True, "write loss.png at the end")
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh; -1 takes the remaining devices (at most one axis)."""
+
+    data: int = _f(-1, "data-parallel axis", min=-1)
+    fsdp: int = _f(1, "fully-sharded data-parallel axis (base params sharded on it)", min=-1)
+    tensor: int = _f(1, "tensor-parallel axis (attention/MLP kernels split Megatron-style)", min=-1)
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    seed: int = _f(0, "seeds the model init, adapter init, data order and dropout", min=0)
+    out_dir: Optional[str] = _f(None, "run directory; null: runs/<config name>-<timestamp>")
+    distributed: bool = _f(False, "call jax.distributed.initialize() first (multi-host)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    name: str = _f("default", "the config's name (used for the run directory)")
+
+
+# ------------------------------------------------------------------------------------------
+# dict <-> dataclass with validation
+# ------------------------------------------------------------------------------------------
+
+
+def _hints(cls):
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        names = " or ".join(_type_name(a) for a in args)
+        return names + (" or null" if type(None) in typing.get_args(tp) else "")
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", list: "a list",
+            dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value, tp, key, problems):
+    """``value`` converted to ``tp`` or a problem appended (returns the sentinel ``_BAD``)."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            sub = []
+            out = _coerce(value, a, key, sub)
+            if not sub:
+                return out
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return _BAD
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        raise TypeError(f"internal: unsupported config type {tp}")
+    problems.append(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return _BAD
+
+
+_BAD = object()
+
+
+def _check_range(value, meta, key, problems):
+    if value is None or value is _BAD:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        problems.append(f"{key}: {value!r} is not allowed; expected one of {', '.join(map(str, choices))}"
+                        + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{key}: must be a finite number, got {value!r}")
+            return
+        lo, hi, gt, lt = meta.get("min"), meta.get("max"), meta.get("gt"), meta.get("lt")
+        bounds = []
+        if lo is not None:
+            bounds.append(f">= {lo}")
+        if gt is not None:
+            bounds.append(f"> {gt}")
+        if hi is not None:
+            bounds.append(f"<= {hi}")
+        if lt is not None:
+            bounds.append(f"< {lt}")
+        ok = ((lo is None or value >= lo) and (gt is None or value > gt) and (hi is None or value <= hi)
+              and (lt is None or value < lt))
+        if not ok:
+            problems.append(f"{key}: {value!r} is out of range; expected a value {' and '.join(bounds)}")
+
+
+def _suggest(name, options):
+    hint = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {hint[0]!r}?" if hint else ""
+
+
+def _build(cls, data: dict, prefix: str, problems: list):
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+        return cls()
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            hint = difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.6)
+            where = f"keys in {prefix.rstrip('.')}" if prefix else "top-level keys"
+            problems.append(f"unknown key {key!r}" + (f"; did you mean {prefix + hint[0]!r}?" if hint else "")
+                            + f" ({where}: {', '.join(fields)})")
+            continue
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v if v is not None else {}, key + ".", problems)
+            continue
+        out = _coerce(v, tp, key, problems)
+        if out is _BAD:
+            continue
+        _check_range(out, fields[k].metadata, key, problems)
+        kwargs[k] = out
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain nested dicts (what is saved as YAML)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg) -> str:
+    """The config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+# ------------------------------------------------------------------------------------------
+# files
+# ------------------------------------------------------------------------------------------
+
+
+def resolve_path(p: str) -> str:
+    """A ``builtin:NAME`` path to the shipped file ``lora_jax/data/NAME``; other paths unchanged."""
+    if isinstance(p, str) and p.startswith(BUILTIN_PREFIX):
+        return str(resources.files("lora_jax").joinpath("data", p[len(BUILTIN_PREFIX):]))
+    return p
+
+
+def _builtin_names() -> list[str]:
+    d = resources.files("lora_jax").joinpath("data")
+    return sorted(BUILTIN_PREFIX + f.name for f in d.iterdir() if f.is_file() and not f.name.startswith("_"))
+
+
+def _check_file(value, key, problems, *, want_dir=False):
+    paths = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        problems.append(f"{key}: the list of files is empty")
+    for p in paths:
+        if p is None:
+            continue
+        real = resolve_path(p)
+        if want_dir:
+            if not os.path.isdir(real):
+                problems.append(f"{key}: directory not found: {p!r}" if not os.path.exists(real)
+                                else f"{key}: {p!r} is not a directory")
+        elif not os.path.exists(real):
+            extra = f" (shipped files: {', '.join(_builtin_names())})" if p.startswith(BUILTIN_PREFIX) else ""
+            problems.append(f"{key}: file not found: {p!r}{extra}")
+
+
+def _check_model_init(init: dict, problems):
+    import transformers
+
+    init = dict(init)
+    arch = init.pop("arch", None)
+    if arch not in CAUSAL_LM_ARCHS:
+        problems.append(f"model.init.arch: {arch!r} is not allowed; expected one of {', '.join(CAUSAL_LM_ARCHS)}"
+                        + (_suggest(str(arch), CAUSAL_LM_ARCHS) if arch else ""))
+        return
+    cls = transformers.CONFIG_MAPPING[arch]
+    defaults = cls().to_dict()
+    for k, v in init.items():
+        if k not in defaults:
+            problems.append(f"unknown key 'model.init.{k}' for a {arch} config{_suggest(k, defaults)}")
+            continue
+        d = defaults[k]
+        if isinstance(d, bool):
+            if not isinstance(v, bool):
+                problems.append(f"model.init.{k}: expected true/false, got {v!r}")
+        elif isinstance(d, int):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                problems.append(f"model.init.{k}: expected a positive integer, got {v!r}")
+        elif isinstance(d, float):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                problems.append(f"model.init.{k}: expected a number, got {v!r}")
+
+
+def _cross_checks(cfg: Config, problems: list):
+    t, m = cfg.train, cfg.mesh
+    if t.batch_size % t.grad_accum:
+        problems.append(f"train.batch_size: {t.batch_size} does not divide by train.grad_accum={t.grad_accum}")
+    if t.warmup_steps > t.steps:
+        problems.append(f"train.warmup_steps: {t.warmup_steps} is more than train.steps={t.steps}; expected a value "
+                        f"<= {t.steps} (e.g. train.warmup_steps={t.steps // 10})")
+    for k in ("data", "fsdp", "tensor"):
+        if getattr(m, k) == 0:
+            problems.append(f"mesh.{k}: 0 is not allowed; expected a positive size or -1 (the remaining devices)")
+    if sum(getattr(m, k) == -1 for k in ("data", "fsdp", "tensor")) > 1:
+        problems.append("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _check_file(cfg.data.train, "data.train", problems)
+    if cfg.data.eval is not None:
+        _check_file(cfg.data.eval, "data.eval", problems)
+    if cfg.model.path is not None:
+        _check_file(cfg.model.path, "model.path", problems, want_dir=True)
+    else:
+        _check_file(cfg.model.pretrain.data, "model.pretrain.data", problems)
+        _check_model_init(cfg.model.init, problems)
+        if cfg.model.pretrain.warmup_steps > cfg.model.pretrain.steps:
+            problems.append(f"model.pretrain.warmup_steps: {cfg.model.pretrain.warmup_steps} is more than "
+                            f"model.pretrain.steps={cfg.model.pretrain.steps}; expected a value <= "
+                            f"{cfg.model.pretrain.steps}")
+    if cfg.tokenizer.path is not None:
+        _check_file(cfg.tokenizer.path, "tokenizer.path", problems, want_dir=True)
+    if cfg.lora.dropout > 0:
+        from . import model as _model
+
+        if not _model.FORWARD_SUPPORTS_DROPOUT:
+            problems.append(f"lora.dropout: {cfg.lora.dropout} needs the factorized forward (lora.wrap), which "
+                            "this build does not use yet; expected 0.0")
+
+
+def from_dict(data: dict, *, check_files: bool = True) -> Config:
+    """Build and validate a `Config` from nested dicts (missing keys keep their defaults).
+
+    Raises:
+      ConfigError: listing every problem found.
+    """
+    problems: list[str] = []
+    data = dict(data or {})
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("init"), dict):
+        init = model["init"]
+        if init.get("arch", _default_init()["arch"]) == _default_init()["arch"]:
+            # keys given for the default family merge into its defaults; another family starts empty
+            data["model"] = {**model, "init": {**_default_init(), **init}}
+    cfg = _build(Config, data, "", problems)
+    if not problems and check_files:
+        _cross_checks(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------
+# names, files, overrides
+# ------------------------------------------------------------------------------------------
+
+
+def _conf_dir():
+    return resources.files("lora_jax").joinpath("conf")
+
+
+def config_names() -> list[str]:
+    """Names of the shipped configs (``lora_jax/conf/*.yaml``)."""
+    return sorted(f.name[:-5] for f in _conf_dir().iterdir() if f.name.endswith(".yaml"))
+
+
+def _locate(name_or_path: str) -> tuple[str, str]:
+    """``(path, name)`` of a config given by name (shipped or ``./conf/NAME.yaml``) or by path."""
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        if not os.path.isfile(name_or_path):
+            raise ConfigError(f"config file not found: {name_or_path!r}")
+        return name_or_path, os.path.splitext(os.path.basename(name_or_path))[0]
+    local = os.path.join("conf", name_or_path + ".yaml")
+    if os.path.isfile(local):
+        return local, name_or_path
+    shipped = _conf_dir().joinpath(name_or_path + ".yaml")
+    if shipped.is_file():
+        return str(shipped), name_or_path
+    names = config_names()
+    raise ConfigError(f"unknown config {name_or_path!r}{_suggest(name_or_path, names)} "
+                      f"(shipped configs: {', '.join(names)}; or give a path to a .yaml file)")
+
+
+def _set_dotted(tree: dict, dotted: str, value, problems):
+    parts = dotted.split(".")
+    node = tree
+    for j, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            problems.append(f"override {dotted!r}: {'.'.join(parts[:j + 1])!r} is not a section")
+            return
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides) -> tuple[dict, list[str]]:
+    """``["a.b=1", ...]`` to a nested dict (values read as YAML), plus the problems found."""
+    out: dict = {}
+    problems = []
+    for o in overrides or ():
+        key, sep, raw = o.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"override {o!r}: expected key=value, e.g. train.steps=20")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(out, key, value, problems)
+    return out, problems
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(name_or_path: Optional[str] = None, overrides=(), *, check_files: bool = True) -> Config:
+    """The config for ``lora-jax train [CONFIG] [key=value ...]``.
+
+    Args:
+      name_or_path: a shipped config name (``default``), ``./conf/NAME.yaml``, or a YAML path;
+        None is the default run.
+      overrides: dotted ``key=value`` strings, values parsed as YAML (``lora.targets=[q_proj,v_proj]``).
+      check_files: check that data/model paths exist.
+
+    Raises:
+      ConfigError: one error listing every problem (unknown keys with suggestions, types, ranges,
+        missing files).
+    """
+    data: dict = {}
+    name = "default"
+    if name_or_path is not None:
+        path, name = _locate(name_or_path)
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    over, problems = parse_overrides(overrides)
+    if problems:
+        raise ConfigError(problems)
+    data = _deep_update(data, over)
+    data.setdefault("name", name)
+    return from_dict(data, check_files=check_files)

@@ -1,0 +1,354 @@
+"""Training data: read documents, tokenize with loss weights, pack into rows, order them by seed.
+
+Documents come from
+
+* text files: each blank-line-separated paragraph is one document;
+* a directory: each ``.txt``/``.md`` file is one document, each ``.jsonl`` file is read as JSONL;
+* JSONL files (``.jsonl``/``.json``), one record per line, any of
+  ``{"text": ...}`` (every token trained), ``{"prompt": ..., "completion": ...}`` (loss on the
+  completion only) or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (rendered with the
+  tokenizer's chat template, loss on the assistant turns only).
+
+Each document becomes ``[bos] + tokens + [eos]`` (no BOS for chat messages: the template decides)
+with a per-token *weight*: 1 where the token is a training target, 0 on BOS, prompts, non-assistant
+turns and padding.
+
+Packing (``packing=True``) concatenates the documents into one stream and cuts it into rows of
+``seq_len + 1`` tokens that overlap by one: row ``k`` holds ``stream[k*L : k*L + L + 1]``, its inputs
+are the first ``L`` tokens and its targets the last ``L``, so every stream token after the first is
+a target exactly once. Attention runs across document boundaries inside a row (GPT-style packing).
+With ``packing=False`` each document is its own row, truncated to ``L + 1`` tokens. Short rows are
+padded with weight 0.
+
+The training order is a fresh permutation of the rows each epoch, drawn from ``(seed, epoch)``;
+the *position* (rows consumed so far) is all a checkpoint needs to continue exactly.
+
+Example:
+  >>> import numpy as np
+  >>> from lora_jax.train.data import pack
+  >>> rows = pack([(np.array([0, 5, 6, 9]), np.array([0, 1, 1, 1.]))], seq_len=2, pad_id=0)
+  >>> rows.tokens.tolist(), rows.weights.tolist()
+  ([[0, 5, 6], [6, 9, 0]], [[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["Rows", "Order", "read_documents", "encode", "pack", "batch", "eval_batches", "split_eval",
+           "TEXT_EXTS", "JSONL_EXTS"]
+
+TEXT_EXTS = (".txt", ".md", ".text")
+JSONL_EXTS = (".jsonl", ".json")
+_PARAGRAPH = re.compile(r"\n\s*\n")
+
+
+# ------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------
+
+
+def _paragraphs(text: str) -> list[dict]:
+    return [{"text": p.strip()} for p in _PARAGRAPH.split(text.replace("\r\n", "\n")) if p.strip()]
+
+
+def _check_record(rec, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
+    if "prompt" in rec or "completion" in rec:
+        p, c = rec.get("prompt"), rec.get("completion")
+        if not isinstance(p, str) or not isinstance(c, str):
+            raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings, got "
+                             f"{type(p).__name__} and {type(c).__name__}")
+        return {"prompt": p, "completion": c}
+    if "text" in rec:
+        if not isinstance(rec["text"], str):
+            raise ValueError(f"{where}: 'text' must be a string, got {type(rec['text']).__name__}")
+        return {"text": rec["text"]}
+    raise ValueError(f"{where}: a record needs 'text', 'prompt'+'completion' or 'messages'; got keys "
+                     f"{sorted(rec)}")
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    docs = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            docs.append(_check_record(rec, f"{path}:{n}"))
+    return docs
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def read_documents(paths: Union[str, Sequence[str]], fmt: str = "auto") -> list[dict]:
+    """The documents of one or more files or directories, in order.
+
+    Args:
+      paths: a path or a list of paths (files or directories).
+      fmt: ``"auto"`` (by extension: ``.jsonl``/``.json`` JSONL, anything else text), ``"text"``
+        or ``"jsonl"``.
+
+    Returns:
+      A list of records: ``{"text"}``, ``{"prompt", "completion"}`` or ``{"messages"}``.
+
+    Raises:
+      FileNotFoundError: for a path that does not exist.
+      ValueError: for a malformed JSONL line (file and line named) or an unknown ``fmt``.
+    """
+    if fmt not in ("auto", "text", "jsonl"):
+        raise ValueError(f"fmt must be 'auto', 'text' or 'jsonl', got {fmt!r}")
+    docs: list[dict] = []
+    for p in [paths] if isinstance(paths, str) else list(paths):
+        if os.path.isdir(p):
+            names = sorted(n for n in os.listdir(p) if n.endswith(TEXT_EXTS + JSONL_EXTS))
+            if not names:
+                raise ValueError(f"{p}: directory holds no {'/'.join(TEXT_EXTS + JSONL_EXTS)} files")
+            for n in names:
+                f = os.path.join(p, n)
+                if n.endswith(JSONL_EXTS):
+                    docs.extend(_read_jsonl(f))
+                elif _read_text(f).strip():
+                    docs.append({"text": _read_text(f).strip()})
+        elif os.path.isfile(p):
+            jsonl = fmt == "jsonl" or (fmt == "auto" and p.endswith(JSONL_EXTS))
+            docs.extend(_read_jsonl(p) if jsonl else _paragraphs(_read_text(p)))
+        else:
+            raise FileNotFoundError(f"data file not found: {p!r}")
+    return docs
+
+
+def split_eval(docs: list, fraction: float) -> tuple[list, list]:
+    """``(train, eval)``: the last ``ceil(fraction * n)`` documents are held out (none if 0)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"eval fraction must be in [0, 1), got {fraction!r}")
+    n_eval = int(np.ceil(fraction * len(docs))) if fraction > 0 else 0
+    if n_eval and n_eval >= len(docs):
+        raise ValueError(f"holding out {n_eval} of {len(docs)} documents for eval leaves none to train on")
+    return docs[: len(docs) - n_eval], docs[len(docs) - n_eval:]
+
+
+# ------------------------------------------------------------------------------------------
+# tokenizing
+# ------------------------------------------------------------------------------------------
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def _render(tokenizer, messages, add_generation_prompt=False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except ValueError as e:
+        raise ValueError(f"'messages' records need a tokenizer with a chat template ({e})") from None
+
+
+def _encode_messages(messages, tokenizer) -> tuple[list[int], list[float]]:
+    """Render prefixes of the conversation; assistant contents (and their end marks) are trained."""
+    segments: list[tuple[str, float]] = []
+    done = ""
+    for k, m in enumerate(messages):
+        full = _render(tokenizer, messages[: k + 1])
+        if m["role"] == "assistant":
+            try:
+                head = _render(tokenizer, messages[:k], add_generation_prompt=True)
+            except Exception:  # some templates refuse an empty conversation: cut before the content
+                idx = full.rfind(m["content"])
+                head = full[:idx] if idx >= 0 else done
+            if not head.startswith(done) or not full.startswith(head):
+                raise ValueError("the chat template does not render a conversation's prefixes as prefixes of "
+                                 "its rendering; cannot tell which tokens are the assistant's")
+            segments += [(head[len(done):], 0.0), (full[len(head):], 1.0)]
+        else:
+            if not full.startswith(done):
+                raise ValueError("the chat template does not render a conversation's prefixes as prefixes of "
+                                 "its rendering; cannot tell which tokens are the assistant's")
+            segments.append((full[len(done):], 0.0))
+        done = full
+    ids: list[int] = []
+    w: list[float] = []
+    for text, weight in segments:
+        t = _ids(tokenizer, text)
+        ids += t
+        w += [weight] * len(t)
+    return ids, w
+
+
+def encode(doc: dict, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, weights)`` of one document; weight 1 marks a token the loss should predict.
+
+    ``{"text"}``: ``[bos] + text + [eos]``, all trained but BOS. ``{"prompt", "completion"}``:
+    ``[bos] + prompt + completion + [eos]`` with prompt and completion tokenized separately, loss
+    on completion and EOS. ``{"messages"}``: the chat template's rendering, loss on assistant turns;
+    EOS appended (trained when the last turn is the assistant's).
+    """
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; documents could not be separated")
+    head = [bos] if bos is not None else []
+    if "messages" in doc:
+        ids, w = _encode_messages(doc["messages"], tokenizer)
+        if not ids or ids[-1] != eos:
+            ids, w = ids + [eos], w + [1.0 if doc["messages"][-1]["role"] == "assistant" else 0.0]
+    elif "prompt" in doc:
+        p, c = _ids(tokenizer, doc["prompt"]), _ids(tokenizer, doc["completion"])
+        ids = head + p + c + [eos]
+        w = [0.0] * (len(head) + len(p)) + [1.0] * (len(c) + 1)
+    elif "text" in doc:
+        t = _ids(tokenizer, doc["text"])
+        ids = head + t + [eos]
+        w = [0.0] * len(head) + [1.0] * (len(t) + 1)
+    else:
+        raise ValueError(f"unknown document kind with keys {sorted(doc)}")
+    return np.asarray(ids, np.int32), np.asarray(w, np.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# packing
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Fixed-length training rows of ``seq_len + 1`` tokens.
+
+    Attributes:
+      tokens: ``(n, seq_len + 1)`` int32.
+      weights: ``(n, seq_len + 1)`` float32, 1 where the token is a loss target.
+      valid: ``(n, seq_len + 1)`` bool, False on padding.
+    """
+
+    tokens: np.ndarray
+    weights: np.ndarray
+    valid: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[1]) - 1
+
+    @property
+    def n_targets(self) -> int:
+        """Trained tokens over all rows (the first token of a row is never a target)."""
+        return int(self.weights[:, 1:].sum())
+
+
+def pack(encoded: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int,
+         packing: bool = True) -> Rows:
+    """Cut encoded documents into rows (see the module docstring for the layout).
+
+    Args:
+      encoded: ``(ids, weights)`` per document, as `encode` returns.
+      seq_len: ``L``: tokens fed to the model per row; rows hold ``L + 1``.
+      pad_id: the token written into padding (weight 0, ``valid`` False).
+      packing: concatenate documents (True) or one row per document, truncated (False).
+
+    Raises:
+      ValueError: if ``seq_len < 1`` or there are no tokens at all.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    encoded = [(np.asarray(i, np.int32), np.asarray(w, np.float32)) for i, w in encoded]
+    width = seq_len + 1
+    if packing:
+        if not encoded:
+            raise ValueError("no documents to pack")
+        ids = np.concatenate([i for i, _ in encoded])
+        w = np.concatenate([w for _, w in encoded])
+        if ids.size < 2:
+            raise ValueError(f"only {ids.size} token(s) of data; need at least 2")
+        n = -(-(ids.size - 1) // seq_len)
+        need = n * seq_len + 1
+        pad = need - ids.size
+        ids = np.concatenate([ids, np.full(pad, pad_id, np.int32)])
+        valid = np.concatenate([np.ones(ids.size - pad, bool), np.zeros(pad, bool)])
+        w = np.concatenate([w, np.zeros(pad, np.float32)])
+        idx = np.arange(n)[:, None] * seq_len + np.arange(width)[None, :]
+        return Rows(ids[idx], w[idx], valid[idx])
+    rows = [(i[:width], w[:width]) for i, w in encoded if i.size >= 2]
+    if not rows:
+        raise ValueError("no document has 2 or more tokens")
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    weights = np.zeros((len(rows), width), np.float32)
+    valid = np.zeros((len(rows), width), bool)
+    for r, (i, w) in enumerate(rows):
+        tokens[r, : i.size], weights[r, : i.size], valid[r, : i.size] = i, w, True
+    return Rows(tokens, weights, valid)
+
+
+# ------------------------------------------------------------------------------------------
+# order and batches
+# ------------------------------------------------------------------------------------------
+
+
+class Order:
+    """The row order: epoch ``e`` is ``default_rng([seed, e]).permutation(n)``, epochs back to back.
+
+    Example:
+      >>> Order(4, seed=0).take(2, 4).shape
+      (4,)
+    """
+
+    def __init__(self, n_rows: int, seed: int):
+        if n_rows < 1:
+            raise ValueError(f"need at least one row of data, got {n_rows}")
+        self.n, self.seed = int(n_rows), int(seed)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def epoch(self, e: int) -> np.ndarray:
+        if e not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.clear()
+            self._cache[e] = np.random.default_rng([self.seed, e]).permutation(self.n)
+        return self._cache[e]
+
+    def take(self, position: int, count: int) -> np.ndarray:
+        """Row indices ``position .. position + count`` of the endless sequence of epochs."""
+        out = np.empty(count, np.int64)
+        for j in range(count):
+            e, k = divmod(position + j, self.n)
+            out[j] = self.epoch(e)[k]
+        return out
+
+
+def batch(rows: Rows, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's view of some rows: inputs, next-token targets, loss weights, attention mask."""
+    t, w, v = rows.tokens[idx], rows.weights[idx], rows.valid[idx]
+    return {"inputs": t[:, :-1], "targets": t[:, 1:], "weights": w[:, 1:], "mask": v[:, :-1].astype(np.int32)}
+
+
+def eval_batches(rows: Rows, batch_size: int, max_batches: int = 0):
+    """Every eval row in order, in batches of ``batch_size`` (the last one padded with weight 0)."""
+    n = len(rows)
+    n_batches = -(-n // batch_size)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        idx = np.arange(b * batch_size, (b + 1) * batch_size)
+        real = idx < n
+        out = batch(rows, np.where(real, idx, 0))
+        out["weights"] = out["weights"] * real[:, None]
+        yield out

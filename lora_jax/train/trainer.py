@@ -1,0 +1,407 @@
+"""The training loop: one jitted, sharded step; eval; metrics; checkpoints; exact resume.
+
+The step differentiates the loss with respect to the trainable half of a `lora.split` only (for
+LoRA) or the whole parameter tree (for the from-scratch pretraining of the default run), sums the
+token losses over ``grad_accum`` micro-batches (``lax.scan``), divides by the number of trained
+tokens of the whole batch (so accumulation changes nothing but memory), clips, and applies the
+optax update — all inside one ``jax.jit``. The loss function is optionally wrapped in
+``jax.checkpoint`` with a named policy.
+
+Example (the pieces, on any ``logits_fn(trainable, frozen, inputs, mask, rng)``):
+  >>> spec = LoopSpec(steps=10, batch_size=8, lr=1e-3, warmup_steps=2)
+  >>> tx, schedule = make_optimizer(spec)
+  >>> [round(float(schedule(s)), 6) for s in (0, 1, 2, 10)]  # warmup, peak, cosine down to 10%
+  [0.0, 0.0005, 0.001, 0.0001]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import data as _data
+from . import sharding as shd
+from .metrics import MetricsWriter, Progress, perplexity
+
+__all__ = ["LoopSpec", "make_schedule", "make_optimizer", "token_stats", "make_loss_fn", "make_train_step",
+           "make_eval_step", "Trainer"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """What one training loop needs (built from `TrainConfig` or `PretrainConfig`)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    grad_accum: int = 1
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    end_lr_ratio: float = 0.1
+    optimizer: str = "adamw"
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    remat: str = "none"
+    eval_every: int = 0
+    eval_batches: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    async_checkpoint: bool = True
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, train, **changes) -> "LoopSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in dataclasses.asdict(train).items() if k in names}
+        kw.update(changes)
+        return cls(**kw)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+# ------------------------------------------------------------------------------------------
+# optimizer
+# ------------------------------------------------------------------------------------------
+
+
+def make_schedule(spec: LoopSpec) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine / linear decay to
+    ``lr * end_lr_ratio`` at ``steps``, or constant."""
+    lr, warm = float(spec.lr), int(spec.warmup_steps)
+    rest = max(int(spec.steps) - warm, 1)
+    if spec.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, rest, alpha=spec.end_lr_ratio)
+    elif spec.schedule == "linear":
+        main = optax.linear_schedule(lr, lr * spec.end_lr_ratio, rest)
+    elif spec.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    else:
+        raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {spec.schedule!r}")
+    if warm == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+
+
+def make_optimizer(spec: LoopSpec) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(tx, schedule)``: clipping (if ``clip_norm > 0``), then AdamW / Adam / SGD / Lion."""
+    sched = make_schedule(spec)
+    if spec.optimizer == "adamw":
+        core = optax.adamw(sched, b1=spec.b1, b2=spec.b2, weight_decay=spec.weight_decay)
+    elif spec.optimizer == "adam":
+        core = optax.adam(sched, b1=spec.b1, b2=spec.b2)
+        if spec.weight_decay:
+            core = optax.chain(optax.add_decayed_weights(spec.weight_decay), core)
+    elif spec.optimizer == "sgd":
+        core = optax.sgd(sched, momentum=spec.b1 or None)
+        if spec.weight_decay:
+            core = optax.chain(optax.add_decayed_weights(spec.weight_decay), core)
+    elif spec.optimizer == "lion":
+        core = optax.lion(sched, b1=spec.b1, b2=spec.b2, weight_decay=spec.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be one of adamw, adam, sgd, lion; got {spec.optimizer!r}")
+    tx = optax.chain(optax.clip_by_global_norm(spec.clip_norm), core) if spec.clip_norm > 0 else core
+    return tx, sched
+
+
+# ------------------------------------------------------------------------------------------
+# loss and steps
+# ------------------------------------------------------------------------------------------
+
+
+def token_stats(logits, targets, weights):
+    """``(sum of weighted next-token NLL, sum of weighted correct argmax)``, in float32."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    w = weights.astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum((lse - tgt) * w), jnp.sum(correct * w)
+
+
+def make_loss_fn(logits_fn: Callable, remat: str = "none") -> Callable:
+    """``loss(trainable, frozen, batch, rng) -> (nll_sum, correct_sum)``, under ``jax.checkpoint``
+    with ``jax.checkpoint_policies.<remat>`` unless ``remat == "none"``."""
+
+    def loss(trainable, frozen, batch, rng):
+        logits = logits_fn(trainable, frozen, batch["inputs"], batch["mask"], rng)
+        return token_stats(logits, batch["targets"], batch["weights"])
+
+    if remat == "none":
+        return loss
+    policy = getattr(jax.checkpoint_policies, remat, None)
+    if policy is None:
+        raise ValueError(f"unknown remat policy {remat!r}")
+    return jax.checkpoint(loss, policy=policy)
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: int = 1) -> Callable:
+    """``step(state, frozen, batch) -> (state, metrics)``.
+
+    ``state`` is ``{"params", "opt_state", "rng", "step"}``; with ``grad_accum > 1`` every batch
+    array has a leading micro-batch axis. Gradients are taken of the summed token loss and divided
+    by the batch's trained-token count, so the result does not depend on ``grad_accum``.
+    """
+
+    def step(state, frozen, batch):
+        params = state["params"]
+        rng, sub = jax.random.split(state["rng"])
+
+        def f(p, b, key):
+            nll, correct = loss_fn(p, frozen, b, key)
+            return nll, correct
+
+        vg = jax.value_and_grad(f, has_aux=True)
+        if grad_accum == 1:
+            (nll, correct), grads = vg(params, batch, sub)
+        else:
+            def body(carry, xs):
+                b, j = xs
+                (l_, c_), g_ = vg(params, b, jax.random.fold_in(sub, j))
+                acc_l, acc_c, acc_g = carry
+                return (acc_l + l_, acc_c + c_, jax.tree_util.tree_map(jnp.add, acc_g, g_)), None
+
+            zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                    jax.tree_util.tree_map(jnp.zeros_like, params))
+            (nll, correct, grads), _ = jax.lax.scan(body, zero, (batch, jnp.arange(grad_accum)))
+        n = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / n, grads)
+        gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(grads)))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        new = {"params": params, "opt_state": opt_state, "rng": rng, "step": state["step"] + 1}
+        return new, {"loss": nll / n, "acc": correct / n, "grad_norm": gnorm, "tokens": n}
+
+    return step
+
+
+def make_eval_step(loss_fn: Callable) -> Callable:
+    """``eval(trainable, frozen, batch) -> (nll_sum, correct_sum, n_tokens)``."""
+
+    def ev(trainable, frozen, batch):
+        nll, correct = loss_fn(trainable, frozen, batch, None)
+        return nll, correct, jnp.sum(batch["weights"].astype(jnp.float32))
+
+    return ev
+
+
+# ------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Trainer:
+    """Runs a `LoopSpec` over packed rows on a mesh.
+
+    Args:
+      spec: the loop's settings.
+      mesh: the device mesh (`sharding.make_mesh`).
+      logits_fn: ``(trainable, frozen, inputs, mask, rng) -> logits``.
+      trainable: what the optimizer updates (a `lora.split` trainable half, or whole params).
+      frozen: everything else (None for full training).
+      rows: training rows (`data.pack`).
+      eval_rows: eval rows or None.
+      seed: seeds the data order and the step rng.
+      phase: a name written into metric records (``"lora"``, ``"pretrain"``).
+      metrics: where records go (None: nowhere).
+      checkpointer: a `checkpoint.Checkpointer` (None: no checkpoints).
+      echo: prints a line (the progress bar's ``write`` is used while it is open).
+
+    The trainable state, frozen params and every batch are placed with `sharding` rules; the
+    step and eval functions are compiled once, ahead of time.
+    """
+
+    def __init__(self, spec: LoopSpec, *, mesh, logits_fn: Callable, trainable, frozen=None, rows: _data.Rows,
+                 eval_rows: Optional[_data.Rows] = None, seed: int = 0, phase: str = "lora",
+                 metrics: Optional[MetricsWriter] = None, checkpointer=None, echo: Callable = print):
+        self.spec, self.mesh, self.phase, self.seed = spec, mesh, phase, int(seed)
+        self.rows, self.eval_rows = rows, eval_rows
+        self.metrics, self.checkpointer, self.echo = metrics, checkpointer, echo
+        n_batch = math.prod(shd.mesh_shape(mesh)[a] for a in shd.BATCH_AXES)
+        if spec.micro_batch % n_batch:
+            raise ValueError(f"the micro-batch ({spec.batch_size} / grad_accum {spec.grad_accum} = "
+                             f"{spec.micro_batch} rows) must divide by mesh data x fsdp = {n_batch}")
+        self.order = _data.Order(len(rows), self.seed)
+        self.tx, self.schedule = make_optimizer(spec)
+        loss_fn = make_loss_fn(logits_fn, spec.remat)
+
+        self.trainable_shardings = shd.param_shardings(trainable, mesh)
+        self.frozen_shardings = shd.param_shardings(frozen, mesh) if frozen is not None else None
+        trainable = shd.place(trainable, self.trainable_shardings)
+        self.frozen = shd.place(frozen, self.frozen_shardings) if frozen is not None else None
+        opt_abstract = jax.eval_shape(self.tx.init, trainable)
+        opt_shardings = shd.state_shardings(opt_abstract, trainable, self.trainable_shardings, mesh)
+        rep = shd.replicated(mesh)
+        opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(trainable)
+        self.state = {
+            "params": trainable, "opt_state": opt_state,
+            "rng": jax.jit(lambda: jax.random.fold_in(jax.random.key(self.seed), 1), out_shardings=rep)(),
+            "step": jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=rep)(),
+        }
+        self.state_shardings = {"params": self.trainable_shardings, "opt_state": opt_shardings, "rng": rep,
+                                "step": rep}
+        self.position = 0
+        self.history: list[tuple[int, float]] = []
+        self.evals: list[dict] = []
+
+        t0 = time.perf_counter()
+        accum = spec.grad_accum > 1
+        self._batch_sharding = shd.batch_sharding(mesh, accum=accum)
+        self._eval_sharding = shd.batch_sharding(mesh)
+        L = rows.seq_len
+        lead = (spec.grad_accum, spec.micro_batch) if accum else (spec.batch_size,)
+        ab = {k: jax.ShapeDtypeStruct(lead + (L,), dt, sharding=self._batch_sharding)
+              for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32),
+                            ("mask", jnp.int32))}
+        step_fn = jax.jit(make_train_step(loss_fn, self.tx, spec.grad_accum),
+                          out_shardings=(self.state_shardings, rep))
+        self._step = step_fn.lower(_abstract(self.state), self.frozen, ab).compile()
+        self._eval = None
+        if eval_rows is not None and len(eval_rows):
+            eb = {k: jax.ShapeDtypeStruct((spec.micro_batch, eval_rows.seq_len), v.dtype,
+                                          sharding=self._eval_sharding) for k, v in ab.items()}
+            self._eval = jax.jit(make_eval_step(loss_fn), out_shardings=rep).lower(
+                _abstract(trainable), self.frozen, eb).compile()
+        self.compile_s = time.perf_counter() - t0
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def trainable(self):
+        """The current trainable tree (sharded)."""
+        return self.state["params"]
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state["step"]))
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint holds: adapter (trainable), optimizer state and the rng's key data."""
+        return {"adapter": self.state["params"], "opt_state": self.state["opt_state"],
+                "rng": jax.random.key_data(self.state["rng"])}
+
+    def save(self) -> None:
+        """Checkpoint the current step (no-op without a checkpointer)."""
+        if self.checkpointer is None:
+            return
+        self.checkpointer.save(self.step, self.checkpoint_state(),
+                               {"position": int(self.position), "seed": self.seed, "phase": self.phase})
+
+    def restore(self, step: Optional[int] = None) -> Optional[int]:
+        """Load the newest finalized checkpoint (or ``step``) into this trainer, resharded onto its
+        mesh; returns the step restored (None when there is none)."""
+        if self.checkpointer is None:
+            return None
+        step = self.checkpointer.latest_step() if step is None else step
+        if step is None:
+            return None
+        target = _abstract(self.checkpoint_state())
+        saved, meta = self.checkpointer.restore(step, target)
+        rep = shd.replicated(self.mesh)
+        n = int(meta["step"])
+        self.state = {"params": saved["adapter"], "opt_state": saved["opt_state"],
+                      "rng": jax.jit(jax.random.wrap_key_data, out_shardings=rep)(saved["rng"]),
+                      "step": jax.jit(lambda: jnp.asarray(n, jnp.int32), out_shardings=rep)()}
+        self.position = int(meta["position"])
+        return int(meta["step"])
+
+    # -- data ---------------------------------------------------------------------------------
+    def _put(self, arrays: dict, sharding) -> dict:
+        return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in arrays.items()}
+
+    def next_batch(self) -> dict:
+        """The next global batch (host arrays), advancing the data position."""
+        idx = self.order.take(self.position, self.spec.batch_size)
+        self.position += self.spec.batch_size
+        b = _data.batch(self.rows, idx)
+        if self.spec.grad_accum > 1:
+            b = {k: v.reshape((self.spec.grad_accum, self.spec.micro_batch) + v.shape[1:]) for k, v in b.items()}
+        return b
+
+    # -- eval ---------------------------------------------------------------------------------
+    def evaluate(self) -> Optional[dict]:
+        """Loss, perplexity and next-token accuracy over the eval rows (None without eval rows)."""
+        if self._eval is None:
+            return None
+        nll = correct = n = 0.0
+        for b in _data.eval_batches(self.eval_rows, self.spec.micro_batch, self.spec.eval_batches):
+            out = jax.device_get(self._eval(self.state["params"], self.frozen, self._put(b, self._eval_sharding)))
+            nll, correct, n = nll + float(out[0]), correct + float(out[1]), n + float(out[2])
+        loss = nll / max(n, 1.0)
+        rec = {"kind": "eval", "phase": self.phase, "step": self.step, "eval_loss": loss,
+               "eval_ppl": perplexity(loss), "eval_acc": correct / max(n, 1.0), "eval_tokens": int(n)}
+        self.evals.append(rec)
+        if self.metrics is not None:
+            self.metrics.write(rec)
+        return rec
+
+    # -- train --------------------------------------------------------------------------------
+    def fit(self, until: Optional[int] = None) -> dict:
+        """Train up to ``spec.steps`` (or stop after step ``until``), evaluating, logging and
+        checkpointing on the way. Returns ``{"step", "stopped", "train_s", "tokens_per_s", ...}``."""
+        spec = self.spec
+        end = spec.steps if until is None else min(int(until), spec.steps)
+        start = self.step
+        if end <= start:
+            return {"step": start, "stopped": start < spec.steps, "train_s": 0.0, "tokens_per_s": 0.0,
+                    "compile_s": self.compile_s, "eval": None}
+        bar = Progress(spec.steps, start, enabled=spec.progress, desc=self.phase)
+        say = bar.write
+        tokens_per_step = spec.batch_size * self.rows.seq_len
+        if start == 0 and self._eval is not None:
+            ev = self.evaluate()
+            say(f"[{self.phase}] step 0: eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
+        pending: list[tuple[int, dict]] = []
+        t_start = t_win = time.perf_counter()
+        win_steps = 0
+        last_ev = None
+        for s in range(start + 1, end + 1):
+            batch = self._put(self.next_batch(), self._batch_sharding)
+            self.state, m = self._step(self.state, self.frozen, batch)
+            pending.append((s, m))
+            win_steps += 1
+            if s % spec.log_every == 0 or s == end:
+                got = jax.device_get([mm for _, mm in pending])
+                dt = time.perf_counter() - t_win
+                tps = win_steps * tokens_per_step / max(dt, 1e-9)
+                losses = [float(g["loss"]) for g in got]
+                toks = [float(g["tokens"]) for g in got]
+                self.history += [(ss, l) for (ss, _), l in zip(pending, losses)]
+                rec = {"kind": "train", "phase": self.phase, "step": s,
+                       "loss": float(np.dot(losses, toks) / max(sum(toks), 1.0)),
+                       "acc": float(np.dot([float(g["acc"]) for g in got], toks) / max(sum(toks), 1.0)),
+                       "grad_norm": float(got[-1]["grad_norm"]), "lr": float(self.schedule(s - 1)),
+                       "tokens_per_s": tps, "elapsed_s": time.perf_counter() - t_start}
+                if self.metrics is not None:
+                    self.metrics.write(rec)
+                bar.update(win_steps, loss=rec["loss"], tok_s=f"{tps:,.0f}")
+                pending, win_steps, t_win = [], 0, time.perf_counter()
+            if self._eval is not None and ((spec.eval_every and s % spec.eval_every == 0) or s == spec.steps):
+                last_ev = self.evaluate()
+                say(f"[{self.phase}] step {s}: eval loss {last_ev['eval_loss']:.4f} (ppl {last_ev['eval_ppl']:.2f})")
+                t_win = time.perf_counter()  # eval time is not training time
+            if self.checkpointer is not None and (
+                    (spec.checkpoint_every and s % spec.checkpoint_every == 0) or s == end):
+                self.save()
+        bar.close()
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+        train_s = time.perf_counter() - t_start
+        done = end - start
+        return {"step": self.step, "stopped": end < spec.steps, "train_s": train_s,
+                "tokens_per_s": done * tokens_per_step / max(train_s, 1e-9), "compile_s": self.compile_s,
+                "eval": last_ev}

@@ -1,0 +1,146 @@
+"""`lora-jax train` end to end (in-process and as a subprocess), then eval / merge / export /
+generate on the run it produced."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import lora_jax as lora
+from lora_jax.cli import main
+from lora_jax.train import data as D
+from lora_jax.train.checkpoint import latest_step
+from lora_jax.train.metrics import read_metrics
+from lora_jax.train.model import forward, load_model, make_apply
+from lora_jax.train.pipeline import load_checkpoint, load_run
+
+from train_helpers import tiny_overrides
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "run"
+    rc = main(["train"] + tiny_overrides(d, **{"train.eval_batches": 0}))
+    assert rc == 0
+    return d
+
+
+def test_train_writes_metrics_checkpoints_adapter_and_plot(trained, capsys):
+    d = trained
+    for f in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "base/config.json",
+              "base/flax_model.msgpack", "base/tokenizer.json", "adapter/adapter_model.safetensors",
+              "adapter/adapter_config.json"):
+        assert (d / f).is_file(), f
+    assert (d / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    assert latest_step(str(d / "checkpoints")) == 4
+    assert sorted(int(p) for p in os.listdir(d / "checkpoints") if p.isdigit()) == [2, 4]  # keep 2
+    recs = read_metrics(str(d / "metrics.jsonl"))
+    lora_train = [r for r in recs if r["kind"] == "train" and r["phase"] == "lora"]
+    evals = [r for r in recs if r["kind"] == "eval" and r["phase"] == "lora"]
+    assert [r["step"] for r in lora_train] == [1, 2, 3, 4]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert [r["step"] for r in recs if r["phase"] == "pretrain"] == [1, 2]
+    for r in lora_train:
+        assert np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["lr"] >= 0
+    for r in evals:
+        assert abs(r["eval_ppl"] - np.exp(r["eval_loss"])) < 1e-6 * r["eval_ppl"]
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["eval_loss_before"] == evals[0]["eval_loss"] and summary["eval_loss_after"] == evals[-1]["eval_loss"]
+    assert summary["trainable_params"] == 2 * 4 * (4 * 32 + 32 + 16 + 16 + 32 + 3 * (32 + 48))  # r=4, 7 kernels, 2 layers
+
+    # the exported adapter is the final checkpoint's, in PEFT's layout
+    h = load_run(str(d))
+    state, meta = load_checkpoint(str(d), h.cfg, h.lora_params)
+    assert meta["step"] == 4
+    tensors = load_file(str(d / "adapter" / "adapter_model.safetensors"))
+    assert len(tensors) == 2 * 7 * 2
+    for path, lw in lora.tree.lora_items(state["adapter"]):
+        mod = "base_model.model." + path.rpartition("/")[0].replace("/", ".")
+        assert np.array_equal(tensors[mod + ".lora_A.weight"], np.asarray(lw.a).T)
+        assert np.array_equal(tensors[mod + ".lora_B.weight"], np.asarray(lw.b).T)
+    cfg = json.loads((d / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (4, 8.0, "LORA")
+    assert cfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_eval_command_reproduces_the_training_evals(trained, capsys):
+    assert main(["eval", str(trained)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    summary = json.loads((trained / "summary.json").read_text())
+    assert out["source"] == "checkpoint step 4"
+    np.testing.assert_allclose(out["base"]["eval_loss"], summary["eval_loss_before"], rtol=1e-5)
+    np.testing.assert_allclose(out["adapter"]["eval_loss"], summary["eval_loss_after"], rtol=1e-5)
+
+
+def test_merge_gives_the_same_logits_as_base_plus_adapter(trained, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["merge", str(trained), "--out", str(out)]) == 0
+    assert "merge: checkpoint step 4 -> " in capsys.readouterr().out
+    h = load_run(str(trained))
+    merged_model, merged = load_model(str(out))
+    x = np.asarray(D.batch(D.pack([D.encode({"text": "LOG. Day 3. Wind W."}, h.tokenizer)], 16,
+                                  h.tokenizer.pad_token_id), np.array([0]))["inputs"])
+    mask = np.ones_like(x)
+    want = forward(make_apply(h.model), h.lora_params, x, mask)
+    got = make_apply(merged_model)(merged, x, mask)
+    base = make_apply(h.model)(jax.tree_util.tree_map(lambda v: v.w if lora.is_lora(v) else v, h.lora_params,
+                                                      is_leaf=lora.is_lora), x, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert float(np.abs(np.asarray(want) - np.asarray(base)).max()) > 1e-3  # the adapter changes the logits
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_export_and_generate(trained, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["export", str(trained), "--out", str(out)]) == 0
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(trained / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["generate", str(trained), "--prompt", "LOG, ALDER", "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("LOG, ALDER") and len(text.strip()) > len("LOG, ALDER")
+    assert main(["generate", str(trained), "--adapter", str(out), "--max-new-tokens", "0"]) == 2
+    # greedy sampling: each new token is the argmax of the model's logits at the end of the text so far
+    # (one causal forward over the whole sequence gives all of those logits)
+    from lora_jax.train.pipeline import sample
+
+    h = load_run(str(trained), adapter=str(out))
+    ids = [h.tokenizer.bos_token_id] + h.tokenizer.encode("LOG, ALDER", add_special_tokens=False)
+    new = sample(h.apply, h.lora_params, ids, max_new_tokens=3, max_len=64, eos_id=None, pad_id=0, temperature=0)
+    x = np.asarray([ids + new])
+    logits = np.asarray(forward(h.apply, h.lora_params, x, np.ones_like(x)))[0]
+    assert new == [int(np.argmax(logits[len(ids) - 1 + k])) for k in range(3)]
+    assert text.strip().startswith(h.tokenizer.decode(ids + new, skip_special_tokens=True))
+
+
+def test_a_second_fresh_run_into_the_same_dir_is_refused(trained, capsys):
+    assert main(["train"] + tiny_overrides(trained)) == 2
+    assert "already holds a run (checkpoints up to step 4); pass --resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_as_a_subprocess(tmp_path):
+    d = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = [sys.executable, "-m", "lora_jax.cli", "train"] + tiny_overrides(d, **{"train.steps": 2,
+                                                                                   "train.checkpoint_every": 0})
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "# lora-jax train: resolved config" in p.stdout and "eval loss on the held-out data" in p.stdout
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in p.stdout
+    for f in ("metrics.jsonl", "loss.png", "adapter/adapter_model.safetensors", "checkpoints/2"):
+        assert (d / f).exists(), f
+    bad = subprocess.run([sys.executable, "-m", "lora_jax.cli", "train", f"out_dir={tmp_path / 'bad'}",
+                          "train.optimizer=adamm"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "train.optimizer: 'adamm' is not allowed; expected one of adamw, adam, sgd, lion (did you mean" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,147 @@
+"""Data: reading, loss weights, packing and order, checked against hand-computed references."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lora_jax.train import data as D
+
+
+class CharTok:
+    """One token per character (ord), bos=1, eos=2, pad=0: easy to compute by hand."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def encode(self, text, add_special_tokens=False):
+        assert not add_special_tokens
+        return [ord(c) for c in text]
+
+
+def test_pack_matches_hand_computed_rows():
+    # two documents: [bos a b c eos] [bos d e eos], weights 0 on bos
+    docs = [D.encode({"text": "abc"}, CharTok()), D.encode({"text": "de"}, CharTok())]
+    a, b, c, d, e = (ord(x) for x in "abcde")
+    assert docs[0][0].tolist() == [1, a, b, c, 2] and docs[0][1].tolist() == [0, 1, 1, 1, 1]
+    rows = D.pack(docs, seq_len=4, pad_id=0)
+    # stream: 1 a b c 2 1 d e 2  (9 tokens) -> ceil(8/4) = 2 rows of 5, overlapping by one token
+    assert rows.tokens.tolist() == [[1, a, b, c, 2], [2, 1, d, e, 2]]
+    assert rows.weights.tolist() == [[0, 1, 1, 1, 1], [1, 0, 1, 1, 1]]
+    assert rows.valid.all()
+    bt = D.batch(rows, np.array([0, 1]))
+    assert bt["inputs"].tolist() == [[1, a, b, c], [2, 1, d, e]]
+    assert bt["targets"].tolist() == [[a, b, c, 2], [1, d, e, 2]]
+    # the BOS of the second document is never a target; every other token is one, exactly once
+    assert bt["weights"].tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    assert rows.n_targets == 7 == 4 + 3
+
+
+def test_pack_pads_the_last_row_with_zero_weight():
+    docs = [D.encode({"text": "abcdef"}, CharTok())]  # 8 tokens -> ceil(7/3) = 3 rows, 10 slots
+    rows = D.pack(docs, seq_len=3, pad_id=0)
+    stream = [1] + [ord(x) for x in "abcdef"] + [2]
+    assert rows.tokens.tolist() == [stream[0:4], stream[3:7], stream[6:8] + [0, 0]]
+    assert rows.weights[2].tolist() == [1, 1, 0, 0]
+    assert rows.valid[2].tolist() == [True, True, False, False]
+    bt = D.batch(rows, np.array([2]))
+    assert bt["mask"].tolist() == [[1, 1, 0]]
+    assert bt["weights"].tolist() == [[1, 0, 0]]
+
+
+def test_no_packing_one_row_per_document_truncated():
+    docs = [D.encode({"text": "abcdefgh"}, CharTok()), D.encode({"text": "x"}, CharTok())]
+    rows = D.pack(docs, seq_len=4, pad_id=0, packing=False)
+    assert rows.tokens.tolist() == [[1] + [ord(c) for c in "abcd"], [1, ord("x"), 2, 0, 0]]
+    assert rows.weights.tolist() == [[0, 1, 1, 1, 1], [0, 1, 1, 0, 0]]
+
+
+def test_prompt_completion_masks_the_prompt():
+    ids, w = D.encode({"prompt": "Q:", "completion": "yes"}, CharTok())
+    assert ids.tolist() == [1, ord("Q"), ord(":"), ord("y"), ord("e"), ord("s"), 2]
+    assert w.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    rows = D.pack([(ids, w)], seq_len=6, pad_id=0)
+    bt = D.batch(rows, np.array([0]))
+    # the targets Q and : (prompt) carry no loss; y e s eos do
+    assert bt["targets"][0].tolist() == [ord("Q"), ord(":"), ord("y"), ord("e"), ord("s"), 2]
+    assert bt["weights"][0].tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_messages_train_on_assistant_turns_only():
+    from lora_jax.train.model import build_tokenizer
+
+    tok = build_tokenizer(["hello there, how are you? fine thanks"] * 5, vocab_size=300)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "ok?"},
+            {"role": "assistant", "content": "fine"}]
+    ids, w = D.encode({"messages": msgs}, tok)
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    # the chat template renders <|role|>\ncontent<|end|>\n per turn; the assistant's header is a prompt
+    pieces = [("<|system|>\nbe brief<|end|>\n", 0), ("<|user|>\nhi<|end|>\n", 0), ("<|assistant|>\n", 0),
+              ("hello<|end|>\n", 1), ("<|user|>\nok?<|end|>\n", 0), ("<|assistant|>\n", 0), ("fine<|end|>\n", 1)]
+    want_ids = [t for s, _ in pieces for t in enc(s)] + [tok.eos_token_id]
+    want_w = [float(k) for s, k in pieces for _ in enc(s)] + [1.0]
+    assert ids.tolist() == want_ids
+    assert w.tolist() == want_w
+    trained = tok.decode([i for i, x in zip(ids, w) if x and i != tok.eos_token_id])
+    assert trained == "hello<|end|>\nfine<|end|>\n"
+
+
+def test_read_text_paragraphs_and_jsonl(tmp_path):
+    t = tmp_path / "a.txt"
+    t.write_text("first para\nline two\n\n\n  second  \n\nthird\n")
+    assert D.read_documents(str(t)) == [{"text": "first para\nline two"}, {"text": "second"}, {"text": "third"}]
+    j = tmp_path / "b.jsonl"
+    j.write_text(json.dumps({"text": "x"}) + "\n\n" + json.dumps({"prompt": "p", "completion": "c"}) + "\n"
+                 + json.dumps({"messages": [{"role": "user", "content": "u"}]}) + "\n")
+    assert D.read_documents(str(j)) == [{"text": "x"}, {"prompt": "p", "completion": "c"},
+                                         {"messages": [{"role": "user", "content": "u"}]}]
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "2.txt").write_text("two\n\nstill two")
+    (d / "1.txt").write_text("one")
+    assert D.read_documents(str(d)) == [{"text": "one"}, {"text": "two\n\nstill two"}]
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("{not json", "b.jsonl:2: not valid JSON"),
+    ('{"prompt": "p"}', "b.jsonl:2: 'prompt' and 'completion' must both be strings"),
+    ('{"input": "x"}', "b.jsonl:2: a record needs 'text', 'prompt'+'completion' or 'messages'"),
+    ('{"messages": [{"role": "user"}]}', "b.jsonl:2: 'messages' must be a non-empty list"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, line, msg):
+    j = tmp_path / "b.jsonl"
+    j.write_text('{"text": "ok"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=msg.replace("+", r"\+").replace("[", r"\[")):
+        D.read_documents(str(j))
+
+
+def test_order_is_a_permutation_per_epoch_deterministic_and_seeded():
+    o = D.Order(10, seed=3)
+    first = o.take(0, 25)
+    assert np.array_equal(first, D.Order(10, seed=3).take(0, 25))
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))
+    assert not np.array_equal(first[:10], first[10:20])  # each epoch reshuffles
+    assert not np.array_equal(first, D.Order(10, seed=4).take(0, 25))
+    # a resume from any position continues the same sequence
+    assert np.array_equal(o.take(7, 18), first[7:25])
+    assert np.array_equal(D.Order(10, 3).take(13, 5), first[13:18])
+    # the reference: epoch e is numpy's default_rng([seed, e]) permutation
+    assert np.array_equal(first[10:20], np.random.default_rng([3, 1]).permutation(10))
+
+
+def test_eval_batches_cover_every_row_once_and_pad_with_zero_weight():
+    docs = [D.encode({"text": "abcdefghij" * 3}, CharTok())]
+    rows = D.pack(docs, seq_len=4, pad_id=0)  # 32 tokens -> 8 rows
+    bs = list(D.eval_batches(rows, 3))
+    assert len(bs) == 3
+    total = sum(float(b["weights"].sum()) for b in bs)
+    assert total == rows.n_targets
+    assert bs[-1]["weights"][2:].sum() == 0  # the 9th row does not exist
+    assert len(list(D.eval_batches(rows, 3, max_batches=2))) == 2
+
+
+def test_split_eval_holds_out_the_last_documents():
+    docs = [{"text": str(k)} for k in range(10)]
+    tr, ev = D.split_eval(docs, 0.25)
+    assert [d["text"] for d in ev] == ["7", "8", "9"] and len(tr) == 7
+    assert D.split_eval(docs, 0.0) == (docs, [])
