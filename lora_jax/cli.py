@@ -4,8 +4,8 @@
 
     lora-jax train [CONFIG] [key=value ...] [--resume] [--dry-run]
     lora-jax eval [RUN] [key=value ...] [--adapter DIR]
-    lora-jax merge [RUN] [--out DIR] [--adapter DIR]
-    lora-jax export [RUN] [--out DIR]
+    lora-jax merge [RUN] [--out DIR] [--adapter DIR] [--overwrite]
+    lora-jax export [RUN] [--out DIR] [--overwrite]
     lora-jax generate [RUN] [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--seed S] [--base]
     lora-jax demo [...]
 
@@ -136,18 +136,23 @@ def _merge_or_export(argv, which: str) -> int:
     ap.add_argument("--out", default=None, help=f"output dir (default: RUN/{'merged' if which == 'merge' else 'adapter'})")
     if which == "merge":
         ap.add_argument("--adapter", default=None, help="a PEFT adapter dir instead of the run's own")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     a = ap.parse_args(argv)
     try:
         from .train import model as _model, pipeline
 
         run_dir = _run_dir([a.run] if a.run else [])
+        out = a.out or os.path.join(run_dir, "merged" if which == "merge" else "adapter")
+        if os.path.isdir(out) and os.listdir(out) and not a.overwrite:
+            raise ValueError(f"{out!r} exists and is not empty; pass --overwrite to replace it or --out DIR")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"{out!r} exists and is not a directory")
         h = pipeline.load_run(run_dir, adapter=getattr(a, "adapter", None))
         if which == "merge":
-            out = a.out or os.path.join(run_dir, "merged")
             _model.save_merged(h.model, h.lora_params, h.tokenizer, out)
         else:
-            out = a.out or os.path.join(run_dir, "adapter")
-            _model.export_peft(h.lora_params, out, base_model=h.cfg.model.path or os.path.join(run_dir, "base"))
+            _model.export_peft(h.model, h.lora_params, out,
+                               base_model=h.cfg.model.path or os.path.join(run_dir, "base"))
     except (ConfigError, ValueError) as e:
         return _err(str(e))
     print(f"{which}: {h.adapter_source} -> {out}")

@@ -144,3 +144,31 @@ def test_train_as_a_subprocess(tmp_path):
     assert bad.returncode == 2
     assert "train.optimizer: 'adamm' is not allowed; expected one of adamw, adam, sgd, lion (did you mean" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_run_base_and_adapter_load_in_pytorch_peft(trained, tmp_path):
+    """The run's saved base (safetensors) and exported adapter are what PyTorch transformers + PEFT
+    load, and they compute the logits lora_jax computes."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    h = load_run(str(trained), adapter=str(trained / "adapter"))
+    x = np.asarray([[h.tokenizer.bos_token_id] + h.tokenizer.encode("LOG. Day 3. Wind W.", add_special_tokens=False)])
+    want = np.asarray(forward(h.apply, h.lora_params, x, np.ones_like(x)))
+    base = AutoModelForCausalLM.from_pretrained(str(trained / "base"), torch_dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(base, str(trained / "adapter")).eval()
+    with torch.no_grad():
+        got = pm(torch.from_numpy(x)).logits.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_export_refuses_a_non_empty_directory_without_overwrite(trained, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", str(trained), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert main(["export", str(trained), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]

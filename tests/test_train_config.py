@@ -117,3 +117,12 @@ def test_cli_usage_errors(capsys):
     assert "unknown command 'trian'; did you mean 'train'?" in capsys.readouterr().err
     assert main(["train", "a.steps=1", "default"]) == 2
     assert "comes after key=value overrides" in capsys.readouterr().err
+
+
+def test_repo_conf_default_is_the_shipped_default():
+    """``conf/default.yaml`` at the repository root (what a user edits) is the file the package
+    ships as its embedded default; they must not drift apart."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "conf", "default.yaml"), "rb") as a, \
+            open(os.path.join(root, "lora_jax", "conf", "default.yaml"), "rb") as b:
+        assert a.read() == b.read()

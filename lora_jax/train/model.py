@@ -11,12 +11,8 @@ pass, so that the rest of `lora_jax.train` stays model-agnostic:
 * `export_peft` / `load_peft`: the adapter as a PEFT directory;
 * `save_merged`: base + adapter folded, as an HF checkpoint.
 
-# TODO(hf): `load_model`, `export_peft`, `load_peft` and `save_merged` switch to
-# `lora_jax.hf.from_pretrained` / `save_peft` / `load_peft` / `save_merged` (safetensors, PyTorch
-# checkpoints) when that module lands. Until then a checkpoint is a transformers *Flax* directory
-# (``config.json`` + ``flax_model.msgpack``) and the adapter a PEFT-named safetensors file.
-# TODO(wrap): `forward` switches to ``lora.wrap(apply, rng=rng)(lora_params, ...)`` (factorized,
-# with LoRA dropout); it merges for now.
+Checkpoints and adapters go through `lora_jax.hf` (Hugging Face and PEFT formats); the forward
+pass through `lora.wrap`.
 """
 
 from __future__ import annotations
@@ -40,8 +36,8 @@ __all__ = ["FORWARD_SUPPORTS_DROPOUT", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "build
            "new_model", "load_model", "save_model", "make_apply", "forward", "export_peft", "load_peft",
            "save_merged", "default_layout", "to_host", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
 
-# TODO(wrap): True once `forward` goes through lora.wrap (it applies LoRA dropout; merging cannot).
-FORWARD_SUPPORTS_DROPOUT = False
+# `forward` goes through lora.wrap, which applies LoRA dropout.
+FORWARD_SUPPORTS_DROPOUT = True
 
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHAT_TEMPLATE = (
@@ -144,7 +140,6 @@ def new_model(init: dict, *, vocab_size: int, seed: int = 0, compute_dtype="floa
     arch = kw.pop("arch")
     kw["vocab_size"] = int(vocab_size)
     config = transformers.AutoConfig.for_model(arch, **kw)
-    # TODO(hf): lora_jax.models / lora_jax.hf may give a faster model for the same config.
     with _quiet_transformers():
         model = FlaxAutoModelForCausalLM.from_config(config, dtype=jnp.dtype(compute_dtype), seed=seed,
                                                      _do_init=False)
@@ -157,28 +152,24 @@ def new_model(init: dict, *, vocab_size: int, seed: int = 0, compute_dtype="floa
 
 
 def load_model(path: str, *, compute_dtype="float32", param_dtype="float32"):
-    """``(model, params)`` of a local transformers Flax checkpoint directory.
-
-    # TODO(hf): lora_jax.hf.from_pretrained (PyTorch safetensors checkpoints, sharded loading).
+    """``(model, params)`` of a local Hugging Face checkpoint directory (`lora_jax.hf.from_pretrained`:
+    Flax msgpack, PyTorch safetensors or sharded safetensors; no torch needed).
 
     Raises:
-      ValueError: if ``path`` holds no Flax weights (the files present are listed).
+      ValueError: unsupported architecture, no weights, or weights that do not fit the config.
     """
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_CAUSAL_LM_MAPPING
+    from ..hf import from_pretrained
+    from ..hf.arch import resolve
 
-    if not os.path.isfile(os.path.join(path, "flax_model.msgpack")):
-        files = sorted(os.listdir(path)) if os.path.isdir(path) else []
-        raise ValueError(f"{path}: expected a transformers Flax checkpoint (config.json + flax_model.msgpack); "
-                         f"found {files}. PyTorch checkpoints load once lora_jax.hf lands.")
-    config = AutoConfig.from_pretrained(path)
-    if type(config) not in FLAX_MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ValueError(f"{path}: model type {config.model_type!r} has no transformers Flax causal-LM class")
-    cls = FLAX_MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    with _quiet_transformers():
-        # the concrete class, with the config given: through the Auto class, `dtype` would be
-        # taken for a config field (transformers 4.57)
-        model, params = cls.from_pretrained(path, config=config, dtype=jnp.dtype(compute_dtype), _do_init=False)
+    try:
+        with _quiet_transformers():
+            model, params = from_pretrained(path)
+            # the same class and config, computing in ``compute_dtype``; the weights keep ``param_dtype``
+            model = resolve(model).build(dtype=jnp.dtype(compute_dtype))
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    if getattr(model.config, "is_encoder_decoder", False) or resolve(model).task_type != "CAUSAL_LM":
+        raise ValueError(f"{path}: {type(model).__name__} is not a causal language model; lora-jax train needs one")
     return model, _cast(params, param_dtype)
 
 
@@ -192,15 +183,18 @@ def to_host(tree):
 
 
 def save_model(model, params, tokenizer, path: str) -> None:
-    """Write ``params`` with ``model``'s config (and the tokenizer) as an HF Flax checkpoint dir.
-
-    The directory appears complete or not at all (written beside it, then renamed).
+    """Write ``params`` (plain or a LoRA tree, merged with ``safe=True``) with ``model``'s config and
+    the tokenizer as a Hugging Face checkpoint directory that transformers loads in PyTorch and
+    Flax (`lora_jax.hf.save_merged`). The directory appears complete or not at all (written beside
+    it, then renamed); an existing one is replaced.
     """
+    from ..hf import save_merged as _hf_save_merged
+
     params = to_host(params)
     if jax.process_index() != 0:
         return
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, params=params)
+        _hf_save_merged(tmp, model, params, overwrite=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
@@ -223,14 +217,11 @@ def make_apply(model) -> Callable:
 
 
 def forward(apply: Callable, lora_params, inputs, mask, *, rng=None):
-    """Logits of the LoRA model.
+    """Logits of the LoRA model: ``lora.wrap(apply, rng=rng)`` (factorized ``x@W + s(x@A)@B``, no
+    weight-sized gradient for the frozen base; LoRA dropout driven by ``rng``, none without it)."""
+    from ..interpreter import wrap
 
-    # TODO(wrap): ``return lora.wrap(apply, rng=rng)(lora_params, inputs, mask)``: factorized,
-    # with LoRA dropout driven by ``rng``. Until then the adapter is merged inside the function
-    # (same values and gradients; costs a full weight gradient) and ``rng`` is unused.
-    """
-    del rng
-    return apply(_tree.merge(lora_params), inputs, mask)
+    return wrap(apply, rng=rng)(lora_params, inputs, mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -238,96 +229,40 @@ def forward(apply: Callable, lora_params, inputs, mask, *, rng=None):
 # ------------------------------------------------------------------------------------------
 
 
-def _peft_module(path: str) -> str:
-    return path.rpartition("/")[0].replace("/", ".")
-
-
-def export_peft(lora_params, out_dir: str, *, base_model: Optional[str] = None, task_type: str = "CAUSAL_LM") -> None:
-    """Write the adapter as a PEFT directory: ``adapter_model.safetensors`` + ``adapter_config.json``.
-
-    Keys follow PEFT: ``base_model.model.<module>.lora_A.weight`` = ``a.T`` ``(r, in)`` and
-    ``...lora_B.weight`` = ``b.T`` ``(out, r)``, where ``<module>`` is the Flax path with dots
-    (transformers names its Flax and PyTorch modules alike).
-
-    # TODO(hf): lora_jax.hf.save_peft (stacked and N-d kernels, embeddings, checked against PEFT).
+def export_peft(model, lora_params, out_dir: str, *, base_model: Optional[str] = None,
+                overwrite: bool = True) -> None:
+    """Write the adapter as a PEFT directory (`lora_jax.hf.save_peft`): ``adapter_model.safetensors``
+    with PEFT's key names and ``adapter_config.json``; ``PeftModel.from_pretrained`` loads it.
 
     Raises:
-      ValueError: for a stacked or N-d LoRA kernel (the path is named), which this writer cannot map.
+      ValueError: a non-empty ``out_dir`` without ``overwrite``, or a non-finite factor (nothing is
+        written then).
     """
-    from safetensors.numpy import save_file
+    from ..hf import save_peft
 
-    items = list(_tree.lora_items(lora_params))
-    if not items:
-        raise ValueError("export_peft: the tree holds no LoraWeight")
-    tensors = {}
-    ranks, alphas, modules = {}, {}, []
-    for path, lw in items:
-        if lw.layout not in ("io", "oi"):
-            raise ValueError(f"export_peft: {path} has layout {lw.layout!r}; this writer handles 2-D kernels only")
-        a, b = to_host((lw.a, lw.b))
-        mod = _peft_module(path)
-        tensors[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a, np.float32).T)
-        tensors[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b, np.float32).T)
-        ranks[mod], alphas[mod] = lw.rank, lw.alpha
-        modules.append(mod.rpartition(".")[2])
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    first = items[0][1]
-    config = {
-        "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
-        "lora_dropout": first.dropout, "use_rslora": first.rslora, "bias": "none",
-        "fan_in_fan_out": first.layout == "oi", "target_modules": sorted(set(modules)),
-        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
-        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
-        "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,
-    }
+    lora_params = to_host(lora_params)
+    bad = [p for p, lw in _tree.lora_items(lora_params)
+           if not (np.isfinite(np.asarray(lw.a, np.float32)).all() and np.isfinite(np.asarray(lw.b, np.float32)).all())]
+    if bad:
+        raise ValueError(f"export_peft: non-finite LoRA factors at {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                         "nothing written")
     if jax.process_index() != 0:
         return
-    with atomic_dir(out_dir) as tmp:
-        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
+    save_peft(out_dir, lora_params, model, overwrite=overwrite, base_model_name_or_path=base_model)
 
 
-def load_peft(lora_params, adapter_dir: str):
-    """``lora_params`` with ``a``, ``b`` replaced by those of an adapter written by `export_peft`.
+def load_peft(model, lora_params, adapter_dir: str):
+    """``lora_params`` with the adapter of a PEFT directory (`lora_jax.hf.load_peft`, strict: every
+    missing, unexpected or misshapen key is reported in one ``ValueError``)."""
+    from ..hf import load_peft as _hf_load_peft
 
-    # TODO(hf): lora_jax.hf.load_peft.
-
-    Raises:
-      ValueError: naming missing keys or shape mismatches (both shapes).
-    """
-    from safetensors.numpy import load_file
-
-    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    if not os.path.isfile(path):
-        raise ValueError(f"no adapter in {adapter_dir!r}: {ADAPTER_WEIGHTS} not found")
-    tensors = load_file(path)
-
-    def put(kp, x):
-        if not is_lora(x):
-            return x
-        from ..rules import path_str
-
-        mod = _peft_module(path_str(kp))
-        out = {}
-        for name, cur in (("A", x.a), ("B", x.b)):
-            key = f"base_model.model.{mod}.lora_{name}.weight"
-            if key not in tensors:
-                raise ValueError(f"{path}: missing {key}")
-            t = tensors[key].T
-            if tuple(t.shape) != tuple(cur.shape):
-                raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)} (transposed "
-                                 f"{tuple(t.shape)}); the model's lora_{name.lower()} is {tuple(cur.shape)}")
-            out[name.lower()] = jnp.asarray(t, cur.dtype)
-        return x.replace(**out)
-
-    return jax.tree_util.tree_map_with_path(put, lora_params, is_leaf=is_lora)
+    if not os.path.isdir(adapter_dir):
+        raise ValueError(f"no adapter directory {adapter_dir!r}")
+    base = jax.tree_util.tree_map(lambda x: x.base if is_lora(x) else x, lora_params, is_leaf=is_lora)
+    return _hf_load_peft(adapter_dir, base, model)
 
 
 def save_merged(model, lora_params, tokenizer, out_dir: str) -> None:
-    """Fold the adapter into the base and write an HF checkpoint (Flax format for now).
-
-    # TODO(hf): lora_jax.hf.save_merged (PyTorch safetensors, loadable by transformers' AutoModel).
-    """
-    save_model(model, _tree.merge(lora_params), tokenizer, out_dir)
+    """Fold the adapter into the base (``merge(safe=True)``: a non-finite result raises and writes
+    nothing) and write a Hugging Face checkpoint with the tokenizer (see `save_model`)."""
+    save_model(model, _tree.merge(lora_params, safe=True), tokenizer, out_dir)

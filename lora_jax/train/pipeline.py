@@ -337,7 +337,7 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
             lp = _tree.combine(trainer.trainable, trainer.frozen)
             if cfg.train.export:
                 adapter_dir = os.path.join(out_dir, "adapter")
-                _model.export_peft(lp, adapter_dir, base_model=cfg.model.path or os.path.abspath(base_dir))
+                _model.export_peft(model, lp, adapter_dir, base_model=cfg.model.path or os.path.abspath(base_dir))
                 summary["adapter"] = os.path.abspath(adapter_dir)
             if cfg.train.plot and main:
                 png = os.path.join(out_dir, "loss.png")
@@ -448,13 +448,13 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
     model, params = _model.load_model(base, compute_dtype=cdt, param_dtype=cfg.model.param_dtype)
     lp = _tree.init(params, _lora_rules(cfg, model), jax.random.key(cfg.seed))
     if adapter is not None:
-        return RunHandle(cfg, out_dir, model, tok, _model.load_peft(lp, adapter), f"adapter {adapter}")
+        return RunHandle(cfg, out_dir, model, tok, _model.load_peft(model, lp, adapter), f"adapter {adapter}")
     restored, step = _restore_adapter(out_dir, cfg, lp)
     if restored is not None:
         return RunHandle(cfg, out_dir, model, tok, restored, f"checkpoint step {step}")
     exported = os.path.join(out_dir, "adapter")
     if os.path.isdir(exported):
-        return RunHandle(cfg, out_dir, model, tok, _model.load_peft(lp, exported), f"adapter {exported}")
+        return RunHandle(cfg, out_dir, model, tok, _model.load_peft(model, lp, exported), f"adapter {exported}")
     raise ConfigError(f"{out_dir!r} holds neither a checkpoint nor an exported adapter")
 
 
