@@ -3,8 +3,11 @@
 Builds a random-init Llama (lora_jax.models.llama; default: the 1.1B config of the anchors),
 puts LoRA r=16 on its 7 projections, quantizes the frozen kernels with ``lora.quantize`` and
 prints one JSON line: bytes of the frozen base in bf16 and NF4 (the 7 projections under the
-adapters, and the whole frozen model with ``which="all"``, embeddings and head included), their ratio, and the logit error of the NF4 model vs the bf16 model
-on a fixed input (max and RMS, relative to the bf16 logits' RMS), plus the same for int8.
+adapters, and the whole frozen model with ``which="all"``, embeddings and head included), their
+ratio, the error of one quantized projection (weights, and outputs on Gaussian inputs, relative to
+their RMS), and the logit error of the NF4 model vs the bf16 model on a fixed input (max and RMS,
+relative to the bf16 logits' RMS; a random-init deep model compounds the per-layer error, so this
+is far larger than for a trained one), plus the same for int8.
 
 Usage: python benchmarks/qlora_memory.py [--size 1b|160m|tiny] [--tokens 128]
 """
@@ -64,6 +67,13 @@ def main(argv=None):
         q_all = lora.quantize(lp, scheme, block=args.block, double_quant=True, which="all")
         got = np.asarray(fwd(q, ids), np.float64)
         err = got - ref
+        # one projection alone (layer 0's q_proj on Gaussian inputs): the quantization's own error,
+        # before 2 x layers of a random-init network compound it
+        (path, lw), (_, lwq) = next(iter(lora_items(lp))), next(iter(lora_items(q)))
+        w0 = np.asarray(lw.base, np.float64)[0]
+        wq0 = np.asarray(lora.dequantize(lwq.base), np.float64)[0]
+        xs = np.asarray(jax.random.normal(jax.random.key(3), (args.tokens, w0.shape[0])), np.float64)
+        y0, yq = xs @ w0, xs @ wq0
         out[scheme] = {
             "projection_bytes": base_bytes(q), "bf16_projection_bytes": bf16_proj,
             "projection_ratio": round(bf16_proj / base_bytes(q), 3),
@@ -72,6 +82,9 @@ def main(argv=None):
             "logit_max_abs_err_over_rms": round(float(np.abs(err).max()) / ref_rms, 4),
             "logit_rms_err_over_rms": round(float(np.sqrt(np.mean(err ** 2))) / ref_rms, 4),
             "top1_agreement": round(float((got.argmax(-1) == ref.argmax(-1)).mean()), 4),
+            "one_projection": path,
+            "projection_weight_rms_err_over_rms": round(float(np.sqrt(np.mean((wq0 - w0) ** 2) / np.mean(w0 ** 2))), 4),
+            "projection_output_rms_err_over_rms": round(float(np.sqrt(np.mean((yq - y0) ** 2) / np.mean(y0 ** 2))), 4),
         }
         del q, q_all
     out["seconds"] = round(time.perf_counter() - t0, 1)
