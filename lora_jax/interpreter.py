@@ -656,9 +656,27 @@ def _remat(ctx, eqn, invals):
     return jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
 
 
+def _scan_split(eqn) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a scan equation: explicit params up to jax 0.11; from jax 0.12
+    the input tree ``ft_in`` = (consts, carry, xs), each part listing its leaves in ``vals``."""
+    p = eqn.params
+    if "num_consts" in p:
+        return p["num_consts"], p["num_carry"]
+    ft = p.get("ft_in")
+    parts = getattr(ft, "elts", None)
+    if parts is None or len(parts) != 3 or not all(hasattr(x, "vals") for x in parts):
+        raise NotImplementedError(f"lora.wrap: this jax version's scan parameters are not understood "
+                                  f"(keys {sorted(p)}); please report it with the jax version {jax.__version__}")
+    nc, ncar, nx = (len(list(x.vals)) for x in parts)
+    if nc + ncar + nx != len(eqn.invars):
+        raise NotImplementedError(f"lora.wrap: scan input tree of {nc}+{ncar}+{nx} leaves does not match its "
+                                  f"{len(eqn.invars)} operands (jax {jax.__version__})")
+    return nc, ncar
+
+
 def _scan(ctx, eqn, invals):
     p = eqn.params
-    nc, ncar = p["num_consts"], p["num_carry"]
+    nc, ncar = _scan_split(eqn)
     consts, init, xs = list(invals[:nc]), [_dense(v) for v in invals[nc:nc + ncar]], list(invals[nc + ncar:])
     length = p["length"]
     xs_in = []
