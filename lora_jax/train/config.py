@@ -155,6 +155,9 @@ class TrainConfig:
     checkpoint_every: int = _f(50, "steps between checkpoints; 0: only at the end", min=0)
     keep_checkpoints: int = _f(2, "newest checkpoints kept", min=1)
     async_checkpoint: bool = _f(True, "write checkpoints in the background")
+    on_nonfinite: str = _f("stop", "a NaN/inf loss or gradient: stop (last good checkpoint kept) or skip the update",
+                           choices=("stop", "skip"))
+    max_skipped: int = _f(10, "with on_nonfinite=skip: stop after this many skipped steps in a row", min=1)
     resume: bool = _f(False, "continue from the newest finalized checkpoint in out_dir")
     progress: bool = _f(True, "show a progress bar")
     export: bool = _f(True, "export the adapter (PEFT format) at the end")
