@@ -242,8 +242,11 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
             tok = _model.load_tokenizer(cfg.tokenizer.path)
         else:
             tok = _model.build_tokenizer([d.get("text", "") for d in pre_docs], cfg.tokenizer.vocab_size)
-        model, params = _model.new_model(cfg.model.init, vocab_size=len(tok), seed=cfg.seed, compute_dtype=cdt,
-                                         param_dtype=cfg.model.param_dtype)
+        try:
+            model, params = _model.new_model(cfg.model.init, vocab_size=len(tok), seed=cfg.seed, compute_dtype=cdt,
+                                             param_dtype=cfg.model.param_dtype)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ConfigError(f"model.init: cannot build the model ({type(e).__name__}: {e})") from None
         fresh = True
         if cfg.model.pretrain.steps:
             pre_rows = _rows(pre_docs, tok, cfg.data.seq_len, cfg.data.packing, "model.pretrain.data")
