@@ -99,8 +99,11 @@ def _train(argv) -> int:
     from .train.pipeline import run
     from .train.trainer import NonFiniteError
 
+    def echo(*args, **kw):  # flushed: under a scheduler stdout is a file, and a killed run keeps its log
+        print(*args, **kw, flush=True)
+
     try:
-        run(cfg, stop_after=a.stop_after)
+        run(cfg, stop_after=a.stop_after, echo=echo)
     except ConfigError as e:
         return _err(str(e))
     except NonFiniteError as e:
