@@ -112,8 +112,9 @@ def _train(argv) -> int:
     except TrainingInterrupted as e:
         print(f"lora-jax: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:  # before the training loop took over SIGINT: nothing was checkpointed
-        print("lora-jax: interrupted before training started; no checkpoint was written", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the training loop (setup, compile, export): no new checkpoint
+        print("lora-jax: interrupted (SIGINT) outside the training loop; no new checkpoint was written (finalized "
+              "ones are kept: continue with --resume)", file=sys.stderr)
         return 130
     return 0
 

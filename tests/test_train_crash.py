@@ -313,3 +313,32 @@ def test_outside_the_main_thread_no_handler_is_installed():
     t.start()
     t.join()
     assert seen == {"handler": before, "signum": None}
+
+
+def test_sigint_during_pretraining_says_resume_starts_the_run_over(tmp_path, monkeypatch):
+    """Pretraining writes no checkpoints: the message says so, and ``--resume`` will start over in
+    place (that restart is what step 2 of the SIGKILL test above goes through)."""
+    from lora_jax.train import pipeline
+
+    d = tmp_path / "run"
+    over = tiny_overrides(d, **{"model.pretrain.steps": 3, "train.steps": 2, "train.warmup_steps": 0,
+                                "data.eval_fraction": 0, "train.plot": False, "model.pretrain.warmup_steps": 0})
+
+    class SigintAtPretrainStep2(_SignalAt):
+        def __init__(self, path, **kw):
+            super().__init__(path, step=2)
+
+    monkeypatch.setattr(pipeline, "MetricsWriter", SigintAtPretrainStep2)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as e:
+        run(load_config(None, over), echo=lambda *a: None)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert e.value.exit_code == 130 and e.value.checkpoint_step is None
+    assert str(e.value) == (f"[pretrain] SIGINT received: stopped after step 2; this phase writes no checkpoints "
+                            f"(pretraining); resume with the same command plus out_dir={d} --resume to start the run "
+                            "over")
+    assert latest_step(str(d / "checkpoints")) is None and not (d / "base").exists()
+    assert [(r["phase"], r["step"]) for r in read_metrics(str(d / "metrics.jsonl"))] == [("pretrain", 1), ("pretrain", 2)]
+    assert pipeline.resolve_out_dir(load_config(None, over + ["train.resume=true"])) == (str(d), None)
+    with pytest.raises(pipeline.ConfigError, match="already holds|exists and is not empty"):
+        pipeline.resolve_out_dir(load_config(None, over))  # without --resume it is refused

@@ -19,6 +19,13 @@ Run directory::
     base/         the pretrained base (only when model.path is null), HF Flax checkpoint + tokenizer
     checkpoints/  orbax steps: adapter + optimizer state + rng + data position
     adapter/      the adapter, PEFT format
+
+Crashes: every file is written under a temporary name and renamed, and orbax finalizes a step by
+renaming it, so a killed run leaves complete files, finalized checkpoints and hidden temporaries.
+``train.resume`` removes the temporaries, restores the newest finalized checkpoint (or, when the
+run stopped before its first one, starts it over in the same directory) and drops the metric
+records written after that step; the resumed run then computes exactly what an uninterrupted one
+would. SIGINT / SIGTERM checkpoint the current step first (see `trainer.Trainer.fit`).
 """
 
 from __future__ import annotations
@@ -347,8 +354,6 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
             try:
                 res = trainer.fit(until=stop_after)
             except TrainingInterrupted as e:
-                if e.checkpoint_step is None:
-                    raise
                 raise TrainingInterrupted(f"{e}; {resume_hint}", signum=e.signum, step=e.step,
                                           checkpoint_step=e.checkpoint_step) from None
             except NonFiniteError as e:
