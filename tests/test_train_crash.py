@@ -176,6 +176,9 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, base, reference
     p = Proc(tmp_path, "p2", resume, jax_cache, LORA_JAX_TEST_HOLD_SAVE=f"12:{tmp_path / 'held12'}")
     p.wait_for("step 12's save to be in flight and step 16 logged",
                lambda: (tmp_path / "held12").exists() and 16 in _lora_steps(d))
+    reader = Checkpointer(str(ck), async_save=False)  # as `lora-jax eval` opens a live run: it must not
+    reader.close()                                   # touch the save in flight
+    assert reader.removed == [] and unfinished_saves(str(ck)) == ["12.orbax-checkpoint-tmp"]
     time.sleep(0.2)
     p.kill()
     out = p.text()

@@ -15,8 +15,9 @@ mesh.
 
 Crashes: orbax writes a step under a temporary name (``<step>.orbax-checkpoint-tmp...``) and
 renames it into place once complete, so a process killed during a save leaves a temporary
-directory, never a step that looks finalized. Opening a `Checkpointer` deletes such leftovers
-(listed in `Checkpointer.removed`, for a message).
+directory, never a step that looks finalized. Opening a `Checkpointer` with
+``remove_unfinished=True`` (what a resuming run does) deletes such leftovers (listed in
+`Checkpointer.removed`, for a message).
 
 Test hook (tests only): with ``LORA_JAX_TEST_HOLD_SAVE=STEP:FILE`` in the environment, the
 background write of checkpoint ``STEP`` creates ``FILE`` and then waits (up to 10 minutes) before
@@ -195,17 +196,18 @@ class Checkpointer:
       directory: where step directories go (created on first save).
       keep: how many of the newest checkpoints to keep.
       async_save: write in the background (`wait` / `close` block until finished).
+      remove_unfinished: delete the temporary step directories a killed run left (only for the
+        process that will write here: a reader must not delete a live run's save in flight).
 
     Attributes:
-      removed: the unfinished saves (temporary step directories of a killed run) found and
-        deleted when this checkpointer was opened.
+      removed: the unfinished saves found and deleted when this checkpointer was opened.
     """
 
-    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True, remove_unfinished: bool = False):
         self.directory = os.path.abspath(directory)
-        self.removed = unfinished_saves(self.directory)  # what a killed run left: never finalized, never read
+        self.removed = unfinished_saves(self.directory) if remove_unfinished else []
         if jax.process_index() == 0:
-            for name in self.removed:
+            for name in self.removed:  # what a killed run left: never finalized, never read
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         self._json_save, self._json_restore = _json_args()
         self._m = _manager(self.directory, keep=keep, async_save=async_save)

@@ -338,7 +338,7 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
             return _model.forward(apply, _tree.combine(tr, fr), x, m, rng=rng)
 
         ck = Checkpointer(_ckpt_dir(out_dir), keep=cfg.train.keep_checkpoints,
-                          async_save=cfg.train.async_checkpoint)
+                          async_save=cfg.train.async_checkpoint, remove_unfinished=True)
         if ck.removed:
             say(f"# removed unfinished checkpoint save(s) of an interrupted run (never finalized, not used): "
                 f"{', '.join(ck.removed)}")
