@@ -15,6 +15,10 @@
 
 Every command returns an exit status: 0 on success, 2 for a configuration or usage error (one
 message naming the key and what is allowed; nothing is written), 1 for any other failure.
+``train`` also returns 3 when the loss or gradients became NaN/infinite (``train.on_nonfinite``;
+the last good checkpoint is kept, nothing after it is written), and 130 / 143 when SIGINT /
+SIGTERM stopped it (the current step was finished and checkpointed; the message says how to
+resume).
 
 Example:
   >>> from lora_jax.cli import main
@@ -30,7 +34,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_NONFINITE"]
+
+EXIT_NONFINITE = 3
 
 _USAGE = """lora-jax COMMAND ...
 
@@ -89,12 +95,27 @@ def _train(argv) -> int:
 
         print(to_yaml(cfg), end="")
         return 0
+    from .train.interrupts import TrainingInterrupted
     from .train.pipeline import run
+    from .train.trainer import NonFiniteError
+
+    def echo(*args, **kw):  # flushed: under a scheduler stdout is a file, and a killed run keeps its log
+        print(*args, **kw, flush=True)
 
     try:
-        run(cfg, stop_after=a.stop_after)
+        run(cfg, stop_after=a.stop_after, echo=echo)
     except ConfigError as e:
         return _err(str(e))
+    except NonFiniteError as e:
+        print(f"lora-jax: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except TrainingInterrupted as e:
+        print(f"lora-jax: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # outside the training loop (setup, compile, export): no new checkpoint
+        print("lora-jax: interrupted (SIGINT) outside the training loop; no new checkpoint was written (finalized "
+              "ones are kept: continue with --resume)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lora_jax as lora
@@ -51,3 +52,33 @@ def test_rule_keyword_garbage(kw):
         lora.Rules(["q"], **kw)
     except DOCUMENTED:
         pass
+
+
+regexish = st.one_of(st.text(alphabet=st.sampled_from(list("abq_.*+?|^$\\()[]{}<>=!-,:0123456789P#")), max_size=10),
+                     st.text(max_size=8))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # re's "possible nested set" on some patterns
+@settings(max_examples=300, deadline=None)
+@given(regexish, st.sampled_from(["targets", "exclude", "rank_pattern", "alpha_pattern"]))
+def test_an_invalid_regex_raises_value_error_naming_it(pattern, where):
+    import re
+
+    kw = {"targets": pattern} if where == "targets" else \
+        {"targets": "q", "exclude": pattern} if where == "exclude" else {"targets": "q", where: {pattern: 2}}
+    try:
+        re.compile(pattern)
+        valid = True
+    except re.error:
+        valid = False
+    try:
+        lora.Rules(**kw)
+    except ValueError as e:
+        assert not valid or "regular expression" not in str(e), str(e)
+        if not valid:
+            assert repr(pattern) in str(e) and "is not a valid regular expression" in str(e), str(e)
+        return
+    except TypeError:
+        assert valid  # (an empty name, say): never the error for a broken regex
+        return
+    assert valid, f"Rules accepted the invalid regular expression {pattern!r} as {where}"

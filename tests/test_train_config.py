@@ -126,3 +126,148 @@ def test_repo_conf_default_is_the_shipped_default():
     with open(os.path.join(root, "conf", "default.yaml"), "rb") as a, \
             open(os.path.join(root, "lora_jax", "conf", "default.yaml"), "rb") as b:
         assert a.read() == b.read()
+
+
+# ---- fuzzing: junk in, one ConfigError out ------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from lora_jax.train.config import from_dict, parse_overrides, to_yaml  # noqa: E402
+
+
+def _dotted(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "init":
+            yield prefix + k
+            yield from _dotted(v, prefix + k + ".")
+        else:
+            yield prefix + k
+
+
+KEYS = sorted(_dotted(to_dict(Config()))) + ["model.init.hidden_size", "model.init.arch", "model.init.rope_scaling",
+                                              "model.init.num_attention_heads"]
+INIT_KEYS = ["arch", "hidden_size", "num_attention_heads", "rope_theta", "rope_scaling", "hidden_act",
+             "tie_word_embeddings", "max_position_embeddings", "rms_norm_eps", "head_dim", "attention_bias"]
+_junk_text = st.text(max_size=12)  # any unicode, surrogates and NUL included
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=2**31 - 3, max_value=2**70),
+                    st.floats(allow_nan=True, allow_infinity=True), _junk_text,
+                    st.sampled_from(["cosine", "stop", "skip", "all-linear", "q[", "(?P<", "*", "[a-z]+_proj",
+                                     "builtin:finetune.txt", "builtin:nope", "1e-3", "nan", "-inf", "1e400",
+                                     "/dev/null", "", "\x00", "../..", "llama", "gpt2"]))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                        st.dictionaries(st.one_of(st.sampled_from(KEYS), _junk_text,
+                                                                                  st.integers()), inner, max_size=3)),
+                      max_leaves=8)
+# YAML snippets that PyYAML turns into odd things (or fails on in odd ways)
+yaml_values = st.one_of(values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()),
+                        st.sampled_from(["[", "{a: [1, 2", "!!python/object:os.system", "2021-02-30", "&a [*a]",
+                                         "*undefined", "- - -", "{: }", "? [a]\n: 1", "1_000", "0x1F", "0o17", ".inf",
+                                         "!!binary AAAA", "\t", "'\\x00'", "[" * 60, "!!float nope",
+                                         "2001-12-14t21:59:43.10-05:00", "~"]),
+                        _junk_text)
+
+
+@st.composite
+def documents(draw):
+    """A nested config-like mapping: known sections and keys mixed with junk."""
+    doc = {}
+    for _ in range(draw(st.integers(0, 4))):
+        key = draw(st.sampled_from(KEYS))
+        node = doc
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = draw(values)
+    if draw(st.booleans()):
+        doc[draw(_junk_text)] = draw(values)
+    if draw(st.booleans()):  # the fresh model's transformers config: free-form, so junk gets far
+        init = draw(st.dictionaries(st.one_of(st.sampled_from(INIT_KEYS), _junk_text, st.integers(), st.none()),
+                                    values, max_size=3))
+        model = doc.setdefault("model", {})
+        if isinstance(model, dict):
+            model["init"] = init
+    return doc
+
+
+def _only_config_errors(fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except ConfigError as e:
+        assert str(e) and e.__cause__ is None, repr(e)  # one message, no chained traceback
+        return None
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(documents(), values))
+def test_fuzz_from_dict_raises_only_config_error(doc):
+    cfg = _only_config_errors(from_dict, doc)
+    if cfg is not None:  # what is accepted survives its own YAML
+        assert to_dict(from_dict(yaml.safe_load(to_yaml(cfg)))) == to_dict(cfg)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(documents().map(lambda d: yaml.safe_dump(d, allow_unicode=True)), yaml_values,
+                 st.binary(max_size=40).map(lambda b: b.decode("latin-1"))))
+def test_fuzz_yaml_files_raise_only_config_error(tmp_path_factory, text):
+    p = tmp_path_factory.mktemp("yaml") / "junk.yaml"
+    p.write_bytes(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text)
+    _only_config_errors(load_config, str(p))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.one_of(st.sampled_from(KEYS), _junk_text, st.sampled_from(["a..b", ".", "train.", "=", ""])),
+                          yaml_values), max_size=4))
+def test_fuzz_overrides_raise_only_config_error(pairs):
+    _only_config_errors(load_config, None, [f"{k}={v}" for k, v in pairs])
+    _, problems = parse_overrides([f"{k}={v}" for k, v in pairs])
+    assert all(isinstance(p, str) for p in problems)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(KEYS), yaml_values), min_size=1, max_size=3))
+def test_fuzz_cli_dry_run_exits_0_or_2_with_one_message(pairs):
+    import contextlib
+    import io
+
+    args = [f"{k}={v}" for k, v in pairs if not k.startswith("-")]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["train", "--dry-run"] + args)
+    if rc == 0:
+        assert err.getvalue() == "" and yaml.safe_load(out.getvalue())["train"]
+    else:
+        assert rc == 2 and out.getvalue() == ""
+        e = err.getvalue()
+        assert e.startswith("lora-jax: error: ") and e.count("lora-jax: error: ") == 1 and "Traceback" not in e, e
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lora.targets=q[", "lora.targets: Rules rule 0 ('q['): 'q[' is not a valid regular expression"),
+    ("lora.exclude=(?P<", "lora.exclude: Rules(exclude=...): '(?P<' is not a valid regular expression"),
+    ("train.steps=3000000000", "train.steps: 3000000000 is out of range; expected a value >= 1 and <= 2147483647"),
+    ("train.lr=1e400", "train.lr: must be a finite number, got inf"),
+    ("name=a/b", "name: 'a/b' cannot name a run directory"),
+    ("model.init.rope_theta=.nan", "model.init.rope_theta: expected a finite number, got nan"),
+    ("model.init.hidden_size=1e40", "model.init.hidden_size: expected a positive integer (at most 2147483647)"),
+    ("model.init.rope_scaling={rope_type: linear}", "model.init: transformers' LlamaConfig rejects it: KeyError"),
+])
+def test_fuzz_findings_are_clear_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value), str(e.value)
+
+
+def test_non_mapping_documents_and_undecodable_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"config: expected a mapping of sections .* got list \[1, 2\]"):
+        from_dict([1, 2])
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"train:\n  steps: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="bin.yaml: not UTF-8 text"):
+        load_config(str(p))
+    p.write_text("d: 2021-02-30\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(ValueError: "):
+        load_config(str(p))

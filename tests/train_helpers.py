@@ -43,3 +43,46 @@ def synthetic_rows(n_docs=40, seq_len=32, seed=0):
         w[0] = 0
         docs.append((ids, w))
     return pack(docs, seq_len, pad_id=0)
+
+
+# ---- a toy model for loop-level tests: a bigram table, microscopic and cheap to step ---------
+
+TOY_VOCAB, TOY_DIM, POISON = 16, 4, 1
+
+
+def toy_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"emb": (rng.standard_normal((TOY_VOCAB, TOY_DIM)) * 0.5).astype(np.float32),
+            "out": (rng.standard_normal((TOY_DIM, TOY_VOCAB)) * 0.5).astype(np.float32)}
+
+
+def toy_logits(tr, fr, x, m, rng):
+    """``emb[x] @ out``; every row holding the token `POISON` gets NaN logits (a stand-in for a
+    batch that makes a real model overflow)."""
+    import jax.numpy as jnp
+
+    logits = tr["emb"][x] @ tr["out"]
+    bad = jnp.any(x == POISON, axis=-1)[:, None, None]
+    return jnp.where(bad, jnp.nan, logits)
+
+
+def toy_rows(n=128, seq_len=8, seed=0):
+    """``n`` random rows of tokens 2..TOY_VOCAB-1 (no `POISON`), every token a target."""
+    from lora_jax.train.data import Rows
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, TOY_VOCAB, (n, seq_len + 1)).astype(np.int32)
+    weights = np.ones(tokens.shape, np.float32)
+    weights[:, 0] = 0
+    return Rows(tokens, weights, np.ones(tokens.shape, bool))
+
+
+def poison_steps(rows, steps, batch_size, seed=0):
+    """Put `POISON` into one row of each batch of ``steps`` (1-based), following the trainer's
+    data order (`data.Order` with ``seed``)."""
+    from lora_jax.train.data import Order
+
+    order = Order(len(rows), seed)
+    for s in steps:
+        rows.tokens[order.take((s - 1) * batch_size, batch_size)[0], 3] = POISON
+    return rows

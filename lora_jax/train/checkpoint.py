@@ -13,6 +13,16 @@ are copied off the devices, the writing goes on in the background, and only fina
 ever listed or restored. Restoring takes the target shardings, so a run may resume on a different
 mesh.
 
+Crashes: orbax writes a step under a temporary name (``<step>.orbax-checkpoint-tmp...``) and
+renames it into place once complete, so a process killed during a save leaves a temporary
+directory, never a step that looks finalized. Opening a `Checkpointer` with
+``remove_unfinished=True`` (what a resuming run does) deletes such leftovers (listed in
+`Checkpointer.removed`, for a message).
+
+Test hook (tests only): with ``LORA_JAX_TEST_HOLD_SAVE=STEP:FILE`` in the environment, the
+background write of checkpoint ``STEP`` creates ``FILE`` and then waits (up to 10 minutes) before
+finishing, so a test can kill the process while that save is in flight. Nothing else reads it.
+
 Example:
   >>> import jax.numpy as jnp, tempfile
   >>> ck = Checkpointer(tempfile.mkdtemp(), keep=2, async_save=False)
@@ -26,12 +36,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
-__all__ = ["Checkpointer", "latest_step", "flatten_state", "unflatten_state"]
+__all__ = ["Checkpointer", "latest_step", "unfinished_saves", "flatten_state", "unflatten_state"]
+
+TMP_MARK = ".orbax-checkpoint-tmp"
+HOLD_ENV = "LORA_JAX_TEST_HOLD_SAVE"
 
 
 def _quiet():
@@ -101,6 +115,63 @@ def _manager(directory: str, *, keep: int = 1, async_save: bool = True, read_onl
     return ocp.CheckpointManager(os.path.abspath(directory), options=opts)
 
 
+def unfinished_saves(directory: str) -> list[str]:
+    """Names of the temporary step directories under ``directory`` that a killed save left behind
+    (sorted; none of them is ever restored)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if TMP_MARK in n)
+
+
+def _json_args():
+    """``(JsonSave, JsonRestore)`` for the ``meta`` item; under the test hook, variants whose
+    handler holds the background write of one step (see the module docstring)."""
+    import orbax.checkpoint as ocp
+
+    hold = os.environ.get(HOLD_ENV)
+    if not hold:
+        return ocp.args.JsonSave, ocp.args.JsonRestore
+    step, _, marker = hold.partition(":")
+    return _held_json_args(int(step), marker)
+
+
+_HELD: dict = {}
+
+
+def _held_json_args(step: int, marker: str):
+    if (step, marker) in _HELD:
+        return _HELD[(step, marker)]
+    import asyncio
+    import dataclasses
+    import time
+
+    import orbax.checkpoint as ocp
+
+    class HeldJsonHandler(ocp.handlers.JsonCheckpointHandler):
+        async def _save_fn(self, x, directory):
+            if int(x.get("step", -1)) == step:
+                with open(marker + ".tmp", "w", encoding="utf-8") as fh:
+                    fh.write(str(directory))
+                os.replace(marker + ".tmp", marker)
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 600:
+                    await asyncio.sleep(0.05)
+            await super()._save_fn(x, directory)
+
+    @ocp.args.register_with_handler(HeldJsonHandler, for_save=True)
+    @dataclasses.dataclass
+    class HeldJsonSave(ocp.args.JsonSave):
+        pass
+
+    @ocp.args.register_with_handler(HeldJsonHandler, for_restore=True)
+    @dataclasses.dataclass
+    class HeldJsonRestore(ocp.args.JsonRestore):
+        pass
+
+    _HELD[(step, marker)] = (HeldJsonSave, HeldJsonRestore)
+    return HeldJsonSave, HeldJsonRestore
+
+
 def latest_step(directory: str) -> Optional[int]:
     """The newest finalized checkpoint step under ``directory`` (None if there is none). Writes nothing."""
     if not os.path.isdir(directory):
@@ -125,10 +196,20 @@ class Checkpointer:
       directory: where step directories go (created on first save).
       keep: how many of the newest checkpoints to keep.
       async_save: write in the background (`wait` / `close` block until finished).
+      remove_unfinished: delete the temporary step directories a killed run left (only for the
+        process that will write here: a reader must not delete a live run's save in flight).
+
+    Attributes:
+      removed: the unfinished saves found and deleted when this checkpointer was opened.
     """
 
-    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True, remove_unfinished: bool = False):
         self.directory = os.path.abspath(directory)
+        self.removed = unfinished_saves(self.directory) if remove_unfinished else []
+        if jax.process_index() == 0:
+            for name in self.removed:  # what a killed run left: never finalized, never read
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self._json_save, self._json_restore = _json_args()
         self._m = _manager(self.directory, keep=keep, async_save=async_save)
 
     def save(self, step: int, state, meta: dict) -> None:
@@ -138,7 +219,7 @@ class Checkpointer:
         nested, _ = flatten_state(state)
         meta = dict(meta, step=int(step))
         self._m.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(nested),
-                                                          meta=ocp.args.JsonSave(meta)), force=True)
+                                                          meta=self._json_save(meta)), force=True)
 
     def latest_step(self) -> Optional[int]:
         """The newest finalized step (None if none)."""
@@ -162,7 +243,7 @@ class Checkpointer:
             jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), nested)
         try:
             out = self._m.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                     meta=ocp.args.JsonRestore()))
+                                                                     meta=self._json_restore()))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint step {step} in {self.directory} does not match this run's state "
                              f"(different model, adapter or optimizer config?): {e}") from None

@@ -38,6 +38,7 @@ BUILTIN_PREFIX = "builtin:"
 REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
+INT_MAX = 2**31 - 1
 CAUSAL_LM_ARCHS = ("llama", "mistral", "gemma", "gpt2", "gpt_neo", "gptj", "opt", "bloom", "xglm")
 
 
@@ -155,6 +156,9 @@ class TrainConfig:
     checkpoint_every: int = _f(50, "steps between checkpoints; 0: only at the end", min=0)
     keep_checkpoints: int = _f(2, "newest checkpoints kept", min=1)
     async_checkpoint: bool = _f(True, "write checkpoints in the background")
+    on_nonfinite: str = _f("stop", "a NaN/inf loss or gradient: stop (last good checkpoint kept) or skip the update",
+                           choices=("stop", "skip"))
+    max_skipped: int = _f(10, "with on_nonfinite=skip: stop after this many skipped steps in a row", min=1)
     resume: bool = _f(False, "continue from the newest finalized checkpoint in out_dir")
     progress: bool = _f(True, "show a progress bar")
     export: bool = _f(True, "export the adapter (PEFT format) at the end")
@@ -219,7 +223,7 @@ def _coerce(value, tp, key, problems):
             out = _coerce(value, a, key, sub)
             if not sub:
                 return out
-        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        problems.append(f"{key}: expected {_type_name(tp)}, got {_short(value)} ({type(value).__name__})")
         return _BAD
     if tp is bool:
         if isinstance(value, bool):
@@ -231,8 +235,11 @@ def _coerce(value, tp, key, problems):
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond float range
+                pass
+        elif isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
                 return float(value)
             except ValueError:
@@ -248,7 +255,7 @@ def _coerce(value, tp, key, problems):
             return dict(value)
     else:
         raise TypeError(f"internal: unsupported config type {tp}")
-    problems.append(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    problems.append(f"{key}: expected {_type_name(tp)}, got {_short(value)} ({type(value).__name__})")
     return _BAD
 
 
@@ -269,6 +276,8 @@ def _check_range(value, meta, key, problems):
             problems.append(f"{key}: must be a finite number, got {value!r}")
             return
         lo, hi, gt, lt = meta.get("min"), meta.get("max"), meta.get("gt"), meta.get("lt")
+        if isinstance(value, int) and hi is None:
+            hi = INT_MAX  # counters and sizes live in int32 on the device
         bounds = []
         if lo is not None:
             bounds.append(f">= {lo}")
@@ -284,6 +293,15 @@ def _check_range(value, meta, key, problems):
             problems.append(f"{key}: {value!r} is out of range; expected a value {' and '.join(bounds)}")
 
 
+def _short(value) -> str:
+    """A bounded repr (a YAML document can nest deeply or alias itself into an exponential tree)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxtuple, r.maxset = 3, 80, 80, 6, 6, 6, 6
+    return r.repr(value)
+
+
 def _suggest(name, options):
     hint = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return f"; did you mean {hint[0]!r}?" if hint else ""
@@ -294,7 +312,7 @@ def _build(cls, data: dict, prefix: str, problems: list):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     if not isinstance(data, dict):
-        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {_short(data)}")
         return cls()
     for k, v in data.items():
         key = f"{prefix}{k}"
@@ -372,19 +390,55 @@ def _check_model_init(init: dict, problems):
     cls = transformers.CONFIG_MAPPING[arch]
     defaults = cls().to_dict()
     for k, v in init.items():
-        if k not in defaults:
-            problems.append(f"unknown key 'model.init.{k}' for a {arch} config{_suggest(k, defaults)}")
+        if not isinstance(k, str) or k not in defaults:
+            problems.append(f"unknown key 'model.init.{k}' for a {arch} config{_suggest(str(k), defaults)}")
             continue
         d = defaults[k]
         if isinstance(d, bool):
             if not isinstance(v, bool):
                 problems.append(f"model.init.{k}: expected true/false, got {v!r}")
         elif isinstance(d, int):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                problems.append(f"model.init.{k}: expected a positive integer, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v > INT_MAX:
+                problems.append(f"model.init.{k}: expected a positive integer (at most {INT_MAX}), got {v!r}")
         elif isinstance(d, float):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                problems.append(f"model.init.{k}: expected a number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+                problems.append(f"model.init.{k}: expected a finite number, got {v!r}")
+
+
+def _check_transformers_config(init: dict, problems):
+    """transformers' own validation of the fresh model's config (rope settings, head counts, ...)."""
+    import transformers
+
+    init = dict(init)
+    cls = transformers.CONFIG_MAPPING[init.pop("arch")]
+    try:
+        cls(**init)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, it is a problem with model.init
+        problems.append(f"model.init: transformers' {cls.__name__} rejects it: {type(e).__name__}: {e}")
+
+
+def _check_lora_patterns(lc, problems):
+    """lora.targets / lora.exclude as `lora_jax.Rules` reads them (an invalid regex is named)."""
+    from ..rules import ALL_LINEAR, Rules
+
+    for key, kw in (("lora.targets", {"targets": lc.targets}),
+                    ("lora.exclude", {"targets": ALL_LINEAR, "exclude": lc.exclude})):
+        if key == "lora.exclude" and lc.exclude is None:
+            continue
+        try:
+            Rules(**kw)
+        except (ValueError, TypeError) as e:
+            problems.append(f"{key}: {e}")
+
+
+def _check_names(cfg: Config, problems):
+    name = cfg.name
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        problems.append(f"name: {name!r} cannot name a run directory; expected a non-empty name without '/', '\\' "
+                        "or NUL")
+    for key, value in (("out_dir", cfg.out_dir), ("model.path", cfg.model.path), ("tokenizer.path", cfg.tokenizer.path)):
+        if isinstance(value, str) and ("\x00" in value or not value):
+            problems.append(f"{key}: {value!r} is not a usable path")
 
 
 def _cross_checks(cfg: Config, problems: list):
@@ -406,7 +460,10 @@ def _cross_checks(cfg: Config, problems: list):
         _check_file(cfg.model.path, "model.path", problems, want_dir=True)
     else:
         _check_file(cfg.model.pretrain.data, "model.pretrain.data", problems)
+        n = len(problems)
         _check_model_init(cfg.model.init, problems)
+        if len(problems) == n:
+            _check_transformers_config(cfg.model.init, problems)
         if cfg.model.pretrain.warmup_steps > cfg.model.pretrain.steps:
             problems.append(f"model.pretrain.warmup_steps: {cfg.model.pretrain.warmup_steps} is more than "
                             f"model.pretrain.steps={cfg.model.pretrain.steps}; expected a value <= "
@@ -428,6 +485,9 @@ def from_dict(data: dict, *, check_files: bool = True) -> Config:
       ConfigError: listing every problem found.
     """
     problems: list[str] = []
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of sections (model, data, lora, train, ...), got "
+                          f"{type(data).__name__} {_short(data)}")
     data = dict(data or {})
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("init"), dict):
@@ -436,6 +496,9 @@ def from_dict(data: dict, *, check_files: bool = True) -> Config:
             # keys given for the default family merge into its defaults; another family starts empty
             data["model"] = {**model, "init": {**_default_init(), **init}}
     cfg = _build(Config, data, "", problems)
+    if not problems:
+        _check_names(cfg, problems)
+        _check_lora_patterns(cfg.lora, problems)
     if not problems and check_files:
         _cross_checks(cfg, problems)
     if problems:
@@ -500,7 +563,7 @@ def parse_overrides(overrides) -> tuple[dict, list[str]]:
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+        except Exception:  # noqa: BLE001 - not YAML (PyYAML also raises ValueError, RecursionError): a string
             value = raw
         _set_dotted(out, key, value, problems)
     return out, problems
@@ -532,11 +595,20 @@ def load_config(name_or_path: Optional[str] = None, overrides=(), *, check_files
     name = "default"
     if name_or_path is not None:
         path, name = _locate(name_or_path)
-        with open(path, encoding="utf-8") as fh:
-            try:
-                data = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read it ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not usable YAML (nested too deeply)") from None
+        except Exception as e:  # noqa: BLE001 - PyYAML's constructors raise e.g. ValueError for 2021-02-30
+            raise ConfigError(f"{path}: not valid YAML ({type(e).__name__}: {e})") from None
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
     over, problems = parse_overrides(overrides)

@@ -1,6 +1,9 @@
 """Writes that appear complete or not at all: a directory or a text file is written beside its
 final name and renamed into place.
 
+A process killed mid-write leaves only a hidden ``.<name>.tmp-XXXX`` (or ``.<name>.old-XXXX``)
+entry beside the target; `remove_leftovers` deletes those when a run is resumed.
+
 Example:
   >>> import os, tempfile
   >>> d = os.path.join(tempfile.mkdtemp(), "out")
@@ -14,10 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 
-__all__ = ["atomic_dir", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_write_text", "leftovers", "remove_leftovers"]
+
+# the names `atomic_dir`, `atomic_write_text` and lora_jax.io's atomic_directory write under
+_LEFTOVER = re.compile(r"^\.[^/]+\.(tmp|old)-[A-Za-z0-9_]+(\.png)?$")
 
 
 @contextlib.contextmanager
@@ -58,3 +65,25 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def leftovers(directory: str) -> list[str]:
+    """Names of the temporary entries a killed atomic write left in ``directory`` (sorted)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if _LEFTOVER.match(n))
+
+
+def remove_leftovers(directory: str) -> list[str]:
+    """Delete what `leftovers` lists (the targets themselves are never touched); returns the names."""
+    names = leftovers(directory)
+    for n in names:
+        p = os.path.join(directory, n)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+    return names

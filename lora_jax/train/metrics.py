@@ -29,38 +29,76 @@ __all__ = ["MetricsWriter", "read_metrics", "plot_losses", "Progress"]
 
 
 def read_metrics(path: str) -> list[dict]:
-    """All records of a metrics file (an empty list if it does not exist)."""
+    """All records of a metrics file (an empty list if it does not exist).
+
+    A last line that is cut short (a process killed in the middle of writing it) is ignored.
+
+    Raises:
+      ValueError: a line before the last is not a JSON object (names the file and line).
+    """
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.read().split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            if i == len(lines) - 1:  # no newline after it: a torn final write
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON record ({e})") from None
+        out.append(rec)
+    return out
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 class MetricsWriter:
     """Appends records to a JSONL file.
 
+    Each record is one ``write`` of one line, flushed at once; NaN and infinities are written as
+    ``null`` (strict JSON).
+
     Args:
       path: the file.
       resume_step: when resuming from a checkpoint, records of ``phase`` after this step (written
-        before the interruption, after the checkpoint) are dropped first, so each step appears once.
+        before the interruption, after the checkpoint) are dropped first, so each step appears once;
+        a torn last line is dropped too (the file is rewritten atomically).
       phase: the phase the checkpoints belong to.
+      restart: start the file afresh (a run started over).
     """
 
-    def __init__(self, path: str, *, resume_step: Optional[int] = None, phase: str = "lora"):
+    def __init__(self, path: str, *, resume_step: Optional[int] = None, phase: str = "lora",
+                 restart: bool = False):
         self.path = path
         self.active = jax.process_index() == 0
         self._fh = None
         if not self.active:
             return
-        if resume_step is not None and os.path.isfile(path):
+        if restart and os.path.isfile(path):
+            atomic_write_text(path, "")
+        elif resume_step is not None and os.path.isfile(path):
             keep = [r for r in read_metrics(path) if r.get("phase") != phase or r.get("step", 0) <= resume_step]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+            atomic_write_text(path, "".join(self._line(r) for r in keep))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._fh = open(path, "a", encoding="utf-8")
 
+    @staticmethod
+    def _line(record: dict) -> str:
+        return json.dumps({k: _clean(v) for k, v in record.items()}, allow_nan=False) + "\n"
+
     def write(self, record: dict) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps(record) + "\n")
+            self._fh.write(self._line(record))
             self._fh.flush()
 
     def close(self) -> None:
@@ -82,8 +120,8 @@ def plot_losses(records: list[dict], png_path: str, *, title: str = "") -> None:
     fig, axes = plt.subplots(1, len(phases), figsize=(6.0 * len(phases), 4.0), dpi=100, squeeze=False)
     for ax, phase in zip(axes[0], phases):
         mine = [r for r in records if r.get("phase", "lora") == phase]
-        train = [(r["step"], r["loss"]) for r in mine if r.get("kind") == "train" and "loss" in r]
-        ev = [(r["step"], r["eval_loss"]) for r in mine if r.get("kind") == "eval" and "eval_loss" in r]
+        train = [(r["step"], r["loss"]) for r in mine if r.get("kind") == "train" and r.get("loss") is not None]
+        ev = [(r["step"], r["eval_loss"]) for r in mine if r.get("kind") == "eval" and r.get("eval_loss") is not None]
         if train:
             ax.plot(*zip(*train), label="train loss", lw=1.2)
         if ev:
@@ -97,19 +135,29 @@ def plot_losses(records: list[dict], png_path: str, *, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    import tempfile
+
+    d, name = os.path.split(os.path.abspath(png_path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=".png", dir=d)  # a leftover `remove_leftovers` knows
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, png_path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class Progress:
     """A tqdm bar over optimizer steps (stderr, process 0 only) showing loss and tokens/s; tqdm
-    adds the ETA. ``enabled=False`` prints nothing but `write` still prints lines."""
+    adds the ETA. ``enabled=False`` shows no bar; `write` then hands lines to ``echo``."""
 
-    def __init__(self, total: int, initial: int = 0, *, enabled: bool = True, desc: str = "train"):
+    def __init__(self, total: int, initial: int = 0, *, enabled: bool = True, desc: str = "train",
+                 echo=print):
         self.main = jax.process_index() == 0
         self._bar = None
+        self._echo = echo
         if enabled and self.main:
             from tqdm.auto import tqdm
 
@@ -128,8 +176,10 @@ class Progress:
             return
         if self._bar is not None:
             self._bar.write(line)
-        else:
+        elif self._echo is print:
             print(line, flush=True)
+        else:
+            self._echo(line)
 
     def close(self) -> None:
         if self._bar is not None:

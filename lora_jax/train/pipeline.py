@@ -19,6 +19,13 @@ Run directory::
     base/         the pretrained base (only when model.path is null), HF Flax checkpoint + tokenizer
     checkpoints/  orbax steps: adapter + optimizer state + rng + data position
     adapter/      the adapter, PEFT format
+
+Crashes: every file is written under a temporary name and renamed, and orbax finalizes a step by
+renaming it, so a killed run leaves complete files, finalized checkpoints and hidden temporaries.
+``train.resume`` removes the temporaries, restores the newest finalized checkpoint (or, when the
+run stopped before its first one, starts it over in the same directory) and drops the metric
+records written after that step; the resumed run then computes exactly what an uninterrupted one
+would. SIGINT / SIGTERM checkpoint the current step first (see `trainer.Trainer.fit`).
 """
 
 from __future__ import annotations
@@ -40,9 +47,9 @@ from . import model as _model
 from . import sharding as shd
 from .checkpoint import Checkpointer, latest_step
 from .config import Config, ConfigError, from_dict, resolve_path, to_dict, to_yaml
-from .files import atomic_write_text
+from .files import atomic_write_text, remove_leftovers
 from .metrics import MetricsWriter, perplexity, plot_losses, read_metrics
-from .trainer import LoopSpec, Trainer, make_optimizer
+from .trainer import LoopSpec, NonFiniteError, Trainer, TrainingInterrupted, make_optimizer
 
 __all__ = ["run", "resolve_out_dir", "load_run", "load_checkpoint", "latest_run", "evaluate", "generate", "sample",
            "RunHandle", "compute_dtype", "RESUME_MAY_DIFFER"]
@@ -50,7 +57,8 @@ __all__ = ["run", "resolve_out_dir", "load_run", "load_checkpoint", "latest_run"
 # keys that may change between a run and its resumption
 RESUME_MAY_DIFFER = ("out_dir", "name", "distributed", "mesh.", "train.resume", "train.steps", "train.progress",
                      "train.eval_every", "train.eval_batches", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.async_checkpoint", "train.export", "train.plot")
+                     "train.keep_checkpoints", "train.async_checkpoint", "train.export", "train.plot",
+                     "train.on_nonfinite", "train.max_skipped")
 
 
 def compute_dtype(name: str) -> str:
@@ -77,6 +85,9 @@ def _ckpt_dir(out_dir: str) -> str:
 def resolve_out_dir(cfg: Config) -> tuple[str, Optional[int]]:
     """``(run directory, step to resume from or None)``; writes nothing.
 
+    With ``train.resume`` and an ``out_dir`` that holds a run's ``config.yaml`` but no finalized
+    checkpoint (it was stopped before its first one), the step is None: the run starts over there.
+
     Raises:
       ConfigError: resuming with nothing to resume; a fresh run into a directory that already
         holds one; a distributed run without an explicit ``out_dir``.
@@ -101,10 +112,10 @@ def resolve_out_dir(cfg: Config) -> tuple[str, Optional[int]]:
     d = cfg.out_dir
     step = latest_step(_ckpt_dir(d))
     if cfg.train.resume:
-        if step is None:
+        if step is None and not os.path.isfile(os.path.join(d, "config.yaml")):
             raise ConfigError(f"train.resume: no finalized checkpoint in {os.path.join(d, 'checkpoints')!r}; "
                               "nothing to resume")
-        return d, step
+        return d, step  # step None: a run stopped before its first checkpoint, started over
     if step is not None:
         raise ConfigError(f"out_dir: {d!r} already holds a run (checkpoints up to step {step}); pass --resume "
                           "(train.resume=true) to continue it, or choose another out_dir")
@@ -196,7 +207,8 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
     out_dir, resume_step = resolve_out_dir(cfg)
-    if resume_step is not None:
+    restart = bool(cfg.train.resume) and resume_step is None
+    if cfg.train.resume:
         _check_resume_config(out_dir, cfg)
     cfg = dataclasses.replace(cfg, out_dir=out_dir)
     sizes = shd.mesh_shape(mesh)
@@ -211,7 +223,7 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
                         f"fsdp = {n_batch}")
     if problems:
         raise ConfigError(problems)
-    say(f"# lora-jax train: resolved config ({'resuming ' + out_dir if resume_step is not None else out_dir})")
+    say(f"# lora-jax train: resolved config ({'resuming ' + out_dir if cfg.train.resume else out_dir})")
     say(to_yaml(cfg).rstrip())
     say(f"# devices: {jax.device_count()} x {jax.devices()[0].platform}, processes: {jax.process_count()}, "
         f"mesh {sizes}")
@@ -237,8 +249,11 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
             tok = _model.load_tokenizer(cfg.tokenizer.path)
         else:
             tok = _model.build_tokenizer([d.get("text", "") for d in pre_docs], cfg.tokenizer.vocab_size)
-        model, params = _model.new_model(cfg.model.init, vocab_size=len(tok), seed=cfg.seed, compute_dtype=cdt,
-                                         param_dtype=cfg.model.param_dtype)
+        try:
+            model, params = _model.new_model(cfg.model.init, vocab_size=len(tok), seed=cfg.seed, compute_dtype=cdt,
+                                             param_dtype=cfg.model.param_dtype)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ConfigError(f"model.init: cannot build the model ({type(e).__name__}: {e})") from None
         fresh = True
         if cfg.model.pretrain.steps:
             pre_rows = _rows(pre_docs, tok, cfg.data.seq_len, cfg.data.packing, "model.pretrain.data")
@@ -272,10 +287,18 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
 
     # ---- writes begin ------------------------------------------------------------------------
     if main:
+        if cfg.train.resume:
+            gone = remove_leftovers(out_dir)
+            if gone:
+                say(f"# removed {len(gone)} unfinished write(s) of an interrupted run: {', '.join(gone)}")
+        if restart:
+            say(f"# train.resume: no finalized checkpoint in {_ckpt_dir(out_dir)} (the run stopped before its "
+                "first one): starting it over from step 0")
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_text(os.path.join(out_dir, "config.yaml"), to_yaml(cfg))
-    metrics = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), resume_step=resume_step)
+    metrics = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), resume_step=resume_step, restart=restart)
     summary: dict = {"out_dir": os.path.abspath(out_dir)}
+    resume_hint = f"resume with the same command plus out_dir={os.path.abspath(out_dir)} --resume"
     try:
         if pre_rows is not None:
             pc = cfg.model.pretrain
@@ -287,12 +310,19 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
                 f" params) for {pc.steps} steps on {pc.data}")
             pre = Trainer(spec, mesh=mesh, logits_fn=lambda tr, fr, x, m, rng: apply(tr, x, m), trainable=params,
                           rows=pre_rows, seed=cfg.seed, phase="pretrain", metrics=metrics, echo=say)
-            res = pre.fit()
+            try:
+                res = pre.fit()
+            except TrainingInterrupted as e:
+                raise TrainingInterrupted(f"{e} (pretraining); {resume_hint} to start the run over",
+                                          signum=e.signum, step=e.step) from None
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e}; lower model.pretrain.lr or check model.pretrain.data",
+                                     step=e.step) from None
             params = pre.trainable
             last = [r for r in pre.history[-10:]]
             summary["pretrain"] = {"steps": pc.steps, "train_s": res["train_s"],
-                                   "final_train_loss": float(np.mean([l for _, l in last]))}
-            say(f"# pretrained in {res['train_s']:.1f}s (train loss {summary['pretrain']['final_train_loss']:.3f})")
+                                   "final_train_loss": float(np.mean([l for _, l in last])) if last else None}
+            say(f"# pretrained in {res['train_s']:.1f}s (train loss {summary['pretrain']['final_train_loss']})")
             del pre
         if fresh:
             _model.save_model(model, params, tok, base_dir)
@@ -308,7 +338,10 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
             return _model.forward(apply, _tree.combine(tr, fr), x, m, rng=rng)
 
         ck = Checkpointer(_ckpt_dir(out_dir), keep=cfg.train.keep_checkpoints,
-                          async_save=cfg.train.async_checkpoint)
+                          async_save=cfg.train.async_checkpoint, remove_unfinished=True)
+        if ck.removed:
+            say(f"# removed unfinished checkpoint save(s) of an interrupted run (never finalized, not used): "
+                f"{', '.join(ck.removed)}")
         try:
             trainer = Trainer(LoopSpec.from_config(cfg.train), mesh=mesh, logits_fn=logits_fn, trainable=trainable,
                               frozen=frozen, rows=rows, eval_rows=eval_rows, seed=cfg.seed, phase="lora",
@@ -318,7 +351,16 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
                 step = trainer.restore(resume_step)
                 say(f"# resuming from step {step} of {cfg.train.steps} (checkpoint {os.path.join(_ckpt_dir(out_dir), str(step))},"
                     f" data position {trainer.position})")
-            res = trainer.fit(until=stop_after)
+            try:
+                res = trainer.fit(until=stop_after)
+            except TrainingInterrupted as e:
+                raise TrainingInterrupted(f"{e}; {resume_hint}", signum=e.signum, step=e.step,
+                                          checkpoint_step=e.checkpoint_step) from None
+            except NonFiniteError as e:
+                fix = ("lower train.lr, check the data around that step, or set train.on_nonfinite=skip; then "
+                       + (resume_hint + f" (from step {e.checkpoint_step})" if e.checkpoint_step is not None
+                          else "start again"))
+                raise NonFiniteError(f"{e}; {fix}", step=e.step, checkpoint_step=e.checkpoint_step) from None
         finally:
             ck.close()
         lora_evals = [r for r in read_metrics(os.path.join(out_dir, "metrics.jsonl"))

@@ -7,6 +7,15 @@ tokens of the whole batch (so accumulation changes nothing but memory), clips, a
 optax update — all inside one ``jax.jit``. The loss function is optionally wrapped in
 ``jax.checkpoint`` with a named policy.
 
+Non-finite steps: the step checks the loss, the gradient norm and the updated parameters; if any
+is NaN or infinite it keeps the parameters and optimizer state as they were (``jnp.where``, no
+host round trip) and reports ``finite=False``. The loop then stops with `NonFiniteError`
+(``on_nonfinite="stop"``) before anything after the last good step is saved, or counts the step
+as skipped (``"skip"``) and stops once ``max_skipped`` steps in a row were skipped.
+
+Interruptions: while `Trainer.fit` runs in the main thread, SIGINT / SIGTERM finish the current
+step, write a checkpoint (waiting until it is finalized) and raise `TrainingInterrupted`.
+
 Example (the pieces, on any ``logits_fn(trainable, frozen, inputs, mask, rng)``):
   >>> spec = LoopSpec(steps=10, batch_size=8, lr=1e-3, warmup_steps=2)
   >>> tx, schedule = make_optimizer(spec)
@@ -28,10 +37,27 @@ import optax
 
 from . import data as _data
 from . import sharding as shd
+from .interrupts import StopSignals, TrainingInterrupted, signal_name
 from .metrics import MetricsWriter, Progress, perplexity
 
 __all__ = ["LoopSpec", "make_schedule", "make_optimizer", "token_stats", "make_loss_fn", "make_train_step",
-           "make_eval_step", "Trainer"]
+           "make_eval_step", "Trainer", "NonFiniteError", "TrainingInterrupted", "ON_NONFINITE"]
+
+ON_NONFINITE = ("stop", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss / gradient norm / update.
+
+    Attributes:
+      step: the step whose loss or gradients were not finite (the last of the run of skipped
+        steps with ``on_nonfinite="skip"``).
+      checkpoint_step: the newest finalized checkpoint (all of them hold finite state; None: none).
+    """
+
+    def __init__(self, message: str, *, step: int, checkpoint_step: Optional[int] = None):
+        super().__init__(message)
+        self.step, self.checkpoint_step = int(step), checkpoint_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +84,15 @@ class LoopSpec:
     keep_checkpoints: int = 2
     async_checkpoint: bool = True
     progress: bool = True
+    on_nonfinite: str = "stop"
+    max_skipped: int = 10
+    handle_signals: bool = True
+
+    def __post_init__(self):
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}; got {self.on_nonfinite!r}")
+        if int(self.max_skipped) < 1:
+            raise ValueError(f"max_skipped must be >= 1, got {self.max_skipped!r}")
 
     @classmethod
     def from_config(cls, train, **changes) -> "LoopSpec":
@@ -146,12 +181,22 @@ def make_loss_fn(logits_fn: Callable, remat: str = "none") -> Callable:
     return jax.checkpoint(loss, policy=policy)
 
 
+def _all_finite(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: int = 1) -> Callable:
     """``step(state, frozen, batch) -> (state, metrics)``.
 
     ``state`` is ``{"params", "opt_state", "rng", "step"}``; with ``grad_accum > 1`` every batch
     array has a leading micro-batch axis. Gradients are taken of the summed token loss and divided
     by the batch's trained-token count, so the result does not depend on ``grad_accum``.
+
+    When the loss, the gradient norm or any updated parameter is not finite, the parameters and
+    optimizer state are returned unchanged and ``metrics["finite"]`` is False (the rng and the
+    step counter advance either way).
     """
 
     def step(state, frozen, batch):
@@ -179,9 +224,13 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_ac
         grads = jax.tree_util.tree_map(lambda g: g / n, grads)
         gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(grads)))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(nll) & jnp.isfinite(gnorm) & _all_finite(new_params)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree_util.tree_map(keep, new_params, params)
+        opt_state = jax.tree_util.tree_map(keep, opt_state, state["opt_state"])
         new = {"params": params, "opt_state": opt_state, "rng": rng, "step": state["step"] + 1}
-        return new, {"loss": nll / n, "acc": correct / n, "grad_norm": gnorm, "tokens": n}
+        return new, {"loss": nll / n, "acc": correct / n, "grad_norm": gnorm, "tokens": n, "finite": finite}
 
     return step
 
@@ -256,6 +305,10 @@ class Trainer:
         self.state_shardings = {"params": self.trainable_shardings, "opt_state": opt_shardings, "rng": rep,
                                 "step": rep}
         self.position = 0
+        self.skip_run = 0  # consecutive skipped (non-finite) steps up to the current one
+        self.skipped = 0  # skipped steps in all
+        self._saved_step: Optional[int] = None  # the step last handed to the checkpointer
+        self._state_finite = None
         self.history: list[tuple[int, float]] = []
         self.evals: list[dict] = []
 
@@ -295,11 +348,26 @@ class Trainer:
                 "rng": jax.random.key_data(self.state["rng"])}
 
     def save(self) -> None:
-        """Checkpoint the current step (no-op without a checkpointer)."""
-        if self.checkpointer is None:
+        """Checkpoint the current step (no-op without a checkpointer, or if this step is saved).
+
+        Raises:
+          NonFiniteError: if the state holds a NaN or infinity (nothing is written then).
+        """
+        if self.checkpointer is None or self._saved_step == self.step:
             return
-        self.checkpointer.save(self.step, self.checkpoint_state(),
-                               {"position": int(self.position), "seed": self.seed, "phase": self.phase})
+        if self._state_finite is None:
+            self._state_finite = jax.jit(_all_finite)
+        state = self.checkpoint_state()
+        if not bool(jax.device_get(self._state_finite({"adapter": state["adapter"], "opt_state": state["opt_state"]}))):
+            self.checkpointer.wait()
+            last = self.checkpointer.latest_step()
+            raise NonFiniteError(f"step {self.step}: the trainable state holds NaN or infinite values; not saved "
+                                 f"(the last good checkpoint is {'step ' + str(last) if last is not None else 'none'})",
+                                 step=self.step, checkpoint_step=last)
+        self.checkpointer.save(self.step, state,
+                               {"position": int(self.position), "seed": self.seed, "phase": self.phase,
+                                "skipped_in_a_row": int(self.skip_run), "skipped": int(self.skipped)})
+        self._saved_step = self.step
 
     def restore(self, step: Optional[int] = None) -> Optional[int]:
         """Load the newest finalized checkpoint (or ``step``) into this trainer, resharded onto its
@@ -317,7 +385,10 @@ class Trainer:
                       "rng": jax.jit(jax.random.wrap_key_data, out_shardings=rep)(saved["rng"]),
                       "step": jax.jit(lambda: jnp.asarray(n, jnp.int32), out_shardings=rep)()}
         self.position = int(meta["position"])
-        return int(meta["step"])
+        self.skip_run = int(meta.get("skipped_in_a_row", 0))
+        self.skipped = int(meta.get("skipped", 0))
+        self._saved_step = n
+        return n
 
     # -- data ---------------------------------------------------------------------------------
     def _put(self, arrays: dict, sharding) -> dict:
@@ -350,16 +421,88 @@ class Trainer:
         return rec
 
     # -- train --------------------------------------------------------------------------------
+    def _last_checkpoint(self) -> Optional[int]:
+        if self.checkpointer is None:
+            return None
+        self.checkpointer.wait()
+        return self.checkpointer.latest_step()
+
+    def _flush(self, pending: list, say: Callable, t_win: float, t_start: float) -> Optional[dict]:
+        """Fetch the metrics of ``pending`` steps, check them for non-finite steps and write one
+        train record; returns it (None if ``pending`` is empty).
+
+        Raises:
+          NonFiniteError: ``on_nonfinite="stop"`` and a step was not finite, or ``"skip"`` and
+            ``max_skipped`` steps in a row were.
+        """
+        if not pending:
+            return None
+        spec = self.spec
+        got = jax.device_get([m for _, m in pending])
+        steps = [s for s, _ in pending]
+        dt = time.perf_counter() - t_win
+        tps = len(pending) * spec.batch_size * self.rows.seq_len / max(dt, 1e-9)
+        ok = [bool(g["finite"]) for g in got]
+        good = [(s, g) for s, g, f in zip(steps, got, ok) if f]
+        toks = [float(g["tokens"]) for _, g in good]
+        wsum = max(sum(toks), 1.0)
+        self.history += [(s, float(g["loss"])) for s, g in good]
+        rec = {"kind": "train", "phase": self.phase, "step": steps[-1],
+               "loss": float(np.dot([float(g["loss"]) for _, g in good], toks) / wsum) if good else None,
+               "acc": float(np.dot([float(g["acc"]) for _, g in good], toks) / wsum) if good else None,
+               "grad_norm": float(got[-1]["grad_norm"]), "lr": float(self.schedule(steps[-1] - 1)),
+               "tokens_per_s": tps, "elapsed_s": time.perf_counter() - t_start}
+        bad = [(s, g) for s, g, f in zip(steps, got, ok) if not f]
+        if bad:
+            rec["skipped"] = len(bad)
+        stop = None
+        for s, g, f in zip(steps, got, ok):
+            if f:
+                self.skip_run = 0
+                continue
+            self.skip_run += 1
+            self.skipped += 1
+            what = f"non-finite loss or gradients at step {s} (loss {float(g['loss'])}, grad norm {float(g['grad_norm'])})"
+            if spec.on_nonfinite == "stop":
+                stop = (s, what + "; the update was not applied")
+                break
+            say(f"[{self.phase}] {what}: update skipped ({self.skip_run} in a row, {self.skipped} in all)")
+            if self.skip_run >= spec.max_skipped:
+                stop = (s, f"{self.skip_run} steps in a row (up to step {s}) had non-finite loss or gradients "
+                           f"(max_skipped={spec.max_skipped}); their updates were skipped")
+                break
+        if self.metrics is not None:
+            self.metrics.write(rec)
+        if stop is not None:
+            s, what = stop
+            last = self._last_checkpoint()
+            if self.metrics is not None:
+                self.metrics.write({"kind": "nonfinite", "phase": self.phase, "step": s,
+                                    "on_nonfinite": spec.on_nonfinite, "checkpoint_step": last})
+            where = f"the last good checkpoint is step {last}" if last is not None else "there is no checkpoint"
+            raise NonFiniteError(f"[{self.phase}] {what}; training stopped, nothing after it was saved, {where}",
+                                 step=s, checkpoint_step=last)
+        return rec
+
     def fit(self, until: Optional[int] = None) -> dict:
         """Train up to ``spec.steps`` (or stop after step ``until``), evaluating, logging and
-        checkpointing on the way. Returns ``{"step", "stopped", "train_s", "tokens_per_s", ...}``."""
+        checkpointing on the way. Returns ``{"step", "stopped", "train_s", "tokens_per_s", ...}``.
+
+        A train record is written every ``log_every`` steps, at every checkpoint (so a run resumed
+        from a checkpoint writes the same records as an uninterrupted one) and at the end.
+
+        Raises:
+          NonFiniteError: see `make_train_step` and ``LoopSpec.on_nonfinite``.
+          TrainingInterrupted: SIGINT / SIGTERM arrived (main thread, ``handle_signals``); the
+            current step was finished and checkpointed (finalized) first.
+        """
         spec = self.spec
         end = spec.steps if until is None else min(int(until), spec.steps)
         start = self.step
         if end <= start:
             return {"step": start, "stopped": start < spec.steps, "train_s": 0.0, "tokens_per_s": 0.0,
                     "compile_s": self.compile_s, "eval": None}
-        bar = Progress(spec.steps, start, enabled=spec.progress, desc=self.phase)
+        bar = Progress(spec.steps, start, enabled=spec.progress, desc=self.phase, echo=self.echo)
         say = bar.write
         tokens_per_step = spec.batch_size * self.rows.seq_len
         if start == 0 and self._eval is not None:
@@ -367,41 +510,56 @@ class Trainer:
             say(f"[{self.phase}] step 0: eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
         pending: list[tuple[int, dict]] = []
         t_start = t_win = time.perf_counter()
-        win_steps = 0
         last_ev = None
-        for s in range(start + 1, end + 1):
-            batch = self._put(self.next_batch(), self._batch_sharding)
-            self.state, m = self._step(self.state, self.frozen, batch)
-            pending.append((s, m))
-            win_steps += 1
-            if s % spec.log_every == 0 or s == end:
-                got = jax.device_get([mm for _, mm in pending])
-                dt = time.perf_counter() - t_win
-                tps = win_steps * tokens_per_step / max(dt, 1e-9)
-                losses = [float(g["loss"]) for g in got]
-                toks = [float(g["tokens"]) for g in got]
-                self.history += [(ss, l) for (ss, _), l in zip(pending, losses)]
-                rec = {"kind": "train", "phase": self.phase, "step": s,
-                       "loss": float(np.dot(losses, toks) / max(sum(toks), 1.0)),
-                       "acc": float(np.dot([float(g["acc"]) for g in got], toks) / max(sum(toks), 1.0)),
-                       "grad_norm": float(got[-1]["grad_norm"]), "lr": float(self.schedule(s - 1)),
-                       "tokens_per_s": tps, "elapsed_s": time.perf_counter() - t_start}
-                if self.metrics is not None:
-                    self.metrics.write(rec)
-                bar.update(win_steps, loss=rec["loss"], tok_s=f"{tps:,.0f}")
-                pending, win_steps, t_win = [], 0, time.perf_counter()
-            if self._eval is not None and ((spec.eval_every and s % spec.eval_every == 0) or s == spec.steps):
-                last_ev = self.evaluate()
-                say(f"[{self.phase}] step {s}: eval loss {last_ev['eval_loss']:.4f} (ppl {last_ev['eval_ppl']:.2f})")
-                t_win = time.perf_counter()  # eval time is not training time
-            if self.checkpointer is not None and (
-                    (spec.checkpoint_every and s % spec.checkpoint_every == 0) or s == end):
-                self.save()
-        bar.close()
-        if self.checkpointer is not None:
-            self.checkpointer.wait()
+        ck = self.checkpointer
+        try:
+            with StopSignals(spec.handle_signals) as stop:
+                for s in range(start + 1, end + 1):
+                    batch = self._put(self.next_batch(), self._batch_sharding)
+                    self.state, m = self._step(self.state, self.frozen, batch)
+                    pending.append((s, m))
+                    save_now = ck is not None and ((spec.checkpoint_every and s % spec.checkpoint_every == 0)
+                                                   or s == end)
+                    if s % spec.log_every == 0 or s == end or save_now or stop.signum is not None:
+                        rec = self._flush(pending, say, t_win, t_start)
+                        bar.update(len(pending), loss=rec["loss"] if rec["loss"] is not None else float("nan"),
+                                   tok_s=f"{rec['tokens_per_s']:,.0f}")
+                        pending, t_win = [], time.perf_counter()
+                    if self._eval is not None and ((spec.eval_every and s % spec.eval_every == 0) or s == spec.steps):
+                        last_ev = self.evaluate()
+                        say(f"[{self.phase}] step {s}: eval loss {last_ev['eval_loss']:.4f} "
+                            f"(ppl {last_ev['eval_ppl']:.2f})")
+                        t_win = time.perf_counter()  # eval time is not training time
+                    if stop.signum is not None and pending:  # arrived during the eval: check before saving
+                        self._flush(pending, say, t_win, t_start)
+                        bar.update(len(pending))
+                        pending = []
+                    if save_now:
+                        self.save()
+                    if stop.signum is not None:
+                        self._interrupted(stop.signum, say)
+                if ck is not None:
+                    ck.wait()
+                if stop.signum is not None:
+                    self._interrupted(stop.signum, say)
+        finally:
+            bar.close()
         train_s = time.perf_counter() - t_start
         done = end - start
         return {"step": self.step, "stopped": end < spec.steps, "train_s": train_s,
                 "tokens_per_s": done * tokens_per_step / max(train_s, 1e-9), "compile_s": self.compile_s,
                 "eval": last_ev}
+
+    def _interrupted(self, signum: int, say: Callable):
+        """Checkpoint the current step (waiting until it is finalized) and raise `TrainingInterrupted`."""
+        step = self.step
+        name = signal_name(signum)
+        if self.checkpointer is None:
+            raise TrainingInterrupted(f"[{self.phase}] {name} received: stopped after step {step}; this phase "
+                                      "writes no checkpoints", signum=signum, step=step)
+        say(f"[{self.phase}] {name} received: stopping after step {step}, writing its checkpoint ...")
+        self.save()
+        last = self._last_checkpoint()
+        raise TrainingInterrupted(f"[{self.phase}] {name} received: stopped after step {step}; checkpoint step "
+                                  f"{last} written to {self.checkpointer.directory}", signum=signum, step=step,
+                                  checkpoint_step=last)
