@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import jax
 import numpy as np
 
-__all__ = ["Rule", "Rules", "Target", "path_str", "ALL_LINEAR"]
+__all__ = ["Rule", "Rules", "Target", "path_str", "key_str", "ALL_LINEAR"]
 
 ALL_LINEAR = "all-linear"
 _KERNEL_NAMES = frozenset({"kernel", "weight", "w"})
@@ -47,7 +47,8 @@ _PLAIN_NAME = re.compile(r"[\w./-]+")
 TargetSpec = Union[str, Sequence[Union[str, "Rule"]], "Rule"]
 
 
-def _key_str(k) -> str:
+def key_str(k) -> str:
+    """One key-path entry as text: a dict key, a sequence index or an attribute name."""
     tu = jax.tree_util
     if isinstance(k, tu.DictKey):
         return str(k.key)
@@ -67,7 +68,7 @@ def path_str(keypath: Sequence[Any]) -> str:
     >>> path_str(jax.tree_util.tree_flatten_with_path({"a": [0, {"kernel": 1}]})[0][1][0])
     'a/1/kernel'
     """
-    parts = [_key_str(k) for k in keypath]
+    parts = [key_str(k) for k in keypath]
     if len(parts) > 1 and parts[-1] in ("value", "raw_value") and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
         parts = parts[:-1]
     return "/".join(parts)

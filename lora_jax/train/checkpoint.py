@@ -42,6 +42,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from ..rules import key_str
+
 __all__ = ["Checkpointer", "latest_step", "unfinished_saves", "flatten_state", "unflatten_state"]
 
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -56,19 +58,6 @@ def _quiet():
             log.setLevel(logging.WARNING)
 
 
-def _key_part(k) -> str:
-    tu = jax.tree_util
-    if isinstance(k, tu.DictKey):
-        return str(k.key)
-    if isinstance(k, tu.SequenceKey):
-        return str(k.idx)
-    if isinstance(k, tu.GetAttrKey):
-        return str(k.name)
-    if isinstance(k, tu.FlattenedIndexKey):
-        return str(k.key)
-    return str(k)
-
-
 def flatten_state(tree) -> tuple[dict, Any]:
     """A nested dict of the leaves keyed by their key-path parts, and the tree's structure.
 
@@ -78,7 +67,7 @@ def flatten_state(tree) -> tuple[dict, Any]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     out: dict = {}
     for kp, leaf in flat:
-        parts = [_key_part(k) for k in kp] or ["_"]
+        parts = [key_str(k) for k in kp] or ["_"]
         node = out
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
@@ -96,7 +85,7 @@ def unflatten_state(nested: dict, treedef, like) -> Any:
     leaves = []
     for kp, _ in jax.tree_util.tree_flatten_with_path(like)[0]:
         node = nested
-        for part in [_key_part(k) for k in kp] or ["_"]:
+        for part in [key_str(k) for k in kp] or ["_"]:
             node = node[part]
         leaves.append(node)
     return jax.tree_util.tree_unflatten(treedef, leaves)
