@@ -299,6 +299,18 @@ def test_nnx_model_via_split():
     check_equivalence(fn, lp, rand(1, (4, 12)))
 
 
+def test_equinox_model_via_partition():
+    """An Equinox MLP (weights stored (out, in)) through eqx.partition, vmapped inside the function."""
+    import equinox as eqx
+
+    mlp = eqx.nn.MLP(12, 6, 20, 2, key=jax.random.key(0))
+    params, static = eqx.partition(mlp, eqx.is_array)
+    lp = nonzero_b(lora.init(params, lora.Rules(r"layers/\d+/weight", rank=3, layout="out_in"), 0))
+    assert len(list(lora.tree.lora_items(lp))) == 3
+    fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)  # noqa: E731
+    check_equivalence(fn, lp, rand(1, (4, 12)))
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
 def test_transformers_flax_models(arch):
     model = hf_flax(arch)
