@@ -19,7 +19,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lora
@@ -27,15 +26,7 @@ from lora_jax.models import llama as L
 from lora_jax.quant import nbytes
 from lora_jax.tree import lora_items
 
-SIZES = {
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
-    "160m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=32000),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
-}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from train_step import SIZES, TARGETS  # noqa: E402  (the anchors' configs, defined once, beside this file)
 
 
 def base_bytes(tree) -> int:

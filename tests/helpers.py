@@ -46,3 +46,41 @@ def hf_flax(arch):
 
 def f64(x):
     return np.asarray(jnp.asarray(x, jnp.float32), dtype=np.float64)
+
+
+def peft_linear(w, config, *adapters):
+    """PyTorch PEFT on one bias-free ``Linear`` named ``lin`` holding the Flax ``(in, out)`` kernel
+    ``w``, its adapters' factors set from `LoraWeight` nodes.
+
+    Args:
+      w: the kernel, ``(in, out)``.
+      config: the ``LoraConfig`` of the ``"default"`` adapter.
+      *adapters: ``(node, config)`` pairs: adapters to add under ``node.name`` (``config`` None for
+        ``"default"``), whose ``lora_A``/``lora_B`` (and DoRA magnitude) become ``node``'s.
+
+    Returns:
+      ``(peft_model, layer)``: the PEFT model and its ``lin`` LoRA layer.
+    """
+    import torch
+    from peft import get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(w.shape[0], w.shape[1], bias=False)
+
+    net = Net()
+    with torch.no_grad():
+        net.lin.weight.copy_(torch.tensor(np.asarray(w).T.copy()))
+    pm = get_peft_model(net, config)
+    for node, cfg in adapters:
+        if cfg is not None:
+            pm.add_adapter(node.name, cfg)
+    layer = pm.base_model.model.lin
+    with torch.no_grad():
+        for node, _ in adapters:
+            layer.lora_A[node.name].weight.copy_(torch.tensor(np.asarray(node.a).T.copy()))
+            layer.lora_B[node.name].weight.copy_(torch.tensor(np.asarray(node.b).T.copy()))
+            if node.m is not None:
+                layer.lora_magnitude_vector[node.name].weight.copy_(torch.tensor(np.asarray(node.m).copy()))
+    return pm, layer

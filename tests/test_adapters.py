@@ -6,12 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 
 import lora_jax as lora
-from lora_jax.tree import lora_items
 
-from helpers import f64, hf_flax, nonzero_b, rand
+from helpers import f64, hf_flax, nonzero_b, peft_linear, rand
 from test_interpreter import _rel_close, check_equivalence
 
 
@@ -110,7 +108,7 @@ def test_routing_needs_factorized_uses():
 
 @pytest.mark.parametrize("method", ["cat", "svd", "linear"])
 def test_combine_adapters_like_peft(method):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     w = rand(0, (12, 10))
     lp = nonzero_b(lora.init({"lin": {"kernel": w}}, lora.Rules(["lin"], rank=3, alpha=6), 0), seed=4)
@@ -119,22 +117,8 @@ def test_combine_adapters_like_peft(method):
     lw = combined["lin"]["kernel"]
     assert lw.name == "combined" and not lw.active
     a_def, a_two = lp["lin"]["kernel"].chain()
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(12, 10, bias=False)
-
-    net = Net()
-    with torch.no_grad():
-        net.lin.weight.copy_(torch.tensor(np.asarray(w).T.copy()))
-    pm = get_peft_model(net, LoraConfig(r=3, lora_alpha=6, target_modules=["lin"]))
-    pm.add_adapter("two", LoraConfig(r=a_two.rank, lora_alpha=2, target_modules=["lin"]))
-    layer = pm.base_model.model.lin
-    with torch.no_grad():
-        for node in (a_def, a_two):
-            layer.lora_A[node.name].weight.copy_(torch.tensor(np.asarray(node.a).T.copy()))
-            layer.lora_B[node.name].weight.copy_(torch.tensor(np.asarray(node.b).T.copy()))
+    pm, layer = peft_linear(w, LoraConfig(r=3, lora_alpha=6, target_modules=["lin"]), (a_def, None),
+                            (a_two, LoraConfig(r=a_two.rank, lora_alpha=2, target_modules=["lin"])))
     pm.add_weighted_adapter(["default", "two"], [0.7, -1.3], "combined", combination_type=method,
                             svd_rank=4 if method == "svd" else None)
     peft_delta = layer.get_delta_weight("combined").detach().numpy().T  # back to (in, out)

@@ -9,7 +9,7 @@ import torch
 
 import lora_jax as lora
 
-from helpers import f64, nonzero_b, rand
+from helpers import f64, nonzero_b, peft_linear, rand
 from test_interpreter import check_equivalence, _rel_close
 
 
@@ -98,26 +98,12 @@ def test_dora_runtime_scale_interpolates_and_zero_is_base():
 
 
 def test_dora_same_as_peft_linear():
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     w = rand(0, (12, 10))  # Flax (in, out)
     lp = perturb(lora.init({"lin": {"kernel": w}}, lora.Rules(["lin"], rank=3, alpha=6, use_dora=True), 0))
     lw = lp["lin"]["kernel"]
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(12, 10, bias=False)
-
-    net = Net()
-    with torch.no_grad():
-        net.lin.weight.copy_(torch.tensor(np.asarray(w).T.copy()))
-    pm = get_peft_model(net, LoraConfig(r=3, lora_alpha=6, target_modules=["lin"], use_dora=True))
-    layer = pm.base_model.model.lin
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(torch.tensor(np.asarray(lw.a).T.copy()))
-        layer.lora_B["default"].weight.copy_(torch.tensor(np.asarray(lw.b).T.copy()))
-        layer.lora_magnitude_vector["default"].weight.copy_(torch.tensor(np.asarray(lw.m).copy()))
+    _, layer = peft_linear(w, LoraConfig(r=3, lora_alpha=6, target_modules=["lin"], use_dora=True), (lw, None))
     x = rand(1, (4, 12))
     xt = torch.tensor(np.asarray(x), requires_grad=True)
     yt = layer(xt)
@@ -135,26 +121,13 @@ def test_dora_same_as_peft_linear():
 
 
 def test_rslora_scale_matches_peft():
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     w = rand(0, (16, 8))
     lp = nonzero_b(lora.init({"lin": {"kernel": w}}, lora.Rules(["lin"], rank=4, alpha=6, use_rslora=True), 0))
     lw = lp["lin"]["kernel"]
     assert lw.scale == 3.0
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(16, 8, bias=False)
-
-    net = Net()
-    with torch.no_grad():
-        net.lin.weight.copy_(torch.tensor(np.asarray(w).T.copy()))
-    pm = get_peft_model(net, LoraConfig(r=4, lora_alpha=6, target_modules=["lin"], use_rslora=True))
-    layer = pm.base_model.model.lin
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(torch.tensor(np.asarray(lw.a).T.copy()))
-        layer.lora_B["default"].weight.copy_(torch.tensor(np.asarray(lw.b).T.copy()))
+    _, layer = peft_linear(w, LoraConfig(r=4, lora_alpha=6, target_modules=["lin"], use_rslora=True), (lw, None))
     x = rand(1, (3, 16))
     np.testing.assert_allclose(np.asarray(lora.wrap(lambda p, x: x @ p["lin"]["kernel"])(lp, x)),
                                layer(torch.tensor(np.asarray(x))).detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging as pylogging
 import os
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,7 @@ from .files import atomic_dir
 
 __all__ = ["FORWARD_SUPPORTS_DROPOUT", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "load_tokenizer",
            "new_model", "load_model", "save_model", "make_apply", "forward", "export_peft", "load_peft",
-           "save_merged", "default_layout", "to_host", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
+           "base_only", "save_merged", "default_layout", "to_host"]
 
 # `forward` goes through lora.wrap, which applies LoRA dropout.
 FORWARD_SUPPORTS_DROPOUT = True
@@ -44,8 +43,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @contextlib.contextmanager
@@ -165,10 +162,11 @@ def load_model(path: str, *, compute_dtype="float32", param_dtype="float32"):
         with _quiet_transformers():
             model, params = from_pretrained(path)
             # the same class and config, computing in ``compute_dtype``; the weights keep ``param_dtype``
-            model = resolve(model).build(dtype=jnp.dtype(compute_dtype))
+            res = resolve(model)
+            model = res.build(dtype=jnp.dtype(compute_dtype))
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
-    if getattr(model.config, "is_encoder_decoder", False) or resolve(model).task_type != "CAUSAL_LM":
+    if getattr(model.config, "is_encoder_decoder", False) or res.task_type != "CAUSAL_LM":
         raise ValueError(f"{path}: {type(model).__name__} is not a causal language model; lora-jax train needs one")
     return model, _cast(params, param_dtype)
 
@@ -200,8 +198,11 @@ def save_model(model, params, tokenizer, path: str) -> None:
 
 
 def default_layout(model) -> str:
-    """Kernel layout of a transformers Flax model's projections: GPT-2's are ``(out, in)``."""
-    return "out_in" if getattr(model.config, "model_type", "") == "gpt2" else "in_out"
+    """Kernel layout of a transformers Flax model's projections, from `lora_jax.hf`'s architecture
+    table: ``"out_in"`` where it stores them ``(out, in)`` (GPT-2), else ``"in_out"``."""
+    from ..hf.arch import resolve
+
+    return "out_in" if resolve(model).arch.oi_modules else "in_out"
 
 
 def make_apply(model) -> Callable:
@@ -258,8 +259,12 @@ def load_peft(model, lora_params, adapter_dir: str):
 
     if not os.path.isdir(adapter_dir):
         raise ValueError(f"no adapter directory {adapter_dir!r}")
-    base = jax.tree_util.tree_map(lambda x: x.base if is_lora(x) else x, lora_params, is_leaf=is_lora)
-    return _hf_load_peft(adapter_dir, base, model)
+    return _hf_load_peft(adapter_dir, base_only(lora_params), model)
+
+
+def base_only(lora_params):
+    """The frozen base of a LoRA tree: each `LoraWeight` replaced by its base kernel."""
+    return jax.tree_util.tree_map(lambda x: x.base if is_lora(x) else x, lora_params, is_leaf=is_lora)
 
 
 def save_merged(model, lora_params, tokenizer, out_dir: str) -> None:

@@ -512,12 +512,6 @@ def eval_rows_of(handle: RunHandle) -> _data.Rows:
     return _rows(docs, handle.tokenizer, cfg.data.seq_len, cfg.data.packing, "data.eval")
 
 
-def _base_only(lp):
-    from ..weight import is_lora
-
-    return jax.tree_util.tree_map(lambda x: x.w if is_lora(x) else x, lp, is_leaf=is_lora)
-
-
 def evaluate(handle: RunHandle, rows: _data.Rows, batch_size: Optional[int] = None) -> dict:
     """Eval loss, perplexity and token accuracy of the base alone and of base + adapter on ``rows``."""
     from .trainer import token_stats
@@ -532,7 +526,7 @@ def evaluate(handle: RunHandle, rows: _data.Rows, batch_size: Optional[int] = No
         return nll, correct, b["weights"].sum()
 
     out = {"source": handle.adapter_source, "eval_rows": len(rows)}
-    for name, tree in (("base", _base_only(handle.lora_params)), ("adapter", handle.lora_params)):
+    for name, tree in (("base", _model.base_only(handle.lora_params)), ("adapter", handle.lora_params)):
         nll = correct = n = 0.0
         for b in _data.eval_batches(rows, mb):
             r = jax.device_get(stats(tree, b))
@@ -592,7 +586,7 @@ def generate(handle: RunHandle, prompt: str = "", *, max_new_tokens: int = 64, t
              top_k: int = 0, seed: int = 0, use_adapter: bool = True) -> str:
     """``prompt`` and a sampled continuation from base + adapter (or the base alone), as text."""
     tok, model = handle.tokenizer, handle.model
-    tree = handle.lora_params if use_adapter else _base_only(handle.lora_params)
+    tree = handle.lora_params if use_adapter else _model.base_only(handle.lora_params)
     ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(
         tok.encode(prompt, add_special_tokens=False))
     if not ids:
