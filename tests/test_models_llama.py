@@ -1,8 +1,9 @@
-"""lora_jax.models.llama against transformers' PyTorch Llama / Qwen2 / Mistral on the same weights.
+"""lora_jax.models.llama against transformers 5's PyTorch Llama / Qwen2 / Qwen3 / Mistral on the same weights.
 
 Tiny random models (hidden 32, 2 layers, 4 heads / 2 KV heads, vocab 97) are built in PyTorch,
 their weights spread out (std 0.2, norms around 1) so logits are O(1) and attention is far from
-uniform, saved with ``save_pretrained(safe_serialization=True)`` and read back with ``load_hf``.
+uniform, saved with ``save_pretrained(safe_serialization=True)`` and read back with
+``lora_jax.models.load``.
 """
 
 import functools
@@ -16,8 +17,10 @@ import transformers as tf
 from safetensors.numpy import load_file
 
 import lora_jax as lora
+import lora_jax.models as M
+from lora_jax.io._files import read_safetensors
+from lora_jax.models import layers
 from lora_jax.models import llama as L
-from lora_jax.models.safetensors_io import read_safetensors
 
 V = 97
 BASE = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -32,6 +35,11 @@ VARIANTS = {
         attention_bias=True, mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(rope_theta=1000000.0)),
     "mistral_window": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=5, head_dim=8)),
+    # Qwen3: q/k RMSNorm, head_dim not hidden / heads, tied embeddings
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True)),
+    # dynamic NTK scaling: sequences (16) longer than max_position_embeddings (8) change the frequencies
+    "llama_dynamic": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(
+        max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
 }
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -49,7 +57,7 @@ def _spread(model, seed):
 def _torch_model(variant):
     cfg_cls, model_cls, extra = VARIANTS[variant]
     torch.manual_seed(0)
-    return _spread(model_cls(cfg_cls(**BASE, **extra)).eval(), seed=len(variant))
+    return _spread(model_cls(cfg_cls(**{**BASE, **extra})).eval(), seed=len(variant))
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +94,7 @@ def _torch_logits(model, ids, mask=None, pos=None):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_match_transformers(saved, variant):
-    cfg = L.from_hf_config(saved[variant])
-    params = L.load_hf(saved[variant])
-    model = L.LlamaForCausalLM(cfg)
+    model, params = M.load(saved[variant])
     ids, mask, pos = _batch()
     tm = _torch_model(variant)
 
@@ -107,19 +113,30 @@ def test_logits_match_transformers(saved, variant):
 
 
 def test_config_fields(saved):
-    assert L.from_hf_config(saved["qwen2"]).qkv_bias and not L.from_hf_config(saved["qwen2"]).o_bias
-    c = L.from_hf_config(saved["llama_bias_linear"])
+    assert M.config_from_hf(saved["qwen2"]).qkv_bias and not M.config_from_hf(saved["qwen2"]).o_bias
+    c = M.config_from_hf(saved["llama_bias_linear"])
     assert c.qkv_bias and c.o_bias and c.mlp_bias
-    assert L.from_hf_config(saved["mistral_window"]).sliding_window == 5
-    assert L.from_hf_config(saved["llama3_tied"]).tie_word_embeddings
-    assert "lm_head" not in L.load_hf(saved["llama3_tied"])
-    with pytest.raises(ValueError, match="model_type 'gpt2'"):
-        L.from_hf_config({"model_type": "gpt2"})
-    with pytest.raises(ValueError, match="rope_type 'dynamic'"):
-        L.from_hf_config({"model_type": "llama", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    assert M.config_from_hf(saved["mistral_window"]).sliding_window == 5
+    assert M.config_from_hf(saved["llama3_tied"]).tie_word_embeddings
+    assert M.config_from_hf(saved["qwen3"]).qk_norm and M.config_from_hf(saved["qwen3"]).head_dim == 16
+    assert "lm_head" not in M.load(saved["llama3_tied"])[1]
+    with pytest.raises(ValueError, match="model_type 'gpt3'"):
+        M.config_from_hf({"model_type": "gpt3"})
+    with pytest.raises(ValueError, match="rope_type 'su'"):
+        M.config_from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "su", "factor": 2.0}})
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        M.config_from_hf({"model_type": "llama", "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match="layer_types"):
+        M.config_from_hf({"model_type": "qwen2", "num_hidden_layers": 2, "sliding_window": 4,
+                          "layer_types": ["sliding_attention", "full_attention"]})
     with pytest.raises(ValueError, match="remat_policy"):
         L.LlamaConfig(remat_policy="bogus")
-    hash(L.from_hf_config(saved["llama3_tied"]))  # static jit argument
+    hash(M.config_from_hf(saved["llama3_tied"]))  # static jit argument
+    # transformers 5 writes rope_parameters; both spellings read the same
+    v5 = M.config_from_hf({"model_type": "llama", "rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                                       "rope_theta": 5e5}})
+    v4 = M.config_from_hf({"model_type": "llama", "rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert v5 == v4 and v5.rope == {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}
 
 
 @pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 4.0},
@@ -131,8 +148,14 @@ def test_rope_frequencies_match_transformers(rope):
 
     hc = tf.LlamaConfig(hidden_size=256, num_attention_heads=2, rope_theta=500000.0, rope_scaling=rope,
                         max_position_embeddings=128)
-    ref, ref_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"] if rope else "default"](hc, "cpu")
-    inv, factor = L.rope_frequencies(L.from_hf_config(hc))
+    kind = rope["rope_type"] if rope else "default"
+    if kind == "default":
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        ref, ref_factor = LlamaRotaryEmbedding.compute_default_rope_parameters(config=hc, device="cpu")
+    else:
+        ref, ref_factor = ROPE_INIT_FUNCTIONS[kind](hc, "cpu")
+    cfg = M.config_from_hf(hc)
+    inv, factor = layers.rope_frequencies(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
     np.testing.assert_allclose(inv, ref.numpy(), rtol=1e-6, atol=0)
     assert factor == pytest.approx(ref_factor, rel=1e-12)
 
@@ -140,7 +163,7 @@ def test_rope_frequencies_match_transformers(rope):
 def test_roundtrip_exact(saved):
     for v in ("llama", "qwen2", "llama3_tied"):
         x = load_file(str(saved[v] / "model.safetensors"))  # safetensors' own reader as the reference
-        back = L.to_hf_state_dict(L.load_hf(saved[v]), L.from_hf_config(saved[v]))
+        back = M.state_from_params(*reversed(M.load(saved[v])))
         assert set(back) == set(x)
         for k in x:
             assert back[k].dtype == x[k].dtype and back[k].shape == x[k].shape, k
@@ -152,10 +175,9 @@ def test_bf16_checkpoint_without_torch(tmp_path):
     tm.to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
     tm.to(torch.float32)
     assert (tmp_path / "model.safetensors.index.json").exists()  # sharded path exercised
-    cfg = L.from_hf_config(tmp_path, param_dtype="bfloat16")
-    params = L.load_hf(tmp_path, cfg)
+    model, params = M.load(tmp_path, dtype="bfloat16")
     assert params["model"]["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
-    back = L.to_hf_state_dict(params, cfg)
+    back = M.state_from_params(params, model)
     sd = {k: v.to(torch.bfloat16) for k, v in tm.state_dict().items()}
     for k, t in sd.items():
         np.testing.assert_array_equal(back[k].astype(np.float32), t.float().numpy(), err_msg=k)
@@ -163,44 +185,56 @@ def test_bf16_checkpoint_without_torch(tmp_path):
     f32 = tmp_path / "f32.safetensors"
     from safetensors.numpy import save_file
     save_file({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.int64)}, str(f32))
-    got = read_safetensors(f32)
+    got, _ = read_safetensors(f32)
     np.testing.assert_array_equal(got["a"], np.arange(6, dtype=np.float32).reshape(2, 3))
     assert got["b"].dtype == np.int64
 
 
-def test_load_hf_strict(saved):
-    cfg = L.from_hf_config(saved["llama"])
+def test_load_strict(saved):
+    model, _ = M.load(saved["llama"])
     sd = dict(load_file(str(saved["llama"] / "model.safetensors")))
     del sd["model.layers.1.mlp.up_proj.weight"]
     sd["model.layers.0.self_attn.extra.weight"] = np.zeros(3, np.float32)
     sd["model.layers.0.self_attn.k_proj.weight"] = np.zeros((32, 16), np.float32)
     with pytest.raises(ValueError) as e:
-        L.load_hf(sd, cfg)
+        M.params_from_state(sd, model)
     msg = str(e.value)
     assert "model.layers.1.mlp.up_proj.weight" in msg and "model.layers.0.self_attn.extra.weight" in msg
     assert "model.layers.0.self_attn.k_proj.weight: expected (16, 32), got (32, 16)" in msg
-    params = L.load_hf(saved["llama"])
+    params = M.load(saved["llama"])[1]
     params["model"]["layers"]["mlp"]["up_proj"]["kernel"] = np.zeros((2, 3, 3), np.float32)
     with pytest.raises(ValueError, match="up_proj/kernel: expected"):
-        L.to_hf_state_dict(params, cfg)
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        L.load_hf(saved["llama"] / "nowhere", cfg)
+        M.state_from_params(params, model)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        M.load(saved["llama"] / "nowhere")
 
 
-def test_names_map_to_torch_modules(saved):
-    for v in ("llama_bias_linear", "llama3_tied"):
-        cfg = L.from_hf_config(saved[v])
-        params = L.load_hf(saved[v])
-        names = set()
-        for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            path = lora.rules.path_str(kp)
-            layers = range(cfg.num_hidden_layers) if "/layers/" in path else [None]
-            names |= {L.hf_param_name(path, i) for i in layers}
+def test_table_names_are_torch_names(saved):
+    for v in ("llama_bias_linear", "llama3_tied", "qwen3"):
+        model, params = M.load(saved[v])
+        cfg = model.config
+        names = {lf.hf_name(i) for lf in M.leaves_of(model)
+                 for i in (range(cfg.num_hidden_layers) if lf.layered else [None])}
         assert names == set(_torch_model(v).state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
-    assert L.hf_module_name("model/layers/self_attn/q_proj/kernel", 3) == "model.layers.3.self_attn.q_proj"
-    assert L.hf_module_name("params/lm_head/kernel") == "lm_head"
+        paths = {lora.rules.path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        assert paths == {lf.path for lf in M.leaves_of(model)}
+    q = next(lf for lf in M.leaves_of(model) if lf.path.endswith("q_proj/kernel"))
+    assert q.module(3) == "model.layers.3.self_attn.q_proj"
     with pytest.raises(ValueError, match="layer index"):
-        L.hf_module_name("model/layers/mlp/up_proj/kernel")
+        q.module()
+
+
+def test_flax_msgpack_fixtures_match_torch():
+    """transformers 4.57's flax_model.msgpack (the old Flax ports' format) loads with PyTorch's logits."""
+    import pathlib
+    root = pathlib.Path(__file__).parent / "fixtures" / "flax_msgpack"
+    ids = _batch()[0] % 96
+    for name, cls in (("llama", tf.LlamaForCausalLM), ("mistral", tf.MistralForCausalLM)):
+        model, params = M.load(root / name, prefer="flax")
+        ref_model, ref_params = M.load(root / name, prefer="safetensors")
+        jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+        ref = _torch_logits(cls.from_pretrained(root / name, attn_implementation="eager").eval(), ids)
+        np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids)), ref, **TOL)
 
 
 def _argmax_loop(model, params, ids, mask, n):
@@ -215,17 +249,15 @@ def _argmax_loop(model, params, ids, mask, n):
     return buf
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral_window"])
+@pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen3"])
 def test_greedy_generation(saved, variant):
-    cfg = L.from_hf_config(saved[variant])
-    params = L.load_hf(saved[variant])
-    model = L.LlamaForCausalLM(cfg)
+    model, params = M.load(saved[variant])
     rs = np.random.RandomState(1)
     ids = rs.randint(3, V, (2, 6))
     mask = np.ones_like(ids)
     ids[1, :2], mask[1, :2] = 0, 0  # left-padded prompt
     n = 8
-    out = np.asarray(L.generate(params, cfg, ids, n, attention_mask=mask, eos_token_id=()))
+    out = np.asarray(M.generate(model, params, ids, n, attention_mask=mask, eos_token_id=()))
     np.testing.assert_array_equal(out, _argmax_loop(model, params, ids, mask, n))
     gc = tf.GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
@@ -238,7 +270,7 @@ def test_greedy_generation(saved, variant):
 
     # eos: after a row emits it, the row continues with pad
     eos = int(out[0, 6 + 2])
-    got = np.asarray(L.generate(params, cfg, ids, n, attention_mask=mask, eos_token_id=eos, pad_token_id=0))
+    got = np.asarray(M.generate(model, params, ids, n, attention_mask=mask, eos_token_id=eos, pad_token_id=0))
     want = out.copy()
     for r in range(2):
         hits = np.flatnonzero(out[r, 6:] == eos)
@@ -246,22 +278,22 @@ def test_greedy_generation(saved, variant):
             want[r, 6 + hits[0] + 1:] = 0
     np.testing.assert_array_equal(got, want)
     # sampling: top_k=1 is greedy whatever the temperature; a wide sample is valid and seeded
-    s1 = L.generate(params, cfg, ids, n, attention_mask=mask, temperature=0.7, top_k=1, rng=jax.random.key(3),
+    s1 = M.generate(model, params, ids, n, attention_mask=mask, temperature=0.7, top_k=1, rng=jax.random.key(3),
                     eos_token_id=())
     np.testing.assert_array_equal(np.asarray(s1), out)
-    s2 = L.generate(params, cfg, ids, n, attention_mask=mask, temperature=5.0, rng=jax.random.key(3), eos_token_id=())
-    s3 = L.generate(params, cfg, ids, n, attention_mask=mask, temperature=5.0, rng=jax.random.key(3), eos_token_id=())
+    s2 = M.generate(model, params, ids, n, attention_mask=mask, temperature=5.0, rng=jax.random.key(3), eos_token_id=())
+    s3 = M.generate(model, params, ids, n, attention_mask=mask, temperature=5.0, rng=jax.random.key(3), eos_token_id=())
     np.testing.assert_array_equal(np.asarray(s2), np.asarray(s3))
     assert (np.asarray(s2)[:, 6:] != out[:, 6:]).any()
     with pytest.raises(ValueError, match="needs rng"):
-        L.generate(params, cfg, ids, n, temperature=1.0)
+        M.generate(model, params, ids, n, temperature=1.0)
     with pytest.raises(ValueError, match="pad prompts on the left"):
-        L.generate(params, cfg, ids, n, attention_mask=mask[:, ::-1])
+        M.generate(model, params, ids, n, attention_mask=mask[:, ::-1])
 
 
 def test_bf16_compute_close_to_f32(saved):
-    cfg = L.from_hf_config(saved["llama"])
-    params = L.load_hf(saved["llama"])
+    model, params = M.load(saved["llama"])
+    cfg = model.config
     ids, mask, pos = _batch()
     f32 = np.asarray(L.LlamaForCausalLM(cfg).apply({"params": params}, ids))
     bcfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
@@ -282,8 +314,9 @@ def _loss(model, params, ids):
 
 
 def test_remat_policies_same_loss_and_grads(saved):
-    cfg = L.from_hf_config(saved["llama"])
-    params = jax.tree.map(jnp.asarray, L.load_hf(saved["llama"]))
+    model, params = M.load(saved["llama"])
+    cfg = model.config
+    params = jax.tree.map(jnp.asarray, params)
     ids = jnp.asarray(_batch()[0])
     ref_l, ref_g = jax.jit(jax.value_and_grad(functools.partial(_loss, L.LlamaForCausalLM(cfg))))(params, ids)
     for policy in ("nothing_saveable", "dots_with_no_batch_dims_saveable"):
@@ -295,8 +328,8 @@ def test_remat_policies_same_loss_and_grads(saved):
 
 def test_lora_rules_and_merged_export(saved):
     """Rules by name select the 7 stacked kernels as 'sio'; a merged export loads into PyTorch."""
-    cfg = L.from_hf_config(saved["qwen2"])
-    params = L.load_hf(saved["qwen2"])
+    model, params = M.load(saved["qwen2"])
+    cfg = model.config
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lp = lora.init(params, lora.Rules(targets, rank=4, alpha=8, init=False, stack_axes=1), jax.random.key(0))
     items = dict(lora.tree.lora_items(lp))
@@ -310,7 +343,7 @@ def test_lora_rules_and_merged_export(saved):
     ours = np.asarray(lora.wrap(lambda p, ids: model.apply({"params": p}, ids))(lp, ids))
     np.testing.assert_allclose(ours, np.asarray(model.apply({"params": merged}, ids)), **TOL)
     tm = _torch_model("qwen2")
-    sd = {k: torch.from_numpy(np.asarray(v)) for k, v in L.to_hf_state_dict(jax.device_get(merged), cfg).items()}
+    sd = {k: torch.from_numpy(np.asarray(v)) for k, v in M.state_from_params(jax.device_get(merged), model).items()}
     moved = tf.Qwen2ForCausalLM(tm.config).eval()
     moved.load_state_dict(sd, strict=True)
     np.testing.assert_allclose(ours, _torch_logits(moved, ids), **TOL)

@@ -17,13 +17,15 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from typing import Any, Iterator, Mapping, Optional
 
+import ml_dtypes
 import numpy as np
 
 __all__ = ["atomic_directory", "contained", "read_safetensors", "write_safetensors", "read_json", "write_json",
-           "to_numpy"]
+           "to_numpy", "SAFETENSORS_DTYPES"]
 
 
 def _check_target(path: str, overwrite: bool, what: str) -> None:
@@ -106,27 +108,78 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def read_safetensors(file: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All tensors of a safetensors file as NumPy arrays, and its string metadata.
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+
+
+def read_safetensors(file) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors of a safetensors file as read-only NumPy arrays (memory-mapped), and its metadata.
+
+    The format is read directly (an 8-byte little-endian header length, a JSON header
+    ``{name: {dtype, shape, data_offsets}}``, the raw little-endian bytes), so bfloat16 and float8
+    tensors come back as ``ml_dtypes`` arrays, which ``safetensors.numpy`` cannot return. Nothing
+    is copied until the caller converts an array.
 
     Raises:
       FileNotFoundError: when the file does not exist.
-      ValueError: when it is not a complete, well-formed safetensors file (truncated, bad
-        header, ...); the message names the file and the reader's complaint.
-    """
-    from safetensors import safe_open
+      ValueError: when it is not a complete, well-formed safetensors file (truncated, bad header,
+        offsets that do not fit); the message names the file and the problem.
 
+    Example:
+      >>> import numpy as np, tempfile, os
+      >>> from safetensors.numpy import save_file
+      >>> path = os.path.join(tempfile.mkdtemp(), "x.safetensors")
+      >>> save_file({"w": np.ones((2, 3), np.float32)}, path)
+      >>> read_safetensors(path)[0]["w"].shape
+      (2, 3)
+    """
+    file = os.fspath(file)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no safetensors file at {file!r}")
-    try:
-        out = {}
-        with safe_open(file, framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-    except Exception as e:  # safetensors raises its own error types (SafetensorError, OSError...)
-        raise ValueError(f"{file!r} is not a readable safetensors file: {type(e).__name__}: {e}") from None
-    return out, meta
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{file!r} is not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{file!r} is not a safetensors file (header length {n} exceeds the file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{file!r} is not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file!r} is not a safetensors file (header is {type(header).__name__}, expected an object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file!r}: __metadata__ must be an object of strings, got {type(meta).__name__}")
+    data_len = size - 8 - n
+    mm = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_len,)) if data_len else \
+        np.zeros((0,), np.uint8)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{file!r}: tensor {name!r} has an unsupported or malformed header entry {info!r} "
+                             f"(dtypes: {sorted(SAFETENSORS_DTYPES)})") from None
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not 0 <= begin <= end <= data_len or end - begin != nbytes:
+            raise ValueError(f"{file!r}: tensor {name!r} ({info['dtype']}{list(shape)}) has data offsets "
+                             f"[{begin}, {end}) that do not fit its size {nbytes} or the data length {data_len} "
+                             "(truncated or corrupt file?)")
+        out[name] = np.asarray(mm[begin:end].view(dtype).reshape(shape))
+    return out, {str(k): str(v) for k, v in meta.items()}
 
 
 def write_safetensors(file: str, tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = None) -> None:

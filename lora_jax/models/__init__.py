@@ -1,13 +1,28 @@
-"""Fast Flax models for LoRA training with lora_jax (the model code knows nothing of LoRA).
+"""lora_jax's own Flax models: today's Hugging Face families, built for fast LoRA training.
 
->>> from lora_jax.models import LlamaConfig, LlamaForCausalLM, load_hf, generate  # doctest: +SKIP
+One module per family on shared building blocks (`layers`): `llama` (Llama 2/3, Mistral, Qwen2,
+Qwen3), `gemma` (Gemma 2, Gemma 3 text), `phi3`, `gpt2`, `bert`. Each loads and writes Hugging Face
+checkpoints without torch (`load`, `save`) and decodes with a KV cache (`generate`). The model code
+knows nothing of LoRA: ``lora.wrap(model.apply)`` adds it.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from lora_jax.models import LlamaConfig, build, init_params
+  >>> model = build(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+  ...                           num_attention_heads=4))
+  >>> model.apply({"params": init_params(model, jax.random.key(0))}, jnp.zeros((1, 5), jnp.int32)).shape
+  (1, 5, 97)
 """
 
-from .llama import (LlamaConfig, LlamaForCausalLM, from_hf_config, generate, hf_module_name, hf_param_name,
-                    init_cache, init_params, load_hf, to_hf_state_dict)
-from .safetensors_io import read_safetensors, read_checkpoint_dir
+from .checkpoint import load, read_weights, save
+from .family import (HEADS, SUPPORTED_MODEL_TYPES, Family, Leaf, build, config_from_hf, family_for, head_of,
+                     hf_config_dict, init_params, leaves_of, params_from_state, state_from_params, torch_class)
+from .generate import generate
+from .llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 __all__ = [
-    "LlamaConfig", "LlamaForCausalLM", "from_hf_config", "generate", "hf_module_name", "hf_param_name",
-    "init_cache", "init_params", "load_hf", "to_hf_state_dict", "read_safetensors", "read_checkpoint_dir",
+    "load", "save", "read_weights", "generate",
+    "build", "config_from_hf", "init_params", "family_for", "head_of", "torch_class", "hf_config_dict",
+    "leaves_of", "params_from_state", "state_from_params", "Family", "Leaf", "SUPPORTED_MODEL_TYPES", "HEADS",
+    "LlamaConfig", "LlamaForCausalLM", "LlamaModel",
 ]

@@ -1,0 +1,418 @@
+"""The building blocks every `lora_jax.models` family is made of.
+
+Config plumbing (dtypes, hashable dicts, activations, remat policies), rotary embeddings for every
+``rope_type`` the supported checkpoints use, RMSNorm (plain and Gemma's ``1 + w``), LayerNorm
+(GPT-2, BERT), the attention
+core (``jax.nn.dot_product_attention``, cuDNN on a GPU; an XLA form for logit soft-capping), the
+KV cache and its mask. The families (`llama`, `gemma`, `phi3`, `gpt2`, `bert`) import these and
+add only what is theirs.
+
+Rotary embeddings, once: for a head vector split in halves ``x = [x1, x2]`` at position ``p``,
+``rope(x) = [x1 cos(p f) - x2 sin(p f), x2 cos(p f) + x1 sin(p f)] * attention_factor`` with the
+inverse frequencies ``f_j = 1 / theta^(2j / d)`` (``d`` the rotary dimension, ``j < d/2``) adjusted
+by the scaling type, exactly as transformers computes them in float32.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> rope = rope_parameters({"rope_theta": 500000.0})
+  >>> cos, sin = rope_tables(rope, 8, 2048, jnp.arange(4)[None], jnp.float32)
+  >>> cos.shape
+  (1, 4, 4)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "ACTIVATIONS", "REMAT_POLICIES", "ROPE_TYPES", "ATTENTION_IMPLS",
+    "canon_dtype", "freeze", "thaw", "remat_policy", "check_remat_policy",
+    "rope_parameters", "check_rope", "rotary_dim", "rope_frequencies", "rope_tables", "apply_rope",
+    "RMSNorm", "LayerNorm", "dense", "attention_impl", "attention", "causal_cache_mask", "init_cache",
+]
+
+ACTIVATIONS: dict[str, Callable] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+}
+
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# the fields each rope_type needs besides rope_theta
+_ROPE_NEEDS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+               "longrope": ("short_factor", "long_factor")}
+
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+# -------------------------------------------------------------------------------------------
+# Config plumbing
+# -------------------------------------------------------------------------------------------
+def canon_dtype(value, what: str) -> np.dtype:
+    """``value`` as a floating NumPy dtype, or a TypeError naming the config field ``what``."""
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        raise TypeError(f"{what}: expected a floating dtype (e.g. 'float32', 'bfloat16'), got {value!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{what}: expected a floating dtype, got {dt}")
+    return dt
+
+
+def freeze(value):
+    """A hashable form of nested dicts/lists (sorted item tuples), for frozen config fields."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value) -> Optional[dict]:
+    """The dict a `freeze`-d mapping came from (one level; None stays None)."""
+    return None if value is None else dict(value)
+
+
+def check_remat_policy(spec, what: str) -> None:
+    """Raise unless ``spec`` is None, a ``jax.checkpoint_policies`` callable or a name in `REMAT_POLICIES`."""
+    if spec is not None and not callable(spec) and spec not in REMAT_POLICIES:
+        raise ValueError(f"{what} must be None, a jax.checkpoint_policies callable or one of {REMAT_POLICIES}, "
+                         f"got {spec!r}")
+
+
+def remat_policy(spec):
+    """The ``jax.checkpoint`` policy for a name in `REMAT_POLICIES` (callables and None pass through)."""
+    if spec is None or callable(spec):
+        return spec
+    return getattr(jax.checkpoint_policies, spec)
+
+
+# -------------------------------------------------------------------------------------------
+# Rotary embeddings
+# -------------------------------------------------------------------------------------------
+def rope_parameters(hf: Mapping[str, Any], layer_type: Optional[str] = None, *,
+                    default_theta: float = 10000.0) -> dict:
+    """One flat rotary-embedding dict ``{"rope_type", "rope_theta", ...}`` from a HF config dict.
+
+    Reads both spellings: transformers 5's ``rope_parameters`` (flat, or keyed by layer type as in
+    Gemma 3: pass ``layer_type``) and the older ``rope_theta`` + ``rope_scaling`` (+
+    ``partial_rotary_factor``). The result is validated by `check_rope`.
+
+    Example:
+      >>> rope_parameters({"rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0}})["rope_type"]
+      'linear'
+    """
+    rp = hf.get("rope_parameters")
+    if isinstance(rp, Mapping) and rp:
+        if layer_type is not None and isinstance(rp.get(layer_type), Mapping):
+            rp = rp[layer_type]
+        elif layer_type is not None and all(isinstance(v, Mapping) for v in rp.values()):
+            raise ValueError(f"rope_parameters has no entry for layer type {layer_type!r}: got {sorted(rp)}")
+        out = dict(rp)
+    else:
+        out = dict(hf.get("rope_scaling") or {})
+        out.setdefault("rope_theta", hf.get("rope_theta", default_theta))
+    if "type" in out and "rope_type" not in out:
+        out["rope_type"] = out.pop("type")
+    out.setdefault("rope_type", "default")
+    if out.get("rope_theta") is None:
+        out["rope_theta"] = default_theta
+    prf = hf.get("partial_rotary_factor")
+    if prf is not None and "partial_rotary_factor" not in out:
+        out["partial_rotary_factor"] = prf
+    check_rope(out, "rope_parameters")
+    return out
+
+
+def check_rope(rope: Mapping[str, Any], what: str) -> str:
+    """Validate a flat rope dict; return its type. Unknown types and missing fields are ValueErrors."""
+    t = rope.get("rope_type", "default")
+    if t not in ROPE_TYPES:
+        raise ValueError(f"{what}: rope_type {t!r} is not supported; supported: {ROPE_TYPES}")
+    missing = [k for k in _ROPE_NEEDS.get(t, ()) if rope.get(k) is None]
+    if missing:
+        raise ValueError(f"{what}: rope_type {t!r} needs {missing}, got {dict(rope)}")
+    prf = float(rope.get("partial_rotary_factor") or 1.0)
+    if not 0.0 < prf <= 1.0:
+        raise ValueError(f"{what}: partial_rotary_factor must be in (0, 1], got {prf}")
+    return t
+
+
+def rotary_dim(rope: Mapping[str, Any], head_dim: int) -> int:
+    """The number of leading head dimensions rotated (``head_dim * partial_rotary_factor``)."""
+    return int(head_dim * float(rope.get("partial_rotary_factor") or 1.0))
+
+
+def _inv_freq_default(theta, dim):
+    f32 = np.float32
+    exponent = np.arange(0, dim, 2).astype(np.int64).astype(f32) / f32(dim)
+    return (f32(1.0) / np.power(f32(theta), exponent)).astype(f32)
+
+
+def rope_frequencies(rope: Mapping[str, Any], dim: int, max_pos: int) -> tuple[np.ndarray, float]:
+    """``(inv_freq, attention_factor)`` in float32 for the rope types that do not depend on the
+    sequence length (default, linear, llama3, yarn), for a rotary dimension ``dim``."""
+    f32 = np.float32
+    kind = rope.get("rope_type", "default")
+    theta = float(rope["rope_theta"])
+    inv_freq = _inv_freq_default(theta, dim)
+    factor_attn = 1.0
+    if kind == "linear":
+        inv_freq = (inv_freq / f32(rope["factor"])).astype(f32)
+    elif kind == "llama3":
+        factor = f32(rope["factor"])
+        low, high = f32(rope["low_freq_factor"]), f32(rope["high_freq_factor"])
+        old = f32(rope["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old / low, old / high
+        wavelen = f32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(f32)
+        smooth = ((old / wavelen - low) / (high - low)).astype(f32)
+        smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(f32)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(f32)
+    elif kind == "yarn":
+        factor = float(rope["factor"])
+        orig = rope.get("original_max_position_embeddings") or max_pos
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        factor_attn = rope.get("attention_factor")
+        if factor_attn is None:
+            if rope.get("mscale") and rope.get("mscale_all_dim"):
+                factor_attn = mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"])
+            else:
+                factor_attn = mscale(factor)
+        beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+        def corr_dim(rot):
+            return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(theta))
+
+        lo, hi = corr_dim(beta_fast), corr_dim(beta_slow)
+        if rope.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(lo)) / f32(hi - lo), 0, 1).astype(f32)
+        extrap_w = f32(1) - ramp
+        pos_freqs = np.power(f32(theta), np.arange(0, dim, 2).astype(f32) / f32(dim)).astype(f32)
+        inv_extrap = (f32(1) / pos_freqs).astype(f32)
+        inv_interp = (f32(1) / (f32(factor) * pos_freqs)).astype(f32)
+        inv_freq = (inv_interp * (1 - extrap_w) + inv_extrap * extrap_w).astype(f32)
+    return inv_freq, float(factor_attn)
+
+
+def rope_tables(rope: Mapping[str, Any], head_dim: int, max_position_embeddings: int, positions: jax.Array,
+                dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``positions.shape + (rotary_dim // 2,)`` in ``dtype`` (``rope`` from `rope_parameters`).
+
+    ``dynamic`` (NTK) and ``longrope`` depend on the sequence length, which is read as
+    ``max(positions) + 1`` inside the computation, as transformers does.
+    """
+    rope = dict(rope)
+    kind = check_rope(rope, "rope_tables")
+    dim = rotary_dim(rope, head_dim)
+    pos = positions.astype(jnp.float32)[..., None]
+    factor = 1.0
+    if kind == "dynamic":
+        theta, f = float(rope["rope_theta"]), float(rope["factor"])
+        seq = jnp.maximum(jnp.max(positions) + 1, max_position_embeddings).astype(jnp.float32)
+        base = theta * ((f * seq / max_position_embeddings) - (f - 1)) ** (dim / (dim - 2))
+        exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+        inv_freq = 1.0 / (base ** exponent)
+    elif kind == "longrope":
+        # transformers: factor defaults to max_position_embeddings / original (Phi-3's convention),
+        # inv_freq = 1 / (ext_factor * theta^(2j/d)) with the long factors once the sequence
+        # (max position + 1) exceeds original_max_position_embeddings, the short ones otherwise
+        orig = rope.get("original_max_position_embeddings") or max_position_embeddings
+        f = rope.get("factor")
+        if f is None:
+            f = max_position_embeddings / orig
+        factor = rope.get("attention_factor")
+        if factor is None:
+            factor = 1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(orig))
+        f32 = np.float32
+        exponent = np.arange(0, dim, 2).astype(np.int64).astype(f32) / f32(dim)
+        powers = np.power(f32(rope["rope_theta"]), exponent).astype(f32)
+
+        def scaled(ext):
+            ext = np.asarray(ext, f32)
+            if ext.shape != powers.shape:
+                raise ValueError(f"rope_tables: longrope factors need {powers.shape[0]} values (rotary dim {dim} / 2), "
+                                 f"got {ext.shape[0] if ext.ndim == 1 else ext.shape}")
+            return jnp.asarray((f32(1.0) / (ext * powers)).astype(f32))
+
+        short, long = scaled(rope["short_factor"]), scaled(rope["long_factor"])
+        inv_freq = jnp.where(jnp.max(positions) + 1 > orig, long, short)
+    else:
+        inv_freq, factor = rope_frequencies(rope, dim, max_position_embeddings)
+        inv_freq = jnp.asarray(inv_freq)
+    angles = pos * inv_freq
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.astype(dtype), sin.astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (transformers' convention) on the first ``2 * cos.shape[-1]`` dimensions.
+
+    ``x`` is ``(B, T, heads, H)``, ``cos``/``sin`` ``(B, T, R/2)``; dimensions past ``R`` (partial
+    rotary) pass through.
+    """
+    r = 2 * cos.shape[-1]
+    rot, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
+    x1, x2 = jnp.split(rot, 2, axis=-1)
+    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return out if rest is None else jnp.concatenate([out, rest], axis=-1)
+
+
+# -------------------------------------------------------------------------------------------
+# Layers
+# -------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * w`` normalised in float32.
+
+    ``gemma=True`` is Gemma's form: the weight is stored as ``w - 1`` (zeros at init) and
+    multiplied as ``1 + w`` in float32 before the cast to the compute dtype; otherwise the
+    normalised value is cast first and multiplied by ``w`` (Llama's order).
+    """
+
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    gemma: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.gemma else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.gemma:
+            return (y * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+        return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """``(x - mean(x)) / sqrt(var(x) + eps) * w + b`` over the last axis, computed in float32.
+
+    PyTorch's ``nn.LayerNorm`` (biased variance); the parameters are ``scale`` (ones at init) and
+    ``bias`` (zeros), as Flax names them. The result is cast to ``dtype``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> ln = LayerNorm(1e-5)
+      >>> y = ln.apply(ln.init(jax.random.key(0), jnp.ones((2, 4))), jnp.arange(8.0).reshape(2, 4))
+      >>> [round(float(v), 4) for v in y[0]]
+      [-1.3416, -0.4472, 0.4472, 1.3416]
+    """
+
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def dense(features: int, *, use_bias: bool, name: str, dtype, param_dtype, std: float = 0.02) -> nn.Dense:
+    """A Flax ``Dense`` with kernel ``(in, out)`` initialised ``normal(std)`` (transformers' init)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=nn.initializers.normal(std), name=name)
+
+
+def attention_impl(impl: Optional[str], dtype, head_dim: int) -> str:
+    """The ``jax.nn.dot_product_attention`` implementation: ``impl`` if given, else cuDNN on a GPU
+    in bf16/fp16 for head sizes that are a multiple of 8 up to 128, XLA otherwise."""
+    if impl is not None:
+        return impl
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) \
+            and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "xla"
+
+
+def attention(q, k, v, *, mask=None, causal: bool = True, window: Optional[int] = None,
+              scale: Optional[float] = None, softcap: Optional[float] = None, impl: str = "xla"):
+    """Grouped-query attention ``softmax(q k^T * scale [+ mask]) v`` over ``(B, T, heads, H)`` arrays.
+
+    ``k``/``v`` may have fewer heads than ``q`` (a divisor). ``mask`` is boolean, broadcastable to
+    ``(B, 1, T, S)`` (True = attend). ``causal`` adds the causal mask (for ``T == S``); ``window``
+    keeps only the last ``window`` keys of each query (transformers' ``sliding_window``).
+    ``softcap`` applies ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2), which
+    runs in XLA; everything else goes through ``jax.nn.dot_product_attention`` with ``impl``.
+    """
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+    if softcap is None:
+        local = (window - 1, 0) if window is not None and window < max(t, s) else None
+        if mask is not None and impl == "cudnn":
+            mask = jnp.broadcast_to(mask, (b, 1, t, s))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
+                                            local_window_size=local, implementation=impl)
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = softcap * jnp.tanh(logits / softcap)
+    allowed = jnp.ones((t, s), bool)
+    if causal:
+        allowed = jnp.tril(allowed, s - t)
+    if window is not None:
+        allowed = allowed & ~jnp.tril(jnp.ones((t, s), bool), s - t - window)
+    allowed = allowed[None, None]
+    if mask is not None:
+        allowed = allowed & jnp.broadcast_to(mask, (b, 1, t, s))
+    logits = jnp.where(allowed[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def causal_cache_mask(cache_index, t: int, m: int, attention_mask=None, window=None):
+    """Boolean ``(B or 1, 1, t, m)`` mask for ``t`` new tokens written at slot ``cache_index`` of an
+    ``m``-slot cache: causal by slot, limited to the last ``window`` slots when given (an int or a
+    traced scalar), and ``attention_mask`` ``(B, m)`` (1 = real token) applied."""
+    slots = jnp.arange(m, dtype=jnp.int32)
+    q_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
+    mask = slots[None, :] <= q_slots[:, None]
+    if window is not None:
+        mask = mask & (slots[None, :] > q_slots[:, None] - window)
+    mask = mask[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    return mask
+
+
+def init_cache(num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> dict:
+    """An empty KV cache ``{"k", "v"}``, each ``(layers, batch, max_len, kv_heads, head_dim)``."""
+    shape = (num_layers, batch, max_len, kv_heads, head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
