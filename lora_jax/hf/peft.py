@@ -11,14 +11,23 @@ are the PyTorch module names behind ``base_model.model.`` (the adapter name stri
     base_model.model.<module>.lora_magnitude_vector (out,)           = m      (DoRA)
     base_model.model.<head>.weight / .bias          full weights of ``modules_to_save`` (SEQ_CLS heads)
 
-``a``/``b`` are lora_jax's factors, ``(in, r)`` and ``(r, out)`` whatever the Flax kernel's layout,
-so the same formula serves GPT-2, whose PyTorch ``Conv1D`` weight is ``(in, out)``: PEFT marks it
-``fan_in_fan_out`` and transposes only the merged delta, never ``lora_A``/``lora_B``.
+``a``/``b`` are lora_jax's factors, ``(in, r)`` and ``(r, out)``. lora_jax's models stack the
+layers' kernels on a leading axis, so one `LoraWeight` over ``(L, in, out)`` holds the adapters of
+``L`` PEFT modules (``model.layers.{i}.self_attn.q_proj``): ``a[i]``, ``b[i]`` are layer ``i``'s.
+A PEFT adapter whose layers have different ranks or alphas (``rank_pattern`` per layer) loads
+exactly: the stacked factors are zero-padded to the largest rank and each layer's scale relative
+to the stack's is folded into its ``b`` (zero rows add nothing; ``s_i (x a_i) b_i`` is kept).
+Layers an adapter leaves out get no delta (the weight's ``layer_mask``).
+
+Both functions parse, then check collecting every problem, then build: a bad adapter is reported
+whole in one ``ValueError`` and nothing is written or returned.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import math
 import os
 import re
 from typing import Any, Optional
@@ -27,12 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..rules import path_str
 from ..io._files import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
-from ..weight import LoraWeight, Trainable, factor_shapes, is_lora, is_node, is_trainable
-from .arch import Resolved, resolve
-from .convert import check_tree, expected_shapes, flatten, kernel_layout, torch_key, torch_module_name
-from .presets import PEFT_DEFAULT_TARGETS
+from ..models.family import TASK_TYPES, Leaf, family_of, head_of, leaves_of, torch_class
+from ..rules import path_str
+from ..weight import LoraWeight, Trainable, is_lora, is_node, is_trainable
 
 __all__ = ["save_peft", "load_peft", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PREFIX"]
 
@@ -46,21 +53,100 @@ _UNSUPPORTED = {
     "trainable_token_indices": (None,), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
     "use_bdlora": (None, False), "megatron_config": (None,), "bias": ("none", "all", "lora_only", None),
 }
+_FACTOR_LEAVES = ("kernel", "embedding")
 
+
+# -- the model's PEFT view ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+    """The model as PEFT sees it: PyTorch module and parameter names mapped onto our leaves."""
+
+    model: Any
+    leaves: dict  # our path -> Leaf
+    n_layers: int
+    heads: tuple  # top-level modules outside the base model (SEQ_CLS: modules_to_save)
+    tied_embedding: Optional[str]  # our path of an input embedding that is also the output head
+
+    @classmethod
+    def of(cls, model) -> "_View":
+        table = {lf.path: lf for lf in leaves_of(model)}
+        head = head_of(model)
+        heads = ()
+        if head == "seq_cls":
+            base = {p.split("/")[0] for p, lf in table.items() if lf.layered}
+            heads = tuple(sorted({p.split("/")[0] for p in table} - base))
+        tied = None
+        if head == "causal_lm" and getattr(model.config, "tie_word_embeddings", False):
+            tied = next((p for p in table if p.endswith("/embedding")), None)
+        return cls(model, table, model.config.num_hidden_layers, heads, tied)
+
+    def expected(self) -> dict[str, tuple]:
+        return {p: ((self.n_layers,) if lf.layered else ()) + tuple(lf.shape) for p, lf in self.leaves.items()}
+
+    def layers_of(self, lf: Leaf):
+        return range(self.n_layers) if lf.layered else (None,)
+
+    def modules(self) -> dict[str, tuple[str, Optional[int]]]:
+        """``{PyTorch module name: (our leaf path, layer)}`` of every kernel and embedding."""
+        return {lf.module(i): (p, i) for p, lf in self.leaves.items() if p.rpartition("/")[2] in _FACTOR_LEAVES
+                for i in self.layers_of(lf)}
+
+    def params(self) -> dict[str, tuple[str, Optional[int]]]:
+        """``{PyTorch parameter name: (our leaf path, layer)}`` of every parameter."""
+        return {lf.hf_name(i): (p, i) for p, lf in self.leaves.items() for i in self.layers_of(lf)}
+
+    def layout(self, path: str) -> str:
+        return ("s" if self.leaves[path].layered else "") + "io"
+
+    def in_head(self, path: str) -> bool:
+        return path.split("/")[0] in self.heads
+
+    @property
+    def task_type(self) -> str:
+        return TASK_TYPES[head_of(self.model)]
+
+
+def _flatten(tree) -> dict[str, Any]:
+    return {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]}
+
+
+def _fit_problems(flat: dict, view: _View) -> list[str]:
+    expected = view.expected()
+    out = [f"missing leaf {p}" for p in sorted(set(expected) - set(flat))]
+    out += [f"unexpected leaf {p}" for p in sorted(set(flat) - set(expected))]
+    out += [f"{p}: shape {tuple(np.shape(flat[p]))}, expected {expected[p]}" for p in sorted(set(expected) & set(flat))
+            if tuple(np.shape(flat[p])) != expected[p]]
+    return out
+
+
+def _tied_problem(view: _View, path: str) -> Optional[str]:
+    # our tied model reuses the embedding matrix as its output head (through lora.wrap too), while
+    # PEFT adapts the input lookup only: the two models would disagree
+    if path == view.tied_embedding:
+        return (f"{path}: an adapter on the tied input embedding also changes the output head in lora_jax, but only "
+                "the input lookup in PEFT; the models would disagree")
+    return None
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+# -- saving ------------------------------------------------------------------------------------
 
 def _one_adapter(tree, adapter: Optional[str]):
     """The tree with each chain of adapters reduced to the one PEFT file to write."""
-    names = set()
-    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_lora):
-        if is_lora(leaf):
-            names.update(n.name for n in leaf.chain())
+    lws = [x for x in jax.tree_util.tree_leaves(tree, is_leaf=is_lora) if is_lora(x)]
+    names = {n.name for lw in lws for n in lw.chain()}
     if adapter is None:
-        active = set()
-        for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_lora):
-            if is_lora(leaf):
-                active.update(n.name for n in leaf.chain() if n.active)
         if len(names) <= 1:
             return tree
+        active = {n.name for lw in lws for n in lw.chain() if n.active}
         if len(active) != 1:
             raise ValueError(f"save_peft: the tree holds adapters {sorted(names)} ({sorted(active)} active); a PEFT "
                              "directory holds one: pass adapter=<name>")
@@ -77,32 +163,6 @@ def _one_adapter(tree, adapter: Optional[str]):
     return jax.tree_util.tree_map(pick, tree, is_leaf=is_lora)
 
 
-def _lora_modules(expected: dict) -> dict[str, str]:
-    """``{PyTorch module name: Flax leaf path}`` for every kernel and embedding of the model."""
-    return {torch_module_name(p): p for p in expected if p.rpartition("/")[2] in ("kernel", "embedding")}
-
-
-def _head_modules(res: Resolved, expected) -> list[str]:
-    """Top-level modules outside the base model of a sequence classifier (PEFT's modules_to_save)."""
-    if res.task_type != "SEQ_CLS":
-        return []
-    return sorted({p.split("/")[0] for p in expected if p.split("/")[0] != res.arch.base_prefix})
-
-
-def _tied_embedding_problem(res: Resolved, expected, path: str) -> Optional[str]:
-    # transformers' Flax GPT-2 reuses the embedding matrix as its output head, while PEFT adapts the
-    # input lookup only: the two models would disagree.
-    if path.rpartition("/")[2] == "embedding" and res.tied and path == res.arch.embed \
-            and not any(p.endswith("lm_head/kernel") for p in expected):
-        return (f"{path}: an adapter on the tied input embedding of {res.flax_class} also changes its output head "
-                "in Flax, but only the input lookup in PEFT; the models would disagree")
-    return None
-
-
-def _number(x: float):
-    return int(x) if float(x).is_integer() else float(x)
-
-
 def _target_names(targeted: list[str], all_modules: list[str]) -> list[str]:
     """PEFT target_modules for exactly ``targeted``: a short name when it selects all modules of that
     name, else the full module name."""
@@ -115,14 +175,75 @@ def _target_names(targeted: list[str], all_modules: list[str]) -> list[str]:
     return sorted(out)
 
 
+def _lora_problems(view: _View, items) -> list[str]:
+    problems = []
+    for p, lw in items:
+        leaf = p.rpartition("/")[2]
+        if leaf not in _FACTOR_LEAVES:
+            problems.append(f"{p}: PEFT adapts kernels and embeddings only, not a {leaf!r} leaf")
+            continue
+        if lw.layout != view.layout(p):
+            problems.append(f"{p}: layout {lw.layout!r}, but this leaf is {view.layout(p)!r} (stacked layers "
+                            "need stack_axes=1); use lora_jax.hf.rules_for")
+        if lw.out_slices is not None:
+            problems.append(f"{p}: enable_lora output slices have no PEFT LoRA form")
+        if lw.m is not None and leaf == "embedding":
+            problems.append(f"{p}: DoRA on an embedding is not exported (PEFT's embedding magnitude has another shape)")
+        tied = _tied_problem(view, p)
+        if tied:
+            problems.append(tied)
+    for field, values in (("use_rslora", {lw.rslora for _, lw in items}),
+                          ("use_dora", {lw.m is not None for _, lw in items})):
+        if len(values) > 1:
+            problems.append(f"{field} differs between targets; PEFT has one {field} per adapter")
+    return problems
+
+
+def _full_leaves(view: _View, full: set, lora_paths: set):
+    """Fully trained leaves in PEFT terms: (modules_to_save paths, bias mode, problems)."""
+    paths = [p for p in view.leaves if not view.in_head(p)]
+    by_module = collections.defaultdict(set)
+    for p in paths:
+        by_module[p.rpartition("/")[0]].add(p)
+    whole = sorted({p.rpartition("/")[0] for p in full if by_module[p.rpartition("/")[0]] <= full})
+    rest = {p for p in full if p.rpartition("/")[0] not in whole}
+    biases = {p for p in rest if p.endswith("/bias")}
+    problems = [f"{p}: a fully trained leaf PEFT cannot hold (only whole modules, as modules_to_save, or biases)"
+                for p in sorted(rest - biases)]
+    all_biases = {p for p in paths if p.endswith("/bias") and p.rpartition("/")[0] not in whole}
+    lora_modules = {q.rpartition("/")[0] for q in lora_paths}
+    lora_biases = {p for p in all_biases if p.rpartition("/")[0] in lora_modules}
+    mode = "none"
+    if biases and biases == lora_biases:
+        mode = "lora_only"
+    elif biases and biases == all_biases:
+        mode = "all"
+    elif biases:
+        problems.append(f"trainable biases {sorted(biases)[:3]} are neither every bias nor those of the adapted "
+                        "modules; PEFT's bias is 'none', 'all' or 'lora_only'")
+    return whole, mode, problems
+
+
+def _torch_arrays(view: _View, path: str, arr) -> dict[str, np.ndarray]:
+    """One of our leaves as PyTorch parameters (one per layer for a stacked leaf)."""
+    lf = view.leaves[path]
+    arr = np.asarray(arr)
+    out = {}
+    for i in view.layers_of(lf):
+        x = arr if i is None else arr[i]
+        out[lf.hf_name(i)] = np.ascontiguousarray(x.T if lf.transpose else x)
+    return out
+
+
 def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_path: Optional[str] = None,
               adapter: Optional[str] = None) -> None:
     """Write the adapters of a LoRA tree as a PEFT LoRA adapter directory.
 
     ``adapter_config.json`` is derived from the `LoraWeight` nodes: the most common rank and
     alpha become ``r`` and ``lora_alpha``, the others go to ``rank_pattern``/``alpha_pattern``
-    keyed by module name; ``use_rslora``/``use_dora`` must be the same for all targets.
-    ``task_type`` follows the model class (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION); for SEQ_CLS
+    keyed by module name; ``use_rslora``/``use_dora`` must be the same for all targets. A stacked
+    weight writes one PEFT module per layer (only the layers of its ``layer_mask``).
+    ``task_type`` follows the model's head (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION); for SEQ_CLS
     the classifier head is saved in full as ``modules_to_save`` (merged, if it holds an adapter),
     as PEFT does. `lora.Trainable` leaves are written in full: a module whose every leaf is
     trainable goes to ``modules_to_save``, trainable biases set ``bias`` (``"all"`` when every bias
@@ -136,90 +257,85 @@ def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_
     Args:
       path: the directory to create (written under a temporary name, then renamed).
       tree: the LoRA tree over ``model``'s parameters.
-      model: the transformers Flax model.
+      model: the lora_jax model (from `lora_jax.hf.from_pretrained`).
       overwrite: replace a non-empty ``path``.
-      base_model_name_or_path: recorded in the config (default: the model config's ``_name_or_path``).
+      base_model_name_or_path: recorded in the config.
+      adapter: which adapter of a multi-adapter tree to write.
 
     Raises:
-      ValueError: listing every adapter PEFT cannot express (stacked/per-layer masks, a layout
-        other than the kernel's, mixed rsLoRA/DoRA, DoRA on an embedding, ...), a tree that does
-        not fit the model, or a non-empty ``path`` without ``overwrite``.
+      ValueError: listing every adapter PEFT cannot express (a layout other than the kernel's,
+        output slices, mixed rsLoRA/DoRA, DoRA on an embedding, non-finite factors, ...), a tree
+        that does not fit the model, or a non-empty ``path`` without ``overwrite``.
+
+    Example:
+      >>> hf.save_peft("adapter", lora_params, model)  # doctest: +SKIP
     """
-    res = resolve(model, what="save_peft")
-    expected = expected_shapes(res, model)
-    flat = flatten(_one_adapter(tree, adapter))
-    check_tree(flat, expected, f"save_peft: the tree does not fit {res.flax_class}")
-    heads = _head_modules(res, expected)
-    items = [(p, v) for p, v in flat.items() if is_lora(v) and p.split("/")[0] not in heads]
-    full = {p for p, v in flat.items() if is_trainable(v) and p.split("/")[0] not in heads}
-    saved_modules, bias_mode, full_problems = _full_leaves(
-        full, [p for p in expected if p.split("/")[0] not in heads], {p for p, _ in items})
+    view = _View.of(model)
+    flat = _flatten(_one_adapter(tree, adapter))
+    fit = _fit_problems(flat, view)
+    if fit:
+        raise ValueError(f"save_peft: the tree does not fit {torch_class(model)}: " + "; ".join(fit))
+    items = [(p, v) for p, v in flat.items() if is_lora(v) and not view.in_head(p)]
     if not items:
         raise ValueError("save_peft: the tree holds no LoraWeight outside the classifier head; call lora.init first")
-    problems = []
+    full = {p for p, v in flat.items() if is_trainable(v) and not view.in_head(p)}
+    whole, bias_mode, problems = _full_leaves(view, full, {p for p, _ in items})
+    problems = _lora_problems(view, items) + problems
     for p, lw in items:
-        leaf = p.rpartition("/")[2]
-        if leaf not in ("kernel", "embedding"):
-            problems.append(f"{p}: PEFT adapts kernels and embeddings only, not a {leaf!r} leaf")
-            continue
-        want = kernel_layout(model, p)
-        if lw.layout != want:
-            problems.append(f"{p}: layout {lw.layout!r}, but this Flax {leaf} is {want!r}; use lora_jax.hf.rules_for")
-        if lw.layer_mask is not None:
-            problems.append(f"{p}: a per-layer mask has no PEFT form")
-        if lw.m is not None and leaf == "embedding":
-            problems.append(f"{p}: DoRA on an embedding is not exported (PEFT's embedding magnitude has another shape)")
-        tied = _tied_embedding_problem(res, expected, p)
-        if tied:
-            problems.append(tied)
-    for field, values in (("use_rslora", {lw.rslora for _, lw in items}),
-                          ("use_dora", {lw.m is not None for _, lw in items})):
-        if len(values) > 1:
-            problems.append(f"{field} differs between targets; PEFT has one {field} per adapter")
-    problems += full_problems
+        for name, x in (("A", lw.a), ("B", lw.b)) + ((("magnitude", lw.m),) if lw.m is not None else ()):
+            if not np.isfinite(np.asarray(x, np.float32)).all():
+                problems.append(f"{p}: lora {name} holds NaN or Inf")
     if problems:
         raise ValueError(f"save_peft: {len(problems)} adapter(s) cannot be written in PEFT format:\n  "
                          + "\n  ".join(problems))
 
-    names = {p: torch_module_name(p) for p, _ in items}
-    r = collections.Counter(lw.rank for _, lw in items).most_common(1)[0][0]
-    alpha = collections.Counter(lw.alpha for _, lw in items).most_common(1)[0][0]
-    dropout = collections.Counter(lw.dropout for _, lw in items).most_common(1)[0][0]
-    tensors = {}
+    tensors, modules = {}, {}
     for p, lw in items:
-        key = PREFIX + names[p]
-        a, b = np.asarray(lw.effective_a(), np.float32).T, np.asarray(lw.effective_b(), np.float32).T
-        if p.endswith("/embedding"):
-            tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"] = a, b
-        else:
-            tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
-        if lw.m is not None:
-            tensors[key + ".lora_magnitude_vector"] = np.asarray(lw.m, np.float32)
+        lf = view.leaves[p]
+        a, b = np.asarray(lw.a, np.float32), np.asarray(lw.b, np.float32)
+        m = None if lw.m is None else np.asarray(lw.m, np.float32)
+        for i in view.layers_of(lf):
+            if i is not None and lw.layer_mask is not None and not lw.layer_mask[i]:
+                continue
+            ai, bi, mi = (a, b, m) if i is None else (a[i], b[i], None if m is None else m[i])
+            key = PREFIX + lf.module(i)
+            modules[lf.module(i)] = lw
+            if p.endswith("/embedding"):
+                tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"] = ai.T, bi.T
+            else:
+                tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = ai.T, bi.T
+            if mi is not None:
+                tensors[key + ".lora_magnitude_vector"] = mi
     lora_modules = {p.rpartition("/")[0] for p, _ in items}
     for p, v in flat.items():
-        if p.split("/")[0] in heads or p in full:
-            arr = np.asarray(v.merge() if is_lora(v) else (v.value if is_trainable(v) else v))
-            key = PREFIX + torch_key(p)
-            if p.rpartition("/")[0] in lora_modules and p.endswith("/bias"):  # PEFT wraps it: base_layer.bias
-                key = f"{PREFIX}{torch_module_name(p)}.base_layer.bias"
-            tensors[key] = arr.T if p.endswith("/kernel") else arr
-    fan_in_fan_out = any(kernel_layout(model, p) == "oi" for p, _ in items)
+        if view.in_head(p) or p in full:
+            arr = v.merge() if is_lora(v) else (v.value if is_trainable(v) else v)
+            for name, x in _torch_arrays(view, p, arr).items():
+                if p.rpartition("/")[0] in lora_modules and p.endswith("/bias"):  # PEFT wraps it: base_layer.bias
+                    name = f"{name.rpartition('.')[0]}.base_layer.bias"
+                tensors[PREFIX + name] = x
+    saved_modules = sorted({view.leaves[q].module(i) for m in whole for q in view.leaves
+                            if q.rpartition("/")[0] == m for i in view.layers_of(view.leaves[q])})
+    r = collections.Counter(lw.rank for lw in modules.values()).most_common(1)[0][0]
+    alpha = collections.Counter(lw.alpha for lw in modules.values()).most_common(1)[0][0]
+    dropout = collections.Counter(lw.dropout for lw in modules.values()).most_common(1)[0][0]
+    head_modules = sorted({view.leaves[q].module(None) for q in view.leaves if view.in_head(q)})
     config = {
         "peft_type": "LORA",
-        "task_type": res.task_type,
+        "task_type": view.task_type,
         "r": r,
         "lora_alpha": _number(alpha),
-        "target_modules": _target_names(list(names.values()), list(_lora_modules(expected))),
-        "rank_pattern": {names[p]: lw.rank for p, lw in items if lw.rank != r},
-        "alpha_pattern": {names[p]: _number(lw.alpha) for p, lw in items if lw.alpha != alpha},
+        "target_modules": _target_names(list(modules), list(view.modules())),
+        "rank_pattern": {name: lw.rank for name, lw in modules.items() if lw.rank != r},
+        "alpha_pattern": {name: _number(lw.alpha) for name, lw in modules.items() if lw.alpha != alpha},
         "use_rslora": items[0][1].rslora,
         "use_dora": items[0][1].m is not None,
-        "fan_in_fan_out": fan_in_fan_out,
+        "fan_in_fan_out": False,
         "lora_dropout": dropout,
         "bias": bias_mode,
         "init_lora_weights": True,
-        "modules_to_save": (heads + saved_modules) or None,
-        "base_model_name_or_path": base_model_name_or_path or getattr(res.config, "_name_or_path", None) or None,
+        "modules_to_save": (head_modules + saved_modules) or None,
+        "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -230,31 +346,7 @@ def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_
         write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
 
 
-def _full_leaves(full: set, expected, lora_paths: set):
-    """Fully trained leaves in PEFT terms: (modules_to_save, bias mode, problems)."""
-    by_module = collections.defaultdict(set)
-    for p in expected:
-        by_module[p.rpartition("/")[0]].add(p)
-    whole = sorted({p.rpartition("/")[0] for p in full if by_module[p.rpartition("/")[0]] <= full})
-    rest = {p for p in full if p.rpartition("/")[0] not in whole}
-    biases = {p for p in rest if p.endswith("/bias")}
-    problems = [f"{p}: a fully trained leaf PEFT cannot hold (only whole modules, as modules_to_save, or biases)"
-                for p in sorted(rest - biases)]
-    all_biases = {p for p in expected if p.endswith("/bias") and p.rpartition("/")[0] not in whole}
-    lora_modules = {q.rpartition("/")[0] for q in lora_paths}
-    lora_biases = {p for p in all_biases if p.rpartition("/")[0] in lora_modules}
-    mode = "none"
-    if biases == lora_biases and biases:
-        mode = "lora_only"
-    elif biases == all_biases and biases:
-        mode = "all"
-    elif biases:
-        problems.append(f"trainable biases {sorted(biases)[:3]} are neither every bias nor those of the adapted "
-                        "modules; PEFT's bias is 'none', 'all' or 'lora_only'")
-    return [torch_module_name(m + "/kernel") for m in whole], mode, problems
-
-
-# -- loading ---------------------------------------------------------------------------------
+# -- loading -----------------------------------------------------------------------------------
 
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's ``get_pattern_key``: the first pattern that matches the end of the module name."""
@@ -277,26 +369,26 @@ def _layer_index(module: str, layers_pattern) -> Optional[int]:
     return int(m.group("idx")) if m else None
 
 
-def _peft_targets(cfg: dict, res: Resolved, modules: list[str], heads: list[str], expected) -> set[str]:
+def _peft_targets(cfg: dict, view: _View) -> set[str]:
     """The module names PEFT would put LoRA on for this config (PEFT's ``check_target_module_exists``)."""
     targets = cfg.get("target_modules")
     if targets is None:
-        targets = list(PEFT_DEFAULT_TARGETS.get(res.arch.name, ()))
+        targets = list(family_of(view.model).peft_targets[view.model.config.model_type])
     exclude = cfg.get("exclude_modules")
+    heads = [view.leaves[q].module(None) for q in view.leaves if view.in_head(q)]
     saved = list(cfg.get("modules_to_save") or []) + heads
     layers, layers_pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     out = set()
-    for name in modules:
+    for name, (p, _) in view.modules().items():
         if isinstance(exclude, str) and re.fullmatch(exclude, name):
             continue
         if isinstance(exclude, list) and any(name == e or name.endswith("." + e) for e in exclude):
             continue
-        if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in saved):
+        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
             continue
         if isinstance(targets, str):
             if targets.lower() == "all-linear":
-                path = next(p for p in expected if torch_module_name(p) == name)
-                hit = path.endswith("/kernel") and not name.startswith("lm_head")
+                hit = p.endswith("/kernel") and not name.startswith("lm_head")
             else:
                 hit = bool(re.fullmatch(targets, name))
         else:
@@ -331,35 +423,7 @@ def _config_problems(cfg) -> list[str]:
     return out
 
 
-def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
-    """Build a LoRA tree from a PEFT LoRA adapter directory (e.g. trained in PyTorch).
-
-    Each adapted module becomes a `LoraWeight` whose ``w`` comes from ``params`` and ``a``, ``b``
-    from the file, with rank and alpha from the config (``rank_pattern``/``alpha_pattern``
-    resolved as PEFT does) and ``use_rslora``; DoRA's ``lora_magnitude_vector`` becomes ``m``.
-    Full weights the adapter carries replace those of ``params``, as in PEFT: ``modules_to_save``
-    modules and biases (``bias="all"``/``"lora_only"``) come back as `lora.Trainable` leaves (they
-    trained and keep training), an embedding's ``base_layer`` as a plain array.
-
-    Strict: keys the model has no place for, factors of the wrong shape (both shapes named) and
-    modules the config targets but the file lacks are all reported in one ``ValueError``;
-    ``allow_missing=True`` accepts targeted modules that are absent from the file (they get no
-    adapter). ``params`` is never modified.
-
-    Args:
-      path: the PEFT adapter directory.
-      params: the base parameters (plain arrays) of ``model``.
-      model: the transformers Flax model.
-      allow_missing: accept targeted modules missing from the file.
-
-    Returns:
-      ``params`` with `LoraWeight` nodes at the adapted kernels.
-
-    Example:
-      >>> tree = hf.load_peft("adapter_dir", params, model)  # doctest: +SKIP
-      >>> logits = model(ids, params=lora.merge(tree)).logits  # doctest: +SKIP
-    """
-    path = os.fspath(path)
+def _read_adapter(path: str) -> tuple[dict, dict]:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_peft: no adapter directory at {os.path.abspath(path)!r}")
     weights_file = os.path.join(path, ADAPTER_WEIGHTS)
@@ -371,35 +435,28 @@ def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
     if problems:
         raise ValueError(f"load_peft: {os.path.join(path, ADAPTER_CONFIG)!r}: " + "; ".join(problems))
     tensors, _ = read_safetensors(weights_file)
+    return cfg, tensors
 
-    res = resolve(model, what="load_peft")
-    expected = expected_shapes(res, model)
-    flat_kp, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
-    flat = flatten(params)
-    if any(is_node(v) for v in flat.values()):
-        raise ValueError("load_peft: params already hold LoraWeight or Trainable nodes; pass the base parameters")
-    check_tree(flat, expected, f"load_peft: params do not fit {res.flax_class}")
-    modules = _lora_modules(expected)
-    by_torch_key = {torch_key(p): p for p in expected}
-    heads = _head_modules(res, expected)
+
+@dataclasses.dataclass
+class _Parsed:
+    factors: dict  # module name -> {"A"|"B"|"m": array}
+    full: dict  # our path -> {layer: array in our layout}
+    trained: set  # our paths of full weights that train (modules_to_save, biases)
+    problems: list
+
+
+def _parse(cfg: dict, tensors: dict, view: _View) -> _Parsed:
+    modules, params = view.modules(), view.params()
+    heads = [view.leaves[q].module(None) for q in view.leaves if view.in_head(q)]
     saved = list(cfg.get("modules_to_save") or []) + heads
-
-    r0, alpha0 = cfg["r"], cfg["lora_alpha"]
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    rslora, dora = bool(cfg.get("use_rslora", False)), bool(cfg.get("use_dora", False))
-
-    factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    replace: dict[str, np.ndarray] = {}
-    trained: set[str] = set()  # full weights that train (modules_to_save, biases): lora.Trainable
-    unexpected = []
-    factor_modules = set()
-    for k in tensors:
-        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", k[len(PREFIX):])
-        if k.startswith(PREFIX) and m:
-            factor_modules.add(m.group(1))
+    factor_modules = {m.group(1) for k in tensors if k.startswith(PREFIX) for m in [re.fullmatch(
+        r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", k[len(PREFIX):])] if m}
+    out = _Parsed(collections.defaultdict(dict), collections.defaultdict(dict), set(), [])
+    cls = torch_class(view.model)
     for key, arr in tensors.items():
         if not key.startswith(PREFIX):
-            unexpected.append(f"unexpected: {key} (PEFT keys start with {PREFIX!r})")
+            out.problems.append(f"unexpected: {key} (PEFT keys start with {PREFIX!r})")
             continue
         rest = key[len(PREFIX):]
         m = (re.fullmatch(r"(?P<mod>.+)\.lora_(?P<f>A|B)\.weight", rest)
@@ -407,100 +464,196 @@ def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
              or re.fullmatch(r"(?P<mod>.+)\.lora_magnitude_vector(\.weight)?", rest))
         if m:
             mod, role = m.group("mod"), m.groupdict().get("f") or "m"
-            emb_key = "lora_embedding_" in rest
             if mod not in modules:
-                unexpected.append(f"unexpected: {key} (no kernel or embedding module {mod!r} in {res.flax_class})")
-            elif emb_key != modules[mod].endswith("/embedding") and role != "m":
-                kind = "embedding" if modules[mod].endswith("/embedding") else "linear"
-                unexpected.append(f"unexpected: {key} ({mod!r} is a {kind} module)")
+                out.problems.append(f"unexpected: {key} (no kernel or embedding module {mod!r} in {cls})")
+            elif ("lora_embedding_" in rest) != modules[mod][0].endswith("/embedding") and role != "m":
+                kind = "embedding" if modules[mod][0].endswith("/embedding") else "linear"
+                out.problems.append(f"unexpected: {key} ({mod!r} is a {kind} module)")
             else:
-                factors[mod][role] = arr
+                out.factors[mod][role] = np.asarray(arr)
             continue
         base = re.fullmatch(r"(?P<mod>.+)\.base_layer\.(?P<leaf>weight|bias)", rest)
         tk = f"{base.group('mod')}.{base.group('leaf')}" if base else rest
         if base and base.group("leaf") == "bias":  # a LoRA layer's own bias (bias="all"/"lora_only")
             base = None
-        fp = by_torch_key.get(tk)
-        if fp is None:
-            unexpected.append(f"unexpected: {key} (no parameter {tk!r} in {res.flax_class})")
+        if tk not in params:
+            out.problems.append(f"unexpected: {key} (no parameter {tk!r} in {cls})")
             continue
         mod = tk.rpartition(".")[0]
-        in_saved = any(re.match(rf"(^|.*\.){s}($|\..*)", mod) for s in saved)
+        in_saved = any(re.match(rf"(^|.*\.){re.escape(s)}($|\..*)", mod) for s in saved)
         bias_ok = tk.endswith(".bias") and (cfg.get("bias") == "all" or (
             cfg.get("bias") == "lora_only" and mod in factor_modules))
         if not base and not in_saved and not bias_ok:
-            unexpected.append(f"unexpected: {key} (full weight of {mod!r}, which is not in modules_to_save; bias is "
-                              f"{cfg.get('bias', 'none')!r})")
+            out.problems.append(f"unexpected: {key} (full weight of {mod!r}, which is not in modules_to_save; bias "
+                                f"is {cfg.get('bias', 'none')!r})")
             continue
-        replace[fp] = np.asarray(arr).T if fp.endswith("/kernel") else np.asarray(arr)
+        p, layer = params[tk]
+        lf = view.leaves[p]
+        arr = np.asarray(arr)
+        if arr.shape != lf.torch_shape():
+            out.problems.append(f"shape mismatch: {key} is {arr.shape}, expected {lf.torch_shape()}")
+            continue
+        out.full[p][layer] = arr.T if lf.transpose else arr
         if not base:
-            trained.add(fp)
+            out.trained.add(p)
+    return out
 
-    problems = list(unexpected)
-    built = {}
-    for mod, fs in sorted(factors.items()):
-        p = modules[mod]
-        w = flat[p]
+
+def _check_factors(cfg: dict, parsed: _Parsed, view: _View) -> dict:
+    """``{our path: {layer: (a, b, m, rank, alpha)}}`` of the well-formed factors; problems appended."""
+    modules = view.modules()
+    r0, alpha0 = cfg["r"], cfg["lora_alpha"]
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    dora = bool(cfg.get("use_dora", False))
+    good = collections.defaultdict(dict)
+    for mod, fs in sorted(parsed.factors.items()):
+        p, layer = modules[mod]
+        lf = view.leaves[p]
         if "A" not in fs or "B" not in fs:
-            problems.append(f"incomplete: {mod} has only {sorted(k for k in fs if k != 'm')} of lora A/B")
+            parsed.problems.append(f"incomplete: {mod} has only {sorted(k for k in fs if k != 'm')} of lora A/B")
             continue
-        layout = kernel_layout(model, p)
         rank = _pattern_value(rank_pattern, mod, r0)
         alpha = _pattern_value(alpha_pattern, mod, alpha0)
-        a, b = np.asarray(fs["A"]).T, np.asarray(fs["B"]).T
-        want_a, want_b = factor_shapes(w.shape, layout, rank)
+        n_in, n_out = lf.shape
         bad = False
-        for name, got, want in (("A", fs["A"].shape, want_a[::-1]), ("B", fs["B"].shape, want_b[::-1])):
-            if tuple(got) != tuple(want):
-                problems.append(f"shape mismatch: {mod} lora_{name} is {tuple(got)}, expected {tuple(want)} "
-                                f"(rank {rank}, Flax kernel {p} {tuple(w.shape)})")
+        for name, got, want in (("A", fs["A"].shape, (rank, n_in)), ("B", fs["B"].shape, (n_out, rank))):
+            if tuple(got) != want:
+                parsed.problems.append(f"shape mismatch: {mod} lora_{name} is {tuple(got)}, expected {want} "
+                                       f"(rank {rank}, {p} of one layer {tuple(lf.shape)})")
                 bad = True
         mvec = fs.get("m")
         if dora and p.endswith("/embedding"):
-            problems.append(f"unsupported: DoRA on embedding {mod}")
+            parsed.problems.append(f"unsupported: DoRA on embedding {mod}")
             bad = True
         elif dora and mvec is None:
-            problems.append(f"missing: {PREFIX}{mod}.lora_magnitude_vector (use_dora is true)")
+            parsed.problems.append(f"missing: {PREFIX}{mod}.lora_magnitude_vector (use_dora is true)")
             bad = True
         elif not dora and mvec is not None:
-            problems.append(f"unexpected: {PREFIX}{mod}.lora_magnitude_vector (use_dora is false)")
+            parsed.problems.append(f"unexpected: {PREFIX}{mod}.lora_magnitude_vector (use_dora is false)")
             bad = True
-        elif mvec is not None and tuple(mvec.shape) != (want_b[-1],):
-            problems.append(f"shape mismatch: {mod} lora_magnitude_vector is {tuple(mvec.shape)}, "
-                            f"expected {(want_b[-1],)}")
+        elif mvec is not None and tuple(mvec.shape) != (n_out,):
+            parsed.problems.append(f"shape mismatch: {mod} lora_magnitude_vector is {tuple(mvec.shape)}, "
+                                   f"expected {(n_out,)}")
             bad = True
-        tied = _tied_embedding_problem(res, expected, p)
+        tied = _tied_problem(view, p)
         if tied:
-            problems.append(tied)
+            parsed.problems.append(tied)
             bad = True
+        for name, x in (("A", fs["A"]), ("B", fs["B"])):
+            if not np.isfinite(np.asarray(x, np.float32)).all():
+                parsed.problems.append(f"non-finite: {mod} lora_{name} holds NaN or Inf")
+                bad = True
         if not bad:
-            built[p] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), m=None if mvec is None else jnp.asarray(mvec),
-                                  layout=layout, rank=rank, alpha=alpha, rslora=rslora,
-                                  dropout=float(cfg.get("lora_dropout") or 0.0))
-    for fp, arr in replace.items():
-        if tuple(arr.shape) != tuple(expected[fp]):
-            problems.append(f"shape mismatch: full weight for {fp} is {tuple(arr.shape)} (as Flax), "
-                            f"expected {tuple(expected[fp])}")
+            good[p][layer] = (fs["A"].T, fs["B"].T, mvec, rank, alpha)
+    for p, layers in good.items():
+        if dora and view.leaves[p].layered and len(layers) != view.n_layers:
+            parsed.problems.append(f"unsupported: DoRA on some layers only of {p} ({sorted(layers)})")
+    return good
+
+
+def _build_weight(view: _View, p: str, w, layers: dict, cfg: dict) -> LoraWeight:
+    """One `LoraWeight` from the factors of its layers (stacked, rank-padded, scale folded into b)."""
+    rslora = bool(cfg.get("use_rslora", False))
+    dropout = float(cfg.get("lora_dropout") or 0.0)
+    lf = view.leaves[p]
+    if not lf.layered:
+        a, b, m, rank, alpha = layers[None]
+        return LoraWeight(w, jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                          m=None if m is None else jnp.asarray(m, jnp.float32), layout=view.layout(p), rank=rank,
+                          alpha=alpha, rslora=rslora, dropout=dropout)
+    n_in, n_out = lf.shape
+    r_max = max(v[3] for v in layers.values())
+    first = layers[min(layers)]
+    scale = _scale(first[4], first[3], rslora)
+    alpha = scale * (math.sqrt(r_max) if rslora else r_max)
+    a = np.zeros((view.n_layers, n_in, r_max), np.float32)
+    b = np.zeros((view.n_layers, r_max, n_out), np.float32)
+    m = None
+    for i, (ai, bi, mi, rank, alpha_i) in layers.items():
+        a[i, :, :rank] = ai
+        ratio = _scale(alpha_i, rank, rslora) / scale
+        b[i, :rank, :] = bi if ratio == 1.0 else bi * np.float32(ratio)
+        if mi is not None:
+            m = np.zeros((view.n_layers, n_out), np.float32) if m is None else m
+            m[i] = mi
+    mask = None if len(layers) == view.n_layers else tuple(i in layers for i in range(view.n_layers))
+    return LoraWeight(w, jnp.asarray(a), jnp.asarray(b), m=None if m is None else jnp.asarray(m),
+                      layout=view.layout(p), rank=r_max, alpha=_number(alpha), rslora=rslora, dropout=dropout,
+                      layer_mask=mask)
+
+
+def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
+    """Build a LoRA tree from a PEFT LoRA adapter directory (e.g. trained in PyTorch).
+
+    Each adapted leaf becomes a `LoraWeight` whose ``w`` comes from ``params`` and ``a``, ``b``
+    from the file (stacked over layers for the scanned layer kernels), with rank and alpha from
+    the config (``rank_pattern``/``alpha_pattern`` resolved as PEFT does) and ``use_rslora``;
+    DoRA's ``lora_magnitude_vector`` becomes ``m``. Full weights the adapter carries replace those
+    of ``params``, as in PEFT: ``modules_to_save`` modules and biases (``bias="all"``/
+    ``"lora_only"``) come back as `lora.Trainable` leaves (they trained and keep training), an
+    embedding's ``base_layer`` as a plain array.
+
+    Strict: keys the model has no place for, factors of the wrong shape (both shapes named),
+    non-finite factors and modules the config targets but the file lacks are all reported in one
+    ``ValueError``; ``allow_missing=True`` accepts targeted modules that are absent from the file
+    (they get no adapter). ``params`` is never modified.
+
+    Args:
+      path: the PEFT adapter directory.
+      params: the base parameters (plain arrays) of ``model``.
+      model: the lora_jax model (from `lora_jax.hf.from_pretrained`).
+      allow_missing: accept targeted modules missing from the file.
+
+    Returns:
+      ``params`` with `LoraWeight` nodes at the adapted kernels.
+
+    Example:
+      >>> tree = hf.load_peft("adapter_dir", params, model)  # doctest: +SKIP
+      >>> logits = lora.wrap(lambda p, x: model.apply({"params": p}, x))(tree, ids)  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    cfg, tensors = _read_adapter(path)
+    view = _View.of(model)
+    flat = _flatten(params)
+    if any(is_node(v) for v in flat.values()):
+        raise ValueError("load_peft: params already hold LoraWeight or Trainable nodes; pass the base parameters")
+    fit = _fit_problems(flat, view)
+    if fit:
+        raise ValueError(f"load_peft: params do not fit {torch_class(model)}: " + "; ".join(fit))
+
+    parsed = _parse(cfg, tensors, view)
+    good = _check_factors(cfg, parsed, view)
+    for p, layers in parsed.full.items():
+        if view.leaves[p].layered and p in parsed.trained and len(layers) != view.n_layers:
+            parsed.problems.append(f"unsupported: full weights for some layers only of {p} ({sorted(layers)})")
     if not allow_missing:
-        wanted = _peft_targets(cfg, res, list(modules), heads, expected)
-        problems += [f"missing: {PREFIX}{mod}.lora_A/lora_B (targeted by target_modules "
-                     f"{cfg.get('target_modules')!r})" for mod in sorted(wanted - set(factors))]
-    if problems:
-        raise ValueError(f"load_peft: {len(problems)} problem(s) in {path!r}:\n  " + "\n  ".join(problems))
-    if not built:
+        wanted = _peft_targets(cfg, view)
+        parsed.problems += [f"missing: {PREFIX}{mod}.lora_A/lora_B (targeted by target_modules "
+                            f"{cfg.get('target_modules')!r})" for mod in sorted(wanted - set(parsed.factors))]
+    if parsed.problems:
+        raise ValueError(f"load_peft: {len(parsed.problems)} problem(s) in {path!r}:\n  "
+                         + "\n  ".join(parsed.problems))
+    if not good:
         raise ValueError(f"load_peft: {path!r} holds no LoRA factors")
 
+    def full_value(p, leaf):
+        layers = parsed.full[p]
+        if None in layers:
+            return jnp.asarray(layers[None], dtype=leaf.dtype)
+        arr = np.array(leaf)
+        for i, x in layers.items():
+            arr[i] = x
+        return jnp.asarray(arr, dtype=leaf.dtype)
+
+    flat_kp, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = []
     for kp, leaf in flat_kp:
         p = path_str(kp)
-        if p in built:
-            lw = built[p]
-            if p in replace:
-                lw = lw.replace(w=jnp.asarray(replace[p], dtype=leaf.dtype))
-            leaves.append(lw)
-        elif p in replace:
-            value = jnp.asarray(replace[p], dtype=leaf.dtype)
-            leaves.append(Trainable(value) if p in trained else value)
+        value = full_value(p, leaf) if p in parsed.full else leaf
+        if p in good:
+            leaves.append(_build_weight(view, p, value, good[p], cfg))
+        elif p in parsed.full:
+            leaves.append(Trainable(value) if p in parsed.trained else value)
         else:
             leaves.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, leaves)

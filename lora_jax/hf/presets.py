@@ -1,61 +1,109 @@
-"""`rules_for`: LoRA rules for a transformers Flax model that know its kernel layouts.
+"""`rules_for`: LoRA rules for a lora_jax model that know its stacked kernels.
 
-GPT-2's Flax kernels are stored ``(out, in)``, so its rules say ``layout="out_in"``; everything
-else here is Flax ``Dense`` ``(in, out)``. Presets:
+Every projection kernel of `lora_jax.models` is ``(in, out)``; the per-layer ones are stacked on a
+leading layer axis (``nn.scan``), so their rules say ``stack_axes=1`` while top-level kernels (a
+pooler, an output head) have none. Presets:
 
-* ``"all-linear"``: every linear kernel except the output head (as PEFT's ``"all-linear"``);
-* ``"attention"``: the attention projections (q, k, v, o);
-* ``"peft"``: PEFT's default ``target_modules`` for the model type
-  (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``: llama/mistral/qwen2 ``q_proj, v_proj``;
-  gpt2 ``c_attn``; bert ``query, value``).
+* ``"all-linear"``: every linear kernel except the output head and classifier (PEFT's ``"all-linear"``);
+* ``"attention"``: the attention projections (q, k, v, o; fused ``qkv_proj``/``c_attn`` where the
+  family fuses them);
+* ``"peft"``: PEFT's default ``target_modules`` for the model type (llama/mistral/qwen/gemma
+  ``q_proj, v_proj``; gpt2 ``c_attn``; bert ``query, value``; phi3 ``qkv_proj``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-from ..rules import ALL_LINEAR, Rule, Rules
-from .arch import ARCHS, resolve
+from ..models.family import Family, family_for, leaves_of
+from ..rules import Rule, Rules
 
-__all__ = ["rules_for", "PRESETS", "PEFT_DEFAULT_TARGETS"]
+__all__ = ["rules_for", "PRESETS", "peft_default_targets", "kernel_paths"]
 
 PRESETS = ("all-linear", "attention", "peft")
-PEFT_DEFAULT_TARGETS = {name: arch.peft_targets for name, arch in ARCHS.items()}
+_HEAD_MODULES = ("lm_head", "classifier", "score")
+
+
+def peft_default_targets(model_type: str) -> tuple:
+    """PEFT's default ``target_modules`` for ``model_type``."""
+    return tuple(family_for(model_type).peft_targets[model_type])
+
+
+def _model_and_family(model_or_config) -> tuple[Any, Family, str]:
+    from ..models.family import build, config_from_hf
+
+    if isinstance(model_or_config, str):
+        fam = family_for(model_or_config)
+        return None, fam, model_or_config
+    if hasattr(model_or_config, "apply") and hasattr(model_or_config, "config"):
+        cfg = model_or_config.config
+        return model_or_config, family_for(cfg.model_type), cfg.model_type
+    if hasattr(model_or_config, "model_type") and hasattr(model_or_config, "replace"):  # our config
+        return build(model_or_config, next(iter(family_for(model_or_config.model_type)
+                                                .torch_classes[model_or_config.model_type]))), \
+            family_for(model_or_config.model_type), model_or_config.model_type
+    cfg = config_from_hf(model_or_config)
+    return build(cfg, next(iter(family_for(cfg.model_type).torch_classes[cfg.model_type]))), \
+        family_for(cfg.model_type), cfg.model_type
+
+
+def kernel_paths(model) -> dict[str, bool]:
+    """``{module path: stacked}`` of every linear kernel and embedding of ``model``."""
+    return {lf.path.rpartition("/")[0]: lf.layered for lf in leaves_of(model)
+            if lf.path.rpartition("/")[2] in ("kernel", "embedding")}
+
+
+def _suffix(name: str, module: str) -> bool:
+    name = name.replace(".", "/").strip("/")
+    return module == name or module.endswith("/" + name)
+
+
+def _split_rules(modules: dict[str, bool], names: Sequence[str]) -> list[Rule]:
+    stacked = sorted(m for m, s in modules.items() if s and any(_suffix(n, m) for n in names))
+    flat = sorted(m for m, s in modules.items() if not s and any(_suffix(n, m) for n in names))
+    return ([Rule(stacked, stack_axes=1)] if stacked else []) + ([Rule(flat, stack_axes=0)] if flat else [])
 
 
 def rules_for(model_or_config: Any, preset: str = "all-linear", *, rank: int = 8, alpha: float = 8, **kw) -> Rules:
-    """`lora.Rules` for a transformers Flax model, config or model_type string.
+    """`lora.Rules` for a lora_jax model, its config, a HF config or a ``model_type`` string.
 
     Args:
-      model_or_config: a transformers Flax model, a ``PretrainedConfig`` or a model_type
-        (``"gpt2"``, ``"llama"``, ``"mistral"``, ``"qwen2"``, ``"bert"``).
+      model_or_config: a module of `lora_jax.models` (from `from_pretrained`), its config, a HF
+        ``config.json`` dict/path, or a ``model_type`` (``"llama"``, ``"qwen3"``, ``"gpt2"``...).
+        With a bare ``model_type`` the rules name modules (``q_proj``) with ``stack_axes=1``, so
+        they fit the decoder layers of that family.
       preset: ``"all-linear"``, ``"attention"`` or ``"peft"`` (PEFT's default targets).
       rank, alpha: as in `lora.Rules`.
       **kw: any other `lora.Rules` option (``rank_pattern``, ``use_rslora``, ``use_dora``,
         ``layers``, ``dropout``, ``init``...).
 
     Raises:
-      ValueError: for an unknown preset or architecture (the allowed ones are listed).
+      ValueError: for an unknown preset or model type (the allowed ones are listed), or a preset
+        that selects nothing in this model.
 
     Example:
-      >>> rules_for("gpt2", "peft", rank=4).rules[0].layout
-      'out_in'
+      >>> rules_for("qwen2", "peft", rank=4).rules[0].stack_axes
+      1
     """
-    arch = resolve(model_or_config, what="rules_for").arch
-    if preset == "all-linear":
-        targets: Any = ALL_LINEAR
-    elif preset == "attention":
-        targets = list(arch.attention)
-    elif preset == "peft":
-        targets = list(PEFT_DEFAULT_TARGETS[arch.name])
-    else:
+    if preset not in PRESETS:
         raise ValueError(f"rules_for: preset must be one of {list(PRESETS)}, got {preset!r}")
-    if arch.oi_modules:
-        if targets == ALL_LINEAR:
-            rules = [Rule(list(arch.oi_modules), layout="out_in"), Rule(ALL_LINEAR)]
-        else:
-            oi = [t for t in targets if t.rpartition("/")[2] in arch.oi_modules]
-            io = [t for t in targets if t not in oi]
-            rules = [Rule(oi, layout="out_in")] + ([Rule(io)] if io else [])
-        return Rules(rules, rank=rank, alpha=alpha, **kw)
-    return Rules(targets, rank=rank, alpha=alpha, **kw)
+    model, fam, model_type = _model_and_family(model_or_config)
+    if preset == "attention":
+        names = list(fam.attention)
+    elif preset == "peft":
+        names = list(fam.peft_targets[model_type])
+    else:
+        names = None
+    if model is None:  # a bare model_type: module names, layer kernels stacked
+        if names is None:
+            return Rules([Rule("all-linear", stack_axes=1)], rank=rank, alpha=alpha, **kw)
+        return Rules([Rule(names, stack_axes=1)], rank=rank, alpha=alpha, **kw)
+    modules = kernel_paths(model)
+    if names is None:
+        names = [m for m in modules if not m.endswith(("embed_tokens", "embedding", "embeddings", "wte", "wpe"))
+                 and not any(c in _HEAD_MODULES or c.endswith("_embeddings") for c in m.split("/"))]
+    rules = _split_rules(modules, names)
+    if not rules:
+        raise ValueError(f"rules_for: the {preset!r} preset ({names}) selects no kernel of this "
+                         f"{model_type} model; its kernels: {sorted(modules)}")
+    return Rules(rules, rank=rank, alpha=alpha, **kw)
