@@ -34,7 +34,8 @@ import numpy as np
 
 __all__ = ["Leaf", "Family", "SUPPORTED_MODEL_TYPES", "HEADS", "TASK_TYPES", "family_for", "read_hf_config",
            "config_from_hf", "build", "head_of", "family_of", "torch_class", "hf_config_dict", "leaves_of",
-           "params_from_state", "state_from_params", "flax_msgpack_state", "init_params", "strip_prefix"]
+           "params_from_state", "state_from_params", "flax_msgpack_state", "init_params", "strip_prefix",
+           "base_prefix", "resolve_head"]
 
 # model_type -> the module of lora_jax.models that implements it
 _FAMILY_MODULES = {
@@ -234,14 +235,63 @@ def _set_path(tree: dict, path: str, value) -> None:
     tree[leaf] = value
 
 
+def base_prefix(model) -> str:
+    """The PyTorch name prefix of the base model inside ``model``'s head (``"model."``,
+    ``"transformer."``, ``"bert."``; ``""`` for a base head)."""
+    head = head_of(model)
+    if head == "base":
+        return ""
+    fam = family_of(model)
+    base = {lf.hf for lf in fam.leaves(model.config, "base")}
+    for lf in fam.leaves(model.config, head):
+        for b in base:
+            if lf.hf != b and lf.hf.endswith("." + b):
+                return lf.hf[:-len(b)]
+    return ""
+
+
+def _legacy(name: str) -> str:
+    # original BERT-era checkpoints name LayerNorm parameters gamma/beta (transformers renames them too)
+    if name.endswith(".gamma"):
+        return name[:-len("gamma")] + "weight"
+    if name.endswith(".beta"):
+        return name[:-len("beta")] + "bias"
+    return name
+
+
+def _align_names(state: Mapping[str, Any], model, expected: set) -> dict:
+    """``state`` renamed to fit ``model`` as transformers does: legacy ``gamma``/``beta`` names, a
+    base-model checkpoint loaded into a head model (names gain the base prefix) and a head
+    checkpoint loaded into the base model (the prefix is dropped, and so are the head's tensors)."""
+    state = {(_legacy(k) if _legacy(k) in expected and k not in expected else k): v for k, v in state.items()}
+    if expected & set(state):
+        return state
+    prefix = base_prefix(model)
+    if prefix:
+        added = {prefix + k: v for k, v in state.items()}
+        if expected & set(added):
+            return added
+    else:
+        prefixes = {k.split(".", 1)[0] + "." for k in state if "." in k}
+        for p in sorted(prefixes):
+            stripped = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+            if expected & set(stripped):
+                return stripped
+    return state
+
+
 def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str = "load") -> dict:
     """Our parameter tree (NumPy arrays) from a PyTorch-named state dict, strictly.
 
     Per-layer tensors are stacked on a leading layer axis, ``(out, in)`` weights transposed.
-    Floating tensors are cast to ``dtype`` (default: ``model.config.param_dtype``). Every missing,
-    unexpected and misshapen tensor is reported in one ValueError.
+    Floating tensors are cast to ``dtype`` (default: ``model.config.param_dtype``). Names are
+    aligned as transformers aligns them (legacy ``gamma``/``beta``; a base checkpoint into a head
+    model and back). Every missing, unexpected and misshapen tensor is reported in one ValueError.
     """
     config = model.config
+    table_names = {lf.hf_name(i) for lf in leaves_of(model)
+                   for i in (range(config.num_hidden_layers) if lf.layered else (None,))}
+    state = _align_names(state, model, table_names)
     fam = family_of(model)
     out_dtype = np.dtype(config.param_dtype if dtype is None else dtype)
     n_layers = config.num_hidden_layers
