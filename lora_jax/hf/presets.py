@@ -92,6 +92,9 @@ def rules_for(model_or_config: Any, preset: str = "all-linear", *, rank: int = 8
         names = list(fam.attention)
     elif preset == "peft":
         names = list(fam.peft_targets[model_type])
+        if not names:
+            raise ValueError(f"rules_for: PEFT has no default target_modules for model_type {model_type!r} (its "
+                             "LoraConfig needs them named); use the 'all-linear' or 'attention' preset or name them")
     else:
         names = None
     if model is None:  # a bare model_type: module names, layer kernels stacked

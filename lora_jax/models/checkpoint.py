@@ -101,7 +101,8 @@ def read_weights(d, prefer: str = "auto") -> tuple[dict, str]:
     raise FileNotFoundError(f"no {wanted} in {os.path.abspath(d)!r}{hint}")
 
 
-def load(path, *, architecture: Optional[str] = None, dtype=None, prefer: str = "auto", **overrides) -> tuple:
+def load(path, *, architecture: Optional[str] = None, dtype=None, prefer: str = "auto", seed: int = 0,
+         **overrides) -> tuple:
     """``(model, params)`` of a local Hugging Face checkpoint directory.
 
     Args:
@@ -110,6 +111,8 @@ def load(path, *, architecture: Optional[str] = None, dtype=None, prefer: str = 
         (``"causal_lm"``, ``"base"``, ``"seq_cls"``) overriding ``config.architectures``.
       dtype: the parameters' dtype and the compute dtype (default: float32 for both).
       prefer: ``"auto"``, ``"safetensors"`` or ``"flax"`` (see `read_weights`).
+      seed: initializes a sequence-classification head that the checkpoint lacks (a pretrained
+        base loaded as ``BertForSequenceClassification``; a warning names it).
       **overrides: config fields to change (``remat_policy="dots_saveable"``, ``attention_impl=...``).
 
     Returns:
@@ -130,7 +133,9 @@ def load(path, *, architecture: Optional[str] = None, dtype=None, prefer: str = 
     config = config_from_hf(hf, **overrides)
     model = build(config, resolve_head(config, hf.get("architectures") or (), architecture))
     state, source = read_weights(d, prefer)
-    params = params_from_state(state, model, what=f"load({source!r})")
+    import jax
+
+    params = params_from_state(state, model, what=f"load({source!r})", new_head_key=jax.random.key(seed))
     return model, params
 
 

@@ -280,13 +280,19 @@ def _align_names(state: Mapping[str, Any], model, expected: set) -> dict:
     return state
 
 
-def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str = "load") -> dict:
+def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str = "load",
+                      new_head_key=None) -> dict:
     """Our parameter tree (NumPy arrays) from a PyTorch-named state dict, strictly.
 
     Per-layer tensors are stacked on a leading layer axis, ``(out, in)`` weights transposed.
     Floating tensors are cast to ``dtype`` (default: ``model.config.param_dtype``). Names are
     aligned as transformers aligns them (legacy ``gamma``/``beta``; a base checkpoint into a head
     model and back). Every missing, unexpected and misshapen tensor is reported in one ValueError.
+
+    A sequence classifier loaded from a checkpoint without its head (a pretrained base, as when
+    fine-tuning BERT for classification) gets a newly initialized head when ``new_head_key`` (a
+    ``jax.random`` key) is given, with a warning naming the new tensors, as transformers does;
+    without it the missing head is an error like any other missing tensor.
     """
     config = model.config
     table_names = {lf.hf_name(i) for lf in leaves_of(model)
@@ -321,6 +327,18 @@ def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str 
         if all(a is not None for a in per_layer):
             _set_path(params, lf.path, np.stack(per_layer))
     unexpected = sorted(n for n in state if n not in used and not any(p.search(n) for p in ignore))
+    prefix = base_prefix(model)
+    head_only = prefix and missing and not bad and all(not n.startswith(prefix) for n in missing)
+    if head_only and new_head_key is not None and head_of(model) == "seq_cls":
+        import warnings
+
+        fresh = _flat(init_params(model, new_head_key, dtype=out_dtype))
+        for lf in leaves_of(model):
+            if lf.hf in missing:
+                _set_path(params, lf.path, np.asarray(fresh[lf.path]))
+        warnings.warn(f"{what}: {torch_class(model)}'s head {missing} is not in the checkpoint and was newly "
+                      "initialized; train it (it is saved in PEFT's modules_to_save)", stacklevel=2)
+        missing = []
     if missing or unexpected or bad:
         parts = []
         if missing:
