@@ -30,7 +30,7 @@ def peft_default_targets(model_type: str) -> tuple:
 
 
 def _model_and_family(model_or_config) -> tuple[Any, Family, str]:
-    from ..models.family import build, config_from_hf
+    from ..models.family import build, config_from_hf, read_hf_config, resolve_head
 
     if isinstance(model_or_config, str):
         fam = family_for(model_or_config)
@@ -42,9 +42,9 @@ def _model_and_family(model_or_config) -> tuple[Any, Family, str]:
         return build(model_or_config, next(iter(family_for(model_or_config.model_type)
                                                 .torch_classes[model_or_config.model_type]))), \
             family_for(model_or_config.model_type), model_or_config.model_type
-    cfg = config_from_hf(model_or_config)
-    return build(cfg, next(iter(family_for(cfg.model_type).torch_classes[cfg.model_type]))), \
-        family_for(cfg.model_type), cfg.model_type
+    hf = read_hf_config(model_or_config)
+    cfg = config_from_hf(hf)
+    return build(cfg, resolve_head(cfg, hf.get("architectures") or ())), family_for(cfg.model_type), cfg.model_type
 
 
 def kernel_paths(model) -> dict[str, bool]:
