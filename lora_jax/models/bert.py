@@ -51,17 +51,11 @@ import numpy as np
 
 from .family import Family, Leaf, strip_prefix
 from .layers import (ACTIVATIONS, ATTENTION_IMPLS, LayerNorm, attention, attention_impl, canon_dtype,
-                     check_remat_policy, dense, remat_policy)
+                     check_remat_policy, dense, positive_int, remat_policy)
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "from_hf_config", "FAMILY"]
 
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +104,7 @@ class BertConfig:
         set_ = functools.partial(object.__setattr__, self)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
-            set_(name, _positive_int(getattr(self, name), f"BertConfig.{name}"))
+            set_(name, positive_int(getattr(self, name), f"BertConfig.{name}"))
         if self.model_type != "bert":
             raise ValueError(f"BertConfig.model_type must be 'bert', got {self.model_type!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -134,7 +128,7 @@ class BertConfig:
             set_("id2label", labels)
         if self.num_labels is None:
             set_("num_labels", len(labels) if labels is not None else 2)
-        set_("num_labels", _positive_int(self.num_labels, "BertConfig.num_labels"))
+        set_("num_labels", positive_int(self.num_labels, "BertConfig.num_labels"))
         if labels is not None and len(labels) != self.num_labels:
             raise ValueError(f"BertConfig: num_labels={self.num_labels} but id2label names {len(labels)} labels")
         if self.problem_type not in PROBLEM_TYPES:

@@ -485,27 +485,8 @@ class GemmaModel(nn.Module):
     def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
         """The final hidden states in the compute dtype, and the new cache (None without one)."""
         c = self.config
-        if input_ids.ndim != 2:
-            raise ValueError(f"{type(self).__name__}: input_ids must be (batch, length), got shape "
-                             f"{tuple(input_ids.shape)}")
-        b, t = input_ids.shape
-        if cache is not None:
-            if cache_index is None:
-                raise ValueError(f"{type(self).__name__}: a cache needs cache_index (the slot of input_ids' first "
-                                 f"token)")
-            cache_index = jnp.asarray(cache_index, jnp.int32)
-            m = cache["k"].shape[2]
-            if positions is None:
-                positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
-        else:
-            m = t
-            if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if attention_mask is not None and tuple(attention_mask.shape) != (b, m):
-            what = f"cover the cache of length {m}" if cache is not None else "have the shape of input_ids"
-            raise ValueError(f"{type(self).__name__}: attention_mask must {what}: expected {(b, m)}, got "
-                             f"{tuple(attention_mask.shape)}")
-        positions = jnp.asarray(positions)
+        input_ids, attention_mask, positions, cache_index, _ = ly.decoder_inputs(
+            type(self).__name__, input_ids, attention_mask, positions, cache, cache_index)
         full, slide = c.rope_for("full_attention"), c.rope_for("sliding_attention")
         tables = {"full_attention": ly.rope_tables(full, c.head_dim, c.max_position_embeddings, positions, c.dtype)}
         tables["sliding_attention"] = tables["full_attention"] if slide == full else ly.rope_tables(

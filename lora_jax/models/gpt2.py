@@ -46,15 +46,9 @@ import numpy as np
 
 from .family import Family, Leaf, strip_prefix
 from .layers import (ACTIVATIONS, ATTENTION_IMPLS, LayerNorm, attention, attention_impl, canon_dtype,
-                     causal_cache_mask, check_remat_policy, dense, remat_policy)
+                     check_remat_policy, decoder_inputs, decoder_mask, dense, positive_int, remat_policy)
 
 __all__ = ["GPT2Config", "GPT2LMHeadModel", "GPT2Model", "from_hf_config", "FAMILY"]
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +100,9 @@ class GPT2Config:
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            set_(name, _positive_int(getattr(self, name), f"GPT2Config.{name}"))
+            set_(name, positive_int(getattr(self, name), f"GPT2Config.{name}"))
         if self.n_inner is not None:
-            set_("n_inner", _positive_int(self.n_inner, "GPT2Config.n_inner"))
+            set_("n_inner", positive_int(self.n_inner, "GPT2Config.n_inner"))
         if self.model_type != "gpt2":
             raise ValueError(f"GPT2Config.model_type must be 'gpt2', got {self.model_type!r}")
         if self.n_embd % self.n_head:
@@ -317,13 +311,6 @@ class GPT2Block(nn.Module):
         return h, new_cache
 
 
-def _check_ids(input_ids, who: str):
-    input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"{who}: input_ids must be integer (batch, seq), got {input_ids.dtype}{list(input_ids.shape)}")
-    return input_ids
-
-
 class GPT2Model(nn.Module):
     """Embeddings, the scanned layers and the final LayerNorm (the ``"base"`` head).
 
@@ -352,34 +339,12 @@ class GPT2Model(nn.Module):
         """``(hidden states in the compute dtype, new cache or None)``."""
         c = self.config
         who = type(self).__name__
-        input_ids = _check_ids(input_ids, who)
-        b, t = input_ids.shape
-        if cache is not None:
-            if cache_index is None:
-                raise ValueError(f"{who}: a cache needs cache_index (the slot of input_ids' first token)")
-            cache_index = jnp.asarray(cache_index, jnp.int32)
-            m = cache["k"].shape[2]
-            if positions is None:
-                positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
-            if attention_mask is not None and attention_mask.shape != (b, m):
-                raise ValueError(f"{who}: with a cache of length {m}, attention_mask must cover the cache: "
-                                 f"expected shape {(b, m)}, got {tuple(attention_mask.shape)}")
-            mask = causal_cache_mask(cache_index, t, m, attention_mask)
-        else:
-            if positions is None:
-                if t > c.n_positions:
-                    raise ValueError(f"{who}: {t} tokens exceed n_positions={c.n_positions} (the learned "
-                                     f"position embeddings)")
-                positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            mask = None
-            if attention_mask is not None:
-                if attention_mask.shape != (b, t):
-                    raise ValueError(f"{who}: attention_mask must have the shape of input_ids {(b, t)}, "
-                                     f"got {tuple(attention_mask.shape)}")
-                mask = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
-        positions = jnp.asarray(positions)
-        if positions.shape != (b, t):
-            raise ValueError(f"{who}: positions must have the shape of input_ids {(b, t)}, got {positions.shape}")
+        if cache is None and positions is None and input_ids.shape[-1] > c.n_positions:
+            raise ValueError(f"{who}: {input_ids.shape[-1]} tokens exceed n_positions={c.n_positions} (the learned "
+                             f"position embeddings)")
+        input_ids, attention_mask, positions, cache_index, m = decoder_inputs(
+            who, input_ids, attention_mask, positions, cache, cache_index)
+        mask = decoder_mask(attention_mask, cache, cache_index, input_ids.shape[1], m)
         scales = c.layer_scales()
         h = self.wte(input_ids) + self.wpe(positions)
         h, new_cache = self.h(h, (cache, None if scales is None else jnp.asarray(scales)), mask, cache_index)

@@ -33,9 +33,9 @@ import numpy as np
 
 __all__ = [
     "ACTIVATIONS", "REMAT_POLICIES", "ROPE_TYPES", "ATTENTION_IMPLS",
-    "canon_dtype", "freeze", "thaw", "remat_policy", "check_remat_policy",
+    "canon_dtype", "positive_int", "freeze", "thaw", "remat_policy", "check_remat_policy",
     "rope_parameters", "check_rope", "rotary_dim", "rope_frequencies", "rope_tables", "apply_rope",
-    "RMSNorm", "LayerNorm", "dense", "attention_impl", "attention", "causal_cache_mask", "init_cache",
+    "RMSNorm", "LayerNorm", "dense", "attention_impl", "attention", "decoder_inputs", "decoder_mask", "causal_cache_mask", "init_cache",
 ]
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -64,6 +64,13 @@ ATTENTION_IMPLS = (None, "xla", "cudnn")
 # -------------------------------------------------------------------------------------------
 # Config plumbing
 # -------------------------------------------------------------------------------------------
+def positive_int(value, what: str) -> int:
+    """``value`` as an int, or a ValueError naming the config field ``what`` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def canon_dtype(value, what: str) -> np.dtype:
     """``value`` as a floating NumPy dtype, or a TypeError naming the config field ``what``."""
     try:
@@ -395,6 +402,51 @@ def attention(q, k, v, *, mask=None, causal: bool = True, window: Optional[int] 
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
+
+
+def decoder_inputs(who: str, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+    """Check and complete the inputs of a decoder call; return ``(input_ids, attention_mask,
+    positions, cache_index, kv_len)``.
+
+    ``input_ids`` must be integer ``(B, T)``; ``attention_mask`` (1 = token) ``(B, T)``, or
+    ``(B, M)`` covering an ``M``-slot cache; ``positions`` default to ``0..T-1`` (after
+    ``cache_index`` with a cache); a cache needs ``cache_index``. ``kv_len`` is ``M`` or ``T``.
+    Every mismatch is a ValueError naming ``who`` and both shapes.
+    """
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"{who}: input_ids must be an integer (batch, seq) array, got "
+                         f"{input_ids.dtype}{list(input_ids.shape)}")
+    b, t = input_ids.shape
+    if cache is not None:
+        if cache_index is None:
+            raise ValueError(f"{who}: a cache needs cache_index (the cache slot of input_ids[:, 0])")
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        m = cache["k"].shape[2]
+        start = cache_index
+        what = f"cover the cache of length {m}"
+    else:
+        m, start, what = t, 0, "have the shape of input_ids"
+    if attention_mask is not None:
+        attention_mask = jnp.asarray(attention_mask)
+        if tuple(attention_mask.shape) != (b, m):
+            raise ValueError(f"{who}: attention_mask must {what}: expected {(b, m)}, got "
+                             f"{tuple(attention_mask.shape)}")
+    if positions is None:
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = jnp.asarray(positions)
+    if tuple(positions.shape) != (b, t):
+        raise ValueError(f"{who}: positions must have the shape of input_ids {(b, t)}, got {tuple(positions.shape)}")
+    return input_ids, attention_mask, positions, cache_index, m
+
+
+def decoder_mask(attention_mask, cache, cache_index, t: int, m: int, window=None):
+    """The boolean attention mask of a decoder call: with a cache `causal_cache_mask` (causality by
+    slot, the window, the padding); without one only the padding ``(B, 1, 1, T)`` (or None), the
+    attention core adding causality and the window itself (cuDNN's fast causal path)."""
+    if cache is not None:
+        return causal_cache_mask(cache_index, t, m, attention_mask, window)
+    return None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
 
 
 def causal_cache_mask(cache_index, t: int, m: int, attention_mask=None, window=None):

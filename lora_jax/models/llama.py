@@ -51,7 +51,7 @@ import numpy as np
 
 from .family import Family, Leaf, strip_prefix
 from .layers import (ACTIVATIONS, ATTENTION_IMPLS, RMSNorm, apply_rope, attention, attention_impl, canon_dtype,
-                     causal_cache_mask, check_remat_policy, check_rope, dense, freeze, remat_policy,
+                     check_remat_policy, decoder_inputs, decoder_mask, check_rope, dense, freeze, remat_policy,
                      rope_parameters, rope_tables, thaw)
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "from_hf_config", "FAMILY", "MODEL_TYPES"]
@@ -349,13 +349,6 @@ class DecoderLayer(nn.Module):
         return h, new_cache
 
 
-def _check_ids(input_ids, who: str):
-    input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"{who}: input_ids must be integer (batch, seq), got {input_ids.dtype}{list(input_ids.shape)}")
-    return input_ids
-
-
 class LlamaModel(nn.Module):
     """Embedding, the scanned decoder layers and the final norm (the ``"base"`` head).
 
@@ -380,28 +373,9 @@ class LlamaModel(nn.Module):
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
         c = self.config
-        input_ids = _check_ids(input_ids, type(self).__name__)
-        b, t = input_ids.shape
-        if cache is not None:
-            if cache_index is None:
-                raise ValueError("LlamaModel: a cache needs cache_index (the slot of input_ids' first token)")
-            cache_index = jnp.asarray(cache_index, jnp.int32)
-            m = cache["k"].shape[2]
-            if positions is None:
-                positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
-            if attention_mask is not None and attention_mask.shape != (b, m):
-                raise ValueError(f"LlamaModel: with a cache of length {m}, attention_mask must cover the cache: "
-                                 f"expected shape {(b, m)}, got {tuple(attention_mask.shape)}")
-            mask = causal_cache_mask(cache_index, t, m, attention_mask, c.sliding_window)
-        else:
-            if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            mask = None
-            if attention_mask is not None:
-                if attention_mask.shape != (b, t):
-                    raise ValueError(f"LlamaModel: attention_mask must have the shape of input_ids {(b, t)}, "
-                                     f"got {tuple(attention_mask.shape)}")
-                mask = attention_mask.astype(bool)[:, None, None, :]
+        input_ids, attention_mask, positions, cache_index, m = decoder_inputs(
+            type(self).__name__, input_ids, attention_mask, positions, cache, cache_index)
+        mask = decoder_mask(attention_mask, cache, cache_index, input_ids.shape[1], m, c.sliding_window)
         cos, sin = rope_tables(c.rope, c.head_dim, c.max_position_embeddings, positions, c.dtype)
         h = self.embed_tokens(input_ids)
         h, new_cache = self.layers(h, cache, cos, sin, mask, cache_index)

@@ -60,12 +60,6 @@ _LONGROPE_ALIASES = ("su", "yarn")
 _NO_BIAS_FLAGS = ("attention_bias", "mlp_bias", "lm_head_bias")
 
 
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _normalize_rope(rope: Any, original_max_position_embeddings: int, rotary_pairs: int) -> dict:
     """The flat rope dict transformers' Phi3Config ends with: defaults filled in, ``su``/``yarn``
     read as ``longrope``, ``original_max_position_embeddings`` taken from the config's field
@@ -153,11 +147,11 @@ class Phi3Config:
         set_ = functools.partial(object.__setattr__, self)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "max_position_embeddings", "original_max_position_embeddings"):
-            set_(name, _positive_int(getattr(self, name), f"Phi3Config.{name}"))
+            set_(name, layers.positive_int(getattr(self, name), f"Phi3Config.{name}"))
         if self.model_type != "phi3":
             raise ValueError(f"Phi3Config.model_type must be 'phi3', got {self.model_type!r}")
         kv = self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
-        kv = _positive_int(kv, "Phi3Config.num_key_value_heads")
+        kv = layers.positive_int(kv, "Phi3Config.num_key_value_heads")
         if self.num_attention_heads % kv:
             raise ValueError(f"Phi3Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={kv}")
@@ -167,7 +161,7 @@ class Phi3Config:
                 raise ValueError(f"Phi3Config: hidden_size={self.hidden_size} is not divisible by "
                                  f"num_attention_heads={self.num_attention_heads}; give head_dim explicitly")
             set_("head_dim", self.hidden_size // self.num_attention_heads)
-        set_("head_dim", _positive_int(self.head_dim, "Phi3Config.head_dim"))
+        set_("head_dim", layers.positive_int(self.head_dim, "Phi3Config.head_dim"))
         set_("dtype", layers.canon_dtype(self.dtype, "Phi3Config.dtype"))
         set_("param_dtype", layers.canon_dtype(self.param_dtype, "Phi3Config.param_dtype"))
         if self.attention_impl not in layers.ATTENTION_IMPLS:
@@ -178,7 +172,7 @@ class Phi3Config:
                              f"got {self.hidden_act!r}")
         layers.check_remat_policy(self.remat_policy, "Phi3Config.remat_policy")
         if self.sliding_window is not None:
-            set_("sliding_window", _positive_int(self.sliding_window, "Phi3Config.sliding_window"))
+            set_("sliding_window", layers.positive_int(self.sliding_window, "Phi3Config.sliding_window"))
         if isinstance(self.eos_token_id, (list, tuple)):
             set_("eos_token_id", tuple(int(t) for t in self.eos_token_id))
         prf = float((dict(self.rope_parameters) if self.rope_parameters is not None else {})
@@ -369,41 +363,14 @@ class Phi3Model(nn.Module):
         """The final-norm hidden states in the compute dtype, and the new cache (or None)."""
         c = self.config
         name = type(self).__name__
-        input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-            raise ValueError(f"{name}: input_ids must be an integer (batch, seq) array, got "
-                             f"{input_ids.dtype}{list(input_ids.shape)}")
-        b, t = input_ids.shape
-        if attention_mask is not None:
-            attention_mask = jnp.asarray(attention_mask)
+        input_ids, attention_mask, positions, cache_index, m = layers.decoder_inputs(
+            name, input_ids, attention_mask, positions, cache, cache_index)
         if cache is not None:
-            if cache_index is None:
-                raise ValueError(f"{name}: a cache needs cache_index (the cache slot of input_ids[:, 0])")
-            m = cache["k"].shape[2]
-            want = (c.num_hidden_layers, b, m, c.num_key_value_heads, c.head_dim)
+            want = (c.num_hidden_layers, input_ids.shape[0], cache["k"].shape[2], c.num_key_value_heads, c.head_dim)
             if tuple(cache["k"].shape) != want or tuple(cache["v"].shape) != want:
                 raise ValueError(f"{name}: the cache must be (layers, batch, max_len, kv_heads, head_dim) = {want}, "
                                  f"got k {tuple(cache['k'].shape)}, v {tuple(cache['v'].shape)}")
-            if attention_mask is not None and tuple(attention_mask.shape) != (b, m):
-                raise ValueError(f"{name}: with a cache of length {m}, attention_mask must cover the cache: "
-                                 f"expected shape {(b, m)}, got {tuple(attention_mask.shape)}")
-            cache_index = jnp.asarray(cache_index, jnp.int32)
-            if positions is None:
-                positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
-            mask = layers.causal_cache_mask(cache_index, t, m, attention_mask, window=c.sliding_window)
-        else:
-            if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            mask = None
-            if attention_mask is not None:
-                if tuple(attention_mask.shape) != (b, t):
-                    raise ValueError(f"{name}: attention_mask must have the shape of input_ids {(b, t)}, "
-                                     f"got {tuple(attention_mask.shape)}")
-                mask = attention_mask.astype(bool)[:, None, None, :]
-        positions = jnp.asarray(positions)
-        if tuple(positions.shape) != (b, t):
-            raise ValueError(f"{name}: positions must have the shape of input_ids {(b, t)}, "
-                             f"got {tuple(positions.shape)}")
+        mask = layers.decoder_mask(attention_mask, cache, cache_index, input_ids.shape[1], m, c.sliding_window)
         cos, sin = layers.rope_tables(c.rope, c.head_dim, c.max_position_embeddings, positions, c.dtype)
         h, new_cache = self.layers(self.embed_tokens(input_ids), cache, cos, sin, mask, cache_index)
         return self.norm(h), new_cache
