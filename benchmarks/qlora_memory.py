@@ -1,6 +1,6 @@
 """QLoRA memory and accuracy: the frozen base of a Llama in bf16 vs NF4 (+ double quantization).
 
-Builds a random-init Llama (lora_jax.models.llama; default: the 1.1B config of the anchors),
+Builds a random-init Llama (lora_jax.models.llama; default: the 1.1B config of train_step.py),
 puts LoRA r=16 on its 7 projections, quantizes the frozen kernels with ``lora.quantize`` and
 prints one JSON line: bytes of the frozen base in bf16 and NF4 (the 7 projections under the
 adapters, and the whole frozen model with ``which="all"``, embeddings and head included), their
@@ -22,11 +22,11 @@ import jax
 import numpy as np
 
 import lora_jax as lora
-from lora_jax.models import llama as L
+from lora_jax.models import LlamaConfig, build, init_params
 from lora_jax.quant import nbytes
 from lora_jax.tree import lora_items
 
-from train_step import SIZES, TARGETS  # noqa: E402  (the anchors' configs, defined once, beside this file)
+from train_step import SIZES, TARGETS  # noqa: E402  (the benchmark configs, defined once, beside this file)
 
 
 def base_bytes(tree) -> int:
@@ -41,9 +41,9 @@ def main(argv=None):
     ap.add_argument("--block", type=int, default=64)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    cfg = L.LlamaConfig(**SIZES[args.size], dtype="bfloat16", param_dtype="bfloat16", max_position_embeddings=2048)
-    model = L.LlamaForCausalLM(cfg)
-    params = L.init_params(cfg, jax.random.key(0))
+    cfg = LlamaConfig(**SIZES[args.size], dtype="bfloat16", param_dtype="bfloat16", max_position_embeddings=2048)
+    model = build(cfg)
+    params = init_params(model, jax.random.key(0))
     lp = lora.init(params, lora.Rules(TARGETS, rank=16, alpha=32, stack_axes=1), 1)
     fwd = jax.jit(lora.wrap(lambda p, ids: model.apply({"params": p}, ids)))
     ids = jax.random.randint(jax.random.key(2), (1, args.tokens), 0, cfg.vocab_size)

@@ -3,24 +3,31 @@
 Systems (each runs in its own subprocess, so peak memory is its own and JAX's and PyTorch's GPU
 allocators never share a process):
 
-* ``lora_jax``: LoRA r=16, alpha=32 on all 7 projections; the step differentiates only the
-  trainable half of ``lora.split`` and runs the model through ``lora.wrap(model.apply)``.
-* ``frozen``: the floor: no LoRA; the gradient is taken only w.r.t. the per-layer norm scales,
-  so the backward through the activations runs but no weight gradient is formed.
-* ``merged``: the same LoRA, with ``W + s*A@B`` formed inside the loss by ``lora.merge``.
+* ``lora_jax``: LoRA r=16, alpha=32 on all 7 projections: exactly the step ``lora-jax train``
+  runs (`lora_jax.train.trainer.jit_train_step` over `lora_jax.train.model.lora_logits_fn`: the
+  model through ``lora.wrap``, gradients for the trainable half of ``lora.split`` only, token
+  cross-entropy, global-norm clipping, AdamW, non-finite guard, the old state donated);
+* ``frozen``: the floor: no LoRA; the same step with the gradient taken only w.r.t. the per-layer
+  norm scales, so the backward through the activations runs but no weight gradient is formed;
+* ``merged``: the same LoRA, with ``W + s*A@B`` formed inside the loss by ``lora.merge``;
 * ``peft`` / ``peft_compile``: transformers' PyTorch Llama + PEFT on the same config, eager
   and ``torch.compile`` (when torch and peft import; on CPU only with ``--size tiny``).
 
 Every system uses bf16 weights and compute, AdamW, the same random token batch, and reports the
-median step time of the timed steps after warmup. FLOPs per step are ``4*N*T`` (forward and
-input-gradient matmuls over the N linear-layer weights incl. the LM head, T tokens) plus causal
-attention ``3 * 2*B*S^2*D*L``; MFU divides the achieved rate by the device's dense bf16 peak.
+median step time of the timed steps after warmup. FLOPs per step are `lora_jax.train.flops`'
+count, the one ``lora-jax train`` reports too: ``4*N*T`` (forward and input-gradient matmuls
+over the N linear-layer weights incl. the LM head, T tokens; the frozen base forms no weight
+gradient) + ``6*N_lora*T`` (the adapters) + causal attention ``6*B*S^2*D*L``; MFU divides the
+achieved rate by the device's dense bf16 peak (`lora_jax.train.flops.PEAK_FLOPS`).
 
 Usage::
 
     python benchmarks/train_step.py --size tiny            # CPU smoke test, < 1 minute
     python benchmarks/train_step.py --size 1b              # GPU: batch 8 x 1024 by default
     python benchmarks/train_step.py --size 1b --remat dots_with_no_batch_dims_saveable --systems lora_jax,frozen
+
+The same step from the trainer: ``lora-jax train model.init.hidden_size=2048 ...`` prints its
+tokens/s and MFU in ``metrics.jsonl`` and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -48,34 +55,35 @@ SIZES = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 ALL_SYSTEMS = ("lora_jax", "frozen", "merged", "peft", "peft_compile")
-# Dense bf16 peak FLOP/s by device kind substring (NVIDIA datasheets, SXM parts, no sparsity).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
-# H100 80GB, 1.1B config, 8 x 1024, bf16, r=16 on 7 projections (/work/shared/anchors).
+# Reference throughputs (tokens/s) measured once outside this repository on one H100 80GB SXM: the
+# 1.1B config above ("1b"), batch 8 x 1024, bf16, LoRA r=16 on the 7 projections. peft_* are
+# PyTorch + PEFT (eager and torch.compile); jax_ceiling_* are hand-written JAX steps of the same
+# model (LoRA factorized, frozen floor, merged in the loss): what this script's lora_jax, frozen
+# and merged rows are compared against on that GPU.
 ANCHORS_1B_H100 = {"peft_compile": 50443, "peft_eager": 31117, "jax_ceiling_lora": 62493,
                    "jax_ceiling_frozen": 79322, "jax_ceiling_merged": 57851}
 
 
-def flops_per_step(cfg: dict, batch: int, seq: int) -> float:
-    d, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    hd = d // cfg["num_attention_heads"]
-    nh, kh = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    n_lin = L * (d * nh + 2 * d * kh + nh * d + 3 * d * f) + d * cfg["vocab_size"]
-    t = batch * seq
-    attn = 3 * 2 * batch * seq * seq * nh * L  # QK^T and PV, causal half: 2 * (2*B*S^2*D) / 2 forward, x3 with bwd
-    return 4.0 * n_lin * t + attn
+def _llama_config(args, **kw):
+    from lora_jax.models import LlamaConfig
+
+    return LlamaConfig(**SIZES[args.size], max_position_embeddings=4096, **kw)
 
 
-def _peak(kind: str):
-    for k, v in PEAK_BF16.items():
-        if k in kind:
-            return v
-    return None
+def flops_per_step(args, n_lora: int = 0) -> float:
+    """The model FLOPs of one step (`lora_jax.train.flops.step_flops`, the trainer's count)."""
+    from lora_jax.models import build
+    from lora_jax.train.flops import step_flops
+
+    return step_flops(build(_llama_config(args)), args.batch, args.seq, n_lora=n_lora)
 
 
-def _result(system, args, med_s, times, peak_bytes, device, extra=None):
+def _result(system, args, med_s, times, peak_bytes, device, extra=None, n_lora=0):
+    from lora_jax.train.flops import PEAK_FLOPS
+
     t = args.batch * args.seq
-    flops = flops_per_step(SIZES[args.size], args.batch, args.seq)
-    peak = _peak(device)
+    flops = flops_per_step(args, n_lora)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k.lower() in device.lower()), None)
     out = {"system": system, "size": args.size, "batch": args.batch, "seq": args.seq, "device": device,
            "tokens_per_s": round(t / med_s), "step_ms": round(med_s * 1e3, 2),
            "peak_gib": None if peak_bytes is None else round(peak_bytes / 2**30, 2),
@@ -92,76 +100,67 @@ def _result(system, args, med_s, times, peak_bytes, device, extra=None):
 def run_jax(system: str, args) -> dict:
     import jax
     import jax.numpy as jnp
-    import optax
 
     import lora_jax as lora
-    from lora_jax.models import llama as L
+    from lora_jax.models import build, init_params, layers
+    from lora_jax.train.model import lora_logits_fn, lora_rules
+    from lora_jax.train.trainer import LoopSpec, jit_train_step, make_loss_fn, make_optimizer
 
-    wrap = lora.wrap
-
-    cfg = L.LlamaConfig(**SIZES[args.size], dtype="bfloat16", param_dtype="bfloat16", max_position_embeddings=4096,
-                        remat_policy=args.remat, attention_impl=args.attention)
-    model = L.LlamaForCausalLM(cfg)
+    cfg = _llama_config(args, dtype="bfloat16", param_dtype="bfloat16", remat_policy=args.remat,
+                        attention_impl=args.attention)
+    model = build(cfg)
     key = jax.random.key(0)
-    params = L.init_params(cfg, key)
-    ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size, jnp.int32)
+    params = init_params(model, key)
+    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.vocab_size, jnp.int32)
+    # a trainer batch: rows of seq + 1 tokens, every position a target
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((args.batch, args.seq)),
+             "mask": jnp.ones((args.batch, args.seq), jnp.int32)}
 
-    def xent(logits, ids):
-        lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-        return -jnp.take_along_axis(lp, ids[:, 1:, None], -1).mean()
-
+    n_lora = 0
     if system == "frozen":
-        layers = params["model"]["layers"]
-        train = {"input_layernorm": layers["input_layernorm"], "post_attention_layernorm":
-                 layers["post_attention_layernorm"]}
-        rest = {**params, "model": {**params["model"], "layers": {k: v for k, v in layers.items() if k not in train}}}
+        layer_p = params["model"]["layers"]
+        train = {"input_layernorm": layer_p["input_layernorm"], "post_attention_layernorm":
+                 layer_p["post_attention_layernorm"]}
+        rest = {**params, "model": {**params["model"], "layers": {k: v for k, v in layer_p.items() if k not in train}}}
 
-        def loss_fn(train, rest, ids):
+        def logits_fn(train, rest, inputs, mask, rng):
             p = {**rest, "model": {**rest["model"], "layers": {**rest["model"]["layers"], **train}}}
-            return xent(model.apply({"params": p}, ids), ids)
+            return model.apply({"params": p}, inputs)
         n_train = sum(x.size for x in jax.tree.leaves(train))
     else:
-        rules = lora.Rules(TARGETS, rank=RANK, alpha=ALPHA, stack_axes=1)
-        lp = lora.init(params, rules, key)
+        lp = lora.init(params, lora_rules(model, TARGETS, rank=RANK, alpha=ALPHA), key)
         # a non-zero B, so the loss depends on both factors from the first step
         lp = jax.tree.map(lambda x: x.replace(b=jnp.full_like(x.b, 1e-3)) if lora.is_lora(x) else x, lp,
                           is_leaf=lora.is_lora)
         train, rest = lora.split(lp)
-        fwd = wrap(model.apply)
-
         if system == "lora_jax":
-            def loss_fn(train, rest, ids):
-                return xent(fwd({"params": lora.combine(train, rest)}, ids), ids)
+            logits_fn = lora_logits_fn(model)  # what lora-jax train runs
         else:  # merged
-            def loss_fn(train, rest, ids):
-                return xent(model.apply({"params": lora.merge(lora.combine(train, rest))}, ids), ids)
-        n_train = lora.count(lp).trainable
+            def logits_fn(train, rest, inputs, mask, rng):
+                return model.apply({"params": lora.merge(lora.combine(train, rest))}, inputs)
+        n_train = n_lora = lora.count(lp).trainable
         del lp
     del params
 
-    tx = optax.adamw(1e-4)
-    opt_state = tx.init(train)
-
-    def _step(train, opt_state, rest, ids):
-        loss, g = jax.value_and_grad(loss_fn)(train, rest, ids)
-        upd, opt_state = tx.update(g, opt_state, train)
-        return optax.apply_updates(train, upd), opt_state, loss
-
-    step = jax.jit(_step, donate_argnums=(0, 1))
+    spec = LoopSpec(steps=args.warmup + args.steps, batch_size=args.batch, lr=1e-4, schedule="constant")
+    tx, _ = make_optimizer(spec)
+    state = {"params": train, "opt_state": tx.init(train), "rng": jax.random.key(2),
+             "step": jnp.zeros((), jnp.int32)}
+    step = jit_train_step(make_loss_fn(logits_fn), tx)  # the trainer's jitted step (state donated)
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        train, opt_state, loss = step(train, opt_state, rest, ids)
-        losses.append(float(loss))  # blocks
+        state, m = step(state, rest, batch)
+        losses.append(float(m["loss"]))  # blocks
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     med = sorted(times)[len(times) // 2]
     stats = jax.devices()[0].memory_stats() or {}
     dev = jax.devices()[0]
     extra = {"loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "trainable_params": n_train,
-             "jax": jax.__version__, "attention": L._attention_impl(cfg)}
+             "jax": jax.__version__, "attention": layers.attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim)}
     return _result(system, args, med, times, stats.get("peak_bytes_in_use"),
-                   getattr(dev, "device_kind", str(dev)), extra)
+                   getattr(dev, "device_kind", str(dev)), extra, n_lora=n_lora)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +203,7 @@ def run_peft(system: str, args) -> dict:
     return _result(system, args, med, times, torch.cuda.max_memory_allocated() if cuda else None, kind,
                    {"loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
                     "trainable_params": sum(p.numel() for p in trainable), "torch": torch.__version__,
-                    "peft": peft.__version__})
+                    "peft": peft.__version__}, n_lora=sum(p.numel() for p in trainable))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
 def test_train_writes_metrics_checkpoints_adapter_and_plot(trained, capsys):
     d = trained
     for f in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "base/config.json",
-              "base/flax_model.msgpack", "base/tokenizer.json", "adapter/adapter_model.safetensors",
+              "base/model.safetensors", "base/tokenizer.json", "adapter/adapter_model.safetensors",
               "adapter/adapter_config.json"):
         assert (d / f).is_file(), f
     assert (d / "loss.png").read_bytes()[:8] == PNG_MAGIC
@@ -50,11 +50,13 @@ def test_train_writes_metrics_checkpoints_adapter_and_plot(trained, capsys):
     assert [r["step"] for r in recs if r["phase"] == "pretrain"] == [1, 2]
     for r in lora_train:
         assert np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["lr"] >= 0
+        assert r["tflops"] > 0 and r["mfu"] is None  # no known peak FLOP/s on a CPU
     for r in evals:
         assert abs(r["eval_ppl"] - np.exp(r["eval_loss"])) < 1e-6 * r["eval_ppl"]
     summary = json.loads((d / "summary.json").read_text())
     assert summary["eval_loss_before"] == evals[0]["eval_loss"] and summary["eval_loss_after"] == evals[-1]["eval_loss"]
     assert summary["trainable_params"] == 2 * 4 * (4 * 32 + 32 + 16 + 16 + 32 + 3 * (32 + 48))  # r=4, 7 kernels, 2 layers
+    assert summary["step_tokens_per_s"] > 0 and summary["model_tflops_per_s"] > 0 and summary["mfu"] is None
 
     # the exported adapter is the final checkpoint's, in PEFT's layout
     h = load_run(str(d))
@@ -62,10 +64,12 @@ def test_train_writes_metrics_checkpoints_adapter_and_plot(trained, capsys):
     assert meta["step"] == 4
     tensors = load_file(str(d / "adapter" / "adapter_model.safetensors"))
     assert len(tensors) == 2 * 7 * 2
-    for path, lw in lora.tree.lora_items(state["adapter"]):
-        mod = "base_model.model." + path.rpartition("/")[0].replace("/", ".")
-        assert np.array_equal(tensors[mod + ".lora_A.weight"], np.asarray(lw.a).T)
-        assert np.array_equal(tensors[mod + ".lora_B.weight"], np.asarray(lw.b).T)
+    for path, lw in lora.tree.lora_items(state["adapter"]):  # stacked (layers, ...): one PEFT module per layer
+        assert lw.layout == "sio" and lw.a.shape[0] == 2
+        for i in range(2):
+            mod = "base_model.model." + path.rpartition("/")[0].replace("layers/", f"layers/{i}/").replace("/", ".")
+            assert np.array_equal(tensors[mod + ".lora_A.weight"], np.asarray(lw.a[i]).T)
+            assert np.array_equal(tensors[mod + ".lora_B.weight"], np.asarray(lw.b[i]).T)
     cfg = json.loads((d / "adapter" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (4, 8.0, "LORA")
     assert cfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -108,16 +112,17 @@ def test_export_and_generate(trained, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("LOG, ALDER") and len(text.strip()) > len("LOG, ALDER")
     assert main(["generate", str(trained), "--adapter", str(out), "--max-new-tokens", "0"]) == 2
-    # greedy sampling: each new token is the argmax of the model's logits at the end of the text so far
-    # (one causal forward over the whole sequence gives all of those logits)
-    from lora_jax.train.pipeline import sample
+    # greedy decoding (with a KV cache): each new token is the argmax of the model's logits at the end of
+    # the text so far (one causal forward over the whole sequence gives all of those logits)
+    from lora_jax.train.pipeline import generate_ids
 
     h = load_run(str(trained), adapter=str(out))
     ids = [h.tokenizer.bos_token_id] + h.tokenizer.encode("LOG, ALDER", add_special_tokens=False)
-    new = sample(h.apply, h.lora_params, ids, max_new_tokens=3, max_len=64, eos_id=None, pad_id=0, temperature=0)
+    new = generate_ids(h, ids, max_new_tokens=3, temperature=0)
+    assert len(new) == 3 or (len(new) < 3 and new[-1] == h.tokenizer.eos_token_id)
     x = np.asarray([ids + new])
     logits = np.asarray(forward(h.apply, h.lora_params, x, np.ones_like(x)))[0]
-    assert new == [int(np.argmax(logits[len(ids) - 1 + k])) for k in range(3)]
+    assert new == [int(np.argmax(logits[len(ids) - 1 + k])) for k in range(len(new))]
     assert text.strip().startswith(h.tokenizer.decode(ids + new, skip_special_tokens=True))
 
 

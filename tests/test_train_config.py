@@ -253,7 +253,10 @@ def test_fuzz_cli_dry_run_exits_0_or_2_with_one_message(pairs):
     ("name=a/b", "name: 'a/b' cannot name a run directory"),
     ("model.init.rope_theta=.nan", "model.init.rope_theta: expected a finite number, got nan"),
     ("model.init.hidden_size=1e40", "model.init.hidden_size: expected a positive integer (at most 2147483647)"),
-    ("model.init.rope_scaling={rope_type: linear}", "model.init: transformers' LlamaConfig rejects it: KeyError"),
+    ("model.init.rope_scaling={rope_type: linear}",
+     "model.init: lora_jax's llama config rejects it: ValueError: rope_parameters: rope_type 'linear' needs ['factor']"),
+    ("model.init.sliding_window=8", "unknown key 'model.init.sliding_window' for a llama config"),
+    ("lora.layout=out_in", "lora.layout: 'out_in' is no longer a setting"),
 ])
 def test_fuzz_findings_are_clear_errors(override, message):
     with pytest.raises(ConfigError) as e:

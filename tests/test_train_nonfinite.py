@@ -290,10 +290,22 @@ def test_merge_refuses_a_nonfinite_adapter_and_writes_nothing(diverged, tmp_path
     out = tmp_path / "merged"
     assert main(["merge", str(d), "--adapter", str(bad), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    module = key.split("base_model.model.")[1].rsplit(".lora_B", 1)[0].replace(".", "/")
-    assert err.startswith("lora-jax: error: merge(safe=True): non-finite values in 1 merged kernel(s): ")
-    assert module in err, err
+    module = key.split("base_model.model.")[1].rsplit(".lora_B", 1)[0]
+    # refused as it is read (lora_jax.hf.load_peft checks every tensor), before any merge
+    assert err.startswith(f"lora-jax: error: load_peft: 1 problem(s) in {str(bad)!r}"), err
+    assert f"non-finite: {module} lora_B holds NaN or Inf" in err, err
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad", "good"]  # no temporary left either
+    # an adapter that went non-finite in memory: merge(safe=True) refuses it and writes nothing
+    from lora_jax.train import model as M
+    from lora_jax.train.pipeline import load_run
+
+    h = load_run(str(d), adapter=str(good))
+    node = h.lora_params["model"]["layers"]["mlp"]["down_proj"]["kernel"]
+    h.lora_params["model"]["layers"]["mlp"]["down_proj"]["kernel"] = node.replace(b=node.b.at[0, 0, 0].set(np.nan))
+    with pytest.raises(ValueError, match=r"merge\(safe=True\): non-finite values in 1 merged kernel\(s\): "
+                                         r".*model/layers/mlp/down_proj"):
+        M.save_merged(h.model, h.lora_params, h.tokenizer, str(out))
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad", "good"]
     # the good adapter merges
     assert main(["merge", str(d), "--adapter", str(good), "--out", str(out)]) == 0
     assert (out / "config.json").is_file()

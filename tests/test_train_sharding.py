@@ -7,7 +7,7 @@ import pytest
 
 import lora_jax as lora
 from lora_jax.train import sharding as shd
-from lora_jax.train.model import forward, make_apply
+from lora_jax.train.model import lora_logits_fn, lora_rules, stacked_paths
 from lora_jax.train.trainer import LoopSpec, Trainer
 
 from train_helpers import synthetic_rows, tiny_model
@@ -21,31 +21,35 @@ def _spec(x):
 _RUNS = {}
 
 
+def _rules(model):
+    return lora_rules(model, "all-linear", rank=4, alpha=8, init=False)
+
+
 def _run(data, fsdp, tensor, grad_accum=1, evals=False, remat="none", dtype="float32"):
-    """The tiny LoRA run on a (data, fsdp, tensor) mesh; cached, as each costs a compile."""
+    """The tiny LoRA run on a (data, fsdp, tensor) mesh; cached, as each costs a compile. ``remat``
+    is the model's: each scanned layer rematerialized with that policy."""
     key = (data, fsdp, tensor, grad_accum, remat, dtype)
     if key in _RUNS:
         return _RUNS[key]
-    if dtype == "float32":
+    if dtype == "float32" and remat == "none":
         model, params = tiny_model()
     else:
         from lora_jax.train.model import new_model
         from train_helpers import TINY_INIT, VOCAB
 
-        model, params = new_model(TINY_INIT, vocab_size=VOCAB, seed=0, compute_dtype=dtype)
-    lp = lora.init(params, lora.Rules("all-linear", rank=4, alpha=8, init=False), jax.random.key(0))
+        model, params = new_model(TINY_INIT, vocab_size=VOCAB, seed=0, compute_dtype=dtype, remat=remat)
+    assert model.config.remat_policy == (None if remat == "none" else remat)
+    lp = lora.init(params, _rules(model), jax.random.key(0))
     trainable, frozen = lora.split(lp)
-    apply = make_apply(model)
     # SGD, not Adam: Adam divides each update by the gradient's own scale, so a gradient component
     # that is ~0 gets a +-lr update whose sign is rounding noise (and a wrong gradient scale would go
     # unseen); SGD's updates are linear in the gradients, so the adapters must agree as tightly as the
     # gradients do.
     spec = LoopSpec(steps=4, batch_size=16, grad_accum=grad_accum, lr=0.5, optimizer="sgd", warmup_steps=0,
-                    log_every=1, progress=False, remat=remat)
+                    log_every=1, progress=False)
     tr = Trainer(spec, mesh=shd.make_mesh(data, fsdp, tensor), trainable=trainable, frozen=frozen,
                  rows=synthetic_rows(), eval_rows=synthetic_rows(6, seed=1) if evals else None,
-                 logits_fn=lambda t, f, x, m, rng: forward(apply, lora.combine(t, f), x, m, rng=rng), seed=0,
-                 echo=lambda *a: None)
+                 logits_fn=lora_logits_fn(model), seed=0, echo=lambda *a: None, stacked=stacked_paths(model))
     tr.fit()
     _RUNS[key] = tr, [l for _, l in tr.history], [e["eval_loss"] for e in tr.evals]
     return _RUNS[key]
@@ -68,55 +72,82 @@ def test_same_losses_and_adapter_on_every_mesh(reference, data, fsdp, tensor, gr
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     got = jax.tree_util.tree_leaves(jax.device_get(tr.trainable))
     want = jax.tree_util.tree_leaves(jax.device_get(ref.trainable))
-    assert len(got) == len(want) == 2 * 7 * 2  # a and b of 7 kernels in 2 layers
+    assert len(got) == len(want) == 2 * 7  # a and b of 7 kernels, each stacked over the 2 layers
     for g, w in zip(got, want):  # f32 rounding noise scales with each array's magnitude
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
     init = jax.tree_util.tree_leaves(jax.device_get(lora.split(lora.init(
-        tiny_model()[1], lora.Rules("all-linear", rank=4, alpha=8, init=False), jax.random.key(0)))[0]))
+        tiny_model()[1], _rules(tiny_model()[0]), jax.random.key(0)))[0]))
     assert max(float(np.abs(g - i).max()) for g, i in zip(got, init)) > 1e-3  # the adapter moved
 
 
-def _lw(tree, layer, module):
+def _lw(tree, module):
+    """The stacked ``(layers, in, out)`` kernel of ``module`` (its LoRA node in a LoRA tree)."""
     grp = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-    return tree["model"]["layers"][str(layer)][grp][module]["kernel"]
+    return tree["model"]["layers"][grp][module]["kernel"]
 
 
 def test_factors_are_sharded_like_their_kernels():
     tr, _, _ = _run(2, 4, 1, 1, remat="none")
     t, f = tr.trainable, tr.frozen
-    # q_proj (32, 32): fsdp on the first of two equal axes (input) -> a splits its input axis
-    q, qf = _lw(t, 0, "q_proj"), _lw(f, 0, "q_proj")
-    assert _spec(qf.w) == ("fsdp", None)
-    assert _spec(q.a) == ("fsdp", None) and _spec(q.b) == (None, None)
-    # up_proj (32, 48): the output axis is larger -> b splits its output axis, a is replicated
-    u, uf = _lw(t, 1, "up_proj"), _lw(f, 1, "up_proj")
-    assert _spec(uf.w) == (None, "fsdp")
-    assert _spec(u.a) == (None, None) and _spec(u.b) == (None, "fsdp")
-    # down_proj (48, 32): input axis larger
-    d = _lw(t, 0, "down_proj")
-    assert _spec(_lw(f, 0, "down_proj").w) == ("fsdp", None) and _spec(d.a) == ("fsdp", None)
-    # k_proj (32, 16) with 2 kv heads of 8
-    k = _lw(t, 0, "k_proj")
-    assert _spec(_lw(f, 0, "k_proj").w) == ("fsdp", None) and _spec(k.a) == ("fsdp", None)
+    # every kernel is stacked (2 layers, in, out): the layer axis is never split
+    # q_proj (2, 32, 32): fsdp on the first of two equal axes (input) -> a splits its input axis
+    q, qf = _lw(t, "q_proj"), _lw(f, "q_proj")
+    assert qf.w.shape == (2, 32, 32) and qf.layout == "sio"
+    assert _spec(qf.w) == (None, "fsdp", None)
+    assert _spec(q.a) == (None, "fsdp", None) and _spec(q.b) == (None, None, None)
+    # up_proj (2, 32, 48): the output axis is larger -> b splits its output axis, a is replicated
+    u, uf = _lw(t, "up_proj"), _lw(f, "up_proj")
+    assert _spec(uf.w) == (None, None, "fsdp")
+    assert _spec(u.a) == (None, None, None) and _spec(u.b) == (None, None, "fsdp")
+    # down_proj (2, 48, 32): input axis larger
+    d = _lw(t, "down_proj")
+    assert _spec(_lw(f, "down_proj").w) == (None, "fsdp", None) and _spec(d.a) == (None, "fsdp", None)
+    # k_proj (2, 32, 16) with 2 kv heads of 8
+    k = _lw(t, "k_proj")
+    assert _spec(_lw(f, "k_proj").w) == (None, "fsdp", None) and _spec(k.a) == (None, "fsdp", None)
     # the optimizer moments follow their parameter
     mu = tr.state["opt_state"][1][0].trace  # chain(clip, sgd): the momentum trace
-    assert _spec(_lw(mu, 1, "up_proj").b) == (None, "fsdp")
-    assert _spec(_lw(mu, 0, "q_proj").a) == ("fsdp", None)
+    assert _spec(_lw(mu, "up_proj").b) == (None, None, "fsdp")
+    assert _spec(_lw(mu, "q_proj").a) == (None, "fsdp", None)
     # the embedding (97, 32): 97 does not divide by 4 -> hidden axis
     assert _spec(f["model"]["embed_tokens"]["embedding"]) == (None, "fsdp")
-    # frozen vectors are replicated
-    assert _spec(f["model"]["norm"]["weight"]) == (None,)
+    # frozen vectors are replicated, per layer too: the stacked norm scales (2, 32)
+    assert _spec(f["model"]["norm"]["scale"]) == (None,)
+    assert _spec(f["model"]["layers"]["input_layernorm"]["scale"]) == (None, None)
 
 
 def test_tensor_axis_shards_columns_and_rows():
     tr, _, _ = _run(2, 2, 2, 1, remat="dots_saveable")
     t, f = tr.trainable, tr.frozen
     # column-parallel q_proj: output axis on tensor, input on fsdp
-    assert _spec(_lw(f, 0, "q_proj").w) == ("fsdp", "tensor")
-    assert _spec(_lw(t, 0, "q_proj").a) == ("fsdp", None) and _spec(_lw(t, 0, "q_proj").b) == (None, "tensor")
+    assert _spec(_lw(f, "q_proj").w) == (None, "fsdp", "tensor")
+    assert _spec(_lw(t, "q_proj").a) == (None, "fsdp", None) and _spec(_lw(t, "q_proj").b) == (None, None, "tensor")
     # row-parallel o_proj: input axis on tensor
-    assert _spec(_lw(f, 0, "o_proj").w) == ("tensor", "fsdp")
-    assert _spec(_lw(t, 0, "o_proj").a) == ("tensor", None) and _spec(_lw(t, 0, "o_proj").b) == (None, "fsdp")
+    assert _spec(_lw(f, "o_proj").w) == (None, "tensor", "fsdp")
+    assert _spec(_lw(t, "o_proj").a) == (None, "tensor", None) and _spec(_lw(t, "o_proj").b) == (None, None, "fsdp")
+    # the vocab-parallel embedding; the head (not adapted: a plain leaf) is column-parallel
+    assert _spec(f["model"]["embed_tokens"]["embedding"]) == (None, "fsdp")  # 97 rows: not divisible by 2
+    assert _spec(f["lm_head"]["kernel"]) == ("fsdp", None)  # (32, 97): 97 does not divide by 2 either
+
+
+def test_plain_stacked_kernels_keep_their_layer_axis_whole():
+    """A kernel without LoRA (here k_proj when only q_proj is targeted) is a plain stacked leaf:
+    its layer axis is never split, even when it is the largest axis that divides."""
+    from lora_jax.train.model import new_model
+    from train_helpers import TINY_INIT, VOCAB
+
+    model, params = new_model(TINY_INIT, vocab_size=VOCAB)
+    lp = lora.init(params, lora_rules(model, ["q_proj"], rank=2), 0)
+    _, frozen = lora.split(lp)
+    mesh = shd.make_mesh(1, 8, 1)
+    sh = shd.param_shardings(frozen, mesh, stacked_paths(model))
+    assert tuple(sh["model"]["layers"]["self_attn"]["k_proj"]["kernel"].spec) == (None, "fsdp", None)  # (2, 32, 16)
+    assert tuple(sh["model"]["layers"]["self_attn"]["q_proj"]["kernel"].w.spec) == (None, "fsdp", None)
+    # 64 layers: the layer axis is the largest; told it is stacked, fsdp goes to the next one
+    tree = {"layers": {"k_proj": {"kernel": np.zeros((64, 32, 16), np.float32)}}}
+    assert tuple(shd.param_shardings(tree, mesh, {"layers/k_proj/kernel"})["layers"]["k_proj"]["kernel"].spec) \
+        == (None, "fsdp", None)
+    assert tuple(shd.param_shardings(tree, mesh)["layers"]["k_proj"]["kernel"].spec) == ("fsdp", None, None)
 
 
 def test_bfloat16_compute_keeps_float32_adapter_and_optimizer_state(reference):

@@ -35,11 +35,17 @@ __all__ = [
 ]
 
 BUILTIN_PREFIX = "builtin:"
-REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
-                  "dots_with_no_batch_dims_saveable", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
 INT_MAX = 2**31 - 1
-CAUSAL_LM_ARCHS = ("llama", "mistral", "gemma", "gpt2", "gpt_neo", "gptj", "opt", "bloom", "xglm")
+
+
+def _remat_policies() -> tuple:
+    from ..models.layers import REMAT_POLICIES as policies  # the one list, shared with the models
+
+    return ("none",) + tuple(policies)
+
+
+REMAT_POLICIES = _remat_policies()
 
 
 class ConfigError(ValueError):
@@ -90,7 +96,7 @@ class ModelConfig:
                             choices=("auto",) + DTYPES)
     param_dtype: str = _f("float32", "dtype of the frozen base weights", choices=DTYPES)
     init: dict = field(default_factory=_default_init, metadata=_meta(
-        "transformers config of the fresh model (key 'arch' picks the family); used when path is null"))
+        "config.json fields of the fresh model (key 'arch' is its model_type); used when path is null"))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig, metadata=_meta("used when path is null"))
 
 
@@ -128,8 +134,6 @@ class LoraConfig:
     dropout: float = _f(0.0, "LoRA dropout on the adapter input", min=0.0, lt=1.0)
     rslora: bool = _f(False, "scale by alpha/sqrt(r)")
     init: str = _f("kaiming", "adapter init", choices=("kaiming", "gaussian"))
-    layout: str = _f("auto", "kernel layout; auto: out_in for gpt2, in_out otherwise",
-                     choices=("auto", "in_out", "out_in"))
     exclude: Optional[Union[str, list]] = _f(None, "names/regex never adapted")
 
 
@@ -149,7 +153,8 @@ class TrainConfig:
     b2: float = _f(0.999, "Adam/Lion beta2", min=0.0, lt=1.0)
     weight_decay: float = _f(0.0, "decoupled weight decay on the adapter", min=0.0)
     clip_norm: float = _f(1.0, "clip gradients to this global norm; 0: off", min=0.0)
-    remat: str = _f("none", "jax.checkpoint policy for the loss function", choices=REMAT_POLICIES)
+    remat: str = _f("none", "rematerialize each scanned decoder layer with this jax.checkpoint policy (the model's "
+                    "remat_policy); none: keep every activation", choices=REMAT_POLICIES)
     eval_every: int = _f(25, "steps between evals; 0: only before and after", min=0)
     eval_batches: int = _f(0, "batches per eval; 0: the whole eval set", min=0)
     log_every: int = _f(5, "steps between metric lines", min=1)
@@ -378,43 +383,86 @@ def _check_file(value, key, problems, *, want_dir=False):
             problems.append(f"{key}: file not found: {p!r}{extra}")
 
 
-def _check_model_init(init: dict, problems):
-    import transformers
+_ARCH_CACHE: dict = {}
 
+
+def causal_lm_archs() -> tuple:
+    """The ``model_type`` values `lora_jax.models` builds a causal LM for (``model.init.arch``)."""
+    if "archs" not in _ARCH_CACHE:
+        from ..models import SUPPORTED_MODEL_TYPES, family_for
+
+        archs = []
+        for mt in SUPPORTED_MODEL_TYPES:
+            try:
+                fam = family_for(mt)
+            except Exception:  # noqa: BLE001 - a family that does not import is not offered
+                continue
+            if "causal_lm" in fam.torch_classes.get(mt, {}) and "causal_lm" in fam.modules:
+                archs.append(mt)
+        _ARCH_CACHE["archs"] = tuple(archs)
+    return _ARCH_CACHE["archs"]
+
+
+# config.json keys that are not the model's: the dtypes come from model.compute_dtype/param_dtype
+_NOT_INIT_KEYS = ("model_type", "dtype", "torch_dtype", "architectures", "transformers_version")
+
+
+def _init_defaults(arch: str) -> dict:
+    """The ``config.json`` fields of ``arch`` lora_jax reads, with their defaults (the values of
+    the family's default config; rope_theta / rope_scaling as the older spelling of
+    rope_parameters)."""
+    key = ("defaults", arch)
+    if key not in _ARCH_CACHE:
+        from ..models import config_from_hf
+
+        default = config_from_hf({"model_type": arch})
+        d = {k: v for k, v in default.to_hf_config().items() if k not in _NOT_INIT_KEYS}
+        if "rope_parameters" in d:
+            d.setdefault("rope_theta", float(getattr(default, "rope_theta", None) or 10000.0))
+            d.setdefault("rope_scaling", None)
+        _ARCH_CACHE[key] = d
+    return _ARCH_CACHE[key]
+
+
+def _check_model_init(init: dict, problems):
     init = dict(init)
     arch = init.pop("arch", None)
-    if arch not in CAUSAL_LM_ARCHS:
-        problems.append(f"model.init.arch: {arch!r} is not allowed; expected one of {', '.join(CAUSAL_LM_ARCHS)}"
-                        + (_suggest(str(arch), CAUSAL_LM_ARCHS) if arch else ""))
+    archs = causal_lm_archs()
+    if arch not in archs:
+        problems.append(f"model.init.arch: {arch!r} is not allowed; expected one of {', '.join(archs)}"
+                        + (_suggest(str(arch), archs) if arch else ""))
         return
-    cls = transformers.CONFIG_MAPPING[arch]
-    defaults = cls().to_dict()
+    defaults = _init_defaults(arch)
     for k, v in init.items():
         if not isinstance(k, str) or k not in defaults:
-            problems.append(f"unknown key 'model.init.{k}' for a {arch} config{_suggest(str(k), defaults)}")
+            extra = ""
+            if k in ("dtype", "torch_dtype"):
+                extra = " (the dtypes are model.compute_dtype and model.param_dtype)"
+            problems.append(f"unknown key 'model.init.{k}' for a {arch} config{_suggest(str(k), defaults)}{extra}")
             continue
         d = defaults[k]
         if isinstance(d, bool):
             if not isinstance(v, bool):
-                problems.append(f"model.init.{k}: expected true/false, got {v!r}")
+                problems.append(f"model.init.{k}: expected true/false, got {_short(v)}")
         elif isinstance(d, int):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v > INT_MAX:
-                problems.append(f"model.init.{k}: expected a positive integer (at most {INT_MAX}), got {v!r}")
+                problems.append(f"model.init.{k}: expected a positive integer (at most {INT_MAX}), got {_short(v)}")
         elif isinstance(d, float):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
-                problems.append(f"model.init.{k}: expected a finite number, got {v!r}")
+                problems.append(f"model.init.{k}: expected a finite number, got {_short(v)}")
 
 
-def _check_transformers_config(init: dict, problems):
-    """transformers' own validation of the fresh model's config (rope settings, head counts, ...)."""
-    import transformers
+def _check_family_config(init: dict, problems):
+    """The model family's own validation of the fresh model's config (rope settings, head counts,
+    features lora_jax does not implement, ...)."""
+    from ..models import config_from_hf
 
     init = dict(init)
-    cls = transformers.CONFIG_MAPPING[init.pop("arch")]
+    arch = init.pop("arch")
     try:
-        cls(**init)
-    except Exception as e:  # noqa: BLE001 - whatever transformers raises, it is a problem with model.init
-        problems.append(f"model.init: transformers' {cls.__name__} rejects it: {type(e).__name__}: {e}")
+        config_from_hf({**init, "model_type": arch})
+    except Exception as e:  # noqa: BLE001 - whatever the family raises, it is a problem with model.init
+        problems.append(f"model.init: lora_jax's {arch} config rejects it: {type(e).__name__}: {e}")
 
 
 def _check_lora_patterns(lc, problems):
@@ -463,19 +511,28 @@ def _cross_checks(cfg: Config, problems: list):
         n = len(problems)
         _check_model_init(cfg.model.init, problems)
         if len(problems) == n:
-            _check_transformers_config(cfg.model.init, problems)
+            _check_family_config(cfg.model.init, problems)
         if cfg.model.pretrain.warmup_steps > cfg.model.pretrain.steps:
             problems.append(f"model.pretrain.warmup_steps: {cfg.model.pretrain.warmup_steps} is more than "
                             f"model.pretrain.steps={cfg.model.pretrain.steps}; expected a value <= "
                             f"{cfg.model.pretrain.steps}")
     if cfg.tokenizer.path is not None:
         _check_file(cfg.tokenizer.path, "tokenizer.path", problems, want_dir=True)
-    if cfg.lora.dropout > 0:
-        from . import model as _model
 
-        if not _model.FORWARD_SUPPORTS_DROPOUT:
-            problems.append(f"lora.dropout: {cfg.lora.dropout} needs the factorized forward (lora.wrap), which "
-                            "this build does not use yet; expected 0.0")
+
+def _drop_removed_keys(data: dict, problems: list) -> None:
+    """Keys of older configs that no longer mean anything: ``lora.layout`` (the kernels of
+    lora_jax's models are always ``(in, out)``). Its old default ``auto`` is dropped silently (a
+    saved run's config.yaml); any other value is a problem, since it would now be ignored."""
+    lora = data.get("lora")
+    if isinstance(lora, dict) and "layout" in lora:
+        lora = dict(lora)
+        value = lora.pop("layout")
+        data["lora"] = lora
+        if value != "auto":
+            problems.append(f"lora.layout: {_short(value)} is no longer a setting: lora_jax's models store every "
+                            "kernel (in, out) and their layer stacks are known, so the layout is never ambiguous; "
+                            "remove the key")
 
 
 def from_dict(data: dict, *, check_files: bool = True) -> Config:
@@ -489,6 +546,7 @@ def from_dict(data: dict, *, check_files: bool = True) -> Config:
         raise ConfigError(f"config: expected a mapping of sections (model, data, lora, train, ...), got "
                           f"{type(data).__name__} {_short(data)}")
     data = dict(data or {})
+    _drop_removed_keys(data, problems)
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("init"), dict):
         init = model["init"]

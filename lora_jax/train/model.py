@@ -1,26 +1,33 @@
 """Everything the trainer needs from a model, behind a few small functions.
 
-This module is the one place that talks to transformers and decides how LoRA enters the forward
-pass, so that the rest of `lora_jax.train` stays model-agnostic:
+The models are lora_jax's own Flax families (`lora_jax.models`): their layers run under
+``nn.scan``, so every per-layer parameter is stacked on a leading layer axis and every projection
+kernel is a plain ``(in, out)`` Flax kernel (``(L, in, out)`` stacked). This module is the one
+place of `lora_jax.train` that knows that; the loop (`trainer`) sees only
+``logits_fn(trainable, frozen, inputs, mask, rng)``. Transformers is used only for tokenizers.
 
-* `build_tokenizer`: a byte-level BPE trained on some text (for a model built from scratch);
-* `new_model` / `load_model` / `save_model`: a transformers Flax causal LM from a config, or a
-  local checkpoint, and back to disk;
-* `make_apply`: ``apply(params, inputs, mask) -> logits``;
-* `forward`: ``apply`` on a LoRA tree;
-* `export_peft` / `load_peft`: the adapter as a PEFT directory;
-* `save_merged`: base + adapter folded, as an HF checkpoint.
+* `build_tokenizer` / `load_tokenizer`: a byte-level BPE trained on some text (for a model built
+  from scratch), or a checkpoint's own tokenizer;
+* `new_model` / `load_model` / `save_model`: a causal LM from a Hugging Face style config dict or
+  a local checkpoint directory, and back to disk (``config.json`` + ``model.safetensors`` +
+  tokenizer, what PyTorch transformers 5 loads);
+* `lora_rules`: `lora.Rules` that know which kernels are layer stacks;
+* `make_apply` / `forward` / `lora_logits_fn` / `full_logits_fn`: the forward pass (through
+  ``lora.wrap`` on a LoRA tree);
+* `export_peft` / `load_peft` / `save_merged`: the adapter as a PEFT directory, base + adapter
+  folded into one checkpoint.
 
-Checkpoints and adapters go through `lora_jax.hf` (Hugging Face and PEFT formats); the forward
-pass through `lora.wrap`.
+Example:
+  >>> model, params = new_model({"arch": "llama", "hidden_size": 32, "intermediate_size": 48,
+  ...                            "num_hidden_layers": 2, "num_attention_heads": 4}, vocab_size=97)
+  >>> params["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape  # (layers, in, out)
+  (2, 32, 32)
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import logging as pylogging
 import os
+import re
 from typing import Callable, Iterable, Optional
 
 import jax
@@ -28,40 +35,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import tree as _tree
+from ..rules import Rule, Rules
 from ..weight import is_lora
 from .files import atomic_dir
 
-__all__ = ["FORWARD_SUPPORTS_DROPOUT", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "load_tokenizer",
-           "new_model", "load_model", "save_model", "make_apply", "forward", "export_peft", "load_peft",
-           "base_only", "save_merged", "default_layout", "to_host"]
-
-# `forward` goes through lora.wrap, which applies LoRA dropout.
-FORWARD_SUPPORTS_DROPOUT = True
+__all__ = ["SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "load_tokenizer", "new_model", "load_model",
+           "save_model", "stacked_paths", "lora_rules", "make_apply", "forward", "lora_logits_fn", "full_logits_fn",
+           "export_peft", "load_peft", "base_only", "save_merged", "to_host", "max_positions"]
 
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Mute transformers' notice that its Flax classes are deprecated while we build one (the
-    trainer depends on them until lora_jax's own models replace them); other messages pass."""
-    from transformers.utils import logging as tlog
-
-    class _Drop(pylogging.Filter):
-        def filter(self, record):
-            return "TensorFlow and JAX classes are deprecated" not in record.getMessage()
-
-    log = tlog.get_logger("transformers.modeling_flax_utils")
-    f = _Drop()
-    log.addFilter(f)
-    try:
-        yield
-    finally:
-        log.removeFilter(f)
 
 
 # ------------------------------------------------------------------------------------------
@@ -108,67 +94,82 @@ def load_tokenizer(path: str):
 # model
 # ------------------------------------------------------------------------------------------
 
-
-def _cast(params, dtype):
-    dt = jnp.dtype(dtype)
-    return jax.tree_util.tree_map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-
-
 _INIT_FNS: dict = {}
 
 
-def new_model(init: dict, *, vocab_size: int, seed: int = 0, compute_dtype="float32", param_dtype="float32"):
-    """A transformers Flax causal LM built from a config with random weights.
+def _remat(remat: Optional[str]):
+    return None if remat in (None, "none") else remat
+
+
+def new_model(init: dict, *, vocab_size: int, seed: int = 0, compute_dtype="float32", param_dtype="float32",
+              remat: Optional[str] = None, token_ids: Optional[dict] = None):
+    """A causal LM of `lora_jax.models` built from a Hugging Face style config, with random weights.
 
     Args:
-      init: ``{"arch": "llama", **config_kwargs}``.
+      init: ``{"arch": "llama", **config_kwargs}``: ``arch`` is the ``model_type``, the rest are
+        ``config.json`` fields (`lora_jax.models.config_from_hf` validates them).
       vocab_size: the tokenizer's size (overrides any ``vocab_size`` in ``init``).
       seed: the weight-init seed.
       compute_dtype: the activation dtype the module computes in.
       param_dtype: the weights' dtype.
+      remat: a `lora_jax.models.layers.REMAT_POLICIES` name (or ``"none"``/None): rematerialize
+        each scanned decoder block with that policy.
+      token_ids: ``bos_token_id``/``eos_token_id``/``pad_token_id`` to record in the config where
+        ``init`` does not set them (the tokenizer's).
 
     Returns:
-      ``(model, params)``.
+      ``(model, params)``: a linen module and its parameters (layer parameters stacked).
+
+    Raises:
+      ValueError: an unknown ``arch``, a config field whose feature is not implemented, or a
+        model without a causal LM head.
     """
-    import transformers
-    from transformers import FlaxAutoModelForCausalLM
+    from ..models import build, config_from_hf
 
     kw = dict(init)
     arch = kw.pop("arch")
     kw["vocab_size"] = int(vocab_size)
-    config = transformers.AutoConfig.for_model(arch, **kw)
-    with _quiet_transformers():
-        model = FlaxAutoModelForCausalLM.from_config(config, dtype=jnp.dtype(compute_dtype), seed=seed,
-                                                     _do_init=False)
-    key = (type(model).__name__, config.to_json_string(), str(jnp.dtype(compute_dtype)))
+    for k, v in (token_ids or {}).items():
+        if kw.get(k) is None and v is not None:
+            kw[k] = int(v)
+    config = config_from_hf({**kw, "model_type": arch}, dtype=compute_dtype, param_dtype=param_dtype,
+                            remat_policy=_remat(remat))
+    model = build(config, "causal_lm")
+    key = (type(model), config)
     init_fn = _INIT_FNS.get(key)
     if init_fn is None:  # one compile per model config and process (tests build many runs)
-        init_fn = _INIT_FNS[key] = jax.jit(functools.partial(model.init_weights, input_shape=(1, 8)))
-    params = init_fn(jax.random.PRNGKey(seed))
-    return model, _cast(params, param_dtype)
+        ids = jnp.zeros((1, 1), jnp.int32)
+        init_fn = _INIT_FNS[key] = jax.jit(lambda k: model.init(k, ids)["params"])
+    return model, init_fn(jax.random.key(int(seed)))
 
 
-def load_model(path: str, *, compute_dtype="float32", param_dtype="float32"):
-    """``(model, params)`` of a local Hugging Face checkpoint directory (`lora_jax.hf.from_pretrained`:
-    Flax msgpack, PyTorch safetensors or sharded safetensors; no torch needed).
+def load_model(path: str, *, compute_dtype="float32", param_dtype="float32", remat: Optional[str] = None):
+    """``(model, params)`` of a local Hugging Face checkpoint directory (`lora_jax.models.load`:
+    ``model.safetensors``, sharded safetensors or transformers' ``flax_model.msgpack``; no torch).
+
+    The parameters are NumPy arrays in ``param_dtype`` (layer parameters stacked); the module
+    computes in ``compute_dtype`` and rematerializes its scanned blocks with ``remat``.
 
     Raises:
-      ValueError: unsupported architecture, no weights, or weights that do not fit the config.
+      ValueError: an unsupported architecture or config feature, no weights, weights that do not
+        fit the config, or a model that is not a causal language model.
     """
-    from ..hf import from_pretrained
-    from ..hf.arch import resolve
+    from ..models import head_of, load
 
     try:
-        with _quiet_transformers():
-            model, params = from_pretrained(path)
-            # the same class and config, computing in ``compute_dtype``; the weights keep ``param_dtype``
-            res = resolve(model)
-            model = res.build(dtype=jnp.dtype(compute_dtype))
+        model, params = load(path, dtype=compute_dtype, param_dtype=param_dtype, remat_policy=_remat(remat))
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
-    if getattr(model.config, "is_encoder_decoder", False) or res.task_type != "CAUSAL_LM":
-        raise ValueError(f"{path}: {type(model).__name__} is not a causal language model; lora-jax train needs one")
-    return model, _cast(params, param_dtype)
+    if head_of(model) != "causal_lm":
+        raise ValueError(f"{path}: {type(model).__name__} ({model.config.model_type}, head {head_of(model)!r}) is not "
+                         "a causal language model; lora-jax train needs one")
+    return model, params
+
+
+def max_positions(model) -> Optional[int]:
+    """The longest sequence the model's position embeddings cover (None when unbounded)."""
+    c = model.config
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
 
 def to_host(tree):
@@ -181,48 +182,106 @@ def to_host(tree):
 
 
 def save_model(model, params, tokenizer, path: str) -> None:
-    """Write ``params`` (plain or a LoRA tree, merged with ``safe=True``) with ``model``'s config and
-    the tokenizer as a Hugging Face checkpoint directory that transformers loads in PyTorch and
-    Flax (`lora_jax.hf.save_merged`). The directory appears complete or not at all (written beside
-    it, then renamed); an existing one is replaced.
+    """Write ``params`` (plain arrays) with ``model``'s config and the tokenizer as a Hugging Face
+    checkpoint directory: ``config.json`` + ``model.safetensors`` (PyTorch names and layout, what
+    ``AutoModelForCausalLM.from_pretrained`` loads in transformers 5) + the tokenizer files
+    (`lora_jax.models.save`). The directory appears complete or not at all (written beside it,
+    then renamed); an existing one is replaced.
     """
-    from ..hf import save_merged as _hf_save_merged
+    from ..models import save
 
     params = to_host(params)
     if jax.process_index() != 0:
         return
     with atomic_dir(path) as tmp:
-        _hf_save_merged(tmp, model, params, overwrite=True)
+        save(tmp, model, params, overwrite=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
 
-def default_layout(model) -> str:
-    """Kernel layout of a transformers Flax model's projections, from `lora_jax.hf`'s architecture
-    table: ``"out_in"`` where it stores them ``(out, in)`` (GPT-2), else ``"in_out"``."""
-    from ..hf.arch import resolve
+def stacked_paths(model) -> frozenset:
+    """The ``/``-joined parameter paths of ``model`` that carry a leading layer axis (``nn.scan``)."""
+    from ..models import leaves_of
 
-    return "out_in" if resolve(model).arch.oi_modules else "in_out"
+    return frozenset(lf.path for lf in leaves_of(model) if lf.layered)
+
+
+def lora_rules(model, targets="all-linear", **kw) -> Rules:
+    """`lora.Rules` for ``targets`` on ``model``, with one adapter per layer of every stacked kernel.
+
+    Kernels under the scanned layers are ``(L, in, out)`` (``stack_axes=1``); the others (an
+    output head, if targeted) are plain ``(in, out)``. ``kw`` are `lora.Rules` options
+    (``rank``, ``alpha``, ``dropout``, ``init``, ``use_rslora``, ``exclude``, ...).
+
+    Example:
+      >>> model, params = new_model({"arch": "llama", "hidden_size": 32, "intermediate_size": 48,
+      ...                            "num_hidden_layers": 2, "num_attention_heads": 4}, vocab_size=97)
+      >>> rules = lora_rules(model, ["q_proj"], rank=4)
+      >>> rules.resolve("model/layers/self_attn/q_proj/kernel", (2, 32, 32)).layout
+      'sio'
+    """
+    stacked = stacked_paths(model)
+    flat = [lf.path for lf in _leaves(model)]
+    plain = sorted(p for p in flat if p not in stacked)
+    if not plain:
+        return Rules(targets, stack_axes=1, **kw)
+    not_stacked = "|".join(re.escape(p) for p in plain)
+    return Rules([Rule(targets, stack_axes=1, exclude=f"({not_stacked})"), Rule(targets, stack_axes=0)], **kw)
+
+
+def _leaves(model):
+    from ..models import leaves_of
+
+    return leaves_of(model)
 
 
 def make_apply(model) -> Callable:
-    """``apply(params, inputs, mask) -> logits`` for a transformers Flax causal LM (no dropout)."""
-    module = model.module
+    """``apply(params, inputs, mask=None) -> float32 logits`` for a causal LM of `lora_jax.models`.
 
-    def apply(params, inputs, mask):
-        pos = jnp.broadcast_to(jnp.arange(inputs.shape[-1], dtype=jnp.int32), inputs.shape)
-        out = module.apply({"params": params}, inputs, attention_mask=mask, position_ids=pos, deterministic=True)
-        return out.logits
+    ``mask`` (1 = token, 0 = padding) goes to the model as its ``attention_mask`` when given. The
+    trainer leaves it out (see `lora_logits_fn`).
+    """
+
+    def apply(params, inputs, mask=None):
+        return model.apply({"params": params}, inputs, attention_mask=mask)
 
     return apply
 
 
-def forward(apply: Callable, lora_params, inputs, mask, *, rng=None):
+def forward(apply: Callable, lora_params, inputs, mask=None, *, rng=None):
     """Logits of the LoRA model: ``lora.wrap(apply, rng=rng)`` (factorized ``x@W + s(x@A)@B``, no
     weight-sized gradient for the frozen base; LoRA dropout driven by ``rng``, none without it)."""
     from ..interpreter import wrap
 
     return wrap(apply, rng=rng)(lora_params, inputs, mask)
+
+
+def lora_logits_fn(model) -> Callable:
+    """``logits_fn(trainable, frozen, inputs, mask, rng)`` of a LoRA step: the model through
+    ``lora.wrap`` on ``lora.combine(trainable, frozen)``.
+
+    The training rows are right-padded (`data.pack` pads only at the end of a row), so the mask
+    is not passed to the model: in a causal model no real token attends to the padding after it,
+    padded positions carry loss weight 0, and the attention runs its plain causal path (cuDNN's
+    fastest on a GPU). This is the step `benchmarks/train_step.py` times as ``lora_jax``.
+    """
+    apply = make_apply(model)
+
+    def logits_fn(trainable, frozen, inputs, mask, rng):
+        return forward(apply, _tree.combine(trainable, frozen), inputs, None, rng=rng)
+
+    return logits_fn
+
+
+def full_logits_fn(model) -> Callable:
+    """``logits_fn(params, None, inputs, mask, rng)`` training every parameter (pretraining); the
+    mask is left out as in `lora_logits_fn`."""
+    apply = make_apply(model)
+
+    def logits_fn(trainable, frozen, inputs, mask, rng):
+        return apply(trainable, inputs)
+
+    return logits_fn
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,7 +292,8 @@ def forward(apply: Callable, lora_params, inputs, mask, *, rng=None):
 def export_peft(model, lora_params, out_dir: str, *, base_model: Optional[str] = None,
                 overwrite: bool = True) -> None:
     """Write the adapter as a PEFT directory (`lora_jax.hf.save_peft`): ``adapter_model.safetensors``
-    with PEFT's key names and ``adapter_config.json``; ``PeftModel.from_pretrained`` loads it.
+    with PEFT's key names (one tensor per layer) and ``adapter_config.json``;
+    ``PeftModel.from_pretrained`` loads it.
 
     Raises:
       ValueError: a non-empty ``out_dir`` without ``overwrite``, or a non-finite factor (nothing is
@@ -253,8 +313,8 @@ def export_peft(model, lora_params, out_dir: str, *, base_model: Optional[str] =
 
 
 def load_peft(model, lora_params, adapter_dir: str):
-    """``lora_params`` with the adapter of a PEFT directory (`lora_jax.hf.load_peft`, strict: every
-    missing, unexpected or misshapen key is reported in one ``ValueError``)."""
+    """``lora_params``' base with the adapter of a PEFT directory (`lora_jax.hf.load_peft`, strict:
+    every missing, unexpected or misshapen key is reported in one ``ValueError``)."""
     from ..hf import load_peft as _hf_load_peft
 
     if not os.path.isdir(adapter_dir):

@@ -13,10 +13,15 @@ Order of work (nothing is written until everything that can be checked has been)
    with metrics, evals and checkpoints; at the end ``adapter/`` (PEFT), ``loss.png`` and
    ``summary.json``.
 
+Each step is one function over a small `_Run` state (`_prepare`, `_load_base`, `_load_data`,
+`_start_writes`, `_pretrain`, `_finetune`, `_export`). The train records and the summary report
+tokens/s and the model FLOPs utilization (`flops`).
+
 Run directory::
 
     config.yaml  metrics.jsonl  loss.png  summary.json
-    base/         the pretrained base (only when model.path is null), HF Flax checkpoint + tokenizer
+    base/         the pretrained base (only when model.path is null): config.json, model.safetensors
+                  and the tokenizer (PyTorch transformers loads it as is)
     checkpoints/  orbax steps: adapter + optimizer state + rng + data position
     adapter/      the adapter, PEFT format
 
@@ -31,6 +36,7 @@ would. SIGINT / SIGTERM checkpoint the current step first (see `trainer.Trainer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -43,6 +49,7 @@ import numpy as np
 from .. import tree as _tree
 from ..rules import Rules
 from . import data as _data
+from . import flops as _flops
 from . import model as _model
 from . import sharding as shd
 from .checkpoint import Checkpointer, latest_step
@@ -51,8 +58,8 @@ from .files import atomic_write_text, remove_leftovers
 from .metrics import MetricsWriter, perplexity, plot_losses, read_metrics
 from .trainer import LoopSpec, NonFiniteError, Trainer, TrainingInterrupted, make_optimizer
 
-__all__ = ["run", "resolve_out_dir", "load_run", "load_checkpoint", "latest_run", "evaluate", "generate", "sample",
-           "RunHandle", "compute_dtype", "RESUME_MAY_DIFFER"]
+__all__ = ["run", "resolve_out_dir", "load_run", "load_checkpoint", "latest_run", "evaluate", "generate",
+           "generate_ids", "RunHandle", "compute_dtype", "RESUME_MAY_DIFFER"]
 
 # keys that may change between a run and its resumption
 RESUME_MAY_DIFFER = ("out_dir", "name", "distributed", "mesh.", "train.resume", "train.steps", "train.progress",
@@ -145,9 +152,12 @@ def _check_resume_config(out_dir: str, cfg: Config) -> None:
 
 def _lora_rules(cfg: Config, model) -> Rules:
     lc = cfg.lora
-    layout = _model.default_layout(model) if lc.layout == "auto" else lc.layout
-    return Rules(lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, init=lc.init,
-                 use_rslora=lc.rslora, exclude=lc.exclude, layout=layout)
+    return _model.lora_rules(model, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, init=lc.init,
+                             use_rslora=lc.rslora, exclude=lc.exclude)
+
+
+def _remat(cfg: Config) -> Optional[str]:
+    return None if cfg.train.remat == "none" else cfg.train.remat
 
 
 def _rows(docs, tok, seq_len, packing, what):
@@ -186,18 +196,49 @@ def _init_distributed():
                           "JAX_PROCESS_ID; or set distributed=false on a single host") from None
 
 
-def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print) -> dict:
-    """Train as ``cfg`` says and return the run's summary (also written to ``summary.json``).
+@dataclasses.dataclass
+class _Run:
+    """The state one `run` passes from phase to phase."""
 
-    Args:
-      cfg: a validated config (`load_config`).
-      stop_after: stop after this LoRA step (checkpointed, nothing exported), as a preemption
-        would; resume later with ``train.resume=true``.
-      echo: where progress lines go (process 0 only).
+    cfg: Config
+    out_dir: str
+    resume_step: Optional[int]  # the checkpoint to resume from (None: from step 0)
+    restart: bool  # train.resume on a run stopped before its first checkpoint: start it over in place
+    mesh: object
+    say: Callable
+    main: bool  # process 0 (writes the files)
+    tokenizer: object = None
+    model: object = None
+    params: object = None  # the base (pretrained, loaded or being pretrained)
+    fresh: bool = False  # the base was built from model.init here (and is saved to base/)
+    pre_rows: Optional[_data.Rows] = None  # pretraining rows (a fresh base with pretraining steps)
+    rows: Optional[_data.Rows] = None
+    eval_rows: Optional[_data.Rows] = None
+    rules: Optional[Rules] = None
+    metrics: Optional[MetricsWriter] = None
+    summary: dict = dataclasses.field(default_factory=dict)
+    result: Optional[dict] = None  # the fine-tuning loop's result
+    lora_params: object = None  # base + trained adapter after fine-tuning
 
-    Raises:
-      ConfigError: for everything found wrong before work starts (nothing is written then).
-    """
+    @property
+    def base_dir(self) -> str:
+        return os.path.join(self.out_dir, "base")
+
+    @property
+    def resume_hint(self) -> str:
+        return f"resume with the same command plus out_dir={os.path.abspath(self.out_dir)} --resume"
+
+    def flops(self, n_rows: int, seq_len: int, **kw) -> tuple[Optional[float], Optional[float]]:
+        """``(model FLOPs of one step, peak FLOP/s of one device)`` (`flops`; None where unknown)."""
+        try:
+            f = _flops.step_flops(self.model, n_rows, seq_len, **kw)
+        except (AttributeError, TypeError, ValueError):  # a family without the fields the count needs
+            f = None
+        return f, _flops.peak_flops(dtype=self.model.config.dtype)
+
+
+def _prepare(cfg: Config, echo: Callable) -> _Run:
+    """Distributed init, the mesh, the run directory and every check that needs no model."""
     if cfg.distributed:
         _init_distributed()
     main = jax.process_index() == 0
@@ -227,41 +268,49 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
     say(to_yaml(cfg).rstrip())
     say(f"# devices: {jax.device_count()} x {jax.devices()[0].platform}, processes: {jax.process_count()}, "
         f"mesh {sizes}")
+    return _Run(cfg=cfg, out_dir=out_dir, resume_step=resume_step, restart=restart, mesh=mesh, say=say, main=main)
 
-    # ---- tokenizer and base model (in memory) ------------------------------------------------
-    t0 = time.perf_counter()
-    cdt = compute_dtype(cfg.model.compute_dtype)
-    base_dir = os.path.join(out_dir, "base")
-    pre_rows = None
-    fresh = False
+
+def _load_base(r: _Run) -> None:
+    """Tokenizer and base model, in memory: ``model.path``, the run's own pretrained base (when
+    resuming), or a fresh model from ``model.init`` with a BPE tokenizer trained on the
+    pretraining text."""
+    cfg = r.cfg
+    kw = dict(compute_dtype=compute_dtype(cfg.model.compute_dtype), param_dtype=cfg.model.param_dtype,
+              remat=_remat(cfg))
     if cfg.model.path is not None:
         try:
-            tok = _model.load_tokenizer(cfg.tokenizer.path or cfg.model.path)
-            model, params = _model.load_model(cfg.model.path, compute_dtype=cdt, param_dtype=cfg.model.param_dtype)
+            r.tokenizer = _model.load_tokenizer(cfg.tokenizer.path or cfg.model.path)
+            r.model, r.params = _model.load_model(cfg.model.path, **kw)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.path: cannot load {cfg.model.path!r}: {e}") from None
-    elif resume_step is not None and os.path.isdir(base_dir):
-        tok = _model.load_tokenizer(base_dir)
-        model, params = _model.load_model(base_dir, compute_dtype=cdt, param_dtype=cfg.model.param_dtype)
+    elif r.resume_step is not None and os.path.isdir(r.base_dir):
+        r.tokenizer = _model.load_tokenizer(r.base_dir)
+        r.model, r.params = _model.load_model(r.base_dir, **kw)
     else:
         pre_docs = _documents(cfg.model.pretrain.data, "auto", "model.pretrain.data")
         if cfg.tokenizer.path is not None:
-            tok = _model.load_tokenizer(cfg.tokenizer.path)
+            r.tokenizer = _model.load_tokenizer(cfg.tokenizer.path)
         else:
-            tok = _model.build_tokenizer([d.get("text", "") for d in pre_docs], cfg.tokenizer.vocab_size)
+            r.tokenizer = _model.build_tokenizer([d.get("text", "") for d in pre_docs], cfg.tokenizer.vocab_size)
+        tok = r.tokenizer
+        ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         try:
-            model, params = _model.new_model(cfg.model.init, vocab_size=len(tok), seed=cfg.seed, compute_dtype=cdt,
-                                             param_dtype=cfg.model.param_dtype)
+            r.model, r.params = _model.new_model(cfg.model.init, vocab_size=len(tok), seed=cfg.seed, token_ids=ids,
+                                                 **kw)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ConfigError(f"model.init: cannot build the model ({type(e).__name__}: {e})") from None
-        fresh = True
+        r.fresh = True
         if cfg.model.pretrain.steps:
-            pre_rows = _rows(pre_docs, tok, cfg.data.seq_len, cfg.data.packing, "model.pretrain.data")
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+            r.pre_rows = _rows(pre_docs, tok, cfg.data.seq_len, cfg.data.packing, "model.pretrain.data")
+    max_pos = _model.max_positions(r.model)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {max_pos} positions")
 
-    # ---- data and rules ----------------------------------------------------------------------
+
+def _load_data(r: _Run) -> None:
+    """The fine-tuning data, tokenized and packed, and the LoRA rules resolved against the model."""
+    cfg = r.cfg
     docs = _documents(cfg.data.train, cfg.data.format, "data.train")
     if cfg.data.eval is not None:
         train_docs, eval_docs = docs, _documents(cfg.data.eval, cfg.data.format, "data.eval")
@@ -271,131 +320,187 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
         except ValueError as e:
             raise ConfigError(f"data.eval_fraction: {e}") from None
     try:
-        rows = _rows(train_docs, tok, cfg.data.seq_len, cfg.data.packing, "data.train")
-        eval_rows = _rows(eval_docs, tok, cfg.data.seq_len, cfg.data.packing, "data.eval") if eval_docs else None
+        r.rows = _rows(train_docs, r.tokenizer, cfg.data.seq_len, cfg.data.packing, "data.train")
+        r.eval_rows = (_rows(eval_docs, r.tokenizer, cfg.data.seq_len, cfg.data.packing, "data.eval")
+                       if eval_docs else None)
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
-    rules = _lora_rules(cfg, model)
+    r.rules = _lora_rules(cfg, r.model)
     try:
-        _tree.init(params, rules, 0)  # resolves the targets against the model now, before any write
+        _tree.init(r.params, r.rules, 0)  # resolves the targets against the model now, before any write
     except (ValueError, TypeError) as e:
         raise ConfigError(f"lora.targets: {e}") from None
-    say(f"# data: {len(train_docs)} train documents -> {len(rows)} rows of {cfg.data.seq_len + 1} tokens "
-        f"({rows.n_targets:,} trained tokens); {len(eval_docs)} eval documents"
-        + (f" -> {len(eval_rows)} rows" if eval_rows is not None else ""))
-    say(f"# setup {time.perf_counter() - t0:.1f}s")
+    r.say(f"# data: {len(train_docs)} train documents -> {len(r.rows)} rows of {cfg.data.seq_len + 1} tokens "
+          f"({r.rows.n_targets:,} trained tokens); {len(eval_docs)} eval documents"
+          + (f" -> {len(r.eval_rows)} rows" if r.eval_rows is not None else ""))
 
-    # ---- writes begin ------------------------------------------------------------------------
-    if main:
-        if cfg.train.resume:
-            gone = remove_leftovers(out_dir)
+
+def _start_writes(r: _Run) -> None:
+    """The first writes: leftovers of an interrupted run removed, ``config.yaml``, the metrics file."""
+    if r.main:
+        if r.cfg.train.resume:
+            gone = remove_leftovers(r.out_dir)
             if gone:
-                say(f"# removed {len(gone)} unfinished write(s) of an interrupted run: {', '.join(gone)}")
-        if restart:
-            say(f"# train.resume: no finalized checkpoint in {_ckpt_dir(out_dir)} (the run stopped before its "
-                "first one): starting it over from step 0")
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_write_text(os.path.join(out_dir, "config.yaml"), to_yaml(cfg))
-    metrics = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), resume_step=resume_step, restart=restart)
-    summary: dict = {"out_dir": os.path.abspath(out_dir)}
-    resume_hint = f"resume with the same command plus out_dir={os.path.abspath(out_dir)} --resume"
-    try:
-        if pre_rows is not None:
-            pc = cfg.model.pretrain
-            spec = LoopSpec.from_config(cfg.train, steps=pc.steps, batch_size=pc.batch_size, grad_accum=1,
-                                        lr=pc.lr, warmup_steps=pc.warmup_steps, weight_decay=0.0, eval_every=0,
-                                        checkpoint_every=0)
-            apply = _model.make_apply(model)
-            say(f"# pretraining the fresh base model ({sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)):,}"
-                f" params) for {pc.steps} steps on {pc.data}")
-            pre = Trainer(spec, mesh=mesh, logits_fn=lambda tr, fr, x, m, rng: apply(tr, x, m), trainable=params,
-                          rows=pre_rows, seed=cfg.seed, phase="pretrain", metrics=metrics, echo=say)
-            try:
-                res = pre.fit()
-            except TrainingInterrupted as e:
-                raise TrainingInterrupted(f"{e} (pretraining); {resume_hint} to start the run over",
-                                          signum=e.signum, step=e.step) from None
-            except NonFiniteError as e:
-                raise NonFiniteError(f"{e}; lower model.pretrain.lr or check model.pretrain.data",
-                                     step=e.step) from None
-            params = pre.trainable
-            last = [r for r in pre.history[-10:]]
-            summary["pretrain"] = {"steps": pc.steps, "train_s": res["train_s"],
-                                   "final_train_loss": float(np.mean([l for _, l in last])) if last else None}
-            say(f"# pretrained in {res['train_s']:.1f}s (train loss {summary['pretrain']['final_train_loss']})")
-            del pre
-        if fresh:
-            _model.save_model(model, params, tok, base_dir)
-            say(f"# base model saved to {base_dir}")
+                r.say(f"# removed {len(gone)} unfinished write(s) of an interrupted run: {', '.join(gone)}")
+        if r.restart:
+            r.say(f"# train.resume: no finalized checkpoint in {_ckpt_dir(r.out_dir)} (the run stopped before its "
+                  "first one): starting it over from step 0")
+        os.makedirs(r.out_dir, exist_ok=True)
+        atomic_write_text(os.path.join(r.out_dir, "config.yaml"), to_yaml(r.cfg))
+    r.metrics = MetricsWriter(os.path.join(r.out_dir, "metrics.jsonl"), resume_step=r.resume_step, restart=r.restart)
+    r.summary = {"out_dir": os.path.abspath(r.out_dir)}
 
-        lp = _tree.init(params, rules, jax.random.key(cfg.seed))
-        count = _tree.count(lp)
-        say(f"# LoRA: {count}")
-        trainable, frozen = _tree.split(lp)
-        apply = _model.make_apply(model)
 
-        def logits_fn(tr, fr, x, m, rng):
-            return _model.forward(apply, _tree.combine(tr, fr), x, m, rng=rng)
-
-        ck = Checkpointer(_ckpt_dir(out_dir), keep=cfg.train.keep_checkpoints,
-                          async_save=cfg.train.async_checkpoint, remove_unfinished=True)
-        if ck.removed:
-            say(f"# removed unfinished checkpoint save(s) of an interrupted run (never finalized, not used): "
-                f"{', '.join(ck.removed)}")
+def _pretrain(r: _Run) -> None:
+    """Full-parameter pretraining of a fresh base (``model.pretrain``), then ``base/`` is written."""
+    cfg = r.cfg
+    if r.pre_rows is not None:
+        pc = cfg.model.pretrain
+        spec = LoopSpec.from_config(cfg.train, steps=pc.steps, batch_size=pc.batch_size, grad_accum=1, lr=pc.lr,
+                                    warmup_steps=pc.warmup_steps, weight_decay=0.0, eval_every=0, checkpoint_every=0)
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(r.params))
+        r.say(f"# pretraining the fresh base model ({n_params:,} params) for {pc.steps} steps on {pc.data}")
+        flops, peak = r.flops(pc.batch_size, r.pre_rows.seq_len, full=True)
+        pre = Trainer(spec, mesh=r.mesh, logits_fn=_model.full_logits_fn(r.model), trainable=r.params,
+                      rows=r.pre_rows, seed=cfg.seed, phase="pretrain", metrics=r.metrics, echo=r.say,
+                      stacked=_model.stacked_paths(r.model), flops_per_step=flops, peak_flops=peak)
         try:
-            trainer = Trainer(LoopSpec.from_config(cfg.train), mesh=mesh, logits_fn=logits_fn, trainable=trainable,
-                              frozen=frozen, rows=rows, eval_rows=eval_rows, seed=cfg.seed, phase="lora",
-                              metrics=metrics, checkpointer=ck, echo=say)
-            say(f"# compiled the train/eval steps in {trainer.compile_s:.1f}s")
-            if resume_step is not None:
-                step = trainer.restore(resume_step)
-                say(f"# resuming from step {step} of {cfg.train.steps} (checkpoint {os.path.join(_ckpt_dir(out_dir), str(step))},"
-                    f" data position {trainer.position})")
-            try:
-                res = trainer.fit(until=stop_after)
-            except TrainingInterrupted as e:
-                raise TrainingInterrupted(f"{e}; {resume_hint}", signum=e.signum, step=e.step,
-                                          checkpoint_step=e.checkpoint_step) from None
-            except NonFiniteError as e:
-                fix = ("lower train.lr, check the data around that step, or set train.on_nonfinite=skip; then "
-                       + (resume_hint + f" (from step {e.checkpoint_step})" if e.checkpoint_step is not None
-                          else "start again"))
-                raise NonFiniteError(f"{e}; {fix}", step=e.step, checkpoint_step=e.checkpoint_step) from None
-        finally:
-            ck.close()
-        lora_evals = [r for r in read_metrics(os.path.join(out_dir, "metrics.jsonl"))
-                      if r.get("kind") == "eval" and r.get("phase") == "lora"] if main else trainer.evals
-        summary.update({"step": res["step"], "steps": cfg.train.steps, "stopped": res["stopped"],
-                        "train_s": res["train_s"], "tokens_per_s": res["tokens_per_s"], "compile_s": res["compile_s"],
-                        "trainable_params": count.trainable, "total_params": count.total})
-        if lora_evals:
-            summary["eval_loss_before"] = lora_evals[0]["eval_loss"]
-            summary["eval_loss_after"] = lora_evals[-1]["eval_loss"]
-            summary["eval_ppl_before"] = perplexity(summary["eval_loss_before"])
-            summary["eval_ppl_after"] = perplexity(summary["eval_loss_after"])
-        if res["stopped"]:
-            say(f"# stopped after step {res['step']}; resume with train.resume=true out_dir={out_dir}")
-        else:
-            lp = _tree.combine(trainer.trainable, trainer.frozen)
-            if cfg.train.export:
-                adapter_dir = os.path.join(out_dir, "adapter")
-                _model.export_peft(model, lp, adapter_dir, base_model=cfg.model.path or os.path.abspath(base_dir))
-                summary["adapter"] = os.path.abspath(adapter_dir)
-            if cfg.train.plot and main:
-                png = os.path.join(out_dir, "loss.png")
-                plot_losses(read_metrics(os.path.join(out_dir, "metrics.jsonl")), png,
-                            title=f"lora-jax train: {cfg.name}")
-                summary["plot"] = os.path.abspath(png)
+            res = pre.fit()
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(f"{e} (pretraining); {r.resume_hint} to start the run over",
+                                      signum=e.signum, step=e.step) from None
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e}; lower model.pretrain.lr or check model.pretrain.data", step=e.step) from None
+        r.params = pre.trainable
+        last = pre.history[-10:]
+        r.summary["pretrain"] = {"steps": pc.steps, "train_s": res["train_s"],
+                                 "final_train_loss": float(np.mean([l for _, l in last])) if last else None,
+                                 **_speed(res)}
+        r.say(f"# pretrained in {res['train_s']:.1f}s (train loss {r.summary['pretrain']['final_train_loss']}; "
+              f"{_speed_line(res)})")
+        del pre
+    if r.fresh:
+        _model.save_model(r.model, r.params, r.tokenizer, r.base_dir)
+        r.say(f"# base model saved to {r.base_dir}")
+
+
+def _finetune(r: _Run, stop_after: Optional[int]) -> None:
+    """LoRA training with evals and checkpoints (resumed from ``r.resume_step`` if set)."""
+    cfg = r.cfg
+    lp = _tree.init(r.params, r.rules, jax.random.key(cfg.seed))
+    count = _tree.count(lp)
+    r.say(f"# LoRA: {count}")
+    trainable, frozen = _tree.split(lp)
+    del lp  # the trainer owns (and donates) the trainable half
+    flops, peak = r.flops(cfg.train.batch_size, r.rows.seq_len, n_lora=count.trainable)
+    ck = Checkpointer(_ckpt_dir(r.out_dir), keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoint,
+                      remove_unfinished=True)
+    if ck.removed:
+        r.say(f"# removed unfinished checkpoint save(s) of an interrupted run (never finalized, not used): "
+              f"{', '.join(ck.removed)}")
+    try:
+        trainer = Trainer(LoopSpec.from_config(cfg.train), mesh=r.mesh, logits_fn=_model.lora_logits_fn(r.model),
+                          trainable=trainable, frozen=frozen, rows=r.rows, eval_rows=r.eval_rows, seed=cfg.seed,
+                          phase="lora", metrics=r.metrics, checkpointer=ck, echo=r.say,
+                          stacked=_model.stacked_paths(r.model), flops_per_step=flops, peak_flops=peak)
+        r.say(f"# compiled the train/eval steps in {trainer.compile_s:.1f}s")
+        if r.resume_step is not None:
+            step = trainer.restore(r.resume_step)
+            r.say(f"# resuming from step {step} of {cfg.train.steps} (checkpoint "
+                  f"{os.path.join(_ckpt_dir(r.out_dir), str(step))}, data position {trainer.position})")
+        try:
+            res = trainer.fit(until=stop_after)
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(f"{e}; {r.resume_hint}", signum=e.signum, step=e.step,
+                                      checkpoint_step=e.checkpoint_step) from None
+        except NonFiniteError as e:
+            fix = ("lower train.lr, check the data around that step, or set train.on_nonfinite=skip; then "
+                   + (r.resume_hint + f" (from step {e.checkpoint_step})" if e.checkpoint_step is not None
+                      else "start again"))
+            raise NonFiniteError(f"{e}; {fix}", step=e.step, checkpoint_step=e.checkpoint_step) from None
     finally:
-        metrics.close()
-    if main:
-        atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    if "eval_loss_after" in summary and not summary.get("stopped"):
-        say(f"# eval loss on the held-out data: {summary['eval_loss_before']:.4f} before LoRA -> "
-            f"{summary['eval_loss_after']:.4f} after (perplexity {summary['eval_ppl_before']:.2f} -> "
-            f"{summary['eval_ppl_after']:.2f})")
-    say(f"# run directory: {out_dir}")
-    return summary
+        ck.close()
+    r.result = res
+    r.lora_params = _tree.combine(trainer.trainable, trainer.frozen)
+    lora_evals = [rec for rec in read_metrics(os.path.join(r.out_dir, "metrics.jsonl"))
+                  if rec.get("kind") == "eval" and rec.get("phase") == "lora"] if r.main else trainer.evals
+    r.summary.update({"step": res["step"], "steps": cfg.train.steps, "stopped": res["stopped"],
+                      "train_s": res["train_s"], "tokens_per_s": res["tokens_per_s"], "compile_s": res["compile_s"],
+                      **_speed(res), "trainable_params": count.trainable, "total_params": count.total})
+    if res["step"] > (r.resume_step or 0):
+        r.say(f"# LoRA steps: {_speed_line(res)}")
+    if lora_evals:
+        r.summary["eval_loss_before"] = lora_evals[0]["eval_loss"]
+        r.summary["eval_loss_after"] = lora_evals[-1]["eval_loss"]
+        r.summary["eval_ppl_before"] = perplexity(r.summary["eval_loss_before"])
+        r.summary["eval_ppl_after"] = perplexity(r.summary["eval_loss_after"])
+
+
+def _speed(res: dict) -> dict:
+    """The speed fields of a loop result (see `flops` for the FLOPs and MFU)."""
+    return {"step_tokens_per_s": res["step_tokens_per_s"], "model_tflops_per_s": res["tflops"], "mfu": res["mfu"]}
+
+
+def _speed_line(res: dict) -> str:
+    mfu = "MFU n/a (no known peak FLOP/s for this device and dtype)" if res["mfu"] is None else f"MFU {res['mfu']:.1%}"
+    tf = "" if res["tflops"] is None else f", {res['tflops'] * 1e3:,.1f} model GFLOP/s"
+    return f"{res['step_tokens_per_s']:,.0f} tokens/s in steps{tf}, {mfu}"
+
+
+def _export(r: _Run) -> None:
+    """A finished run's adapter (PEFT) and loss plot; nothing for a run stopped early."""
+    cfg = r.cfg
+    if r.result["stopped"]:
+        r.say(f"# stopped after step {r.result['step']}; resume with train.resume=true out_dir={r.out_dir}")
+        return
+    if cfg.train.export:
+        adapter_dir = os.path.join(r.out_dir, "adapter")
+        _model.export_peft(r.model, r.lora_params, adapter_dir, base_model=cfg.model.path or os.path.abspath(r.base_dir))
+        r.summary["adapter"] = os.path.abspath(adapter_dir)
+    if cfg.train.plot and r.main:
+        png = os.path.join(r.out_dir, "loss.png")
+        plot_losses(read_metrics(os.path.join(r.out_dir, "metrics.jsonl")), png, title=f"lora-jax train: {cfg.name}")
+        r.summary["plot"] = os.path.abspath(png)
+
+
+def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print) -> dict:
+    """Train as ``cfg`` says and return the run's summary (also written to ``summary.json``).
+
+    The phases, in order (each a function of this module taking the one `_Run` state): `_prepare`
+    (mesh, run directory, checks), `_load_base`, `_load_data` — nothing is written until here —
+    then `_start_writes` (``config.yaml``, metrics), `_pretrain` (a fresh base; ``base/``),
+    `_finetune` (LoRA, checkpoints) and `_export` (``adapter/``, ``loss.png``); ``summary.json``
+    last.
+
+    Args:
+      cfg: a validated config (`load_config`).
+      stop_after: stop after this LoRA step (checkpointed, nothing exported), as a preemption
+        would; resume later with ``train.resume=true``.
+      echo: where progress lines go (process 0 only).
+
+    Raises:
+      ConfigError: for everything found wrong before work starts (nothing is written then).
+    """
+    r = _prepare(cfg, echo)
+    t0 = time.perf_counter()
+    _load_base(r)
+    _load_data(r)
+    r.say(f"# setup {time.perf_counter() - t0:.1f}s")
+    _start_writes(r)
+    try:
+        _pretrain(r)
+        _finetune(r, stop_after)
+        _export(r)
+    finally:
+        r.metrics.close()
+    s = r.summary
+    if r.main:
+        atomic_write_text(os.path.join(r.out_dir, "summary.json"), json.dumps(s, indent=2) + "\n")
+    if "eval_loss_after" in s and not s.get("stopped"):
+        r.say(f"# eval loss on the held-out data: {s['eval_loss_before']:.4f} before LoRA -> "
+              f"{s['eval_loss_after']:.4f} after (perplexity {s['eval_ppl_before']:.2f} -> {s['eval_ppl_after']:.2f})")
+    r.say(f"# run directory: {r.out_dir}")
+    return s
 
 
 # ------------------------------------------------------------------------------------------
@@ -416,7 +521,17 @@ class RunHandle:
 
     @property
     def apply(self):
+        """``apply(params, inputs, mask=None) -> logits`` (`model.make_apply`)."""
         return _model.make_apply(self.model)
+
+    @functools.cached_property
+    def decode_fn(self) -> Callable:
+        """``lora.wrap`` of the model's apply, as `lora_jax.models.generate` calls it (with a KV
+        cache); one function object per handle, so decoding compiles once per shape."""
+        from ..interpreter import wrap
+
+        model = self.model
+        return wrap(lambda p, ids, **kw: model.apply({"params": p}, ids, **kw))
 
 
 def load_checkpoint(out_dir: str, cfg: Config, lora_params, step: Optional[int] = None):
@@ -487,7 +602,7 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
     if not os.path.isdir(base):
         raise ConfigError(f"{out_dir!r}: base model {base!r} not found")
     tok = _model.load_tokenizer(cfg.tokenizer.path or base)
-    model, params = _model.load_model(base, compute_dtype=cdt, param_dtype=cfg.model.param_dtype)
+    model, params = _model.load_model(base, compute_dtype=cdt, param_dtype=cfg.model.param_dtype, remat=_remat(cfg))
     lp = _tree.init(params, _lora_rules(cfg, model), jax.random.key(cfg.seed))
     if adapter is not None:
         return RunHandle(cfg, out_dir, model, tok, _model.load_peft(model, lp, adapter), f"adapter {adapter}")
@@ -513,7 +628,8 @@ def eval_rows_of(handle: RunHandle) -> _data.Rows:
 
 
 def evaluate(handle: RunHandle, rows: _data.Rows, batch_size: Optional[int] = None) -> dict:
-    """Eval loss, perplexity and token accuracy of the base alone and of base + adapter on ``rows``."""
+    """Eval loss, perplexity and token accuracy of the base alone and of base + adapter on ``rows``
+    (the forward pass of training: `model.lora_logits_fn`)."""
     from .trainer import token_stats
 
     apply = handle.apply
@@ -521,7 +637,7 @@ def evaluate(handle: RunHandle, rows: _data.Rows, batch_size: Optional[int] = No
 
     @jax.jit
     def stats(lp, b):
-        logits = _model.forward(apply, lp, b["inputs"], b["mask"])
+        logits = _model.forward(apply, lp, b["inputs"], None)  # no mask: right-padded rows, as in training
         nll, correct = token_stats(logits, b["targets"], b["weights"])
         return nll, correct, b["weights"].sum()
 
@@ -537,62 +653,44 @@ def evaluate(handle: RunHandle, rows: _data.Rows, batch_size: Optional[int] = No
     return out
 
 
-def sample(apply: Callable, lora_params, ids, *, max_new_tokens: int, max_len: int, eos_id: Optional[int],
-           pad_id: int, temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> list[int]:
-    """Sample up to ``max_new_tokens`` after ``ids`` with the LoRA model (`model.forward`).
+def generate_ids(handle: RunHandle, ids, *, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
+                 seed: int = 0, use_adapter: bool = True) -> list[int]:
+    """Up to ``max_new_tokens`` token ids after ``ids`` from base + adapter (or the base alone),
+    decoded with a KV cache by `lora_jax.models.generate` through ``lora.wrap``; stops after the
+    tokenizer's EOS (included) and at the model's last position.
 
-    One jitted ``lax.fori_loop`` over a fixed buffer of ``max_len`` tokens: every step runs the
-    model on the whole buffer (no KV cache: meant for checking a run, not for serving) and
-    appends a token drawn from ``softmax(logits / temperature)`` (top-k if ``top_k``; greedy at
-    ``temperature == 0``), stopping at ``eos_id``. Returns the new tokens.
+    Raises:
+      ValueError: an empty prompt, or one that fills the model's positions.
     """
+    from ..models import generate as _generate
+
     ids = [int(i) for i in ids]
-    n0 = len(ids)
-    new = min(int(max_new_tokens), int(max_len) - n0)
+    if not ids:
+        raise ValueError("generate: empty prompt")
+    max_pos = _model.max_positions(handle.model)
+    new = int(max_new_tokens) if max_pos is None else min(int(max_new_tokens), int(max_pos) - len(ids))
     if new < 1:
-        raise ValueError(f"generate: the prompt has {n0} tokens, the model only {max_len} positions")
-    import jax.numpy as jnp
-
-    length = n0 + new
-    buf = jnp.asarray(ids + [pad_id] * new, jnp.int32)
-    eos = -1 if eos_id is None else int(eos_id)
-
-    @jax.jit
-    def run_loop(lp, buf, key):
-        def body(i, carry):
-            buf, key, done = carry
-            pos = n0 + i
-            mask = (jnp.arange(length) < pos).astype(jnp.int32)
-            logits = _model.forward(apply, lp, buf[None], mask[None])[0, pos - 1].astype(jnp.float32)
-            key, sub = jax.random.split(key)
-            if temperature == 0:
-                nxt = jnp.argmax(logits)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = jax.lax.top_k(logits, top_k)[0][-1]
-                    logits = jnp.where(logits < kth, -jnp.inf, logits)
-                nxt = jax.random.categorical(sub, logits)
-            nxt = jnp.where(done, pad_id, nxt).astype(jnp.int32)
-            return buf.at[pos].set(nxt), key, done | (nxt == eos)
-
-        return jax.lax.fori_loop(0, new, body, (buf, key, jnp.zeros((), bool)))[0]
-
-    out = np.asarray(jax.device_get(run_loop(lora_params, buf, jax.random.key(seed)))).tolist()[n0:]
-    return out[: out.index(eos) + 1] if eos in out else out
+        raise ValueError(f"generate: the prompt has {len(ids)} tokens, the model only {max_pos} positions")
+    tok = handle.tokenizer
+    tree = handle.lora_params if use_adapter else _model.base_only(handle.lora_params)
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+    out = _generate(handle.model, tree, np.asarray([ids], np.int32), new, temperature=float(temperature),
+                    top_k=int(top_k) or None, rng=jax.random.key(int(seed)),
+                    eos_token_id=() if eos is None else int(eos), pad_token_id=int(pad), apply_fn=handle.decode_fn)
+    out = np.asarray(jax.device_get(out))[0, len(ids):].tolist()
+    return out[: out.index(eos) + 1] if eos is not None and eos in out else out
 
 
 def generate(handle: RunHandle, prompt: str = "", *, max_new_tokens: int = 64, temperature: float = 0.8,
              top_k: int = 0, seed: int = 0, use_adapter: bool = True) -> str:
-    """``prompt`` and a sampled continuation from base + adapter (or the base alone), as text."""
-    tok, model = handle.tokenizer, handle.model
-    tree = handle.lora_params if use_adapter else _model.base_only(handle.lora_params)
+    """``prompt`` and a sampled continuation from base + adapter (or the base alone), as text
+    (`generate_ids`; greedy at ``temperature == 0``)."""
+    tok = handle.tokenizer
     ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(
         tok.encode(prompt, add_special_tokens=False))
     if not ids:
         raise ValueError("generate: empty prompt and the tokenizer has no bos_token to start from")
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    new = sample(handle.apply, tree, ids, max_new_tokens=max_new_tokens, max_len=int(max_pos),
-                 eos_id=tok.eos_token_id, pad_id=pad, temperature=temperature, top_k=top_k, seed=seed)
+    new = generate_ids(handle, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                       use_adapter=use_adapter)
     return tok.decode(ids + new, skip_special_tokens=True)

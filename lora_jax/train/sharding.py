@@ -3,12 +3,15 @@
 The mesh has the axes ``("data", "fsdp", "tensor")``. Rules:
 
 * batches are split over ``data`` and ``fsdp`` together (their leading batch axis);
+* a leading layer axis (the ``nn.scan`` stacks of `lora_jax.models`: a LoRA node's ``s`` layout
+  letters, or a path in ``stacked``) is never split, so each scanned step reads its own layer
+  locally; the rules below apply to the axes after it;
 * a base kernel (2+ axes) is split on ``tensor`` Megatron-style when the mesh has a tensor axis:
   the output axis of column-parallel projections (``q_proj``, ``k_proj``, ``v_proj``,
   ``gate_proj``, ``up_proj``, ``c_attn``, ``c_fc``, ``lm_head``, ...), the input axis of
   row-parallel ones (``o_proj``, ``down_proj``, ``c_proj``, ...); then on ``fsdp`` along its
   largest remaining axis whose size divides by the ``fsdp`` size (the first one on a tie);
-  vectors and scalars are replicated;
+  vectors and scalars (per layer: a stacked norm scale ``(L, D)`` too) are replicated;
 * a LoRA factor follows its kernel: ``a`` (``(*stack, *in, r)``) takes the kernel's stack and
   input-axis shardings, ``b`` (``(*stack, r, *out)``) its stack and output-axis shardings; the
   rank axis is replicated, so ``x @ a`` needs no more communication than ``x @ w``;
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Optional
+from typing import Collection, Optional
 
 import jax
 import numpy as np
@@ -87,27 +90,31 @@ def batch_sharding(mesh: Mesh, *, accum: bool = False) -> NamedSharding:
     return NamedSharding(mesh, P(None, BATCH_AXES) if accum else P(BATCH_AXES))
 
 
-def _axis_kinds(path: str, ndim: int, layout: Optional[str]) -> str:
+def _axis_kinds(ndim: int, layout: Optional[str], stack: int) -> str:
     if layout is not None and len(layout) == ndim:
         return layout
-    # plain kernels: transformers' Flax Dense kernels are (in, out): every axis but the last is input
-    return "i" * (ndim - 1) + "o"
+    # plain kernels: Flax Dense kernels are (in, out): every axis but the last is input
+    return "s" * stack + "i" * (ndim - stack - 1) + "o"
 
 
-def kernel_spec(path: str, shape, mesh_sizes: dict[str, int], layout: Optional[str] = None) -> tuple:
+def kernel_spec(path: str, shape, mesh_sizes: dict[str, int], layout: Optional[str] = None,
+                stack: int = 0) -> tuple:
     """The partition spec (a tuple, one entry per axis) of a base parameter.
 
     Args:
       path: the leaf's ``/``-joined path (its module name picks column/row parallel).
       shape: its shape.
       mesh_sizes: ``{"fsdp": n, "tensor": m, ...}``.
-      layout: the ``s``/``i``/``o`` letters of a LoRA kernel; plain kernels are taken as ``(in, out)``.
+      layout: the ``s``/``i``/``o`` letters of a LoRA kernel; plain kernels are taken as
+        ``(*stack, in, out)``.
+      stack: the number of leading layer axes of a plain leaf (ignored when ``layout`` is given).
     """
     shape = tuple(int(d) for d in shape)
     spec: list = [None] * len(shape)
-    if len(shape) < 2:
+    stack = layout.count("s") if layout is not None and len(layout) == len(shape) else int(stack)
+    if len(shape) - stack < 2:
         return tuple(spec)
-    kinds = _axis_kinds(path, len(shape), layout)
+    kinds = _axis_kinds(len(shape), layout, stack)
     parts = path.split("/")
     module = parts[-2] if len(parts) >= 2 else ""
     leaf = parts[-1]
@@ -142,13 +149,16 @@ def lora_factor_specs(w_spec: tuple, layout: str) -> tuple[tuple, tuple]:
     return tuple(stack + ins + [None]), tuple(stack + [None] + outs)
 
 
-def param_shardings(tree, mesh: Mesh):
+def param_shardings(tree, mesh: Mesh, stacked: Collection[str] = ()):
     """A tree of `NamedSharding` for a parameter tree, a LoRA tree, or either `lora.split` half.
 
     `LoraWeight` nodes get a `LoraWeight` of shardings (None where the child is None), so the
-    result can be passed to ``jax.device_put`` and ``jax.jit`` as is.
+    result can be passed to ``jax.device_put`` and ``jax.jit`` as is. ``stacked`` names the
+    ``/``-joined paths of plain leaves that carry a leading layer axis (`train.model.stacked_paths`);
+    LoRA nodes say it with their layout.
     """
     sizes = mesh_shape(mesh)
+    stacked = frozenset(stacked)
 
     def leaf(kp, x):
         path = path_str(kp)
@@ -162,7 +172,7 @@ def param_shardings(tree, mesh: Mesh):
                              m=None if x.m is None else NamedSharding(mesh, P()))
         if x is None:
             return None
-        return NamedSharding(mesh, P(*kernel_spec(path, np.shape(x), sizes)))
+        return NamedSharding(mesh, P(*kernel_spec(path, np.shape(x), sizes, stack=int(path in stacked))))
 
     return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=lambda x: is_lora(x) or x is None)
 

@@ -4,8 +4,10 @@ The step differentiates the loss with respect to the trainable half of a `lora.s
 LoRA) or the whole parameter tree (for the from-scratch pretraining of the default run), sums the
 token losses over ``grad_accum`` micro-batches (``lax.scan``), divides by the number of trained
 tokens of the whole batch (so accumulation changes nothing but memory), clips, and applies the
-optax update — all inside one ``jax.jit``. The loss function is optionally wrapped in
-``jax.checkpoint`` with a named policy.
+optax update — all inside one ``jax.jit`` that donates the old state (`jit_train_step`, the
+step `benchmarks/train_step.py` times too). Rematerialization belongs to the model (the
+``remat_policy`` of a `lora_jax.models` config: each scanned layer under ``nn.remat``), not to
+the loop.
 
 Non-finite steps: the step checks the loss, the gradient norm and the updated parameters; if any
 is NaN or infinite it keeps the parameters and optimizer state as they were (``jnp.where``, no
@@ -36,12 +38,13 @@ import numpy as np
 import optax
 
 from . import data as _data
+from . import flops as _flops
 from . import sharding as shd
 from .interrupts import StopSignals, TrainingInterrupted, signal_name
 from .metrics import MetricsWriter, Progress, perplexity
 
 __all__ = ["LoopSpec", "make_schedule", "make_optimizer", "token_stats", "make_loss_fn", "make_train_step",
-           "make_eval_step", "Trainer", "NonFiniteError", "TrainingInterrupted", "ON_NONFINITE"]
+           "jit_train_step", "make_eval_step", "Trainer", "NonFiniteError", "TrainingInterrupted", "ON_NONFINITE"]
 
 ON_NONFINITE = ("stop", "skip")
 
@@ -76,7 +79,6 @@ class LoopSpec:
     b2: float = 0.999
     weight_decay: float = 0.0
     clip_norm: float = 1.0
-    remat: str = "none"
     eval_every: int = 0
     eval_batches: int = 0
     log_every: int = 10
@@ -165,20 +167,15 @@ def token_stats(logits, targets, weights):
     return jnp.sum((lse - tgt) * w), jnp.sum(correct * w)
 
 
-def make_loss_fn(logits_fn: Callable, remat: str = "none") -> Callable:
-    """``loss(trainable, frozen, batch, rng) -> (nll_sum, correct_sum)``, under ``jax.checkpoint``
-    with ``jax.checkpoint_policies.<remat>`` unless ``remat == "none"``."""
+def make_loss_fn(logits_fn: Callable) -> Callable:
+    """``loss(trainable, frozen, batch, rng) -> (nll_sum, correct_sum)`` of
+    ``logits_fn(trainable, frozen, inputs, mask, rng)`` on a batch."""
 
     def loss(trainable, frozen, batch, rng):
         logits = logits_fn(trainable, frozen, batch["inputs"], batch["mask"], rng)
         return token_stats(logits, batch["targets"], batch["weights"])
 
-    if remat == "none":
-        return loss
-    policy = getattr(jax.checkpoint_policies, remat, None)
-    if policy is None:
-        raise ValueError(f"unknown remat policy {remat!r}")
-    return jax.checkpoint(loss, policy=policy)
+    return loss
 
 
 def _all_finite(tree):
@@ -221,18 +218,27 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_ac
                     jax.tree_util.tree_map(jnp.zeros_like, params))
             (nll, correct, grads), _ = jax.lax.scan(body, zero, (batch, jnp.arange(grad_accum)))
         n = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / n, grads)
+        grads = jax.tree_util.tree_map(lambda g: (g / n).astype(g.dtype), grads)  # bf16 params: bf16 grads
         gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(grads)))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(nll) & jnp.isfinite(gnorm) & _all_finite(new_params)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        # the state keeps its dtypes, so the compiled step takes its own output (bf16 params included)
+        keep = lambda new, old: jnp.where(finite, new, old).astype(old.dtype)  # noqa: E731
         params = jax.tree_util.tree_map(keep, new_params, params)
         opt_state = jax.tree_util.tree_map(keep, opt_state, state["opt_state"])
         new = {"params": params, "opt_state": opt_state, "rng": rng, "step": state["step"] + 1}
         return new, {"loss": nll / n, "acc": correct / n, "grad_norm": gnorm, "tokens": n, "finite": finite}
 
     return step
+
+
+def jit_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: int = 1, *,
+                   out_shardings=None) -> Callable:
+    """`make_train_step` under ``jax.jit``, donating the state it replaces (the trainer's step and
+    the one `benchmarks/train_step.py` times)."""
+    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+    return jax.jit(make_train_step(loss_fn, tx, grad_accum), donate_argnums=(0,), **kw)
 
 
 def make_eval_step(loss_fn: Callable) -> Callable:
@@ -261,7 +267,8 @@ class Trainer:
       spec: the loop's settings.
       mesh: the device mesh (`sharding.make_mesh`).
       logits_fn: ``(trainable, frozen, inputs, mask, rng) -> logits``.
-      trainable: what the optimizer updates (a `lora.split` trainable half, or whole params).
+      trainable: what the optimizer updates (a `lora.split` trainable half, or whole params); the
+        trainer owns it from here (each step donates the state it replaces).
       frozen: everything else (None for full training).
       rows: training rows (`data.pack`).
       eval_rows: eval rows or None.
@@ -270,6 +277,10 @@ class Trainer:
       metrics: where records go (None: nowhere).
       checkpointer: a `checkpoint.Checkpointer` (None: no checkpoints).
       echo: prints a line (the progress bar's ``write`` is used while it is open).
+      stacked: paths of plain leaves with a leading layer axis (`sharding.param_shardings`).
+      flops_per_step: the model FLOPs of one step (`flops.step_flops`); with it the train records
+        report the achieved ``tflops`` and, when ``peak_flops`` (per device) is known, ``mfu``.
+      peak_flops: the peak FLOP/s of one device (`flops.peak_flops`), None when unknown.
 
     The trainable state, frozen params and every batch are placed with `sharding` rules; the
     step and eval functions are compiled once, ahead of time.
@@ -277,20 +288,23 @@ class Trainer:
 
     def __init__(self, spec: LoopSpec, *, mesh, logits_fn: Callable, trainable, frozen=None, rows: _data.Rows,
                  eval_rows: Optional[_data.Rows] = None, seed: int = 0, phase: str = "lora",
-                 metrics: Optional[MetricsWriter] = None, checkpointer=None, echo: Callable = print):
+                 metrics: Optional[MetricsWriter] = None, checkpointer=None, echo: Callable = print,
+                 stacked=(), flops_per_step: Optional[float] = None, peak_flops: Optional[float] = None):
         self.spec, self.mesh, self.phase, self.seed = spec, mesh, phase, int(seed)
         self.rows, self.eval_rows = rows, eval_rows
         self.metrics, self.checkpointer, self.echo = metrics, checkpointer, echo
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self.n_devices = int(mesh.devices.size)
         n_batch = math.prod(shd.mesh_shape(mesh)[a] for a in shd.BATCH_AXES)
         if spec.micro_batch % n_batch:
             raise ValueError(f"the micro-batch ({spec.batch_size} / grad_accum {spec.grad_accum} = "
                              f"{spec.micro_batch} rows) must divide by mesh data x fsdp = {n_batch}")
         self.order = _data.Order(len(rows), self.seed)
         self.tx, self.schedule = make_optimizer(spec)
-        loss_fn = make_loss_fn(logits_fn, spec.remat)
+        loss_fn = make_loss_fn(logits_fn)
 
-        self.trainable_shardings = shd.param_shardings(trainable, mesh)
-        self.frozen_shardings = shd.param_shardings(frozen, mesh) if frozen is not None else None
+        self.trainable_shardings = shd.param_shardings(trainable, mesh, stacked)
+        self.frozen_shardings = shd.param_shardings(frozen, mesh, stacked) if frozen is not None else None
         trainable = shd.place(trainable, self.trainable_shardings)
         self.frozen = shd.place(frozen, self.frozen_shardings) if frozen is not None else None
         opt_abstract = jax.eval_shape(self.tx.init, trainable)
@@ -311,6 +325,7 @@ class Trainer:
         self._state_finite = None
         self.history: list[tuple[int, float]] = []
         self.evals: list[dict] = []
+        self._timed_steps, self._timed_s = 0, 0.0  # steps and seconds spent in steps (evals excluded)
 
         t0 = time.perf_counter()
         accum = spec.grad_accum > 1
@@ -321,8 +336,7 @@ class Trainer:
         ab = {k: jax.ShapeDtypeStruct(lead + (L,), dt, sharding=self._batch_sharding)
               for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32),
                             ("mask", jnp.int32))}
-        step_fn = jax.jit(make_train_step(loss_fn, self.tx, spec.grad_accum),
-                          out_shardings=(self.state_shardings, rep))
+        step_fn = jit_train_step(loss_fn, self.tx, spec.grad_accum, out_shardings=(self.state_shardings, rep))
         self._step = step_fn.lower(_abstract(self.state), self.frozen, ab).compile()
         self._eval = None
         if eval_rows is not None and len(eval_rows):
@@ -447,11 +461,13 @@ class Trainer:
         toks = [float(g["tokens"]) for _, g in good]
         wsum = max(sum(toks), 1.0)
         self.history += [(s, float(g["loss"])) for s, g in good]
+        self._timed_steps += len(pending)
+        self._timed_s += dt
         rec = {"kind": "train", "phase": self.phase, "step": steps[-1],
                "loss": float(np.dot([float(g["loss"]) for _, g in good], toks) / wsum) if good else None,
                "acc": float(np.dot([float(g["acc"]) for _, g in good], toks) / wsum) if good else None,
                "grad_norm": float(got[-1]["grad_norm"]), "lr": float(self.schedule(steps[-1] - 1)),
-               "tokens_per_s": tps, "elapsed_s": time.perf_counter() - t_start}
+               "tokens_per_s": tps, **self._rates(len(pending), dt), "elapsed_s": time.perf_counter() - t_start}
         bad = [(s, g) for s, g, f in zip(steps, got, ok) if not f]
         if bad:
             rec["skipped"] = len(bad)
@@ -501,8 +517,10 @@ class Trainer:
         start = self.step
         if end <= start:
             return {"step": start, "stopped": start < spec.steps, "train_s": 0.0, "tokens_per_s": 0.0,
-                    "compile_s": self.compile_s, "eval": None}
+                    "compile_s": self.compile_s, "steps_s": 0.0, "step_tokens_per_s": 0.0, "tflops": None,
+                    "mfu": None, "eval": None}
         bar = Progress(spec.steps, start, enabled=spec.progress, desc=self.phase, echo=self.echo)
+        self._timed_steps, self._timed_s = 0, 0.0
         say = bar.write
         tokens_per_step = spec.batch_size * self.rows.seq_len
         if start == 0 and self._eval is not None:
@@ -548,7 +566,18 @@ class Trainer:
         done = end - start
         return {"step": self.step, "stopped": end < spec.steps, "train_s": train_s,
                 "tokens_per_s": done * tokens_per_step / max(train_s, 1e-9), "compile_s": self.compile_s,
-                "eval": last_ev}
+                "steps_s": self._timed_s,
+                "step_tokens_per_s": self._timed_steps * tokens_per_step / max(self._timed_s, 1e-9),
+                **self._rates(self._timed_steps, self._timed_s), "eval": last_ev}
+
+    def _rates(self, steps: int, seconds: float) -> dict:
+        """``tflops`` (achieved model TFLOP/s) and ``mfu`` of ``steps`` steps in ``seconds`` (None
+        where the FLOPs or the peak are unknown; see `lora_jax.train.flops`)."""
+        if self.flops_per_step is None or steps == 0:
+            return {"tflops": None, "mfu": None}
+        flops = self.flops_per_step * steps
+        return {"tflops": flops / max(seconds, 1e-9) / 1e12,
+                "mfu": _flops.mfu(flops, seconds, self.peak_flops, self.n_devices)}
 
     def _interrupted(self, signum: int, say: Callable):
         """Checkpoint the current step (waiting until it is finalized) and raise `TrainingInterrupted`."""
