@@ -62,3 +62,25 @@ class _Apply:
 
     def apply(self, params, x):
         return self.module.apply({"params": params}, x)
+
+
+def test_hugging_face_block_runs(tmp_path, monkeypatch):
+    """The README's Hugging Face block, on a tiny Llama saved by PyTorch transformers in place of the real one."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "Llama-3.2-1B")
+    monkeypatch.chdir(tmp_path)
+    block = next(b for b in _python_blocks() if "hf.from_pretrained" in b)
+    block = block.replace("path/to/Llama-3.2-1B", str(tmp_path / "Llama-3.2-1B"))
+    block = block.replace('"adapter-from-pytorch"', '"out/adapter"')
+    ids = np.random.RandomState(0).randint(0, 97, (2, 7))
+    ns = {"key": jax.random.key(0), "input_ids": ids, "prompt_ids": ids[:, :3]}
+    exec(block, ns)
+    assert ns["logits"].shape == (2, 7, 97) and ns["tokens"].shape == (2, 3 + 32)
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "out" / "merged" / "model.safetensors").exists()
+    assert len(list(lora.tree.lora_items(ns["lora_params"]))) == 7
