@@ -801,7 +801,7 @@ def test_example_hf_finetune_demo(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("hf_finetune", path)
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    assert ex.main(["--demo", "--steps", "3", "--batch", "2", "--seq-len", "32", "--verify",
+    assert ex.main(["--demo", "--steps", "3", "--pretrain-steps", "5", "--batch", "2", "--seq-len", "32", "--verify",
                     "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(" in out
