@@ -9,7 +9,7 @@ import pytest
 
 import lora_jax as lora
 
-from helpers import f64, hf_flax, nonzero_b, peft_linear, rand
+from helpers import f64, nonzero_b, peft_linear, per_layer_tree, rand, tiny_model
 from test_interpreter import _rel_close, check_equivalence
 
 
@@ -83,13 +83,15 @@ def test_routing_equals_each_example_alone(jit):
         _rel_close(got[e], mlp(lora.merge(sel), x[e:e + 1])[0], 2e-6, f"example {e}")
 
 
-def test_routing_through_a_transformers_model_and_gradients():
-    model = hf_flax("llama")
-    lp = nonzero_b(lora.init(model.params, lora.Rules(["q_proj", "v_proj", "embed_tokens"], rank=2), 0), seed=2)
-    lp = nonzero_b(lora.add(lp, "other", lora.Rules(["q_proj", "o_proj"], rank=4), 1), seed=3)
+def test_routing_through_a_llama_model_and_gradients():
+    model = tiny_model("llama")  # layers under nn.scan: stacked kernels, sliced per scan step
+    rules = lora.Rules([lora.Rule(["q_proj", "v_proj"], stack_axes=1), lora.Rule(["embed_tokens"])], rank=2)
+    lp = nonzero_b(lora.init(model.params, rules, 0), seed=2)
+    lp = nonzero_b(lora.add(lp, "other", lora.Rules(["q_proj", "o_proj"], rank=4, stack_axes=1), 1), seed=3)
+    assert [n.name for n in lp["model"]["layers"]["self_attn"]["q_proj"]["kernel"].chain()] == ["default", "other"]
     ids = (jnp.arange(15).reshape(3, 5) * 11) % 90
     route = jnp.array([1, -1, 0])
-    f = lambda p, ids: model(ids, params=p).logits  # noqa: E731
+    f = model.apply
     got = jax.jit(lambda p, r, ids: lora.wrap(f, adapter_ids=r)(p, ids))(lp, route, ids)
     for e, k in enumerate([1, -1, 0]):
         sel = lora.select(lp, [] if k < 0 else [lora.adapter_names(lp)[k]])
@@ -97,7 +99,8 @@ def test_routing_through_a_transformers_model_and_gradients():
     # a routed batch trains each adapter on its own examples only
     t, fr = lora.split(lp)
     g = jax.grad(lambda t: jnp.sum(lora.wrap(f, adapter_ids=jnp.array([0, 0, 0]))(lora.combine(t, fr), ids)))(t)
-    assert np.all(np.asarray(g["model"]["layers"]["0"]["self_attn"]["o_proj"]["kernel"].b) == 0)
+    assert np.all(np.asarray(g["model"]["layers"]["self_attn"]["o_proj"]["kernel"].b) == 0)
+    assert np.abs(np.asarray(g["model"]["layers"]["self_attn"]["v_proj"]["kernel"].b)).max() > 0
 
 
 def test_routing_needs_factorized_uses():
@@ -129,16 +132,44 @@ def test_combine_adapters_like_peft(method):
 
 
 def test_fused_qkv_slices_on_gpt2():
-    model = hf_flax("gpt2")
-    rules = lora.Rules([lora.Rule(["c_attn"], layout="out_in", enable_lora=[True, False, True])], rank=4)
+    # our GPT-2: c_attn (L, in=32, out=96), q | k | v along the last axis, stacked over 2 layers
+    model = tiny_model("gpt2")
+    rules = lora.Rules([lora.Rule(["c_attn"], enable_lora=[True, False, True])], rank=4, stack_axes=1)
     lp = nonzero_b(lora.init(model.params, rules, 0))
+    lw = lp["transformer"]["h"]["attn"]["c_attn"]["kernel"]
+    delta = np.asarray(lw.delta())  # (L=2, in=32, out=96)
+    assert delta.shape == (2, 32, 96)
+    assert np.all(delta[..., 32:64] == 0)
+    assert np.all(np.abs(delta[..., :32]) > 0) and np.all(np.abs(delta[..., 64:]) > 0)
+    assert lora.count(lp).trainable == 2 * (32 * 4 + 4 * 96 * 2 // 3)
+    check_equivalence(model.apply, lp, (jnp.arange(12).reshape(2, 6) * 5) % 90)
+    with pytest.raises(ValueError, match="enable_lora has 5 slices but the kernel has 96 output features"):
+        lora.init(model.params, lora.Rules([lora.Rule(["c_attn"], enable_lora=[True] * 5)], stack_axes=1), 0)
+
+    # GPT-2 unrolled: one subtree per layer, c_attn stored (out=96, in=32)
+    params = per_layer_tree("gpt2")
+    rules = lora.Rules([lora.Rule(["c_attn"], layout="out_in", enable_lora=[True, False, True])], rank=4)
+    lp = nonzero_b(lora.init(params, rules, 0))
     lw = lp["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
     delta = np.asarray(lw.delta())  # (out=96, in=32): q | k | v along the output axis
     assert np.all(delta[32:64] == 0) and np.all(np.abs(delta[:32]) > 0) and np.all(np.abs(delta[64:]) > 0)
     assert lora.count(lp).trainable == 2 * (32 * 4 + 4 * 96 * 2 // 3)
-    check_equivalence(lambda p, ids: model(ids, params=p).logits, lp, (jnp.arange(12).reshape(2, 6) * 5) % 90)
+
+    def attention(p, x):  # GPT-2's causal self-attention (4 heads) on the (out, in) kernels, layer by layer
+        t = x.shape[1]
+        for i in range(2):
+            attn = p["transformer"]["h"][str(i)]["attn"]
+            qkv = x @ attn["c_attn"]["kernel"].T + attn["c_attn"]["bias"]
+            q, k, v = (z.reshape(x.shape[0], t, 4, 8) for z in jnp.split(qkv, 3, axis=-1))
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8.0)
+            s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
+            h = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(x.shape)
+            x = x + h @ attn["c_proj"]["kernel"].T + attn["c_proj"]["bias"]
+        return x
+
+    check_equivalence(attention, lp, rand(3, (2, 6, 32)))
     with pytest.raises(ValueError, match="enable_lora has 5 slices but the kernel has 96 output features"):
-        lora.init(model.params, lora.Rules([lora.Rule(["c_attn"], layout="out_in", enable_lora=[True] * 5)]), 0)
+        lora.init(params, lora.Rules([lora.Rule(["c_attn"], layout="out_in", enable_lora=[True] * 5)]), 0)
 
 
 class Classifier(nn.Module):

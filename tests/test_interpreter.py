@@ -11,7 +11,7 @@ import pytest
 import lora_jax as lora
 from lora_jax.tree import lora_items
 
-from helpers import hf_flax, nonzero_b, rand
+from helpers import nonzero_b, rand, tiny_model
 
 # Both sides round in float32 (the merged kernel itself is rounded), so the bound is a few ulps of
 # accumulated error in the 2-norm; bf16 bases are compared at bf16 resolution.
@@ -312,17 +312,23 @@ def test_equinox_model_via_partition():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
-def test_transformers_flax_models(arch):
-    model = hf_flax(arch)
+def test_lora_jax_models(arch):
+    """Our own models (lora_jax.models): layers under nn.scan with stacked kernels, embeddings
+    (GPT-2's tied to its head), BERT's unstacked pooler next to its stacked layers."""
+    model = tiny_model(arch)
+    llama = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     rules = {
-        "gpt2": lora.Rules([lora.Rule(["c_attn", "c_proj", "c_fc"], layout="out_in"), lora.Rule(["wte"])], rank=4),
-        "llama": lora.Rules(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                             "embed_tokens"], rank=4, alpha=8),
-        "bert": lora.Rules(["query", "value", "dense", "word_embeddings"], rank=4),
+        "gpt2": lora.Rules([lora.Rule(["c_attn", "c_proj", "c_fc"], stack_axes=1), lora.Rule(["wte"])], rank=4),
+        "llama": lora.Rules([lora.Rule(llama, stack_axes=1), lora.Rule(["embed_tokens"])], rank=4, alpha=8),
+        "bert": lora.Rules([lora.Rule("pooler/dense"), lora.Rule(["query", "value", "dense"], stack_axes=1),
+                            lora.Rule(["word_embeddings"])], rank=4),
     }[arch]
     lp = nonzero_b(lora.init(model.params, rules, 0))
+    n_stacked = {"gpt2": 4, "llama": 7, "bert": 5}[arch]  # gpt2: c_attn, attn/c_proj, c_fc, mlp/c_proj
+    assert sum(lw.layout == "sio" for _, lw in lora.tree.lora_items(lp)) == n_stacked
     ids = (jnp.arange(14).reshape(2, 7) * 7) % 90
-    check_equivalence(lambda p, ids: model(ids, params=p).logits, lp, ids)
+    got = check_equivalence(model.apply, lp, ids)
+    assert np.abs(np.asarray(got - model.apply(model.params, ids))).max() > 1e-3  # the adapters change the logits
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,10 +338,11 @@ def test_transformers_flax_models(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_at_init_output_is_base_bit_for_bit(arch):
-    model = hf_flax(arch)
-    lp = lora.init(model.params, lora.Rules("all-linear", rank=4, layout="out_in" if arch == "gpt2" else "in_out"), 0)
+    model = tiny_model(arch)
+    lp = lora.init(model.params, lora.Rules("all-linear", rank=4, stack_axes=1), 0)
+    assert len(list(lora.tree.lora_items(lp))) == {"gpt2": 4, "llama": 7}[arch]
     ids = jnp.arange(12).reshape(2, 6)
-    f = lambda p, ids: model(ids, params=p).logits  # noqa: E731
+    f = model.eager  # not jitted
     # op by op the base path runs the very same kernels and adds an exact zero
     np.testing.assert_array_equal(np.asarray(lora.wrap(f)(lp, ids)), np.asarray(f(model.params, ids)))
     # under jit XLA compiles a different program (fusion, layouts), so only rounding-level agreement
@@ -343,10 +350,10 @@ def test_at_init_output_is_base_bit_for_bit(arch):
 
 
 def test_scale_zero_is_exactly_base_and_scale_is_traceable():
-    model = hf_flax("llama")
-    lp = nonzero_b(lora.init(model.params, lora.Rules(["q_proj", "v_proj"], rank=4), 0), scale=1.0)
+    model = tiny_model("llama")
+    lp = nonzero_b(lora.init(model.params, lora.Rules(["q_proj", "v_proj"], rank=4, stack_axes=1), 0), scale=1.0)
     ids = jnp.arange(12).reshape(2, 6)
-    f = lambda p, ids: model(ids, params=p).logits  # noqa: E731
+    f = model.apply
     base = f(model.params, ids)
     np.testing.assert_array_equal(lora.wrap(f, scale=0.0)(lp, ids), base)
     on = lora.wrap(f)(lp, ids)
@@ -456,12 +463,14 @@ def test_dropout_differs_per_scan_step_and_layer():
 
 
 def test_unwrapped_use_is_an_error_and_bad_args():
-    model = hf_flax("llama")
-    lp = lora.init(model.params, lora.Rules(["q_proj"], rank=2), 0)
+    model = tiny_model("llama")
+    lp = lora.init(model.params, lora.Rules(["q_proj"], rank=2, stack_axes=1), 0)
     ids = jnp.arange(6).reshape(1, 6)
     with pytest.raises(TypeError, match="LoraWeight"):
-        model(ids, params=lp)
-    f = lambda p, ids: model(ids, params=p).logits  # noqa: E731
+        model.eager(lp, ids)
+    with pytest.raises(TypeError, match="LoraWeight"):
+        model.apply(lp, ids)  # under jit too
+    f = model.apply
     with pytest.raises(TypeError, match="argument 1 holds LoraWeight nodes but argnums=0"):
         lora.wrap(lambda x, p: f(p, x))(ids, lp)
     t, _ = lora.split(lp)

@@ -11,7 +11,7 @@ from scipy.stats import norm
 import lora_jax as lora
 from lora_jax.quant import NF4_LEVELS, _quantize_array, nbytes
 
-from helpers import f64, hf_flax, nonzero_b, rand
+from helpers import f64, nonzero_b, rand, tiny_model
 from test_interpreter import _rel_close, check_equivalence
 
 
@@ -58,24 +58,26 @@ def test_int8_round_trip_and_memory():
 
 
 def test_quantized_lora_wrap_equals_dequantized_and_merge():
-    model = hf_flax("llama")
-    lp = nonzero_b(lora.init(model.params, lora.Rules(["q_proj", "v_proj", "up_proj"], rank=4), 0))
+    model = tiny_model("llama")  # layers under nn.scan: stacked (L, in, out) kernels
+    lp = nonzero_b(lora.init(model.params, lora.Rules(["q_proj", "v_proj", "up_proj"], rank=4, stack_axes=1), 0))
     q = lora.quantize(lp, "nf4", block=32)
-    assert isinstance(q["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].base, lora.QuantizedArray)
+    qw = q["model"]["layers"]["self_attn"]["q_proj"]["kernel"].base
+    assert isinstance(qw, lora.QuantizedArray) and qw.stack == 1
     deq = lora.dequantize(q)
     ids = (jnp.arange(12).reshape(2, 6) * 7) % 90
-    f = lambda p, ids: model(ids, params=p).logits  # noqa: E731
-    check_equivalence(f, q, ids)  # values and grads: wrap(quantized) == f(merge(quantized))
-    _rel_close(lora.wrap(f)(q, ids), lora.wrap(f)(deq, ids), 1e-6)
+    f = model.apply
+    got = check_equivalence(f, q, ids)  # values and grads: wrap(quantized) == f(merge(quantized))
+    _rel_close(got, lora.wrap(f)(deq, ids), 1e-6)
     merged = lora.merge(q)
     assert not any(isinstance(x, lora.QuantizedArray) for x in
                    jax.tree_util.tree_leaves(merged, is_leaf=lambda x: isinstance(x, lora.QuantizedArray)))
     with pytest.warns(UserWarning, match="rounded to nf4"):
         rq = lora.merge(q, requantize=True)
-    assert isinstance(rq["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"], lora.QuantizedArray)
+    assert isinstance(rq["model"]["layers"]["self_attn"]["q_proj"]["kernel"], lora.QuantizedArray)
     # the whole NF4 model stays close to the full-precision one
-    err = np.abs(np.asarray(lora.wrap(f)(q, ids) - lora.wrap(f)(lp, ids))).max()
-    assert err < 0.1 * np.abs(np.asarray(lora.wrap(f)(lp, ids))).max()
+    full = np.asarray(lora.wrap(f)(lp, ids))
+    err = np.abs(np.asarray(got) - full).max()
+    assert 0 < err < 0.1 * np.abs(full).max()
 
 
 class _Layer(nn.Module):

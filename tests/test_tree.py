@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 import lora_jax as lora
 from lora_jax.tree import lora_items
 
-from helpers import f64, hf_flax, nonzero_b, rand
+from helpers import f64, nonzero_b, per_layer_tree, rand, tiny_model
 
 
 def mlp_params(dtype=jnp.float32):
@@ -84,11 +84,17 @@ def test_merge_safe_raises_and_names_kernel():
         jax.jit(lambda t: lora.merge(t, safe=True))(lp)
 
 
-def test_split_combine_round_trip_exact():
-    lp = nonzero_b(lora.init(hf_flax("gpt2").params, lora.Rules([lora.Rule(["c_attn"], layout="out_in")], rank=2), 0))
+@pytest.mark.parametrize("stacked", [False, True])
+def test_split_combine_round_trip_exact(stacked):
+    if stacked:  # our GPT-2: (in, out) kernels stacked over its 2 layers, one LoraWeight holds both
+        params, rules, n_nodes = tiny_model("gpt2").params, lora.Rules(["c_attn"], rank=2, stack_axes=1), 1
+    else:  # GPT-2 unrolled: one subtree per layer, (out, in) kernels
+        params, rules, n_nodes = per_layer_tree("gpt2"), lora.Rules([lora.Rule(["c_attn"], layout="out_in")], rank=2), 2
+    lp = nonzero_b(lora.init(params, rules, 0))
     trainable, frozen = lora.split(lp)
     t_leaves = jax.tree_util.tree_leaves(trainable)
-    assert len(t_leaves) == 2 * 2  # a and b of two layers, nothing else
+    assert len(t_leaves) == 2 * n_nodes  # a and b of the two layers' c_attn, nothing else
+    assert sum(x.size for x in t_leaves) == 2 * (32 * 2 + 2 * 96)
     back = lora.combine(trainable, frozen)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(lp)
     for x, y in zip(jax.tree_util.tree_leaves(lp), jax.tree_util.tree_leaves(back)):
