@@ -140,25 +140,26 @@ def read_safetensors(file) -> tuple[dict[str, np.ndarray], dict[str, str]]:
       (2, 3)
     """
     file = os.fspath(file)
+    bad = f"{file!r} is not a readable safetensors file:"
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no safetensors file at {file!r}")
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
-            raise ValueError(f"{file!r} is not a safetensors file (shorter than its 8-byte header length)")
+            raise ValueError(f"{bad} shorter than its 8-byte header length")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise ValueError(f"{file!r} is not a safetensors file (header length {n} exceeds the file size {size})")
+            raise ValueError(f"{bad} header length {n} exceeds the file size {size}")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{file!r} is not a safetensors file (header is not JSON: {e})") from None
+            raise ValueError(f"{bad} header is not JSON ({e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{file!r} is not a safetensors file (header is {type(header).__name__}, expected an object)")
+        raise ValueError(f"{bad} header is {type(header).__name__}, expected an object")
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
-        raise ValueError(f"{file!r}: __metadata__ must be an object of strings, got {type(meta).__name__}")
+        raise ValueError(f"{bad} __metadata__ must be an object of strings, got {type(meta).__name__}")
     data_len = size - 8 - n
     mm = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_len,)) if data_len else \
         np.zeros((0,), np.uint8)
@@ -171,11 +172,11 @@ def read_safetensors(file) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{file!r}: tensor {name!r} has an unsupported or malformed header entry {info!r} "
+            raise ValueError(f"{bad} tensor {name!r} has an unsupported or malformed header entry {info!r} "
                              f"(dtypes: {sorted(SAFETENSORS_DTYPES)})") from None
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if not 0 <= begin <= end <= data_len or end - begin != nbytes:
-            raise ValueError(f"{file!r}: tensor {name!r} ({info['dtype']}{list(shape)}) has data offsets "
+            raise ValueError(f"{bad} tensor {name!r} ({info['dtype']}{list(shape)}) has data offsets "
                              f"[{begin}, {end}) that do not fit its size {nbytes} or the data length {data_len} "
                              "(truncated or corrupt file?)")
         out[name] = np.asarray(mm[begin:end].view(dtype).reshape(shape))
