@@ -4,17 +4,23 @@ Systems (each runs in its own subprocess, so peak memory is its own and JAX's an
 allocators never share a process):
 
 * ``lora_jax``: LoRA r=16, alpha=32 on all 7 projections: exactly the step ``lora-jax train``
-  runs (`lora_jax.train.trainer.jit_train_step` over `lora_jax.train.model.lora_logits_fn`: the
-  model through ``lora.wrap``, gradients for the trainable half of ``lora.split`` only, token
-  cross-entropy, global-norm clipping, AdamW, non-finite guard, the old state donated);
+  runs (`lora_jax.train.trainer.jit_train_step` over `lora_jax.train.model.lora_loss_fn`: the
+  model and its loss through ``lora.wrap``, gradients for the trainable half of ``lora.split``
+  only, the chunked token cross-entropy of `lora_jax.train.loss` (``--loss plain``: the
+  log-softmax of the full logits), global-norm clipping, AdamW, non-finite guard, the old state
+  donated);
 * ``frozen``: the floor: no LoRA; the same step with the gradient taken only w.r.t. the per-layer
   norm scales, so the backward through the activations runs but no weight gradient is formed;
-* ``merged``: the same LoRA, with ``W + s*A@B`` formed inside the loss by ``lora.merge``;
+* ``merged``: the same LoRA, with ``W + s*A@B`` formed inside the loss by ``lora.merge``
+  (``frozen`` and ``merged`` use the same loss as ``lora_jax``);
 * ``peft`` / ``peft_compile``: transformers' PyTorch Llama + PEFT on the same config, eager
   and ``torch.compile`` (when torch and peft import; on CPU only with ``--size tiny``).
 
 Every system uses bf16 weights and compute, AdamW, the same random token batch, and reports the
-median step time of the timed steps after warmup. FLOPs per step are `lora_jax.train.flops`'
+median step time of the timed steps after warmup. Sizes: ``1b`` is the 1.1B Llama config of the
+H100 anchors (TinyLlama's shape, vocabulary 32,000); ``llama3-1b`` is Llama 3.2 1B's shape
+(vocabulary 128,256, tied embeddings, llama3 RoPE), where the LM head and its cross-entropy
+decide the memory. FLOPs per step are `lora_jax.train.flops`'
 count, the one ``lora-jax train`` reports too: ``4*N*T`` (forward and input-gradient matmuls
 over the N linear-layer weights incl. the LM head, T tokens; the frozen base forms no weight
 gradient) + ``6*N_lora*T`` (the adapters) + causal attention ``6*B*S^2*D*L``; MFU divides the
@@ -25,6 +31,11 @@ Usage::
     python benchmarks/train_step.py --size tiny            # CPU smoke test, < 1 minute
     python benchmarks/train_step.py --size 1b              # GPU: batch 8 x 1024 by default
     python benchmarks/train_step.py --size 1b --remat dots_with_no_batch_dims_saveable --systems lora_jax,frozen
+    python benchmarks/train_step.py --size llama3-1b --systems lora_jax,frozen --loss plain
+    python benchmarks/train_step.py --size 1b --systems lora_jax --profile /tmp/prof   # + a jax.profiler trace
+
+``benchmarks/gpu_run.py`` runs the whole GPU measurement of issue 15 (these rows, PEFT's anchor
+beside them, a profile) in one go.
 
 The same step from the trainer: ``lora-jax train model.init.hidden_size=2048 ...`` prints its
 tokens/s and MFU in ``metrics.jsonl`` and ``summary.json``.
@@ -51,6 +62,17 @@ SIZES = {
                  num_key_value_heads=12, vocab_size=32000),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000),
+    # the dry run's stand-in for llama3-1b: tied embeddings and llama3 RoPE at tiny size
+    "tiny-llama3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True, rope_theta=500000.0,
+                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Llama 3.2 1B (meta-llama/Llama-3.2-1B config.json): 128k vocabulary, tied embeddings, llama3 RoPE
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                      rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
@@ -64,10 +86,15 @@ ANCHORS_1B_H100 = {"peft_compile": 50443, "peft_eager": 31117, "jax_ceiling_lora
                    "jax_ceiling_frozen": 79322, "jax_ceiling_merged": 57851}
 
 
+def _size_config(size: str) -> dict:
+    """The config fields of ``size`` (``max_position_embeddings`` 4096 unless the size sets it)."""
+    return {"max_position_embeddings": 4096, **SIZES[size]}
+
+
 def _llama_config(args, **kw):
     from lora_jax.models import LlamaConfig
 
-    return LlamaConfig(**SIZES[args.size], max_position_embeddings=4096, **kw)
+    return LlamaConfig(**_size_config(args.size), **kw)
 
 
 def flops_per_step(args, n_lora: int = 0) -> float:
@@ -103,8 +130,8 @@ def run_jax(system: str, args) -> dict:
 
     import lora_jax as lora
     from lora_jax.models import build, init_params, layers
-    from lora_jax.train.model import lora_logits_fn, lora_rules
-    from lora_jax.train.trainer import LoopSpec, jit_train_step, make_loss_fn, make_optimizer
+    from lora_jax.train.model import lora_loss_fn, lora_rules, make_stats
+    from lora_jax.train.trainer import LoopSpec, jit_train_step, make_optimizer
 
     cfg = _llama_config(args, dtype="bfloat16", param_dtype="bfloat16", remat_policy=args.remat,
                         attention_impl=args.attention)
@@ -116,6 +143,12 @@ def run_jax(system: str, args) -> dict:
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((args.batch, args.seq)),
              "mask": jnp.ones((args.batch, args.seq), jnp.int32)}
 
+    loss_kw = {"chunked": args.loss == "chunked", "chunk": args.loss_chunk}
+    stats = make_stats(model, **loss_kw)  # the trainer's loss on plain parameters
+
+    def on_batch(fn):  # (params, batch) -> loss, as the trainer's loss_fn(trainable, frozen, batch, rng)
+        return lambda train, rest, b, rng: fn(train, rest, b["inputs"], b["targets"], b["weights"])
+
     n_lora = 0
     if system == "frozen":
         layer_p = params["model"]["layers"]
@@ -123,9 +156,10 @@ def run_jax(system: str, args) -> dict:
                  layer_p["post_attention_layernorm"]}
         rest = {**params, "model": {**params["model"], "layers": {k: v for k, v in layer_p.items() if k not in train}}}
 
-        def logits_fn(train, rest, inputs, mask, rng):
+        @on_batch
+        def loss_fn(train, rest, inputs, targets, weights):
             p = {**rest, "model": {**rest["model"], "layers": {**rest["model"]["layers"], **train}}}
-            return model.apply({"params": p}, inputs)
+            return stats(p, inputs, targets, weights)
         n_train = sum(x.size for x in jax.tree.leaves(train))
     else:
         lp = lora.init(params, lora_rules(model, TARGETS, rank=RANK, alpha=ALPHA), key)
@@ -134,10 +168,11 @@ def run_jax(system: str, args) -> dict:
                           is_leaf=lora.is_lora)
         train, rest = lora.split(lp)
         if system == "lora_jax":
-            logits_fn = lora_logits_fn(model)  # what lora-jax train runs
+            loss_fn = lora_loss_fn(model, **loss_kw)  # what lora-jax train runs
         else:  # merged
-            def logits_fn(train, rest, inputs, mask, rng):
-                return model.apply({"params": lora.merge(lora.combine(train, rest))}, inputs)
+            @on_batch
+            def loss_fn(train, rest, inputs, targets, weights):
+                return stats(lora.merge(lora.combine(train, rest)), inputs, targets, weights)
         n_train = n_lora = lora.count(lp).trainable
         del lp
     del params
@@ -146,7 +181,11 @@ def run_jax(system: str, args) -> dict:
     tx, _ = make_optimizer(spec)
     state = {"params": train, "opt_state": tx.init(train), "rng": jax.random.key(2),
              "step": jnp.zeros((), jnp.int32)}
-    step = jit_train_step(make_loss_fn(logits_fn), tx)  # the trainer's jitted step (state donated)
+    t0 = time.perf_counter()
+    step = jit_train_step(loss_fn, tx)  # the trainer's jitted step (state donated)
+    step = step.lower(state, rest, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = step.memory_analysis()
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
@@ -155,11 +194,30 @@ def run_jax(system: str, args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     med = sorted(times)[len(times) // 2]
-    stats = jax.devices()[0].memory_stats() or {}
+    mstats = jax.devices()[0].memory_stats() or {}
+    profile_error = None
+    if args.profile:  # a few more steps under jax.profiler, after the timed ones, and the step's HLO
+        os.makedirs(args.profile, exist_ok=True)
+        with open(os.path.join(args.profile, f"{system}.hlo.txt"), "w") as f:
+            f.write(step.as_text())
+        try:
+            jax.profiler.start_trace(args.profile)
+            try:
+                for _ in range(args.profile_steps):
+                    state, m = step(state, rest, batch)
+                    float(m["loss"])
+            finally:
+                jax.profiler.stop_trace()
+        except Exception as e:  # noqa: BLE001 - a failed trace must not lose the timing above
+            profile_error = repr(e)[:500]
     dev = jax.devices()[0]
     extra = {"loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "trainable_params": n_train,
-             "jax": jax.__version__, "attention": layers.attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim)}
-    return _result(system, args, med, times, stats.get("peak_bytes_in_use"),
+             "jax": jax.__version__, "attention": layers.attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim),
+             "loss": args.loss, "loss_chunk": args.loss_chunk, "compile_s": round(compile_s, 1),
+             "temp_gib": None if mem is None else round(mem.temp_size_in_bytes / 2**30, 3)}
+    if args.profile:
+        extra.update(profile_dir=args.profile, profile_steps=args.profile_steps, profile_error=profile_error)
+    return _result(system, args, med, times, mstats.get("peak_bytes_in_use"),
                    getattr(dev, "device_kind", str(dev)), extra, n_lora=n_lora)
 
 
@@ -176,7 +234,7 @@ def run_peft(system: str, args) -> dict:
         return {"system": system, "size": args.size, "skipped": "PyTorch on CPU runs only with --size tiny"}
     dev = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
-    hc = transformers.LlamaConfig(**SIZES[args.size], max_position_embeddings=4096, attn_implementation="sdpa")
+    hc = transformers.LlamaConfig(**_size_config(args.size), attn_implementation="sdpa")
     model = transformers.LlamaForCausalLM(hc).to(dev, torch.bfloat16)
     model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                                        target_modules=TARGETS))
@@ -217,6 +275,13 @@ def _parse(argv=None):
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma-separated subset of {ALL_SYSTEMS}")
     ap.add_argument("--remat", default=None, help="remat policy of the JAX model (e.g. nothing_saveable)")
     ap.add_argument("--attention", default=None, choices=["xla", "cudnn"], help="default: cuDNN on GPU, XLA on CPU")
+    ap.add_argument("--loss", default="chunked", choices=["chunked", "plain"],
+                    help="the JAX systems' cross-entropy: chunked (the trainer's default) or over the full logits")
+    ap.add_argument("--loss-chunk", type=int, default=None,
+                    help="positions per chunk of the chunked loss (default: lora_jax.train.loss.auto_chunk)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after the timed steps, trace --profile-steps more with jax.profiler into DIR (JAX systems)")
+    ap.add_argument("--profile-steps", type=int, default=3, help=argparse.SUPPRESS)
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one system, in this process
     ap.add_argument("--gpu", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -278,6 +343,9 @@ def main(argv=None):
             cmd += ["--remat", args.remat]
         if args.attention:
             cmd += ["--attention", args.attention]
+        cmd += ["--loss", args.loss] + (["--loss-chunk", str(args.loss_chunk)] if args.loss_chunk else [])
+        if args.profile and system not in ("peft", "peft_compile"):
+            cmd += ["--profile", os.path.join(args.profile, system), "--profile-steps", str(args.profile_steps)]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         if r.returncode != 0 or not lines:

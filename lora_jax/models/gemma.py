@@ -513,7 +513,9 @@ class GemmaForCausalLM(nn.Module):
 
     ``__call__(input_ids, attention_mask=None, positions=None, cache=None, cache_index=None)``
     returns float32 logits ``(B, T, V)``, soft-capped with ``final_logit_softcapping`` when set
-    (with a cache: ``(logits, new_cache)``).
+    (with a cache: ``(logits, new_cache)``). Its two halves are public methods (for a loss that
+    runs the head in chunks, `lora_jax.train.loss.chunked_token_stats`): ``method="hidden"`` (same
+    arguments; ``(hidden states, new cache or None)``) and ``method="logits"`` (the head).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -528,20 +530,30 @@ class GemmaForCausalLM(nn.Module):
     config: GemmaConfig
     head: ClassVar[str] = "causal_lm"
 
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+    def setup(self):
         c = self.config
-        model = GemmaModel(c, name="model")
-        h, new_cache = model.hidden(input_ids, attention_mask, positions, cache, cache_index)
-        if c.tie_word_embeddings:
-            logits = model.attend(h)
-        else:
-            logits = ly.dense(c.vocab_size, use_bias=False, name="lm_head", dtype=c.dtype, param_dtype=c.param_dtype,
-                              std=c.initializer_range)(h)
+        self.model = GemmaModel(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = ly.dense(c.vocab_size, use_bias=False, name="lm_head", dtype=c.dtype,
+                                    param_dtype=c.param_dtype, std=c.initializer_range)
+
+    def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+        """``(final hidden states (B, T, D) in the compute dtype, new cache or None)`` (`GemmaModel.hidden`)."""
+        return self.model.hidden(input_ids, attention_mask, positions, cache, cache_index)
+
+    def logits(self, h):
+        """The output head: float32 logits ``(..., V)`` of hidden states ``h``, soft-capped with
+        ``final_logit_softcapping`` when set."""
+        c = self.config
+        logits = self.model.attend(h) if c.tie_word_embeddings else self.lm_head(h)
         cap = c.final_logit_softcapping
         if cap is not None:  # in the compute dtype, as transformers does
             logits = jnp.tanh(logits / jnp.asarray(cap, logits.dtype)) * jnp.asarray(cap, logits.dtype)
-        logits = logits.astype(jnp.float32)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+        h, new_cache = self.hidden(input_ids, attention_mask, positions, cache, cache_index)
+        logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 
 

@@ -369,17 +369,28 @@ class GPT2LMHeadModel(nn.Module):
     for left-padded rows, as transformers' ``generate`` does). With ``cache`` (from
     `layers.init_cache`) and ``cache_index`` (the cache slot of ``input_ids[:, 0]``; see
     `lora_jax.models.generate`) it returns ``(logits, new_cache)`` and ``attention_mask`` covers
-    the cache's length.
+    the cache's length. ``method="hidden"`` (same arguments; ``(hidden states, new cache or
+    None)``) and ``method="logits"`` (the head) are its two halves, for a loss that runs the head
+    in chunks (`lora_jax.train.loss.chunked_token_stats`).
     """
 
     config: GPT2Config
     head: ClassVar[str] = "causal_lm"
 
-    @nn.compact
+    def setup(self):
+        self.transformer = GPT2Model(self.config)
+
+    def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+        """``(final hidden states (B, T, D) in the compute dtype, new cache or None)`` (`GPT2Model.hidden`)."""
+        return self.transformer.hidden(input_ids, attention_mask, positions, cache, cache_index)
+
+    def logits(self, h):
+        """The tied output head: float32 logits ``(..., V)`` of hidden states ``h`` (``h @ wte.T``)."""
+        return self.transformer.attend(h).astype(jnp.float32)
+
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        model = GPT2Model(self.config, name="transformer")
-        h, new_cache = model.hidden(input_ids, attention_mask, positions, cache, cache_index)
-        logits = model.attend(h).astype(jnp.float32)
+        h, new_cache = self.hidden(input_ids, attention_mask, positions, cache, cache_index)
+        logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 
 

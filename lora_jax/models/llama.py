@@ -397,22 +397,35 @@ class LlamaForCausalLM(nn.Module):
     the mask can be left out: causal attention never lets a real token see the padding after it,
     and the cuDNN kernel then runs its fastest causal path. With ``cache``/``cache_index`` (see
     `lora_jax.models.generate`) it returns ``(logits, new_cache)``.
+
+    The two halves are public methods, so a loss can run the head itself (in chunks,
+    `lora_jax.train.loss.chunked_token_stats`): ``apply(..., method="hidden")`` takes the same
+    arguments and returns ``(final hidden states in the compute dtype, new cache or None)``;
+    ``apply(..., h, method="logits")`` is the head (``lm_head``, or the tied embedding).
     """
 
     config: LlamaConfig
     head = "causal_lm"
 
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+    def setup(self):
         c = self.config
-        model = LlamaModel(c, name="model")
-        out = model(input_ids, attention_mask, positions, cache, cache_index)
-        h, new_cache = (out, None) if cache is None else out
-        if c.tie_word_embeddings:
-            logits = model.attend(h)
-        else:
-            logits = _dense(c, c.vocab_size, False, "lm_head")(h)
-        logits = logits.astype(jnp.float32)
+        self.model = LlamaModel(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = _dense(c, c.vocab_size, False, "lm_head")
+
+    def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+        """``(final hidden states (B, T, D) in the compute dtype, new cache or None)``."""
+        out = self.model(input_ids, attention_mask, positions, cache, cache_index)
+        return (out, None) if cache is None else out
+
+    def logits(self, h):
+        """The output head: float32 logits ``(..., V)`` of hidden states ``h`` ``(..., D)``."""
+        logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+        h, new_cache = self.hidden(input_ids, attention_mask, positions, cache, cache_index)
+        logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 
 

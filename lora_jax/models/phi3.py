@@ -392,21 +392,32 @@ class Phi3ForCausalLM(nn.Module):
     cache_index=None)`` returns float32 logits ``(B, T, V)`` (``(logits, new_cache)`` with a
     cache; see `Phi3Model` for the arguments). ``lm_head`` is the embedding's transpose under
     ``tie_word_embeddings`` (Phi-4-mini). Decode with `lora_jax.models.generate.generate`.
+    ``method="hidden"`` (same arguments; ``(hidden states, new cache or None)``) and
+    ``method="logits"`` (the head) are its two halves, for a loss that runs the head in chunks
+    (`lora_jax.train.loss.chunked_token_stats`).
     """
 
     config: Phi3Config
     head: ClassVar[str] = "causal_lm"
 
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+    def setup(self):
         c = self.config
-        model = Phi3Model(c, name="model")
-        h, new_cache = model.hidden(input_ids, attention_mask, positions, cache, cache_index)
-        if c.tie_word_embeddings:
-            logits = model.attend(h)
-        else:
-            logits = _dense(c, c.vocab_size, "lm_head")(h)
-        logits = logits.astype(jnp.float32)
+        self.model = Phi3Model(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = _dense(c, c.vocab_size, "lm_head")
+
+    def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+        """``(final hidden states (B, T, D) in the compute dtype, new cache or None)`` (`Phi3Model.hidden`)."""
+        return self.model.hidden(input_ids, attention_mask, positions, cache, cache_index)
+
+    def logits(self, h):
+        """The output head: float32 logits ``(..., V)`` of hidden states ``h`` ``(..., D)``."""
+        logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+        h, new_cache = self.hidden(input_ids, attention_mask, positions, cache, cache_index)
+        logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 
 

@@ -155,6 +155,11 @@ class TrainConfig:
     clip_norm: float = _f(1.0, "clip gradients to this global norm; 0: off", min=0.0)
     remat: str = _f("none", "rematerialize each scanned decoder layer with this jax.checkpoint policy (the model's "
                     "remat_policy); none: keep every activation", choices=REMAT_POLICIES)
+    chunked_loss: bool = _f(True, "cross-entropy over chunks of the sequence from the final hidden states and the "
+                            "head (lora_jax.train.loss): the full (batch, seq, vocab) float32 logits and their "
+                            "gradient are never held; false: the plain log-softmax of the full logits")
+    loss_chunk: int = _f(0, "positions per chunk of the chunked loss (all rows of a micro-batch together); 0: auto "
+                         "(each chunk's float32 logits within 256 MiB)", min=0)
     eval_every: int = _f(25, "steps between evals; 0: only before and after", min=0)
     eval_batches: int = _f(0, "batches per eval; 0: the whole eval set", min=0)
     log_every: int = _f(5, "steps between metric lines", min=1)

@@ -14,6 +14,9 @@ place of `lora_jax.train` that knows that; the loop (`trainer`) sees only
 * `lora_rules`: `lora.Rules` that know which kernels are layer stacks;
 * `make_apply` / `forward` / `lora_logits_fn` / `full_logits_fn`: the forward pass (through
   ``lora.wrap`` on a LoRA tree);
+* `make_stats` / `lora_loss_fn` / `full_loss_fn`: the trainer's loss, by default the chunked
+  cross-entropy of `lora_jax.train.loss` over the model's hidden states and head (the full
+  ``(B, T, V)`` float32 logits are never held), or the plain one over the logits;
 * `export_peft` / `load_peft` / `save_merged`: the adapter as a PEFT directory, base + adapter
   folded into one checkpoint.
 
@@ -41,7 +44,8 @@ from .files import atomic_dir
 
 __all__ = ["SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "load_tokenizer", "new_model", "load_model",
            "save_model", "stacked_paths", "lora_rules", "make_apply", "forward", "lora_logits_fn", "full_logits_fn",
-           "export_peft", "load_peft", "base_only", "save_merged", "to_host", "max_positions"]
+           "make_stats", "lora_loss_fn", "full_loss_fn", "export_peft", "load_peft", "base_only", "save_merged",
+           "to_host", "max_positions"]
 
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHAT_TEMPLATE = (
@@ -282,6 +286,63 @@ def full_logits_fn(model) -> Callable:
         return apply(trainable, inputs)
 
     return logits_fn
+
+
+def make_stats(model, *, chunked: bool = True, chunk: Optional[int] = None) -> Callable:
+    """``stats(params, inputs, targets, weights) -> (nll_sum, correct_sum)`` of a causal LM of
+    `lora_jax.models` on plain (or, under ``lora.wrap``, LoRA) parameters.
+
+    With ``chunked`` (the trainer's default) the model runs up to its final hidden states
+    (``method="hidden"``) and `loss.chunked_token_stats` applies its head (``method="logits"``:
+    kernel or tied embedding, Gemma's soft-capping) ``chunk`` positions at a time (None: the
+    `loss.auto_chunk` budget); otherwise `loss.token_stats` of the full logits. Both give the same
+    values and gradients. No attention mask is passed (right-padded rows; see `lora_logits_fn`).
+
+    Raises:
+      TypeError: ``chunked`` on a module without the ``hidden``/``logits`` methods.
+    """
+    from .loss import chunked_token_stats, token_stats
+
+    if chunked and not (callable(getattr(model, "hidden", None)) and callable(getattr(model, "logits", None))):
+        raise TypeError(f"chunked loss: {type(model).__name__} has no hidden/logits methods (the causal LMs of "
+                        "lora_jax.models have them); use chunked=False")
+
+    def stats(params, inputs, targets, weights):
+        if not chunked:
+            return token_stats(model.apply({"params": params}, inputs), targets, weights)
+        h, _ = model.apply({"params": params}, inputs, method="hidden")
+        head = lambda x: model.apply({"params": params}, x, method="logits")  # noqa: E731
+        return chunked_token_stats(h, head, targets, weights, chunk=chunk)
+
+    return stats
+
+
+def lora_loss_fn(model, *, chunked: bool = True, chunk: Optional[int] = None) -> Callable:
+    """``loss(trainable, frozen, batch, rng) -> (nll_sum, correct_sum)`` of a LoRA step: `make_stats`
+    through ``lora.wrap`` on ``lora.combine(trainable, frozen)`` (LoRA dropout driven by ``rng``).
+
+    The whole loss runs inside ``wrap``, so a LoRA or quantized head stays factorized in every
+    chunk. This is the trainer's loss and the step `benchmarks/train_step.py` times as ``lora_jax``.
+    """
+    from ..interpreter import wrap
+
+    stats = make_stats(model, chunked=chunked, chunk=chunk)
+
+    def loss(trainable, frozen, batch, rng):
+        return wrap(stats, rng=rng)(_tree.combine(trainable, frozen), batch["inputs"], batch["targets"],
+                                    batch["weights"])
+
+    return loss
+
+
+def full_loss_fn(model, *, chunked: bool = True, chunk: Optional[int] = None) -> Callable:
+    """``loss(params, None, batch, rng)`` training every parameter (pretraining), as `lora_loss_fn`."""
+    stats = make_stats(model, chunked=chunked, chunk=chunk)
+
+    def loss(trainable, frozen, batch, rng):
+        return stats(trainable, batch["inputs"], batch["targets"], batch["weights"])
+
+    return loss
 
 
 # ------------------------------------------------------------------------------------------

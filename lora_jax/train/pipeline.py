@@ -15,7 +15,9 @@ Order of work (nothing is written until everything that can be checked has been)
 
 Each step is one function over a small `_Run` state (`_prepare`, `_load_base`, `_load_data`,
 `_start_writes`, `_pretrain`, `_finetune`, `_export`). The train records and the summary report
-tokens/s and the model FLOPs utilization (`flops`).
+tokens/s and the model FLOPs utilization (`flops`). Pretraining, LoRA training and `evaluate` use
+one loss: by default the chunked cross-entropy of `loss` (``train.chunked_loss``,
+``train.loss_chunk``), which never holds the full ``(batch, seq, vocab)`` float32 logits.
 
 Run directory::
 
@@ -351,6 +353,11 @@ def _start_writes(r: _Run) -> None:
     r.summary = {"out_dir": os.path.abspath(r.out_dir)}
 
 
+def _loss_kw(cfg: Config) -> dict:
+    """The trainer's loss settings (``train.chunked_loss``, ``train.loss_chunk``)."""
+    return {"chunked": cfg.train.chunked_loss, "chunk": cfg.train.loss_chunk or None}
+
+
 def _pretrain(r: _Run) -> None:
     """Full-parameter pretraining of a fresh base (``model.pretrain``), then ``base/`` is written."""
     cfg = r.cfg
@@ -361,7 +368,7 @@ def _pretrain(r: _Run) -> None:
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(r.params))
         r.say(f"# pretraining the fresh base model ({n_params:,} params) for {pc.steps} steps on {pc.data}")
         flops, peak = r.flops(pc.batch_size, r.pre_rows.seq_len, full=True)
-        pre = Trainer(spec, mesh=r.mesh, logits_fn=_model.full_logits_fn(r.model), trainable=r.params,
+        pre = Trainer(spec, mesh=r.mesh, loss_fn=_model.full_loss_fn(r.model, **_loss_kw(cfg)), trainable=r.params,
                       rows=r.pre_rows, seed=cfg.seed, phase="pretrain", metrics=r.metrics, echo=r.say,
                       stacked=_model.stacked_paths(r.model), flops_per_step=flops, peak_flops=peak)
         try:
@@ -399,7 +406,8 @@ def _finetune(r: _Run, stop_after: Optional[int]) -> None:
         r.say(f"# removed unfinished checkpoint save(s) of an interrupted run (never finalized, not used): "
               f"{', '.join(ck.removed)}")
     try:
-        trainer = Trainer(LoopSpec.from_config(cfg.train), mesh=r.mesh, logits_fn=_model.lora_logits_fn(r.model),
+        trainer = Trainer(LoopSpec.from_config(cfg.train), mesh=r.mesh,
+                          loss_fn=_model.lora_loss_fn(r.model, **_loss_kw(cfg)),
                           trainable=trainable, frozen=frozen, rows=r.rows, eval_rows=r.eval_rows, seed=cfg.seed,
                           phase="lora", metrics=r.metrics, checkpointer=ck, echo=r.say,
                           stacked=_model.stacked_paths(r.model), flops_per_step=flops, peak_flops=peak)
@@ -629,16 +637,15 @@ def eval_rows_of(handle: RunHandle) -> _data.Rows:
 
 def evaluate(handle: RunHandle, rows: _data.Rows, batch_size: Optional[int] = None) -> dict:
     """Eval loss, perplexity and token accuracy of the base alone and of base + adapter on ``rows``
-    (the forward pass of training: `model.lora_logits_fn`)."""
-    from .trainer import token_stats
+    (the loss of training: `model.lora_loss_fn`, without dropout)."""
+    from ..interpreter import wrap
 
-    apply = handle.apply
+    token_sums = wrap(_model.make_stats(handle.model, **_loss_kw(handle.cfg)))
     mb = batch_size or max(handle.cfg.train.batch_size // handle.cfg.train.grad_accum, 1)
 
     @jax.jit
     def stats(lp, b):
-        logits = _model.forward(apply, lp, b["inputs"], None)  # no mask: right-padded rows, as in training
-        nll, correct = token_stats(logits, b["targets"], b["weights"])
+        nll, correct = token_sums(lp, b["inputs"], b["targets"], b["weights"])
         return nll, correct, b["weights"].sum()
 
     out = {"source": handle.adapter_source, "eval_rows": len(rows)}

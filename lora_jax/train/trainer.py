@@ -41,6 +41,7 @@ from . import data as _data
 from . import flops as _flops
 from . import sharding as shd
 from .interrupts import StopSignals, TrainingInterrupted, signal_name
+from .loss import token_stats
 from .metrics import MetricsWriter, Progress, perplexity
 
 __all__ = ["LoopSpec", "make_schedule", "make_optimizer", "token_stats", "make_loss_fn", "make_train_step",
@@ -157,19 +158,11 @@ def make_optimizer(spec: LoopSpec) -> tuple[optax.GradientTransformation, optax.
 # ------------------------------------------------------------------------------------------
 
 
-def token_stats(logits, targets, weights):
-    """``(sum of weighted next-token NLL, sum of weighted correct argmax)``, in float32."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    w = weights.astype(jnp.float32)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return jnp.sum((lse - tgt) * w), jnp.sum(correct * w)
-
-
 def make_loss_fn(logits_fn: Callable) -> Callable:
     """``loss(trainable, frozen, batch, rng) -> (nll_sum, correct_sum)`` of
-    ``logits_fn(trainable, frozen, inputs, mask, rng)`` on a batch."""
+    ``logits_fn(trainable, frozen, inputs, mask, rng)`` on a batch: the plain `token_stats` of
+    the full logits. (The runs of ``lora-jax train`` use the chunked loss of
+    `lora_jax.train.model.lora_loss_fn` instead, which never holds the full float32 logits.)"""
 
     def loss(trainable, frozen, batch, rng):
         logits = logits_fn(trainable, frozen, batch["inputs"], batch["mask"], rng)
@@ -266,7 +259,10 @@ class Trainer:
     Args:
       spec: the loop's settings.
       mesh: the device mesh (`sharding.make_mesh`).
-      logits_fn: ``(trainable, frozen, inputs, mask, rng) -> logits``.
+      logits_fn: ``(trainable, frozen, inputs, mask, rng) -> logits`` (its loss is `make_loss_fn`'s
+        plain cross-entropy); or instead
+      loss_fn: ``(trainable, frozen, batch, rng) -> (nll_sum, correct_sum)`` (e.g. the chunked
+        `lora_jax.train.model.lora_loss_fn`). Exactly one of the two.
       trainable: what the optimizer updates (a `lora.split` trainable half, or whole params); the
         trainer owns it from here (each step donates the state it replaces).
       frozen: everything else (None for full training).
@@ -286,7 +282,8 @@ class Trainer:
     step and eval functions are compiled once, ahead of time.
     """
 
-    def __init__(self, spec: LoopSpec, *, mesh, logits_fn: Callable, trainable, frozen=None, rows: _data.Rows,
+    def __init__(self, spec: LoopSpec, *, mesh, logits_fn: Optional[Callable] = None, trainable, frozen=None,
+                 rows: _data.Rows, loss_fn: Optional[Callable] = None,
                  eval_rows: Optional[_data.Rows] = None, seed: int = 0, phase: str = "lora",
                  metrics: Optional[MetricsWriter] = None, checkpointer=None, echo: Callable = print,
                  stacked=(), flops_per_step: Optional[float] = None, peak_flops: Optional[float] = None):
@@ -301,7 +298,9 @@ class Trainer:
                              f"{spec.micro_batch} rows) must divide by mesh data x fsdp = {n_batch}")
         self.order = _data.Order(len(rows), self.seed)
         self.tx, self.schedule = make_optimizer(spec)
-        loss_fn = make_loss_fn(logits_fn)
+        if (logits_fn is None) == (loss_fn is None):
+            raise TypeError("Trainer: give exactly one of logits_fn and loss_fn")
+        loss_fn = make_loss_fn(logits_fn) if loss_fn is None else loss_fn
 
         self.trainable_shardings = shd.param_shardings(trainable, mesh, stacked)
         self.frozen_shardings = shd.param_shardings(frozen, mesh, stacked) if frozen is not None else None

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The GPU measurement of issue 15 in one go: benchmarks/gpu_run.py (its docstring says what runs).
+#
+#   bash benchmarks/gpu_run.sh --anchor .anchors/peft_anchor.py --out "$OUT"        # on the GPU machine
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_run.sh --size tiny --anchor ../shared/anchors/peft_anchor.py --out /tmp/dry
+#
+# PYTHON: the interpreter (default python3, the one holding jax[cuda], torch, transformers, peft).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+exec "${PYTHON:-python3}" benchmarks/gpu_run.py "$@"
