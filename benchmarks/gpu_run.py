@@ -27,7 +27,7 @@ as on the GPU (without CUDA it fails at once, and that failure is recorded).
 Usage::
 
     python benchmarks/gpu_run.py --anchor .anchors/peft_anchor.py --out "$OUT"          # GPU
-    python benchmarks/gpu_run.py --size tiny --anchor ../shared/anchors/peft_anchor.py --out /tmp/dry
+    python benchmarks/gpu_run.py --size tiny --anchor path/to/peft_anchor.py --out /tmp/dry
 """
 
 from __future__ import annotations

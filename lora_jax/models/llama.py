@@ -353,7 +353,8 @@ class LlamaModel(nn.Module):
     """Embedding, the scanned decoder layers and the final norm (the ``"base"`` head).
 
     ``apply({"params": p}, input_ids, attention_mask=None, positions=None)`` returns the last
-    hidden states ``(B, T, D)`` in the compute dtype (with a cache: ``(hidden, new_cache)``).
+    hidden states ``(B, T, D)`` in float32 (with a cache: ``(hidden, new_cache)``), as every
+    family's base head does; ``method="hidden"`` gives them in the compute dtype.
     """
 
     config: LlamaConfig
@@ -371,7 +372,8 @@ class LlamaModel(nn.Module):
                               length=c.num_hidden_layers)(c)
         self.norm = _norm(c, "norm")
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+    def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+        """``(final hidden states in the compute dtype, new cache or None)``."""
         c = self.config
         input_ids, attention_mask, positions, cache_index, m = decoder_inputs(
             type(self).__name__, input_ids, attention_mask, positions, cache, cache_index)
@@ -379,7 +381,11 @@ class LlamaModel(nn.Module):
         cos, sin = rope_tables(c.rope, c.head_dim, c.max_position_embeddings, positions, c.dtype)
         h = self.embed_tokens(input_ids)
         h, new_cache = self.layers(h, cache, cos, sin, mask, cache_index)
-        h = self.norm(h)
+        return self.norm(h), new_cache
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+        h, new_cache = self.hidden(input_ids, attention_mask, positions, cache, cache_index)
+        h = h.astype(jnp.float32)
         return h if cache is None else (h, new_cache)
 
     def attend(self, h):
@@ -415,8 +421,7 @@ class LlamaForCausalLM(nn.Module):
 
     def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
         """``(final hidden states (B, T, D) in the compute dtype, new cache or None)``."""
-        out = self.model(input_ids, attention_mask, positions, cache, cache_index)
-        return (out, None) if cache is None else out
+        return self.model.hidden(input_ids, attention_mask, positions, cache, cache_index)
 
     def logits(self, h):
         """The output head: float32 logits ``(..., V)`` of hidden states ``h`` ``(..., D)``."""
