@@ -40,7 +40,7 @@ import numpy as np
 from .. import tree as _tree
 from ..rules import Rule, Rules
 from ..weight import is_lora
-from .files import atomic_dir
+from ..io._files import atomic_directory
 
 __all__ = ["SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "load_tokenizer", "new_model", "load_model",
            "save_model", "stacked_paths", "lora_rules", "make_apply", "forward", "lora_logits_fn", "full_logits_fn",
@@ -197,7 +197,7 @@ def save_model(model, params, tokenizer, path: str) -> None:
     params = to_host(params)
     if jax.process_index() != 0:
         return
-    with atomic_dir(path) as tmp:
+    with atomic_directory(path, overwrite=True, what="save_model") as tmp:
         save(tmp, model, params, overwrite=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
