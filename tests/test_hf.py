@@ -792,19 +792,3 @@ def test_save_peft_picks_one_adapter_of_several(root, tmp_path):
     hf.save_peft(tmp_path / "ad", lp, model, adapter="other")
     pm = PeftModel.from_pretrained(load_torch(name, saved(root, name)), tmp_path / "ad").eval()
     assert_close(name, torch_out(name, pm), jax_out(model, lora.select(lp, "other"), name))
-
-
-def test_example_hf_finetune_demo(tmp_path, capsys):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "hf_finetune.py")
-    spec = importlib.util.spec_from_file_location("hf_finetune", path)
-    ex = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ex)
-    assert ex.main(["--demo", "--steps", "3", "--pretrain-steps", "5", "--batch", "2", "--seq-len", "32", "--verify",
-                    "--workdir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(" in out
-    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
-    err = float(out.split("max |JAX - PyTorch PEFT| logits = ")[1].split()[0])
-    assert err < 1e-5
