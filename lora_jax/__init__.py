@@ -8,11 +8,11 @@
 >>> merged = lora.merge(lp)
 """
 
-from .weight import LoraWeight, Trainable, is_lora
+from .weight import AdapterSettings, LoraWeight, Trainable, is_lora
 from .rules import Rule, Rules
-from .tree import init, merge, unmerge, split, combine, count, summary, Count
+from .tree import init, merge, unmerge, trainable_mask, split, combine, count, summary, Count
 from .optim import freeze, labels
-from .interpreter import wrap, MaterializeWarning
+from .interpreter import wrap, MaterializeWarning, register_rule
 from .adapters import add, select, delete, adapter_names, combine_adapters
 from .quant import QuantizedArray, quantize, dequantize
 from .io import save_adapter, load_adapter
@@ -20,11 +20,11 @@ from .io import save_adapter, load_adapter
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraWeight", "Trainable", "is_lora",
+    "AdapterSettings", "LoraWeight", "Trainable", "is_lora",
     "Rule", "Rules",
-    "init", "merge", "unmerge", "split", "combine", "count", "summary", "Count",
+    "init", "merge", "unmerge", "trainable_mask", "split", "combine", "count", "summary", "Count",
     "freeze", "labels",
-    "wrap", "MaterializeWarning",
+    "wrap", "MaterializeWarning", "register_rule",
     "add", "select", "delete", "adapter_names", "combine_adapters",
     "QuantizedArray", "quantize", "dequantize",
     "save_adapter", "load_adapter",

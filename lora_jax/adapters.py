@@ -8,6 +8,7 @@ the active ones, and ``lora.wrap(fn, adapter_ids=ids)`` routes each example to a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence, Union
 
@@ -15,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from .rules import Rules, Target, path_str
-from .tree import _as_key, _is_array, _path_key, make_weight
-from .weight import LoraWeight, is_lora, is_node, map_chain, to_matrix
+from .tree import as_key, is_array, make_weight, path_key
+from .weight import AdapterSettings, LoraWeight, is_lora, is_node, map_chain, to_matrix
 
 __all__ = ["add", "select", "delete", "adapter_names", "combine_adapters"]
 
@@ -51,23 +52,24 @@ def add(tree, name: str, rules: Union[Rules, Any], key, *, active: bool = True):
       >>> lora.adapter_names(lp)
       ['default', 'task2']
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"add: adapter name must be a non-empty string, got {name!r}")
+    AdapterSettings.of({"name": name, "active": active}, where="add")
     if not isinstance(rules, Rules):
         rules = Rules(rules)
-    key = _as_key(key)
+    key = as_key(key)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
     paths = [path_str(kp) for kp, _ in flat]
     candidates = [(p, tuple(leaf.base.shape if is_lora(leaf) else leaf.shape),
                    leaf.base.dtype if is_lora(leaf) else leaf.dtype)
-                  for p, (_, leaf) in zip(paths, flat) if is_lora(leaf) or _is_array(leaf)]
-    targets = rules.select(candidates)
+                  for p, (_, leaf) in zip(paths, flat) if is_lora(leaf) or is_array(leaf)]
+    targets = rules.resolve_all(candidates)
     out = []
     for p, (_, leaf) in zip(paths, flat):
         t: Target = targets.get(p)
         if t is None:
             out.append(leaf)
-        elif is_lora(leaf):
+            continue
+        t = dataclasses.replace(t, settings=dataclasses.replace(t.settings, name=name, active=active))
+        if is_lora(leaf):
             if name in [n.name for n in leaf.chain()]:
                 raise ValueError(f"{p}: already holds an adapter named {name!r}; delete it first or pick another name")
             if t.layout != leaf.layout:
@@ -75,14 +77,13 @@ def add(tree, name: str, rules: Union[Rules, Any], key, *, active: bool = True):
                                  f"the adapters already on this kernel")
             if any(n.m is not None for n in leaf.chain()):
                 raise ValueError(f"{p}: holds a DoRA adapter, which cannot share a kernel with other adapters")
-            out.append(make_weight(leaf.base, t, _path_key(jax.random.fold_in(key, 1), p), p, name=name,
-                                   active=active, inner=leaf))
+            out.append(make_weight(leaf.base, t, path_key(jax.random.fold_in(key, 1), p), inner=leaf))
         else:
-            out.append(make_weight(leaf, t, _path_key(key, p), p, name=name, active=active))
+            out.append(make_weight(leaf, t, path_key(key, p)))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _names(names) -> list[str]:
+def _name_list(names) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
@@ -99,7 +100,7 @@ def select(tree, names: Union[str, Sequence[str]]):
     Active adapters are what `lora.wrap` and `lora.merge` apply (their deltas add up) and what
     `lora.freeze` trains. ``select(tree, [])`` switches every adapter off (the base model).
     """
-    names = _names(names)
+    names = _name_list(names)
     _check_known(tree, names, "select")
     return jax.tree_util.tree_map(
         lambda x: map_chain(x, lambda n, w: n.replace(w=w, active=n.name in names), lambda b: b) if is_lora(x) else x,
@@ -133,7 +134,7 @@ def combine_adapters(tree, names: Sequence[str], weights: Sequence[float], metho
       ValueError: on unknown names, mismatched lengths, an unknown method, DoRA adapters, or
         different ranks with ``"linear"``.
     """
-    names = _names(names)
+    names = _name_list(names)
     weights = [float(w) for w in weights]
     if len(names) != len(weights) or not names:
         raise ValueError(f"combine_adapters: {len(names)} names and {len(weights)} weights; give one weight per name")

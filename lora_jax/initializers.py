@@ -71,7 +71,6 @@ def embedding(key, w, layout, rank, dtype, scale=1.0):
 def _factors_from_matrix(w, layout, rank, dtype, scale, fn, key=None):
     """Apply ``fn(M) -> (A (in, r), B (r, out))`` to every stacked matrix view of ``w`` (in float32)."""
     m = to_matrix(w.astype(jnp.promote_types(w.dtype, jnp.float32)), layout)
-    lead = m.shape[:-2]
     flat = m.reshape((-1,) + m.shape[-2:])
     keys = jax.random.split(key if key is not None else jax.random.key(0), flat.shape[0])
     a, b = jax.vmap(fn)(flat, keys)

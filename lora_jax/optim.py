@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
-from .weight import Trainable, is_lora, is_node, is_trainable, map_chain
+from .tree import trainable_mask
+from .weight import is_node
 
 __all__ = ["freeze", "labels", "TRAIN", "FROZEN"]
 
@@ -14,23 +15,10 @@ FROZEN = "frozen"
 
 
 def labels(tree):
-    """A tree of the same structure with ``"lora"`` on each ``a``, ``b`` (and DoRA ``m``) of every
-    active adapter and ``"frozen"`` on every other leaf. Works on full trees, `lora.split` halves
-    and gradient trees."""
-
-    def node(n, w):
-        on = TRAIN if n.active else FROZEN  # only the selected adapters train
-        return n.replace(w=w, a=None if n.a is None else on, b=None if n.b is None else on,
-                         m=None if n.m is None else on)
-
-    def lab(x):
-        if is_lora(x):
-            return map_chain(x, node, lambda base: None if base is None else FROZEN)
-        if is_trainable(x):
-            return Trainable(TRAIN)
-        return FROZEN
-
-    return jax.tree_util.tree_map(lab, tree, is_leaf=is_node)
+    """`lora.trainable_mask` as optax labels: ``"lora"`` on each ``a``, ``b`` (and DoRA ``m``) of
+    every active adapter and on each `lora.Trainable` value, ``"frozen"`` on every other leaf.
+    Works on full trees, `lora.split` halves and gradient trees."""
+    return jax.tree_util.tree_map(lambda on: TRAIN if on else FROZEN, trainable_mask(tree))
 
 
 def freeze(tx: optax.GradientTransformation, tree=None) -> optax.GradientTransformation:

@@ -1,7 +1,7 @@
 """QLoRA: frozen kernels stored in 4-bit NF4 (or int8), dequantized on the fly.
 
 ``lora.quantize(tree, "nf4", block=64, double_quant=True)`` replaces the frozen base of every
-`LoraWeight` (and, with ``which="all"``, every other floating kernel) by a `QuantizedArray`:
+`LoraWeight` (and every other leaf its ``rules=`` select) by a `QuantizedArray`:
 
 * NF4 (QLoRA, Dettmers et al. 2023): each block of ``block`` consecutive values (per stack index)
   is scaled by its absolute maximum and each value is replaced by the nearest of the 16 NF4 levels
@@ -18,6 +18,7 @@ returns full precision (``requantize=True`` stores the merged kernel quantized a
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Optional
 
@@ -25,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .rules import path_str
-from .weight import LoraWeight, is_lora, is_node, map_chain
+from .rules import Rules, path_str
+from .weight import StoredArray, dense_base, is_lora, is_unit, map_chain, static_field
 
-__all__ = ["QuantizedArray", "quantize", "dequantize", "NF4_LEVELS", "nbytes"]
+__all__ = ["QuantizedArray", "quantize", "dequantize", "quantize_array", "NF4_LEVELS", "nbytes"]
 
 # The 16 NF4 levels of the QLoRA paper (bitsandbytes' create_normal_map(0.9677083, use_extra_value=True)):
 # 8 positive and 7 negative quantiles of N(0, 1), zero, normalized to [-1, 1].
@@ -42,8 +43,9 @@ _SCHEMES = ("nf4", "int8")
 _DQ_BLOCK = 256
 
 
-@jax.tree_util.register_pytree_with_keys_class
-class QuantizedArray:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class QuantizedArray(StoredArray):
     """A frozen array stored quantized; ``shape``/``dtype`` describe the dense array it stands for.
 
     Children: ``codes`` (uint8: two NF4 codes per byte, or int8 values), ``scales`` (float32 block
@@ -52,28 +54,20 @@ class QuantizedArray:
     ``stack`` (leading axes quantized separately, so ``scan`` can slice them).
     """
 
-    __slots__ = ("codes", "scales", "scales2", "offset", "shape", "dtype", "scheme", "block", "stack")
+    codes: Any
+    scales: Any
+    scales2: Any
+    offset: Any
+    shape: tuple = static_field()
+    dtype: Any = static_field()
+    scheme: str = static_field()
+    block: int = static_field()
+    stack: int = static_field(default=0)
 
-    def __init__(self, codes, scales, scales2, offset, *, shape, dtype, scheme, block, stack=0):
-        self.codes, self.scales, self.scales2, self.offset = codes, scales, scales2, offset
-        self.shape, self.dtype = tuple(int(d) for d in shape), jnp.dtype(dtype)
-        self.scheme, self.block, self.stack = scheme, int(block), int(stack)
-
-    def _static(self):
-        return (self.shape, self.dtype.name, self.scheme, self.block, self.stack)
-
-    def tree_flatten_with_keys(self):
-        g = jax.tree_util.GetAttrKey
-        return ((g("codes"), self.codes), (g("scales"), self.scales), (g("scales2"), self.scales2),
-                (g("offset"), self.offset)), self._static()
-
-    def tree_flatten(self):
-        return (self.codes, self.scales, self.scales2, self.offset), self._static()
-
-    @classmethod
-    def tree_unflatten(cls, static, children):
-        shape, dtype, scheme, block, stack = static
-        return cls(*children, shape=shape, dtype=dtype, scheme=scheme, block=block, stack=stack)
+    def __post_init__(self):
+        for k, v in (("shape", tuple(int(d) for d in self.shape)), ("dtype", jnp.dtype(self.dtype)),
+                     ("block", int(self.block)), ("stack", int(self.stack))):
+            object.__setattr__(self, k, v)
 
     @property
     def ndim(self) -> int:
@@ -87,12 +81,11 @@ class QuantizedArray:
         """The same children viewed as one slice of the leading stack axis (``scan`` slices them)."""
         if self.stack < 1:
             raise ValueError("QuantizedArray.unstacked: this array has no stack axis")
-        return QuantizedArray(self.codes, self.scales, self.scales2, self.offset, shape=self.shape[1:],
-                              dtype=self.dtype, scheme=self.scheme, block=self.block, stack=self.stack - 1)
+        return dataclasses.replace(self, shape=self.shape[1:], stack=self.stack - 1)
 
     def requantize(self, x) -> "QuantizedArray":
         """``x`` (same shape) quantized with this array's settings."""
-        return _quantize_array(x.astype(self.dtype), self.scheme, self.block, self.scales2 is not None, self.stack)
+        return quantize_array(x.astype(self.dtype), self.scheme, self.block, self.scales2 is not None, self.stack)
 
     def block_scales(self) -> jax.Array:
         if self.scales2 is None:
@@ -120,19 +113,19 @@ class QuantizedArray:
         out = vals.reshape(lead + (-1,))[..., :per].reshape(self.shape)
         return out.astype(dtype or self.dtype)
 
-    def _not_an_array(self, *_, **__):
+    def __jax_array__(self, *_, **__):
         raise TypeError("a lora QuantizedArray was used as an array; call the model through lora.wrap or "
                         "lora.merge / lora.dequantize first")
 
-    __jax_array__ = _not_an_array
-    __array__ = _not_an_array
+    __array__ = __jax_array__
 
     def __repr__(self):
         dq = "+dq" if self.scales2 is not None else ""
         return f"QuantizedArray({self.scheme}{dq}, block={self.block}, {self.dtype.name}{list(self.shape)})"
 
 
-def _quantize_array(x, scheme: str, block: int, double_quant: bool, stack: int) -> QuantizedArray:
+def quantize_array(x, scheme: str, block: int, double_quant: bool, stack: int) -> QuantizedArray:
+    """``x`` quantized per index of its ``stack`` leading axes, in blocks of ``block`` values."""
     shape, dtype = tuple(x.shape), x.dtype
     lead = shape[:stack]
     flat = jnp.asarray(x, jnp.float32).reshape(lead + (-1,))
@@ -166,16 +159,21 @@ def _quantize_array(x, scheme: str, block: int, double_quant: bool, stack: int) 
                           stack=stack)
 
 
-def quantize(tree, scheme: str = "nf4", *, block: int = 64, double_quant: bool = True, which: str = "lora"):
+def quantize(tree, scheme: str = "nf4", *, block: int = 64, double_quant: bool = True, rules: Any = None,
+             which: Optional[str] = None):
     """Store frozen kernels quantized (QLoRA).
 
+    The base of every `LoraWeight` is quantized; ``rules`` selects further plain leaves (a frozen
+    embedding or head), each quantized per index of its rule's stack axes.
+
     Args:
-      tree: a LoRA tree (or, with ``which="all"``, any parameter tree).
+      tree: a LoRA tree (or, with ``rules``, any parameter tree).
       scheme: ``"nf4"`` or ``"int8"``.
       block: values per scale (even for NF4).
       double_quant: quantize the block scales to 8 bits too.
-      which: ``"lora"`` (the bases of `LoraWeight` nodes) or ``"all"`` (also every other floating
-        leaf with at least two axes).
+      rules: a `lora.Rules` (or its targets) selecting plain leaves to quantize as well, e.g.
+        ``lora.Rules(".*")`` for every floating leaf with at least two axes.
+      which: deprecated: ``"lora"`` is the default, ``"all"`` is ``rules=lora.Rules(".*")``.
 
     Returns:
       The tree with those arrays replaced by `QuantizedArray` nodes; adapters stay in full precision.
@@ -192,44 +190,48 @@ def quantize(tree, scheme: str = "nf4", *, block: int = 64, double_quant: bool =
     if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 2 or \
             (scheme == "nf4" and block % 2):
         raise ValueError(f"quantize: block must be an integer >= 2 (even for nf4), got {block!r}")
-    if which not in ("lora", "all"):
-        raise ValueError(f"quantize: which must be 'lora' or 'all', got {which!r}")
+    if which is not None:
+        if which not in ("lora", "all") or rules is not None:
+            raise ValueError(f"quantize: which is deprecated and takes 'lora' or 'all' without rules=, got "
+                             f"which={which!r}, rules={rules!r}")
+        warnings.warn(f"quantize(which={which!r}) is deprecated; pass " + (
+            "nothing (the LoRA bases are always quantized)" if which == "lora" else "rules=lora.Rules('.*')"),
+            DeprecationWarning, stacklevel=2)
+        rules = Rules(".*") if which == "all" else None
+    if rules is not None and not isinstance(rules, Rules):
+        rules = Rules(rules)
 
-    def base_fn(layout):
-        def q(base):
-            if isinstance(base, QuantizedArray) or base is None:
-                return base
-            return _quantize_array(base, scheme, block, double_quant, layout.count("s") if layout else 0)
-        return q
+    def q(base, stack):
+        if base is None or isinstance(base, StoredArray):
+            return base
+        return quantize_array(base, scheme, block, double_quant, stack)
 
-    def one(x):
+    def one(kp, x):
         if is_lora(x):
-            return map_chain(x, lambda n, w: n.replace(w=w), base_fn(x.layout))
-        if which == "all" and not is_node(x) and hasattr(x, "ndim") and x.ndim >= 2 and \
-                jnp.issubdtype(x.dtype, jnp.floating):
-            return base_fn("")(x)
+            return map_chain(x, lambda n, w: n.replace(w=w), lambda base: q(base, x.layout.count("s")))
+        if rules is not None and not is_unit(x) and hasattr(x, "shape") and hasattr(x, "dtype"):
+            stack = rules.selects(path_str(kp), x.shape, x.dtype)
+            if stack is not None:
+                return q(x, stack)
         return x
 
-    return jax.tree_util.tree_map(one, tree, is_leaf=lambda x: is_node(x) or isinstance(x, QuantizedArray))
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_unit)
 
 
 def dequantize(tree):
     """Every `QuantizedArray` in ``tree`` (LoRA bases included) back to a dense array."""
     def one(x):
-        if isinstance(x, QuantizedArray):
-            return x.dequantize()
         if is_lora(x):
-            return map_chain(x, lambda n, w: n.replace(w=w),
-                             lambda b: b.dequantize() if isinstance(b, QuantizedArray) else b)
-        return x
+            return map_chain(x, lambda n, w: n.replace(w=w), dense_base)
+        return dense_base(x)
 
-    return jax.tree_util.tree_map(one, tree, is_leaf=lambda x: is_node(x) or isinstance(x, QuantizedArray))
+    return jax.tree_util.tree_map(one, tree, is_leaf=is_unit)
 
 
 def nbytes(tree, *, frozen_only: bool = True) -> int:
     """Bytes held by the tree's arrays (by default the frozen base only: no adapters)."""
     total = 0
-    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: is_node(x) or isinstance(x, QuantizedArray)):
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_unit):
         if is_lora(leaf):
             base = leaf.base
             leaves = jax.tree_util.tree_leaves(base)

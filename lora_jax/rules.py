@@ -24,12 +24,13 @@ leaves with at least two axes beyond the stack axes are ever selected.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
+
+from .weight import AdapterSettings
 
 __all__ = ["Rule", "Rules", "Target", "path_str", "key_str", "ALL_LINEAR"]
 
@@ -170,13 +171,34 @@ def _layer_index(path: str, patterns: Sequence[str]) -> Optional[int]:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
+_RULE_FREE = ("layer_mask", "name", "active")  # settings that rules do not set: `layers`, `lora.add` do
+
+
+def _rule_settings(settings: Mapping[str, Any], what: str) -> tuple[tuple[str, Any], ...]:
+    """Adapter settings given to a `Rule` or `Rules` by name (or alias), validated; canonical items."""
+    unknown = [k for k in settings if AdapterSettings.ALIASES.get(k, k) not in AdapterSettings.names()]
+    if unknown:
+        raise TypeError(f"{what}: unknown option(s) {unknown}; adapter settings are "
+                        f"{[n for n in AdapterSettings.names() if n not in _RULE_FREE]} (or "
+                        f"{sorted(AdapterSettings.ALIASES)})")
+    bad = [k for k in settings if AdapterSettings.ALIASES.get(k, k) in _RULE_FREE]
+    if bad:
+        raise TypeError(f"{what}: {bad} cannot be given to rules (layers=... selects layers; lora.add names "
+                        "adapters and sets active)")
+    parsed, problems = AdapterSettings.parse(settings, where=what)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple((AdapterSettings.ALIASES.get(k, k), getattr(parsed, AdapterSettings.ALIASES.get(k, k)))
+                 for k in settings)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class Rule:
-    """One target with its own options; ``None`` fields inherit from the enclosing `Rules`.
+    """One target with its own options; what it leaves out comes from the enclosing `Rules`.
 
     Args:
       targets: module names (suffix match), a regex (full match) or ``"all-linear"``.
-      rank, alpha, dropout, init, use_rslora: as in `Rules`.
+      init, use_dora: as in `Rules`.
       layout: ``"in_out"`` (Flax: ``(in, out)``; N-d: every axis but the last is input),
         ``"out_in"`` (transformers' Flax GPT-2 kernels and PyTorch/Equinox weights: ``(out, in)``),
         or explicit letters ``i``/``o`` per unstacked axis (``"ioo"`` for a ``DenseGeneral`` kernel
@@ -184,6 +206,8 @@ class Rule:
       in_axes: input axes of the unstacked kernel (overrides ``layout``; the rest are outputs).
       stack_axes: number of leading stack axes (``nn.scan`` layer stacks): one adapter per index.
       exclude: names/regex this rule never matches.
+      **settings: `lora.AdapterSettings` fields for these targets (``rank``, ``alpha``, ``rslora``,
+        ``dropout``, ``out_slices``; the older ``use_rslora``, ``enable_lora`` too).
 
     Example:
       >>> import lora_jax as lora
@@ -191,53 +215,33 @@ class Rule:
     """
 
     targets: Any
-    rank: Optional[int] = None
-    alpha: Optional[float] = None
-    dropout: Optional[float] = None
+    settings: tuple = ()
     init: Any = None
-    use_rslora: Optional[bool] = None
     layout: Optional[str] = None
-    in_axes: Optional[Sequence[int]] = None
+    in_axes: Optional[tuple[int, ...]] = None
     stack_axes: Optional[int] = None
     exclude: Any = None
     use_dora: Optional[bool] = None
-    enable_lora: Optional[Sequence[bool]] = None
+
+    def __init__(self, targets, *, init=None, layout=None, in_axes=None, stack_axes=None, exclude=None,
+                 use_dora=None, settings=(), **more):
+        values = {**dict(settings), **more}
+        for k, v in (("targets", targets), ("settings", _rule_settings(values, f"Rule({targets!r})")),
+                     ("init", init), ("layout", layout), ("in_axes", None if in_axes is None else tuple(in_axes)),
+                     ("stack_axes", stack_axes), ("exclude", exclude), ("use_dora", use_dora)):
+            object.__setattr__(self, k, v)
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """The resolved options for one selected leaf (what `lora.init` builds a `LoraWeight` from)."""
+    """What `lora.init` builds a `LoraWeight` from: one selected leaf's resolved options."""
 
     path: str
-    rank: int
-    alpha: float
-    dropout: float
-    init: Any
-    rslora: bool
+    settings: AdapterSettings
     layout: str
-    a_dtype: Any
-    layer_mask: Optional[tuple[bool, ...]] = None
-    dora: bool = False
-    out_slices: Optional[tuple[bool, ...]] = None
-
-
-def _check_rank(rank, what):
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
-        raise ValueError(f"{what}: rank must be a positive integer, got {rank!r}")
-    return int(rank)
-
-
-def _check_alpha(alpha, what):
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not math.isfinite(alpha) \
-            or alpha <= 0:
-        raise ValueError(f"{what}: alpha must be a positive finite number, got {alpha!r}")
-    return float(alpha)
-
-
-def _check_dropout(p, what):
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.number)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"{what}: dropout must be a number in [0, 1), got {p!r}")
-    return float(p)
+    init: Any = "kaiming"
+    a_dtype: Any = "float32"
+    use_dora: bool = False
 
 
 def _check_init(init, what):
@@ -252,53 +256,50 @@ class Rules:
     Args:
       targets: module names (PEFT-style suffix match), a regex (full match on the module or leaf
         path), ``"all-linear"``, a `Rule`, or a list mixing `Rule` objects and names.
-      rank: the rank ``r`` (PEFT ``r``; default 8).
-      alpha: ``lora_alpha`` (default 8, as PEFT). The delta is scaled by ``alpha / r``.
-      dropout: LoRA dropout on the adapter's input (applied by `lora.wrap` when given an rng).
       init: ``"kaiming"`` (PEFT's default: ``a`` Kaiming-uniform with a=sqrt(5), ``b`` zero),
         ``"gaussian"`` (``a`` normal with std ``1/r``), ``False`` (both random: a non-identity
         start, for tests), ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, or a callable
         ``(key, w, layout, rank, dtype, scale) -> (a, b, w)`` (see `lora_jax.initializers`).
-      use_rslora: scale by ``alpha / sqrt(r)``.
       use_dora: DoRA: a trainable magnitude ``m`` per output feature beside ``a``, ``b``
         (initialised to the kernel's norm over its input axes, so the model starts unchanged).
       exclude: names or a regex never to match.
       rank_pattern, alpha_pattern: ``{name_or_regex: value}`` overrides, first match wins.
       layers: only these layer indices (an int or a list). The index is read from the path
         (``.../layers/3/...``, ``.../h/3/...``, ``layers_3``); for stacked kernels it selects
-        stack indices and the others get no delta.
+        stack indices and the others get no delta (the adapter's ``layer_mask``).
       layers_pattern: the path component that precedes the layer index (default: common names).
       layout, in_axes, stack_axes: kernel layout defaults (see `Rule`).
       a_dtype: dtype of ``a``/``b``: ``"float32"`` (default, even for a bf16 base) or ``"base"``.
       include_head: let ``"all-linear"`` select output heads too.
-      enable_lora: loralib's ``MergedLinear`` switch: split the output features into equal slices
-        and give a delta only to the True ones (``[True, False, True]``: q and v of a fused q|k|v).
       bias: ``"none"``, ``"all"`` (every ``bias`` leaf trains in full) or ``"lora_only"`` (the
         biases of the modules that get LoRA), as PEFT.
       modules_to_save: module names (or a regex) whose every leaf trains in full and is saved with
         the adapter (a classification head), as PEFT.
+      **settings: the adapter's `lora.AdapterSettings` (defaults as there, PEFT's):
+
+        * ``rank`` (PEFT ``r``; 8), ``alpha`` (``lora_alpha``; 8): the delta is scaled by ``alpha / r``;
+        * ``rslora`` (or ``use_rslora``): scale by ``alpha / sqrt(r)``;
+        * ``dropout``: LoRA dropout on the adapter's input (applied by `lora.wrap` given an rng);
+        * ``out_slices`` (or loralib's ``enable_lora``): split the output features into equal
+          slices and give a delta only to the True ones (``[True, False, True]``: q and v of a
+          fused q|k|v).
 
     Example:
       >>> import lora_jax as lora
       >>> rules = lora.Rules(["q_proj", "v_proj"], rank=16, alpha=32)
-      >>> rules.resolve("model/layers/0/self_attn/q_proj/kernel", (64, 64)).rank
+      >>> rules.resolve("model/layers/0/self_attn/q_proj/kernel", (64, 64)).settings.rank
       16
     """
 
-    def __init__(self, targets: TargetSpec = ALL_LINEAR, *, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 init: Any = "kaiming", use_rslora: bool = False, exclude: Any = None,
+    def __init__(self, targets: TargetSpec = ALL_LINEAR, *, init: Any = "kaiming", exclude: Any = None,
                  rank_pattern: Optional[Mapping[str, int]] = None, alpha_pattern: Optional[Mapping[str, float]] = None,
                  layers: Union[int, Sequence[int], None] = None, layers_pattern: Union[str, Sequence[str], None] = None,
                  layout: str = "in_out", in_axes: Optional[Sequence[int]] = None, stack_axes: int = 0,
-                 a_dtype: Any = "float32", include_head: bool = False, use_dora: bool = False,
-                 enable_lora: Optional[Sequence[bool]] = None, bias: str = "none", modules_to_save: Any = None):
-        self.rank = _check_rank(rank, "Rules")
-        self.alpha = _check_alpha(alpha, "Rules")
-        self.dropout = _check_dropout(dropout, "Rules")
+                 a_dtype: Any = "float32", include_head: bool = False, use_dora: bool = False, bias: str = "none",
+                 modules_to_save: Any = None, **settings):
+        self.settings = AdapterSettings(**dict(_rule_settings(settings, "Rules")))
         self.init = _check_init(init, "Rules")
-        self.use_rslora = bool(use_rslora)
         self.use_dora = bool(use_dora)
-        self.enable_lora = self._check_slices(enable_lora, "Rules")
         if bias not in ("none", "all", "lora_only"):
             raise ValueError(f"Rules: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
         self.bias = bias
@@ -325,8 +326,8 @@ class Rules:
                 raise ValueError(f"Rules: layers must be a non-negative int or a non-empty list of them, got {layers!r}")
             self.layers = frozenset(int(v) for v in ls)
         self.layers_pattern = _DEFAULT_LAYER_PATTERNS if layers_pattern is None else _names(layers_pattern)
-        self.rank_pattern = self._patterns(rank_pattern, "rank_pattern", _check_rank)
-        self.alpha_pattern = self._patterns(alpha_pattern, "alpha_pattern", _check_alpha)
+        self.rank_pattern = self._patterns(rank_pattern, "rank")
+        self.alpha_pattern = self._patterns(alpha_pattern, "alpha")
 
         if isinstance(targets, Rule):
             targets = [targets]
@@ -338,15 +339,8 @@ class Rules:
         self._matchers = []
         for j, r in enumerate(self.rules):
             what = f"Rules rule {j} ({r.targets!r})"
-            if r.rank is not None:
-                _check_rank(r.rank, what)
-            if r.alpha is not None:
-                _check_alpha(r.alpha, what)
-            if r.dropout is not None:
-                _check_dropout(r.dropout, what)
             if r.init is not None:
                 _check_init(r.init, what)
-            self._check_slices(r.enable_lora, what)
             ex = None if r.exclude is None else _Matcher(r.exclude, what + " exclude")
             self._matchers.append((_Matcher(r.targets, what), ex))
         # layout strings are checked here for their letters; their fit is checked per leaf
@@ -355,25 +349,16 @@ class Rules:
                 raise ValueError(f"Rules: layout must be 'in_out', 'out_in' or letters 's'/'i'/'o' per axis, got {lay!r}")
 
     @staticmethod
-    def _check_slices(slices, what):
-        if slices is None:
-            return None
-        if isinstance(slices, (str, bytes)) or not all(isinstance(v, (bool, np.bool_)) for v in slices) or \
-                not any(slices):
-            raise ValueError(f"{what}: enable_lora must be a list of booleans with at least one True (one per equal "
-                             f"output slice, e.g. [True, False, True] for q|k|v), got {slices!r}")
-        return tuple(bool(v) for v in slices)
-
-    @staticmethod
-    def _patterns(patterns, what, check):
+    def _patterns(patterns, field):
+        what = f"{field}_pattern"
         if patterns is None:
             return ()
         if not isinstance(patterns, Mapping):
             raise TypeError(f"Rules: {what} must be a mapping of name/regex -> value, got {type(patterns).__name__}")
         out = []
         for k, v in patterns.items():
-            out.append((k, _compile(k, f"Rules({what})") if not _PLAIN_NAME.fullmatch(k) else None,
-                        check(v, f"Rules({what}[{k!r}])")))
+            value = getattr(AdapterSettings.of({field: v}, where=f"Rules({what}[{k!r}])"), field)
+            out.append((k, _compile(k, f"Rules({what})") if not _PLAIN_NAME.fullmatch(k) else None, value))
         return tuple(out)
 
     # -- description ------------------------------------------------------------------------
@@ -387,7 +372,7 @@ class Rules:
         return "; ".join(parts)
 
     def __repr__(self) -> str:
-        return f"Rules({self.describe()}, rank={self.rank}, alpha={self.alpha:g})"
+        return f"Rules({self.describe()}, rank={self.settings.rank}, alpha={self.settings.alpha:g})"
 
     # -- resolution -------------------------------------------------------------------------
     def _pattern_value(self, table, path, default):
@@ -411,6 +396,35 @@ class Rules:
                 return j
         return None
 
+    def _match(self, path: str, shape: Sequence[int], dtype: Any):
+        """``(rule index, stack axes, layer mask)`` when the leaf is selected, else None."""
+        j = self.matches(path)
+        if j is None:
+            return None
+        rule = self.rules[j]
+        if not np.issubdtype(np.dtype(dtype), np.floating) and np.dtype(dtype).name != "bfloat16":
+            return None
+        stack = self.stack_axes if rule.stack_axes is None else int(rule.stack_axes)
+        if len(shape) - stack < 2:
+            return None
+        layer_mask = None
+        if self.layers is not None:
+            if stack:
+                layer_mask = tuple(k in self.layers for k in range(int(shape[0])))
+                if not any(layer_mask):
+                    return None
+            else:
+                idx = _layer_index(path, self.layers_pattern)
+                if idx is None or idx not in self.layers:
+                    return None
+        return j, stack, layer_mask
+
+    def selects(self, path: str, shape: Sequence[int], dtype: Any = np.float32) -> Optional[int]:
+        """The number of stack axes of the leaf at ``path`` when the rules select it (targets,
+        exclusions, a floating dtype, two axes beyond the stack, ``layers``), else None."""
+        found = self._match(path, tuple(shape), dtype)
+        return None if found is None else found[1]
+
     def resolve(self, path: str, shape: Sequence[int], dtype: Any = np.float32) -> Optional[Target]:
         """The options for the leaf at ``path`` with ``shape``, or None when it is not selected.
 
@@ -418,48 +432,29 @@ class Rules:
           ValueError: when the leaf is selected but its options do not fit it (rank too large,
             layout of the wrong length, ...). The message names the leaf.
         """
-        j = self.matches(path)
-        if j is None:
-            return None
-        rule = self.rules[j]
         shape = tuple(int(d) for d in shape)
-        if not np.issubdtype(np.dtype(dtype), np.floating) and np.dtype(dtype).name != "bfloat16":
+        found = self._match(path, shape, dtype)
+        if found is None:
             return None
-        stack = self.stack_axes if rule.stack_axes is None else int(rule.stack_axes)
-        n = len(shape) - stack
-        if n < 2:
-            return None
-        layer_mask = None
-        if self.layers is not None:
-            if stack:
-                layer_mask = tuple(k in self.layers for k in range(shape[0]))
-                if not any(layer_mask):
-                    return None
-            else:
-                idx = _layer_index(path, self.layers_pattern)
-                if idx is None or idx not in self.layers:
-                    return None
+        j, stack, layer_mask = found
+        rule = self.rules[j]
         layout = self._layout(path, shape, stack, rule)
-        rank = self._pattern_value(self.rank_pattern, path, self.rank if rule.rank is None else int(rule.rank))
-        alpha = self._pattern_value(self.alpha_pattern, path, self.alpha if rule.alpha is None else float(rule.alpha))
+        base = dataclasses.replace(self.settings, **dict(rule.settings))
+        settings = dataclasses.replace(base, layer_mask=layer_mask,
+                                       rank=self._pattern_value(self.rank_pattern, path, base.rank),
+                                       alpha=self._pattern_value(self.alpha_pattern, path, base.alpha))
         n_in = int(np.prod([d for d, k in zip(shape, layout) if k == "i"]))
         n_out = int(np.prod([d for d, k in zip(shape, layout) if k == "o"]))
-        if rank > min(n_in, n_out):
-            raise ValueError(f"{path}: rank {rank} is larger than min(in={n_in}, out={n_out}) for a kernel of "
-                             f"shape {shape} with layout {layout!r}")
-        slices = self._check_slices(rule.enable_lora, path) if rule.enable_lora is not None else self.enable_lora
+        if settings.rank > min(n_in, n_out):
+            raise ValueError(f"{path}: rank {settings.rank} is larger than min(in={n_in}, out={n_out}) for a kernel "
+                             f"of shape {shape} with layout {layout!r}")
+        slices = settings.out_slices
         if slices is not None and n_out % len(slices):
-            raise ValueError(f"{path}: enable_lora has {len(slices)} slices but the kernel has {n_out} output features "
-                             f"(shape {shape}, layout {layout!r}), which they do not divide")
-        return Target(
-            path=path, rank=rank, alpha=alpha,
-            dropout=self.dropout if rule.dropout is None else float(rule.dropout),
-            init=self._init_for(path, self.init if rule.init is None else rule.init),
-            rslora=self.use_rslora if rule.use_rslora is None else bool(rule.use_rslora),
-            layout=layout, a_dtype=self.a_dtype, layer_mask=layer_mask,
-            dora=self.use_dora if rule.use_dora is None else bool(rule.use_dora),
-            out_slices=slices,
-        )
+            raise ValueError(f"{path}: out_slices/enable_lora has {len(slices)} slices but the kernel has {n_out} "
+                             f"output features (shape {shape}, layout {layout!r}), which they do not divide")
+        return Target(path=path, settings=settings, layout=layout,
+                      init=self._init_for(path, self.init if rule.init is None else rule.init),
+                      a_dtype=self.a_dtype, use_dora=self.use_dora if rule.use_dora is None else bool(rule.use_dora))
 
     @staticmethod
     def _init_for(path, init):
@@ -526,7 +521,7 @@ class Rules:
                              f"exist: {sample}")
         return out
 
-    def select(self, leaves: Iterable[tuple[str, Sequence[int], Any]]) -> dict[str, Target]:
+    def resolve_all(self, leaves: Iterable[tuple[str, Sequence[int], Any]]) -> dict[str, Target]:
         """Resolve every ``(path, shape, dtype)``; raise if nothing is selected.
 
         Raises:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import zlib
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Union
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +17,15 @@ import numpy as np
 
 from . import initializers
 from .rules import Rules, Target, path_str
-from .weight import LoraWeight, Trainable, column_norm, factor_shapes, is_lora, is_node, is_trainable, map_chain
+from .weight import (LoraWeight, Trainable, column_norm, dense_base, factor_shapes, is_lora, is_node, is_stored,
+                     is_trainable, is_unit, map_chain)
 
-__all__ = ["init", "make_weight", "merge", "unmerge", "split", "combine", "count", "summary", "lora_items", "Count"]
+__all__ = ["init", "make_weight", "merge", "unmerge", "trainable_mask", "split", "combine", "count", "summary",
+           "lora_items", "Count", "as_key", "path_key", "is_array", "MERGE_MAGNITUDE_LIMIT"]
 
 
-def _as_key(key):
+def as_key(key):
+    """A ``jax.random`` key from a key, raw ``uint32[2]`` key data or an int seed."""
     if isinstance(key, (int, np.integer)):
         return jax.random.key(int(key))
     if not hasattr(key, "dtype"):
@@ -34,11 +37,14 @@ def _as_key(key):
     raise TypeError(f"key must be a jax.random key or an int seed, got an array of {key.dtype}{list(key.shape)}")
 
 
-def _path_key(key, path: str):
+def path_key(key, path: str):
+    """The key of the leaf at ``path``: ``key`` folded with the path's CRC, so it does not depend on
+    which other leaves are selected."""
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def _is_array(x) -> bool:
+def is_array(x) -> bool:
+    """True for a plain array leaf (anything with a shape and a dtype that is not a lora_jax node)."""
     return hasattr(x, "shape") and hasattr(x, "dtype") and not is_node(x)
 
 
@@ -88,68 +94,66 @@ def init(params, rules: Union[Rules, Any], key, *, add: bool = False):
     """
     if not isinstance(rules, Rules):
         rules = Rules(rules)
-    key = _as_key(key)
+    key = as_key(key)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
     existing = [path_str(kp) for kp, leaf in flat if is_node(leaf)]
     if existing and not add:
         raise ValueError(f"params already hold {len(existing)} LoRA weight(s) (e.g. {existing[:3]}); "
                          "pass add=True to put adapters on further leaves, or lora.merge() first")
     paths = [path_str(kp) for kp, _ in flat]
-    candidates = [(p, tuple(leaf.shape), leaf.dtype) for p, (kp, leaf) in zip(paths, flat) if _is_array(leaf)]
-    targets = rules.select(candidates)
+    candidates = [(p, tuple(leaf.shape), leaf.dtype) for p, (kp, leaf) in zip(paths, flat) if is_array(leaf)]
+    targets = rules.resolve_all(candidates)
     full = rules.fully_trained(candidates, set(targets))
     out = []
     for p, (kp, leaf) in zip(paths, flat):
-        t = targets.get(p) if _is_array(leaf) else None
+        t = targets.get(p) if is_array(leaf) else None
         if t is not None:
-            leaf = make_weight(leaf, t, _path_key(key, p), p)
-        elif p in full and _is_array(leaf):
+            leaf = make_weight(leaf, t, path_key(key, p))
+        elif p in full and is_array(leaf):
             leaf = Trainable(leaf)
         out.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def make_weight(leaf, t: Target, key, path: str, *, name: str = "default", active: bool = True, inner=None):
+def make_weight(leaf, t: Target, key, *, inner=None):
     """One `LoraWeight` for the array ``leaf`` from resolved options ``t`` (on top of ``inner``, an
     existing chain of adapters on the same kernel, when given)."""
-    fn = initializers.get(t.init, where=path)
-    scale = t.alpha / (np.sqrt(t.rank) if t.rslora else t.rank)
-    a, b, w = fn(key, leaf, t.layout, t.rank, _a_dtype(t, leaf.dtype), scale)
-    want_a, want_b = factor_shapes(leaf.shape, t.layout, t.rank)
+    fn = initializers.get(t.init, where=t.path)
+    s = t.settings
+    a, b, w = fn(key, leaf, t.layout, s.rank, _a_dtype(t, leaf.dtype), s.scale)
+    want_a, want_b = factor_shapes(leaf.shape, t.layout, s.rank)
     if tuple(a.shape) != want_a or tuple(b.shape) != want_b or tuple(w.shape) != tuple(leaf.shape):
-        raise ValueError(f"{path}: init {t.init!r} returned a{list(a.shape)}, b{list(b.shape)}, w{list(w.shape)}; "
+        raise ValueError(f"{t.path}: init {t.init!r} returned a{list(a.shape)}, b{list(b.shape)}, w{list(w.shape)}; "
                          f"expected a{list(want_a)}, b{list(want_b)}, w{list(leaf.shape)}")
     if inner is not None and w is not leaf:
-        raise ValueError(f"{path}: init {t.init!r} rewrites the base kernel, which the adapters already on it "
+        raise ValueError(f"{t.path}: init {t.init!r} rewrites the base kernel, which the adapters already on it "
                          f"({[n.name for n in inner.chain()]}) were trained against; use it on a kernel without adapters")
-    lw = LoraWeight(w if inner is None else inner, a, b, layout=t.layout, rank=t.rank, alpha=t.alpha,
-                    rslora=t.rslora, dropout=t.dropout, layer_mask=t.layer_mask, out_slices=t.out_slices, name=name,
-                    active=active)
-    if t.dora:  # magnitude = ||w + s a@b|| per output feature: the adapted kernel starts as w
+    lw = LoraWeight(w if inner is None else inner, a, b, layout=t.layout, settings=s)
+    if t.use_dora:  # magnitude = ||w + s a@b|| per output feature: the adapted kernel starts as w
         if inner is not None:
-            raise ValueError(f"{path}: DoRA adapters cannot share a kernel with other adapters")
+            raise ValueError(f"{t.path}: DoRA adapters cannot share a kernel with other adapters")
         m = column_norm(w, lw.scale * lw.effective_a(), lw.effective_b(), t.layout).astype(a.dtype)
         lw = lw.replace(m=m)
     return lw
 
 
-def _quantized(x) -> bool:
-    return hasattr(x, "dequantize") and hasattr(x, "scheme")
-
-
 def _merge_leaf(x, requantize: bool):
     if is_trainable(x):
         return x.value
-    if _quantized(x):
-        return x.dequantize()
     if not is_lora(x):
-        return x
+        return dense_base(x)
     merged = x.merge()
-    if requantize and _quantized(x.base):
+    if requantize and is_stored(x.base):
         warnings.warn(f"merge(requantize=True): the merged kernel {x.base.shape} is rounded to {x.base.scheme} again; "
                       "the adapter's effect is only kept to that precision", stacklevel=3)
         return x.base.requantize(merged)
     return merged
+
+
+MERGE_MAGNITUDE_LIMIT = 1e3
+"""``merge(safe=True)`` rejects a merged kernel with ``max|merged| > MERGE_MAGNITUDE_LIMIT * max(max|w|, 1)``:
+fine-tuning moves weights by a small fraction of their scale, so a thousandfold growth over both the
+base's largest entry and 1 is a corrupt or diverged adapter, not training."""
 
 
 def merge(tree, *, safe: bool = False, requantize: bool = False):
@@ -163,7 +167,8 @@ def merge(tree, *, safe: bool = False, requantize: bool = False):
         warning (the merge is rounded); by default they come back dense in full precision.
 
     Raises:
-      ValueError: with ``safe=True``, naming every kernel whose merge holds NaN or Inf.
+      ValueError: with ``safe=True``, naming every kernel whose merge holds NaN or Inf, or values
+        no trained weight has: ``max|merged| > MERGE_MAGNITUDE_LIMIT * max(max|w|, 1)`` (1e3).
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lora
@@ -171,13 +176,12 @@ def merge(tree, *, safe: bool = False, requantize: bool = False):
       >>> bool((lora.merge(lp)["k"] == 1).all())
       True
     """
-    is_leaf = lambda x: is_node(x) or _quantized(x)  # noqa: E731
-    merged = jax.tree_util.tree_map(lambda x: _merge_leaf(x, requantize), tree, is_leaf=is_leaf)
+    merged = jax.tree_util.tree_map(lambda x: _merge_leaf(x, requantize), tree, is_leaf=is_unit)
     if safe:
-        bad = []
-        for (kp, leaf), (_, orig) in zip(jax.tree_util.tree_flatten_with_path(merged, is_leaf=_quantized)[0],
-                                         jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]):
-            if not is_node(orig) or _quantized(leaf):
+        bad, big = [], []
+        for (kp, leaf), (_, orig) in zip(jax.tree_util.tree_flatten_with_path(merged, is_leaf=is_stored)[0],
+                                         jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_unit)[0]):
+            if not is_node(orig) or is_stored(leaf):
                 continue
             try:
                 finite = bool(jnp.all(jnp.isfinite(leaf)))
@@ -186,8 +190,16 @@ def merge(tree, *, safe: bool = False, requantize: bool = False):
                                 "or pass safe=False") from None
             if not finite:
                 bad.append(path_str(kp))
+            elif is_lora(orig):  # no trained weight is MERGE_MAGNITUDE_LIMIT x larger than its base (or than 1)
+                w = dense_base(orig.base)
+                top, ref = float(jnp.max(jnp.abs(leaf))), max(float(jnp.max(jnp.abs(w))), 1.0)
+                if top > MERGE_MAGNITUDE_LIMIT * ref:
+                    big.append(f"{path_str(kp)} (max |merged| {top:.3g} > {MERGE_MAGNITUDE_LIMIT:g} x {ref:.3g})")
         if bad:
             raise ValueError(f"merge(safe=True): non-finite values in {len(bad)} merged kernel(s): {bad}")
+        if big:
+            raise ValueError(f"merge(safe=True): implausibly large values in {len(big)} merged kernel(s) (a corrupt "
+                             f"adapter?): {big}")
     return merged
 
 
@@ -200,12 +212,44 @@ def unmerge(merged, tree):
     return jax.tree_util.tree_map(lambda t, m: t.unmerge(m) if is_lora(t) else m, tree, merged, is_leaf=is_node)
 
 
-def split(tree):
-    """Partition a LoRA tree into ``(trainable, frozen)`` with the same structure.
+def trainable_mask(tree):
+    """What trains: the one definition `split`, `combine`, `lora.labels` and `lora.freeze` share.
 
-    ``trainable`` keeps each `LoraWeight` with ``w=None`` (and each `Trainable` leaf) and every other
-    leaf as None; ``frozen`` keeps every other leaf and each `LoraWeight` with ``a``, ``b``, ``m``
-    set to None.
+    The same tree with ``True`` on each ``a``, ``b`` (and DoRA ``m``) of every *active* adapter and
+    on each `Trainable` value, ``False`` on every other leaf (bases, inactive adapters' factors,
+    plain leaves; a `lora.quantize`-d base is one ``False``), None where the tree holds None. It
+    works on full trees, `split` halves and gradient trees; as a mask it suits ``optax.masked``.
+
+    Example:
+      >>> import jax.numpy as jnp, lora_jax as lora
+      >>> lp = lora.init({"k": jnp.ones((4, 4)), "bias": jnp.zeros(4)}, lora.Rules("k", rank=1), 0)
+      >>> m = lora.trainable_mask(lp)
+      >>> m["bias"], m["k"].w, m["k"].a
+      (False, False, True)
+    """
+    def flag(x, on):
+        return None if x is None else on
+
+    def node(n, w):
+        return n.replace(w=w, a=flag(n.a, n.active), b=flag(n.b, n.active), m=flag(n.m, n.active))
+
+    def one(x):
+        if is_lora(x):
+            return map_chain(x, node, lambda base: flag(base, False))
+        if is_trainable(x):
+            return Trainable(flag(x.value, True))
+        return False
+
+    return jax.tree_util.tree_map(one, tree, is_leaf=is_unit)
+
+
+def split(tree):
+    """Partition a LoRA tree into ``(trainable, frozen)`` by `trainable_mask` (as equinox's
+    ``partition``): two trees of the tree's structure, each holding None where the other holds a leaf.
+
+    ``trainable`` holds the factors of every active adapter (``w=None`` in each `LoraWeight`) and
+    every `Trainable` value; ``frozen`` holds the rest: the bases, the other leaves and the factors
+    of inactive adapters (which do not train: `lora.freeze` agrees).
     Differentiate with respect to ``trainable`` only and no gradient buffer for the base exists.
 
     Example:
@@ -215,32 +259,25 @@ def split(tree):
       >>> len(jax.tree_util.tree_leaves(trainable)), len(jax.tree_util.tree_leaves(frozen))
       (2, 2)
     """
-    def train(x):
-        if is_lora(x):
-            return map_chain(x, lambda n, w: n.replace(w=w), lambda base: None)
-        return x if is_trainable(x) else None
-
-    def freeze(x):
-        if is_lora(x):
-            return map_chain(x, lambda n, w: n.replace(w=w, a=None, b=None, m=None), lambda base: base)
-        return None if is_trainable(x) else x
-
-    trainable = jax.tree_util.tree_map(train, tree, is_leaf=is_node)
-    frozen = jax.tree_util.tree_map(freeze, tree, is_leaf=is_node)
+    mask = trainable_mask(tree)
+    trainable = jax.tree_util.tree_map(lambda on, x: x if on else None, mask, tree)
+    frozen = jax.tree_util.tree_map(lambda on, x: None if on else x, mask, tree)
     return trainable, frozen
 
 
-def combine(trainable, frozen):
-    """Inverse of `split`: ``combine(*split(tree))`` is ``tree``, leaf for leaf."""
+def combine(*trees):
+    """Inverse of `split`: each leaf from the first tree that holds one there (``combine(*split(tree))``
+    is ``tree``, leaf for leaf).
 
-    def join(f, t):
-        if is_lora(f):
-            if not is_lora(t):
-                raise TypeError(f"combine: frozen holds a LoraWeight where trainable holds {type(t).__name__}")
-            return f.replace(w=join(f.w, t.w), a=t.a, b=t.b, m=t.m)
-        return f if t is None else t
-
-    return jax.tree_util.tree_map(join, frozen, trainable, is_leaf=lambda x: is_lora(x) or x is None)
+    Raises:
+      ValueError: when the trees do not have one structure (not the halves of one `split`).
+    """
+    try:
+        return jax.tree_util.tree_map(lambda *xs: next((x for x in xs if x is not None), None), *trees,
+                                      is_leaf=lambda x: x is None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"combine: the trees do not have one structure; expected the halves of lora.split ({e})") \
+            from None
 
 
 def _size(x) -> int:

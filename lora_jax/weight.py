@@ -22,16 +22,19 @@ This module knows nothing of rules or trees; it only defines one weight.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import operator
 import string
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LoraWeight", "Trainable", "is_trainable", "map_chain", "factor_shapes", "delta_from_factors", "check_layout", "is_lora", "to_matrix", "from_matrix",
-           "column_norm", "in_w_layout"]
+__all__ = ["AdapterSettings", "LoraWeight", "Trainable", "StoredArray", "is_lora", "is_trainable", "is_node",
+           "is_unit", "is_stored", "dense_base", "unstacked", "map_chain", "static_field", "check_layout", "factor_shapes", "to_matrix",
+           "from_matrix", "delta_from_factors", "column_norm", "in_w_layout"]
 
 _KINDS = frozenset("sio")
 
@@ -49,7 +52,7 @@ def check_layout(layout: str, shape: Sequence[int], *, where: str = "kernel") ->
       ValueError: when the layout does not fit the shape.
     """
     if not isinstance(layout, str) or set(layout) - _KINDS:
-        raise ValueError(f"{where}: layout must be a string of 's', 'i', 'o' letters, got {layout!r}")
+        raise ValueError(f"{where}: layout must be letters 's'/'i'/'o', one per axis, got {layout!r}")
     if len(layout) != len(shape):
         raise ValueError(
             f"{where}: layout {layout!r} has {len(layout)} axes but the kernel has shape {tuple(shape)} "
@@ -141,6 +144,52 @@ def in_w_layout(v: jax.Array, shape: Sequence[int], layout: str) -> jax.Array:
     return jnp.transpose(v, np.argsort(np.argsort(order))).reshape(target)
 
 
+# ------------------------------------------------------------------------------------------
+# A base that is not a plain array
+# ------------------------------------------------------------------------------------------
+
+
+class StoredArray:
+    """A frozen base kept in another form than a dense array (`lora.QuantizedArray`).
+
+    Its ``shape`` and ``dtype`` describe the dense array it stands for. The rest of the package
+    meets such a base only through `dense_base`, `unstacked` and `is_stored`, so a new storage form
+    (another quantization scheme) is one subclass that implements the two methods below.
+    """
+
+    shape: tuple
+    dtype: Any
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """The dense array (in its own dtype, or ``dtype``)."""
+        raise NotImplementedError
+
+    def unstacked(self) -> "StoredArray":
+        """The same children viewed as one slice of the leading stack axis (``scan`` slices them)."""
+        raise NotImplementedError
+
+
+def is_stored(x: Any) -> bool:
+    """True for a base stored in another form than a dense array (a `StoredArray`)."""
+    return isinstance(x, StoredArray)
+
+
+def dense_base(x: Any) -> Any:
+    """The dense array a base stands for: ``x`` itself, or a `StoredArray` dequantized.
+
+    >>> import jax.numpy as jnp
+    >>> dense_base(jnp.ones(2)).tolist()
+    [1.0, 1.0]
+    """
+    return x.dequantize() if isinstance(x, StoredArray) else x
+
+
+def unstacked(x: Any) -> Any:
+    """One slice of a stacked base as ``scan`` sees it: a plain array is already sliced by
+    ``scan`` itself; a `StoredArray`'s children are, and it is viewed one stack axis lower."""
+    return x.unstacked() if isinstance(x, StoredArray) else x
+
+
 def is_lora(x: Any) -> bool:
     """True for a `LoraWeight` node (use as ``is_leaf`` when walking a LoRA tree)."""
     return isinstance(x, LoraWeight)
@@ -156,7 +205,27 @@ def is_node(x: Any) -> bool:
     return isinstance(x, (LoraWeight, Trainable))
 
 
-@jax.tree_util.register_pytree_with_keys_class
+def is_unit(x: Any) -> bool:
+    """True for what a walk over a LoRA tree handles whole: a `LoraWeight`, a `Trainable`, a
+    `StoredArray` (use as ``is_leaf``)."""
+    return isinstance(x, (LoraWeight, Trainable, StoredArray))
+
+
+def static_field(**kw):
+    """A dataclass field that is static pytree data (``jax.tree_util.register_dataclass``)."""
+    return dataclasses.field(metadata={"static": True}, **kw)
+
+
+def _not_an_array(what: Callable[[Any], str]):
+    """``__jax_array__`` / ``__array__`` for a node: raise, naming the node (``what(self)``)."""
+    def guard(self, *_, **__):
+        raise TypeError(f"{what(self)} was used as an array. Call the model through lora.wrap(fn)(tree, ...), or "
+                        "lora.merge(tree) first; lora_jax never falls back to the base weight silently.")
+    return guard
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Trainable:
     """A leaf trained in full beside the adapters (PEFT's ``modules_to_save`` and ``bias``).
 
@@ -165,20 +234,7 @@ class Trainable:
     Like `LoraWeight`, it is not an array: an unwrapped model that receives it raises.
     """
 
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def tree_flatten_with_keys(self):
-        return ((jax.tree_util.GetAttrKey("value"), self.value),), None
-
-    def tree_flatten(self):
-        return (self.value,), None
-
-    @classmethod
-    def tree_unflatten(cls, _, children):
-        return cls(children[0])
+    value: Any
 
     @property
     def shape(self):
@@ -188,12 +244,8 @@ class Trainable:
     def dtype(self):
         return self.value.dtype
 
-    def _not_an_array(self, *_, **__):
-        raise TypeError(f"a lora.Trainable leaf (shape {getattr(self.value, 'shape', None)}) was used as an array; "
-                        "call the model through lora.wrap(fn)(tree, ...) or lora.merge(tree) first")
-
-    __jax_array__ = _not_an_array
-    __array__ = _not_an_array
+    __jax_array__ = __array__ = _not_an_array(
+        lambda self: f"a lora.Trainable leaf (shape {getattr(self.value, 'shape', None)})")
 
     def __repr__(self):
         v = self.value
@@ -209,10 +261,165 @@ def map_chain(lw, node_fn, base_fn):
     return base_fn(lw)
 
 
-_STATIC = ("layout", "rank", "alpha", "rslora", "dropout", "layer_mask", "out_slices", "name", "active")
+# ------------------------------------------------------------------------------------------
+# The adapter's settings: spelled once
+# ------------------------------------------------------------------------------------------
+# Each check returns the normalized value or raises ValueError with what it expects.
 
 
-@jax.tree_util.register_pytree_with_keys_class
+def _positive_int(v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+        raise ValueError("a positive integer")
+    return int(v)
+
+
+def _positive_number(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v) or v <= 0:
+        raise ValueError("a positive finite number")
+    return float(v)
+
+
+def _probability(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not 0.0 <= v < 1.0:
+        raise ValueError("a number in [0, 1)")
+    return float(v)
+
+
+def _flag(v):
+    if not isinstance(v, (bool, np.bool_)):
+        raise ValueError("True or False")
+    return bool(v)
+
+
+def _bools(v, *, need_true=False):
+    if v is None:
+        return None
+    if isinstance(v, (str, bytes)) or not isinstance(v, (Sequence, np.ndarray)) or len(v) == 0 or \
+            not all(isinstance(x, (bool, np.bool_)) for x in v) or (need_true and not any(v)):
+        raise ValueError("None or a non-empty list of booleans" + (" with at least one True" if need_true else ""))
+    return tuple(bool(x) for x in v)
+
+
+def _slices(v):
+    return _bools(v, need_true=True)
+
+
+def _name(v):
+    if not isinstance(v, str) or not v:
+        raise ValueError("a non-empty string")
+    return v
+
+
+def _setting(default, check, doc, **bounds):
+    """A field of `AdapterSettings`: its default, its check, a line of help, and numeric bounds
+    (``min``/``gt``/``lt``, what the run config's schema reads)."""
+    return dataclasses.field(default=default, metadata={"check": check, "doc": doc, **bounds})
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSettings:
+    """The settings of one adapter: one frozen, hashable value, validated when it is made.
+
+    `lora.Rules` resolves one per selected kernel, a `LoraWeight` carries it as static data,
+    adapter files store its fields by these names, and the trainer's ``lora`` config section takes
+    its defaults from it. A variant's new setting is one more field here.
+
+    The scale is ``alpha / rank`` (rsLoRA: ``alpha / sqrt(rank)``).
+
+    Raises:
+      ValueError: naming every field that is off, what was given and what is expected.
+
+    Example:
+      >>> import lora_jax as lora
+      >>> s = lora.AdapterSettings(rank=16, alpha=32)
+      >>> s.scale, lora.AdapterSettings(rank=16, alpha=32, rslora=True).scale
+      (2.0, 8.0)
+    """
+
+    rank: int = _setting(8, _positive_int, "LoRA rank r", min=1)
+    alpha: float = _setting(8.0, _positive_number, "lora_alpha; the delta is scaled by alpha/r", gt=0)
+    rslora: bool = _setting(False, _flag, "scale by alpha/sqrt(r)")
+    dropout: float = _setting(0.0, _probability, "LoRA dropout on the adapter input", min=0.0, lt=1.0)
+    layer_mask: Optional[tuple[bool, ...]] = _setting(None, _bools, "stacked kernels: the layers that get a delta")
+    out_slices: Optional[tuple[bool, ...]] = _setting(
+        None, _slices, "the output features split in equal slices; only the True ones get a delta")
+    name: str = _setting("default", _name, "the adapter's name")
+    active: bool = _setting(True, _flag, "applied by lora.wrap / lora.merge and trained by lora.freeze")
+
+    #: older keyword names, still accepted by `parse` (and so by `lora.Rules`): PEFT's spellings
+    ALIASES: ClassVar[Mapping[str, str]] = {"use_rslora": "rslora", "enable_lora": "out_slices"}
+
+    def __post_init__(self):
+        values, problems = _checked({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        if problems:
+            raise ValueError("; ".join(problems))
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA)."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The field names, in order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], *, where: str = "",
+              base: Optional["AdapterSettings"] = None) -> tuple[Optional["AdapterSettings"], list[str]]:
+        """``(settings, [])`` from a mapping of field names (or their `ALIASES`) over ``base`` (or
+        the defaults), else ``(None, problems)`` with every problem, each starting with ``where``."""
+        prefix = f"{where}: " if where else ""
+        kw, given, problems = {}, {}, []
+        for k, v in values.items():
+            key = cls.ALIASES.get(k, k)
+            if key not in cls.names():
+                problems.append(f"{prefix}unknown adapter setting {k!r}; expected one of {list(cls.names())}")
+            elif key in kw:
+                problems.append(f"{prefix}{key} is given twice (also as {k!r})")
+            else:
+                kw[key], given[key] = v, k
+        _, bad = _checked(kw, given)
+        problems += [prefix + p for p in bad]
+        if problems:
+            return None, problems
+        return dataclasses.replace(base, **kw) if base is not None else cls(**kw), []
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any], *, where: str = "", base: Optional["AdapterSettings"] = None):
+        """`parse`, raising ``ValueError`` with every problem."""
+        settings, problems = cls.parse(values, where=where, base=base)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return settings
+
+    def to_json(self) -> dict:
+        """The fields as JSON values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _checked(values: Mapping[str, Any], given: Mapping[str, str] = {}) -> tuple[dict, list[str]]:  # noqa: B006
+    """Each value through its field's check: ``(normalized values, problems)``; a problem names
+    the field as it was ``given`` (an alias) or by its name."""
+    fields = {f.name: f for f in dataclasses.fields(AdapterSettings)}
+    out, problems = {}, []
+    for k, v in values.items():
+        try:
+            out[k] = fields[k].metadata["check"](v)
+        except ValueError as e:
+            problems.append(f"{given.get(k, k)} must be {e}, got {v!r}")
+    return out, problems
+
+
+# ------------------------------------------------------------------------------------------
+# The LoRA weight
+# ------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class LoraWeight:
     """A frozen kernel ``w`` with its adapter factors ``a``, ``b``.
 
@@ -220,11 +427,12 @@ class LoraWeight:
     otherwise; shape ``(*stack, *out)``: the adapted kernel is ``m / ||w + scale a@b|| * (w + scale
     a@b)`` with the norm taken over the input axes, as in the DoRA paper and PEFT).
 
-    Static data: ``layout``, ``rank``, ``alpha``, ``rslora``, ``dropout``; an optional per-layer
-    ``layer_mask`` for stacked kernels (layers where it is False get no delta); optional
+    Static data: the ``layout`` and the adapter's `AdapterSettings` (``settings``), whose fields
+    read as attributes too: ``rank``, ``alpha``, ``rslora``, ``dropout``, an optional per-layer
+    ``layer_mask`` for stacked kernels (layers where it is False get no delta), optional
     ``out_slices`` (loralib's ``enable_lora``: the flattened output split in equal slices, only the
-    True ones get a delta, e.g. q and v of a fused q|k|v kernel); the adapter's ``name`` and whether
-    it is ``active``.
+    True ones get a delta, e.g. q and v of a fused q|k|v kernel), the adapter's ``name`` and whether
+    it is ``active``. Build one with ``settings=`` or with those fields as keywords.
 
     Several adapters on one kernel form a chain: ``w`` is then itself a `LoraWeight` (the adapter
     added before), down to the base array (`base`). Children may be None (`lora.split` uses that),
@@ -237,49 +445,36 @@ class LoraWeight:
       >>> import jax.numpy as jnp, lora_jax as lora
       >>> lw = lora.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), layout="io", rank=2, alpha=4.0)
       >>> lw.scale, lw.merge()[0, 0].item()
-      (2.0, 9.0)
+      (2.0, 5.0)
     """
 
-    __slots__ = ("w", "a", "b", "m") + _STATIC
+    w: Any
+    a: Any
+    b: Any
+    m: Any = None
+    layout: str = static_field(default="io")
+    settings: AdapterSettings = static_field(default=AdapterSettings())
 
-    def __init__(self, w, a, b, *, layout: str, rank: int, alpha: float, rslora: bool = False,
-                 dropout: float = 0.0, m=None, layer_mask: Optional[tuple[bool, ...]] = None,
-                 out_slices: Optional[tuple[bool, ...]] = None, name: str = "default", active: bool = True):
-        self.w, self.a, self.b, self.m = w, a, b, m
-        self.layout = layout
-        self.rank = int(rank)
-        self.alpha = float(alpha)
-        self.rslora = bool(rslora)
-        self.dropout = float(dropout)
-        self.layer_mask = None if layer_mask is None else tuple(bool(v) for v in layer_mask)
-        self.out_slices = None if out_slices is None else tuple(bool(v) for v in out_slices)
-        self.name = str(name)
-        self.active = bool(active)
-
-    # -- pytree -----------------------------------------------------------------------------
-    def _static(self):
-        return tuple(getattr(self, f) for f in _STATIC)
-
-    def tree_flatten_with_keys(self):
-        g = jax.tree_util.GetAttrKey
-        return ((g("w"), self.w), (g("a"), self.a), (g("b"), self.b), (g("m"), self.m)), self._static()
-
-    def tree_flatten(self):
-        return (self.w, self.a, self.b, self.m), self._static()
-
-    @classmethod
-    def tree_unflatten(cls, static, children):
-        w, a, b, m = children
-        return cls(w, a, b, m=m, **dict(zip(_STATIC, static)))
+    def __init__(self, w, a, b, *, layout: str, m=None, settings: Optional[AdapterSettings] = None, **fields):
+        if settings is None:
+            settings = AdapterSettings(**fields)
+        elif fields:
+            settings = dataclasses.replace(settings, **fields)
+        for k, v in (("w", w), ("a", a), ("b", b), ("m", m), ("layout", layout), ("settings", settings)):
+            object.__setattr__(self, k, v)
 
     def replace(self, **changes) -> "LoraWeight":
-        """A copy with some children or static fields replaced."""
-        fields = dict(w=self.w, a=self.a, b=self.b, m=self.m, **{f: getattr(self, f) for f in _STATIC})
-        unknown = set(changes) - set(fields)
+        """A copy with some children, the layout or settings fields (by name) replaced."""
+        own = {f.name for f in dataclasses.fields(self)}
+        settings = {k: changes.pop(k) for k in list(changes) if k not in own}
+        unknown = set(settings) - set(AdapterSettings.names())
         if unknown:
-            raise TypeError(f"LoraWeight.replace: unknown fields {sorted(unknown)}; fields are {sorted(fields)}")
-        fields.update(changes)
-        return LoraWeight(fields.pop("w"), fields.pop("a"), fields.pop("b"), **fields)
+            raise TypeError(f"LoraWeight.replace: unknown fields {sorted(unknown)}; fields are "
+                            f"{sorted(own | set(AdapterSettings.names()))}")
+        if settings:
+            changes["settings"] = dataclasses.replace(self.settings, **settings)
+        return dataclasses.replace(self, **changes)
+
 
     # -- chains of adapters -----------------------------------------------------------------
     @property
@@ -301,8 +496,8 @@ class LoraWeight:
     # -- derived ----------------------------------------------------------------------------
     @property
     def scale(self) -> float:
-        """``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA)."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        """``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA): `AdapterSettings.scale`."""
+        return self.settings.scale
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -344,7 +539,7 @@ class LoraWeight:
         merge of the adapters before it."""
         if isinstance(self.w, LoraWeight):
             return self.w.merge()
-        return self.w.dequantize() if hasattr(self.w, "dequantize") else self.w
+        return dense_base(self.w)
 
     def dora_factor(self, dtype=jnp.float32, w=None) -> jax.Array:
         """DoRA's ``m / ||w + scale a@b||`` per output feature, arranged to broadcast against ``w``."""
@@ -393,15 +588,8 @@ class LoraWeight:
         return w.astype(merged.dtype)
 
     # -- not an array -----------------------------------------------------------------------
-    def _not_an_array(self, *_, **__):
-        raise TypeError(
-            f"a LoraWeight (kernel shape {getattr(self.w, 'shape', None)}, rank {self.rank}) was used as an "
-            "array. Call the model through lora.wrap(fn)(lora_params, ...), or lora.merge(lora_params) "
-            "first; lora_jax never falls back to the base weight silently."
-        )
-
-    __jax_array__ = _not_an_array
-    __array__ = _not_an_array
+    __jax_array__ = __array__ = _not_an_array(
+        lambda self: f"a LoraWeight (kernel shape {getattr(self.w, 'shape', None)}, rank {self.rank})")
 
     def __repr__(self) -> str:
         def sh(x):
@@ -416,3 +604,8 @@ class LoraWeight:
             extra += f", name={self.name!r}, active={self.active}"
         return (f"LoraWeight(w={sh(self.w)}, a={sh(self.a)}, b={sh(self.b)}{extra}, layout={self.layout!r}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}, dropout={self.dropout:g})")
+
+
+for _f in dataclasses.fields(AdapterSettings):  # lw.rank, lw.alpha, ...: the settings' fields, read-only
+    setattr(LoraWeight, _f.name, property(operator.attrgetter(f"settings.{_f.name}"), doc=_f.metadata["doc"]))
+del _f

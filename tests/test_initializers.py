@@ -1,6 +1,5 @@
 """PiSSA / OLoRA / gaussian / kaiming inits: invariants and parity with PEFT on the same weights."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

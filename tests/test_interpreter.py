@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import lora_jax as lora
-from lora_jax.tree import lora_items
 
 from helpers import nonzero_b, rand, tiny_model
 

@@ -41,7 +41,7 @@ def _assert_same(got, want):
     for (k, g), (_, w) in zip(gl, wl):
         if lora.is_lora(w):
             assert lora.is_lora(g), k
-            assert g._static() == w._static(), (k, g, w)
+            assert (g.layout, g.settings) == (w.layout, w.settings), (k, g, w)
             for name in ("w", "a", "b", "m"):
                 x, y = getattr(g, name), getattr(w, name)
                 assert (x is None) == (y is None), (k, name)
@@ -187,7 +187,6 @@ def test_contained_refuses_escapes(tmp_path):
 
 
 def test_round_trip_of_chains_slices_and_fully_trained_leaves(tmp_path):
-    import flax.linen as nn
 
     params = {"body": {"kernel": jnp.ones((6, 9)) * 0.1, "bias": jnp.zeros(9)},
               "head": {"kernel": jnp.ones((9, 3)), "bias": jnp.zeros(3)}}
@@ -212,3 +211,39 @@ def test_round_trip_of_chains_slices_and_fully_trained_leaves(tmp_path):
                                                                    {"k": params["body"]["kernel"]}, lora.Rules("k", rank=1),
                                                                    0), "int8", block=6)["k"].base}})
     assert isinstance(q["body"]["kernel"].base, lora.QuantizedArray)
+
+
+def test_files_written_before_the_settings_type_still_load(tmp_path):
+    # adapter.json as earlier lora_jax versions wrote it: its own key order, a minimal entry spelling
+    # only what was required then (defaults for the rest), and a chain with every key spelled out
+    from safetensors.numpy import save_file as save_np
+
+    base = {"q": rand(0, (8, 6)), "k": rand(1, (8, 6))}
+    a, b, a2, b2 = (np.asarray(rand(j, s)) for j, s in ((2, (8, 2)), (3, (2, 6)), (4, (8, 3)), (5, (3, 6))))
+    meta = {"format": "lora_jax.adapter", "version": 1, "weights": {
+        "q": {"layout": "io", "rank": 2, "alpha": 4, "a": "q.lora_a", "b": "q.lora_b", "w_shape": [8, 6]},
+        "k": {"chain": [
+            {"name": "default", "active": False, "layout": "io", "rank": 2, "alpha": 4.0, "rslora": False,
+             "dropout": 0.0, "layer_mask": None, "out_slices": [True, False], "a": "k.default.lora_a",
+             "b": "k.default.lora_b", "m": None},
+            {"name": "other", "active": True, "layout": "io", "rank": 3, "alpha": 6.0, "rslora": True,
+             "dropout": 0.1, "layer_mask": None, "out_slices": None, "a": "k.other.lora_a", "b": "k.other.lora_b",
+             "m": None}], "w_shape": [8, 6]}}}
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "adapter.json").write_text(json.dumps(meta))
+    save_np({"q.lora_a": a, "q.lora_b": b, "k.default.lora_a": a, "k.default.lora_b": b, "k.other.lora_a": a2,
+             "k.other.lora_b": b2}, str(d / "adapter.safetensors"))
+    got = load_adapter(d, base)
+    assert got["q"].settings == lora.AdapterSettings(rank=2, alpha=4.0)
+    first, second = got["k"].chain()
+    assert first.settings == lora.AdapterSettings(rank=2, alpha=4.0, out_slices=(True, False), active=False)
+    assert second.settings == lora.AdapterSettings(rank=3, alpha=6.0, rslora=True, dropout=0.1, name="other")
+    np.testing.assert_array_equal(got["q"].a, a)
+    np.testing.assert_array_equal(second.b, b2)
+    # and what is saved now reads back to the same tree
+    save_adapter(tmp_path / "new", got)
+    again = load_adapter(tmp_path / "new", base)
+    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(got)
+    for x, y in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_array_equal(x, y)

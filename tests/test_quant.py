@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import norm
 
 import lora_jax as lora
-from lora_jax.quant import NF4_LEVELS, _quantize_array, nbytes
+from lora_jax.quant import NF4_LEVELS, quantize_array, nbytes
 
 from helpers import f64, nonzero_b, rand, tiny_model
 from test_interpreter import _rel_close, check_equivalence
@@ -28,7 +28,7 @@ def test_nf4_levels_are_the_papers_normal_quantiles():
 @pytest.mark.parametrize("dq", [False, True])
 def test_nf4_round_trip_error_bound(dq):
     x = rand(0, (3, 1000), jnp.float32)  # 3000 values: the last block of 64 is padded
-    q = _quantize_array(x, "nf4", 64, dq, 0)
+    q = quantize_array(x, "nf4", 64, dq, 0)
     assert q.codes.dtype == jnp.uint8 and q.codes.size == 3008 // 2
     y = np.asarray(q.dequantize())
     xb = np.pad(f64(x).ravel(), (0, 8)).reshape(-1, 64)
@@ -47,11 +47,11 @@ def test_nf4_round_trip_error_bound(dq):
 
 def test_int8_round_trip_and_memory():
     x = rand(1, (256, 512), jnp.bfloat16)
-    q8 = _quantize_array(x, "int8", 64, False, 0)
+    q8 = quantize_array(x, "int8", 64, False, 0)
     err = np.abs(f64(q8.dequantize()) - f64(x))
     absmax = np.abs(f64(x)).reshape(-1, 64).max(1).repeat(64).reshape(x.shape)
     assert np.all(err <= absmax / 254 + absmax * 2 ** -8)  # rounding to 1/127 of the scale, then to bf16
-    q4 = _quantize_array(x, "nf4", 64, True, 0)
+    q4 = quantize_array(x, "nf4", 64, True, 0)
     dense = x.size * 2
     packed = sum(v.nbytes for v in jax.tree_util.tree_leaves(q4))
     assert 3.8 < dense / packed < 3.9  # 4 bits + 8/64 + 32/(64*256) bits per value vs 16
@@ -99,7 +99,7 @@ def test_quantized_scan_stack_and_every_kernel():
     x = rand(0, (2, 16))
     params = m.init(jax.random.key(0), x)["params"]
     lp = nonzero_b(lora.init(params, lora.Rules(["proj"], rank=2, stack_axes=1), 0))
-    q = lora.quantize(lp, "int8", block=16, which="all")
+    q = lora.quantize(lp, "int8", block=16, rules=lora.Rules(".*"))
     assert q["layers"]["proj"]["kernel"].base.stack == 1 and isinstance(q["head"]["kernel"], lora.QuantizedArray)
     fn = lambda p, x: m.apply({"params": p}, x)  # noqa: E731
     check_equivalence(fn, q, x)
@@ -116,3 +116,22 @@ def test_quantize_errors():
         lora.quantize(lp, "fp4")
     with pytest.raises(ValueError, match="even for nf4"):
         lora.quantize(lp, "nf4", block=63)
+
+
+def test_quantize_selects_extra_kernels_with_rules():
+    params = {"emb": {"embedding": rand(0, (32, 16))}, "proj": {"kernel": rand(1, (16, 16))},
+              "head": {"kernel": rand(2, (16, 32)), "bias": rand(3, (32,))}}
+    lp = lora.init(params, lora.Rules(["proj"], rank=2), 0)
+    q = lora.quantize(lp, "int8", block=16, rules=lora.Rules(["head"]))
+    assert isinstance(q["proj"]["kernel"].base, lora.QuantizedArray)  # LoRA bases: always
+    assert isinstance(q["head"]["kernel"], lora.QuantizedArray)       # selected by the rules
+    assert not isinstance(q["emb"]["embedding"], lora.QuantizedArray) and q["head"]["bias"] is lp["head"]["bias"]
+    with pytest.warns(DeprecationWarning, match=r"rules=lora.Rules\('.\*'\)"):
+        old = lora.quantize(lp, "int8", block=16, which="all")
+    new = lora.quantize(lp, "int8", block=16, rules=lora.Rules(".*"))
+    assert jax.tree_util.tree_structure(old) == jax.tree_util.tree_structure(new)
+    assert isinstance(new["emb"]["embedding"], lora.QuantizedArray)
+    for x, y in zip(jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="which is deprecated"):
+        lora.quantize(lp, "int8", which="some")

@@ -193,3 +193,44 @@ def test_random_trees_and_rules(tree, targets, rank):
     t, f = lora.split(lp)
     assert jax.tree_util.tree_structure(lora.combine(t, f), is_leaf=lora.is_lora) == \
         jax.tree_util.tree_structure(lp, is_leaf=lora.is_lora)
+
+
+def test_split_labels_and_freeze_agree_on_inactive_adapters():
+    # two adapters on l1, one on l2; only "second" is active: "default"'s factors must be frozen everywhere
+    p = {"l1": rand(0, (8, 16)), "l2": rand(1, (16, 4)), "bias": rand(2, (4,))}
+    lp = lora.init(p, lora.Rules(["l1", "l2"], rank=2), 0)
+    lp = lora.select(lora.add(lp, "second", lora.Rules(["l1"], rank=3), 1), "second")
+    mask = lora.trainable_mask(lp)
+    labels = lora.labels(lp)
+    trainable, frozen = lora.split(lp)
+    is_none = lambda x: x is None  # noqa: E731
+    flat = lambda t: jax.tree_util.tree_leaves(t, is_leaf=is_none)  # noqa: E731
+    assert len(flat(mask)) == len(flat(labels)) == len(flat(trainable)) == len(flat(frozen))
+    for on, lab, t, f in zip(flat(mask), flat(labels), flat(trainable), flat(frozen)):
+        if on is None:  # a None child (no DoRA magnitude) is None everywhere
+            assert lab is None and t is None and f is None
+            continue
+        assert lab == (lora.optim.TRAIN if on else lora.optim.FROZEN)
+        assert (t is not None) == on and (f is not None) == (not on)
+    default, second = lp["l1"].chain()
+    assert (mask["l1"].w.a, mask["l1"].a, mask["l2"].a) == (False, True, False)  # l2 holds "default" only
+    assert trainable["l1"].w.a is None and frozen["l1"].w.a is default.a and trainable["l1"].a is second.a
+    assert trainable["l2"].a is None and frozen["l2"].a is lp["l2"].a
+    back = lora.combine(trainable, frozen)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(lp)
+    for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(lp)):
+        assert x is y
+    # freeze trains exactly what split puts on the trainable side: moments for "second" alone
+    tx = lora.freeze(optax.adam(1e-3), lp)
+    assert sum(x.size for x in jax.tree_util.tree_leaves(tx.init(lp)) if x.ndim) == 2 * (8 * 3 + 3 * 16)
+    assert sum(x.size for x in jax.tree_util.tree_leaves(tx.init(trainable)) if x.ndim) == 2 * (8 * 3 + 3 * 16)
+    with pytest.raises(ValueError, match="halves of lora.split"):
+        lora.combine(trainable, {"l1": 1})
+
+
+def test_quantized_base_is_one_frozen_leaf_of_the_mask():
+    lp = lora.quantize(lora.init({"k": rand(0, (16, 16))}, lora.Rules("k", rank=2), 0), "int8", block=16)
+    assert lora.trainable_mask(lp)["k"].w is False and lora.labels(lp)["k"].w == lora.optim.FROZEN
+    trainable, frozen = lora.split(lp)
+    assert trainable["k"].w is None and isinstance(frozen["k"].w, lora.QuantizedArray)
+    assert isinstance(lora.combine(trainable, frozen)["k"].w, lora.QuantizedArray)

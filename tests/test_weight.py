@@ -92,3 +92,64 @@ def test_pytree_keys_and_replace():
     assert lw2.layout == "io" and lw2.rank == 2 and float(lw2.w[0, 0]) == 2.0
     with pytest.raises(TypeError, match="unknown fields"):
         lw.replace(c=1)
+
+
+def test_adapter_settings_validate_every_field_at_once():
+    with pytest.raises(ValueError) as e:
+        lora.AdapterSettings(rank=0, alpha=-1.0, dropout=1.0, out_slices=[False, False], name="")
+    msg = str(e.value)
+    for part in ("rank must be a positive integer, got 0", "alpha must be a positive finite number, got -1.0",
+                 "dropout must be a number in [0, 1), got 1.0", "out_slices must be None or a non-empty list of "
+                 "booleans with at least one True, got [False, False]", "name must be a non-empty string, got ''"):
+        assert part in msg
+    s = lora.AdapterSettings(rank=np.int64(4), alpha=8, layer_mask=[True, np.bool_(False)])
+    assert (type(s.rank), type(s.alpha), s.layer_mask, s.scale) == (int, float, (True, False), 2.0)
+    assert hash(s) == hash(lora.AdapterSettings(rank=4, alpha=8.0, layer_mask=(True, False)))
+    # the older PEFT/loralib spellings are read, and a setting may not be given twice
+    assert lora.AdapterSettings.of({"use_rslora": True, "enable_lora": [True, False]}) == \
+        lora.AdapterSettings(rslora=True, out_slices=(True, False))
+    _, problems = lora.AdapterSettings.parse({"rslora": True, "use_rslora": False, "rnak": 2, "enable_lora": [1]},
+                                             where="x")
+    assert problems == ["x: rslora is given twice (also as 'use_rslora')",
+                        "x: unknown adapter setting 'rnak'; expected one of " + str(list(lora.AdapterSettings.names())),
+                        "x: enable_lora must be None or a non-empty list of booleans with at least one True, got [1]"]
+    # a LoraWeight validates its settings too; its fields read through
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        lora.LoraWeight(None, None, None, layout="io", rank=0, alpha=1.0)
+    lw = lora.LoraWeight(None, None, None, layout="io", settings=s)
+    assert (lw.rank, lw.alpha, lw.layer_mask, lw.name, lw.active) == (4, 8.0, (True, False), "default", True)
+
+
+def test_rules_and_trainer_take_their_settings_from_one_place():
+    from lora_jax.train.config import LoraConfig
+
+    default = lora.AdapterSettings()
+    assert lora.Rules().settings == default
+    assert (LoraConfig().rank, LoraConfig().alpha, LoraConfig().dropout, LoraConfig().rslora) == \
+        (default.rank, default.alpha, default.dropout, default.rslora)
+    old = lora.Rules([lora.Rule("k", enable_lora=[True, False])], use_rslora=True, rank=2)
+    new = lora.Rules([lora.Rule("k", out_slices=[True, False])], rslora=True, rank=2)
+    assert old.resolve("k", (4, 4)) == new.resolve("k", (4, 4))
+    assert new.resolve("k", (4, 4)).settings == lora.AdapterSettings(rank=2, rslora=True, out_slices=(True, False))
+    with pytest.raises(TypeError, match="unknown option"):
+        lora.Rules("k", rnak=2)
+    with pytest.raises(TypeError, match="cannot be given to rules"):
+        lora.Rules("k", name="x")
+    with pytest.raises(ValueError, match="enable_lora must be None or a non-empty list"):
+        lora.Rule("k", enable_lora="tft")
+
+
+def test_nodes_are_declared_dataclass_pytrees():
+    lw = lora.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), layout="io", rank=2, alpha=2)
+    same = lora.LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), layout="io", rank=2, alpha=2)
+    other = lw.replace(alpha=4.0)
+    td = jax.tree_util.tree_structure
+    assert td(lw) == td(same) and td(lw) != td(other) and other.settings.alpha == 4.0 and lw.alpha == 2.0
+    # static data is a jit cache key: a new alpha recompiles, new values do not
+    traces = []
+    f = jax.jit(lambda lw: (traces.append(1), lw.scale * lw.a.sum())[1])
+    assert float(f(lw)) == 8.0 and float(f(same)) == 8.0 and float(f(other)) == 16.0 and len(traces) == 2
+    t = lora.Trainable(jnp.ones(3))
+    assert [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(t)[0]] == [".value"]
+    with pytest.raises(TypeError, match="lora.Trainable leaf"):
+        jnp.asarray(t)

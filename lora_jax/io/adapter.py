@@ -26,17 +26,16 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..rules import path_str
-from ..weight import LoraWeight, Trainable, check_layout, factor_shapes, is_node, is_trainable
-from ._files import atomic_directory, read_json, read_safetensors, to_numpy, write_json, write_safetensors
+from ..weight import AdapterSettings, LoraWeight, Trainable, check_layout, factor_shapes, is_node, is_trainable, is_unit
+from ._files import atomic_directory, nonfinite, read_json, read_safetensors, to_numpy, write_json, write_safetensors
 
 __all__ = ["save_adapter", "load_adapter", "TENSORS", "META", "FORMAT"]
 
@@ -51,13 +50,10 @@ def _m_shape(w_shape, layout):
         tuple(int(d) for d, k in zip(w_shape, layout) if k == "o")
 
 
-def _entry(p, lw, prefix, tensors):
-    """Metadata of one adapter node; its tensors go to ``tensors`` under ``prefix``."""
-    entry = {"name": lw.name, "active": lw.active, "layout": lw.layout, "rank": lw.rank, "alpha": lw.alpha,
-             "rslora": lw.rslora, "dropout": lw.dropout,
-             "layer_mask": None if lw.layer_mask is None else list(lw.layer_mask),
-             "out_slices": None if lw.out_slices is None else list(lw.out_slices),
-             "a": f"{prefix}.lora_a", "b": f"{prefix}.lora_b", "m": None}
+def _entry(lw, prefix, tensors):
+    """Metadata of one adapter node (its `AdapterSettings` fields by name, its layout and tensor
+    names); its tensors go to ``tensors`` under ``prefix``."""
+    entry = {**lw.settings.to_json(), "layout": lw.layout, "a": f"{prefix}.lora_a", "b": f"{prefix}.lora_b", "m": None}
     tensors[entry["a"]], tensors[entry["b"]] = to_numpy(lw.a), to_numpy(lw.b)
     if lw.m is not None:
         entry["m"] = f"{prefix}.m"
@@ -69,7 +65,8 @@ def save_adapter(path, tree, *, overwrite: bool = False) -> None:
     """Write every adapter of ``tree`` (and every `lora.Trainable` leaf) to the directory ``path``.
 
     Works for any pytree (linen params, ``nnx.State``, tuples, ...) and for the trainable half
-    from `lora.split` (the base ``w`` is not needed). A kernel with several adapters (`lora.add`)
+    from `lora.split` when every adapter is active (the base ``w`` is not needed; an inactive
+    adapter's factors are in the frozen half). A kernel with several adapters (`lora.add`)
     keeps them all, with their names and ``active`` flags. The directory is written under a
     temporary name and renamed into place.
 
@@ -93,14 +90,16 @@ def save_adapter(path, tree, *, overwrite: bool = False) -> None:
             continue
         chain = node.chain()
         if any(n.a is None or n.b is None for n in chain):
-            problems.append(f"{p}: factor a or b is None (save the trainable half or the full tree)")
+            problems.append(f"{p}: factor a or b is None (save the full tree, or the trainable half of one whose "
+                            "adapters are all active: lora.split puts an inactive adapter's factors in the frozen half)")
             continue
         base = node.base
         w_shape = None if base is None else [int(d) for d in base.shape]
         if len(chain) == 1 and chain[0].name == "default":
-            entries[p] = dict(_entry(p, chain[0], p, tensors), w_shape=w_shape)
+            entries[p] = dict(_entry(chain[0], p, tensors), w_shape=w_shape)
         else:
-            entries[p] = {"chain": [_entry(p, n, f"{p}.{n.name}", tensors) for n in chain], "w_shape": w_shape}
+            entries[p] = {"chain": [_entry(n, f"{p}.{n.name}", tensors) for n in chain], "w_shape": w_shape}
+    problems += nonfinite(tensors)  # nothing is written then
     if problems:
         raise ValueError("save_adapter: cannot save this tree:\n  " + "\n  ".join(problems))
     if not entries:
@@ -115,107 +114,148 @@ def save_adapter(path, tree, *, overwrite: bool = False) -> None:
         write_json(os.path.join(tmp, META), meta)
 
 
-def _is_stop(x) -> bool:
-    return is_node(x) or (hasattr(x, "dequantize") and hasattr(x, "scheme"))
-
-
 def _items(tree):
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_stop)[0]:
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_unit)[0]:
         if is_node(leaf):
             yield path_str(kp), leaf
 
 
-def _static_problems(p, e) -> list[str]:
-    """Problems with one metadata entry (types and ranges), before shapes are looked at."""
-    out = []
+# -- load_adapter: parse, then validate (collecting every problem), then build ------------------
+
+
+def _parse(path) -> tuple[dict, dict]:
+    """The metadata and the tensors of the adapter directory ``path``; a file that is not an
+    adapter file at all (missing, unreadable, another format or version) raises at once."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"load_adapter: no adapter directory at {path!r}")
+    meta = read_json(os.path.join(path, META), what="lora_jax adapter metadata")
+    tensors, _ = read_safetensors(os.path.join(path, TENSORS))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("weights"), dict):
+        raise ValueError(f"load_adapter: {os.path.join(path, META)!r} is not a lora_jax adapter file "
+                         f"(expected an object with format {FORMAT!r} and a 'weights' object)")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"load_adapter: adapter format version {meta.get('version')!r} is not supported "
+                         f"(this lora_jax reads version {VERSION})")
+    return meta["weights"], tensors
+
+
+def _named_tensors(e) -> set:
+    """Every tensor name an entry mentions (counted as named whatever else is wrong with it)."""
+    names = {e.get(k) for k in ("a", "b", "m", "full")}
+    for c in e.get("chain", []) if isinstance(e.get("chain"), list) else []:
+        if isinstance(c, dict):
+            names |= {c.get(k) for k in ("a", "b", "m")}
+    return names
+
+
+def _node_plan(p, e, w_shape, tensors, problems) -> Optional[tuple]:
+    """One adapter entry checked against the kernel shape: ``(settings, layout, arrays)``, or None
+    with its problems appended."""
     if not isinstance(e, dict):
-        return [f"{p}: metadata entry must be an object, got {type(e).__name__}"]
-    for field in ("layout", "rank", "alpha", "a", "b"):
-        if field not in e:
-            out.append(f"{p}: metadata lacks {field!r}")
-    if out:
-        return out
-    lay = e["layout"]
-    if not isinstance(lay, str) or not lay or set(lay) - set("sio"):
-        out.append(f"{p}: layout must be letters 's'/'i'/'o', got {lay!r}")
-    r = e["rank"]
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        out.append(f"{p}: rank must be a positive integer, got {r!r}")
-    al = e["alpha"]
-    if isinstance(al, bool) or not isinstance(al, (int, float)) or not math.isfinite(al) or al <= 0:
-        out.append(f"{p}: alpha must be a positive number, got {al!r}")
-    d = e.get("dropout", 0.0)
-    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
-        out.append(f"{p}: dropout must be in [0, 1), got {d!r}")
-    for field in ("layer_mask", "out_slices"):
-        mask = e.get(field)
-        if mask is not None and (not isinstance(mask, list) or not mask or not all(isinstance(v, bool) for v in mask)):
-            out.append(f"{p}: {field} must be null or a non-empty list of booleans, got {mask!r}")
-    name = e.get("name", "default")
-    if not isinstance(name, str) or not name:
-        out.append(f"{p}: adapter name must be a non-empty string, got {name!r}")
-    if not isinstance(e.get("active", True), bool):
-        out.append(f"{p}: active must be a boolean, got {e.get('active')!r}")
-    return out
-
-
-def _check_node(p, e, w_shape, tensors, used, problems):
-    """Validate one adapter entry against the kernel shape; its arrays when all is well, else None."""
-    bad = _static_problems(p, e)
-    if bad:
-        problems += bad
+        problems.append(f"{p}: metadata entry must be an object, got {type(e).__name__}")
         return None
-    names = {"a": e["a"], "b": e["b"]}
-    if e.get("m") is not None:
-        names["m"] = e["m"]
-    arrays = {}
-    for role, name in names.items():
-        used.add(name)
-        if name not in tensors:
-            problems.append(f"{p}: tensor {name!r} ({role}) is missing from {TENSORS}")
-        else:
-            arrays[role] = tensors[name]
+    lacks = [f"{p}: metadata lacks {k!r}" for k in ("layout", "rank", "alpha", "a", "b") if e.get(k) is None]
+    if lacks:
+        problems += lacks
+        return None
+    n = len(problems)
+    settings, bad = AdapterSettings.parse({k: e[k] for k in AdapterSettings.names() if k in e}, where=p)
+    problems += bad
+    layout = e["layout"]
     try:
-        check_layout(e["layout"], w_shape, where=p)
+        check_layout(layout, w_shape, where=p)
     except ValueError as err:
         problems.append(str(err))
+    names = {role: e[role] for role in ("a", "b", "m") if e.get(role) is not None}
+    arrays = {role: tensors[name] for role, name in names.items() if name in tensors}
+    problems += [f"{p}: tensor {names[role]!r} ({role}) is missing from {TENSORS}" for role in names if role not in arrays]
+    if len(problems) > n:
         return None
-    want_a, want_b = factor_shapes(w_shape, e["layout"], e["rank"])
-    want = {"a": want_a, "b": want_b, "m": _m_shape(w_shape, e["layout"])}
-    ok = len(arrays) == len(names)
+    want_a, want_b = factor_shapes(w_shape, layout, settings.rank)
+    want = {"a": want_a, "b": want_b, "m": _m_shape(w_shape, layout)}
     for role, arr in arrays.items():
         if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
             problems.append(f"{p}: {role} {names[role]!r} has dtype {arr.dtype}, expected a floating dtype")
-            ok = False
         if tuple(arr.shape) != tuple(want[role]):
             problems.append(f"{p}: {role} {names[role]!r} has shape {tuple(arr.shape)}, expected "
-                            f"{tuple(want[role])} for w{tuple(w_shape)} layout {e['layout']!r} rank {e['rank']}")
-            ok = False
-    n_stack = e["layout"].count("s")
-    mask = e.get("layer_mask")
-    if mask is not None:
-        n_layers = int(np.prod([d for d, k in zip(w_shape, e["layout"]) if k == "s"])) if n_stack else 0
-        if n_stack != 1 or len(mask) != n_layers:
-            problems.append(f"{p}: layer_mask of length {len(mask)} does not fit layout {e['layout']!r} "
-                            f"and shape {tuple(w_shape)} (needs one stack axis of that length)")
-            ok = False
-    slices = e.get("out_slices")
-    n_out = int(np.prod([d for d, k in zip(w_shape, e["layout"]) if k == "o"]))
-    if slices is not None and n_out % len(slices):
-        problems.append(f"{p}: out_slices of length {len(slices)} does not divide the {n_out} output features")
-        ok = False
-    return arrays if ok else None
+                            f"{tuple(want[role])} for w{tuple(w_shape)} layout {layout!r} rank {settings.rank}")
+    stack = [d for d, k in zip(w_shape, layout) if k == "s"]
+    if settings.layer_mask is not None and (len(stack) != 1 or len(settings.layer_mask) != stack[0]):
+        problems.append(f"{p}: layer_mask of length {len(settings.layer_mask)} does not fit layout {layout!r} "
+                        f"and shape {tuple(w_shape)} (needs one stack axis of that length)")
+    n_out = int(np.prod([d for d, k in zip(w_shape, layout) if k == "o"]))
+    if settings.out_slices is not None and n_out % len(settings.out_slices):
+        problems.append(f"{p}: out_slices of length {len(settings.out_slices)} does not divide the {n_out} output "
+                        "features")
+    return None if len(problems) > n else (settings, layout, arrays)
 
 
-def _node(w, arrays, e):
-    return LoraWeight(
-        w, jnp.asarray(arrays["a"]), jnp.asarray(arrays["b"]),
-        m=None if "m" not in arrays else jnp.asarray(arrays["m"]),
-        layout=e["layout"], rank=e["rank"], alpha=e["alpha"], rslora=bool(e.get("rslora", False)),
-        dropout=float(e.get("dropout", 0.0)),
-        layer_mask=None if e.get("layer_mask") is None else tuple(e["layer_mask"]),
-        out_slices=None if e.get("out_slices") is None else tuple(e["out_slices"]),
-        name=e.get("name", "default"), active=e.get("active", True))
+def _entry_plan(p, e, w, tensors, problems) -> Optional[tuple]:
+    """One saved path checked against its base leaf ``w``: ``("full", array)`` or
+    ``("chain", [node plans])``, or None with its problems appended."""
+    if is_node(w):
+        problems.append(f"{p}: params already hold a LoraWeight or Trainable here; pass the base params "
+                        "(lora.merge or the original tree)")
+        return None
+    if not hasattr(w, "shape"):
+        problems.append(f"{p}: params hold {type(w).__name__} here, not an array")
+        return None
+    if e.get("w_shape") is not None and list(w.shape) != list(e["w_shape"]):
+        problems.append(f"{p}: the adapter was saved for a kernel of shape {tuple(e['w_shape'])}, "
+                        f"params have {tuple(w.shape)}")
+        return None
+    if "full" in e:
+        arr = tensors.get(e["full"])
+        if arr is None:
+            problems.append(f"{p}: tensor {e['full']!r} (fully trained leaf) is missing from {TENSORS}")
+        elif arr.dtype != np.dtype(w.dtype):
+            problems.append(f"{p}: fully trained leaf has dtype {arr.dtype}, params have {w.dtype}")
+        elif tuple(arr.shape) != tuple(w.shape):
+            problems.append(f"{p}: fully trained leaf has shape {tuple(arr.shape)}, params have {tuple(w.shape)}")
+        else:
+            return "full", arr
+        return None
+    chain = e["chain"] if "chain" in e else [e]
+    if not isinstance(chain, list) or not chain:
+        problems.append(f"{p}: 'chain' must be a non-empty list of adapter entries")
+        return None
+    nodes = [_node_plan(p, c, tuple(w.shape), tensors, problems) for c in chain]
+    names = [c.get("name", "default") for c in chain if isinstance(c, dict)]
+    if len(set(names)) != len(names):
+        problems.append(f"{p}: adapter names repeat in its chain: {names}")
+        return None
+    return ("chain", nodes) if all(n is not None for n in nodes) else None
+
+
+def _validate(entries: dict, tensors: dict, leaves: dict) -> tuple[dict, list[str]]:
+    """Every saved path against ``leaves`` (path -> base leaf): ``(plans, problems)``."""
+    plans, problems, named = {}, [], set()
+    for p, e in entries.items():
+        if not isinstance(e, dict):
+            problems.append(f"{p}: metadata entry must be an object, got {type(e).__name__}")
+            continue
+        named |= _named_tensors(e)
+        if p not in leaves:
+            problems.append(f"{p}: no such path in params")
+            continue
+        plan = _entry_plan(p, e, leaves[p], tensors, problems)
+        if plan is not None:
+            plans[p] = plan
+    problems += [f"{k}: tensor in {TENSORS} that no metadata entry names" for k in sorted(set(tensors) - named)]
+    return plans, problems
+
+
+def _build(plan, w):
+    """The node for one saved path over its base leaf ``w``."""
+    kind, item = plan
+    if kind == "full":
+        return Trainable(jnp.asarray(item))
+    node = w
+    for settings, layout, arrays in item:
+        node = LoraWeight(node, jnp.asarray(arrays["a"]), jnp.asarray(arrays["b"]),
+                          m=None if "m" not in arrays else jnp.asarray(arrays["m"]), layout=layout, settings=settings)
+    return node
 
 
 def load_adapter(path, params) -> Any:
@@ -227,6 +267,8 @@ def load_adapter(path, params) -> Any:
     fully trained leaf must have ``w``'s shape. Every problem (paths missing from ``params``,
     tensors missing from or extra in the file, wrong shapes, malformed metadata) is collected and
     raised in one ``ValueError``; nothing is loaded partially. ``params`` itself is not modified.
+    Settings a file does not spell (files from older versions) take `lora.AdapterSettings`'
+    defaults.
 
     Args:
       path: a directory written by `save_adapter`.
@@ -241,81 +283,13 @@ def load_adapter(path, params) -> Any:
       FileNotFoundError: when ``path`` or one of its two files does not exist.
       ValueError: listing every problem found.
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_adapter: no adapter directory at {path!r}")
-    meta = read_json(os.path.join(path, META), what="lora_jax adapter metadata")
-    tensors, _ = read_safetensors(os.path.join(path, TENSORS))
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("weights"), dict):
-        raise ValueError(f"load_adapter: {os.path.join(path, META)!r} is not a lora_jax adapter file "
-                         f"(expected an object with format {FORMAT!r} and a 'weights' object)")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"load_adapter: adapter format version {meta.get('version')!r} is not supported "
-                         f"(this lora_jax reads version {VERSION})")
-
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_stop)
-    index = {path_str(kp): j for j, (kp, _) in enumerate(flat)}
-    problems, built, used = [], {}, set()
-    for p, e in meta["weights"].items():
-        if not isinstance(e, dict):
-            problems.append(f"{p}: metadata entry must be an object, got {type(e).__name__}")
-            continue
-        # every tensor an entry names counts as named, whatever else is wrong with it
-        used.update(e.get(k) for k in ("a", "b", "m", "full"))
-        for c in e.get("chain", []) if isinstance(e.get("chain"), list) else []:
-            if isinstance(c, dict):
-                used.update(c.get(k) for k in ("a", "b", "m"))
-        if p not in index:
-            problems.append(f"{p}: no such path in params")
-            continue
-        w = flat[index[p]][1]
-        if is_node(w):
-            problems.append(f"{p}: params already hold a LoraWeight or Trainable here; pass the base params "
-                            "(lora.merge or the original tree)")
-            continue
-        if not hasattr(w, "shape"):
-            problems.append(f"{p}: params hold {type(w).__name__} here, not an array")
-            continue
-        if e.get("w_shape") is not None and list(w.shape) != list(e["w_shape"]):
-            problems.append(f"{p}: the adapter was saved for a kernel of shape {tuple(e['w_shape'])}, "
-                            f"params have {tuple(w.shape)}")
-            continue
-        if "full" in e:
-            used.add(e["full"])
-            if e["full"] not in tensors:
-                problems.append(f"{p}: tensor {e['full']!r} (fully trained leaf) is missing from {TENSORS}")
-            elif tensors[e["full"]].dtype != np.dtype(w.dtype):
-                problems.append(f"{p}: fully trained leaf has dtype {tensors[e['full']].dtype}, params have {w.dtype}")
-            elif tuple(tensors[e["full"]].shape) != tuple(w.shape):
-                problems.append(f"{p}: fully trained leaf has shape {tuple(tensors[e['full']].shape)}, params have "
-                                f"{tuple(w.shape)}")
-            else:
-                built[p] = ("full", tensors[e["full"]])
-            continue
-        chain = e["chain"] if "chain" in e else [e]
-        if not isinstance(chain, list) or not chain:
-            problems.append(f"{p}: 'chain' must be a non-empty list of adapter entries")
-            continue
-        nodes = [(c, _check_node(p, c, tuple(w.shape), tensors, used, problems)) for c in chain]
-        names = [c.get("name", "default") for c in chain if isinstance(c, dict)]
-        if len(set(names)) != len(names):
-            problems.append(f"{p}: adapter names repeat in its chain: {names}")
-            continue
-        if all(arrays is not None for _, arrays in nodes):
-            built[p] = ("chain", w, nodes)
-    extra = sorted(set(tensors) - used)
-    problems += [f"{k}: tensor in {TENSORS} that no metadata entry names" for k in extra]
+    entries, tensors = _parse(path)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_unit)
+    paths = [path_str(kp) for kp, _ in flat]
+    plans, problems = _validate(entries, tensors, {p: leaf for p, (_, leaf) in zip(paths, flat)})
+    problems += nonfinite(tensors)
     if problems:
-        raise ValueError(f"load_adapter: {len(problems)} problem(s) in {path!r}:\n  " + "\n  ".join(problems))
-
-    leaves = [leaf for _, leaf in flat]
-    for p, item in built.items():
-        if item[0] == "full":
-            leaves[index[p]] = Trainable(jnp.asarray(item[1]))
-            continue
-        _, w, nodes = item
-        node = w
-        for e, arrays in nodes:
-            node = _node(node, arrays, e)
-        leaves[index[p]] = node
+        raise ValueError(f"load_adapter: {len(problems)} problem(s) in {os.fspath(path)!r}:\n  " +
+                         "\n  ".join(problems))
+    leaves = [_build(plans[p], leaf) if p in plans else leaf for p, (_, leaf) in zip(paths, flat)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
