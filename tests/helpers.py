@@ -1,6 +1,7 @@
 """Small shared builders for the tests."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -162,3 +163,16 @@ def peft_linear(w, config, *adapters):
             if node.m is not None:
                 layer.lora_magnitude_vector[node.name].weight.copy_(torch.tensor(np.asarray(node.m).copy()))
     return pm, layer
+
+
+def spread_torch(model, seed=0, *, norm=r"norm\.weight$"):
+    """Set a PyTorch model's weights to N(0, 0.2), its norm scales (names matching ``norm``; None:
+    none) to 1 + N(0, 0.2), from a seeded generator: logits O(1), so a wrong layer shows."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = 0.2 * torch.randn(p.shape, generator=g)
+            p.copy_(noise + 1.0 if norm is not None and re.search(norm, name) else noise)
+    return model

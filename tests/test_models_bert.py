@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 import lora_jax as lora
 from lora_jax.models import bert as B
 from lora_jax.models import family
+from helpers import spread_torch
 
 V = 97
 BASE = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -33,21 +34,12 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "flax_msgpack")
 
 
-def _spread(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.2 * noise if name.endswith("LayerNorm.weight") else 0.2 * noise)
-    return model
-
-
 @functools.lru_cache(maxsize=None)
 def _torch_model(variant):
     """The BertForSequenceClassification of ``variant`` (its ``.bert`` is the BertModel)."""
     torch.manual_seed(0)
     cfg = tf.BertConfig(**{**BASE, **VARIANTS[variant]})
-    return _spread(tf.BertForSequenceClassification(cfg).eval(), seed=len(variant))
+    return spread_torch(tf.BertForSequenceClassification(cfg).eval(), seed=len(variant), norm=r"LayerNorm\.weight$")
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from lora_jax.models import family
 from lora_jax.models import gemma as G
 from lora_jax.models.generate import generate
 from lora_jax.models.layers import init_cache
+from helpers import spread_torch
 
 V = 97
 S, F = "sliding_attention", "full_attention"
@@ -42,19 +43,11 @@ VARIANTS = {
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _spread(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
-
-
 @functools.lru_cache(maxsize=None)
 def _torch_model(variant):
     cfg_cls, model_cls, _, extra = VARIANTS[variant]
     torch.manual_seed(0)
-    return _spread(model_cls(cfg_cls(**BASE, **extra)).eval(), seed=len(variant))
+    return spread_torch(model_cls(cfg_cls(**BASE, **extra)).eval(), seed=len(variant), norm=None)
 
 
 @pytest.fixture(scope="module")

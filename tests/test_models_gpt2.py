@@ -22,6 +22,7 @@ import lora_jax as lora
 from lora_jax.models import family
 from lora_jax.models import gpt2 as G
 from lora_jax.models.generate import generate
+from helpers import spread_torch
 
 V = 97
 BASE = dict(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
@@ -37,20 +38,10 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "flax_msgpack", "gpt2")
 
 
-def _spread(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            is_norm_weight = ".ln_" in name and name.endswith("weight")
-            p.copy_(1.0 + 0.2 * noise if is_norm_weight else 0.2 * noise)
-    return model
-
-
 @functools.lru_cache(maxsize=None)
 def _torch_model(variant):
     torch.manual_seed(0)
-    return _spread(tf.GPT2LMHeadModel(tf.GPT2Config(**BASE, **VARIANTS[variant])).eval(), seed=len(variant))
+    return spread_torch(tf.GPT2LMHeadModel(tf.GPT2Config(**BASE, **VARIANTS[variant])).eval(), seed=len(variant), norm=r"(^|\.)ln_\w+\.weight$")
 
 
 @pytest.fixture(scope="module")

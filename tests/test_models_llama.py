@@ -21,6 +21,7 @@ import lora_jax.models as M
 from lora_jax.io._files import read_safetensors
 from lora_jax.models import layers
 from lora_jax.models import llama as L
+from helpers import spread_torch
 
 V = 97
 BASE = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -44,20 +45,11 @@ VARIANTS = {
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _spread(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.2 * noise if name.endswith("norm.weight") else 0.2 * noise)
-    return model
-
-
 @functools.lru_cache(maxsize=None)
 def _torch_model(variant):
     cfg_cls, model_cls, extra = VARIANTS[variant]
     torch.manual_seed(0)
-    return _spread(model_cls(cfg_cls(**{**BASE, **extra})).eval(), seed=len(variant))
+    return spread_torch(model_cls(cfg_cls(**{**BASE, **extra})).eval(), seed=len(variant))
 
 
 @pytest.fixture(scope="module")

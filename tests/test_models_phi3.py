@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 import lora_jax as lora
 from lora_jax.models import family, layers, phi3
 from lora_jax.models.generate import generate
+from helpers import spread_torch
 
 V = 97
 BASE = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -42,19 +43,10 @@ ORIG = 8  # original_max_position_embeddings of the longrope variants
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _spread(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.2 * noise if name.endswith("norm.weight") else 0.2 * noise)
-    return model
-
-
 @functools.lru_cache(maxsize=None)
 def _torch_model(variant):
     torch.manual_seed(0)
-    return _spread(tf.Phi3ForCausalLM(tf.Phi3Config(**BASE, **VARIANTS[variant])).eval(), seed=len(variant))
+    return spread_torch(tf.Phi3ForCausalLM(tf.Phi3Config(**BASE, **VARIANTS[variant])).eval(), seed=len(variant))
 
 
 @pytest.fixture(scope="module")

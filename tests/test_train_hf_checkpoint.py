@@ -6,7 +6,6 @@ rope_theta 500000, llama3 rope scaling) saved with ``save_pretrained``, a byte-l
 with a Llama 3-like chat template saved beside it, and a chat JSONL."""
 
 import json
-import re
 
 import jax
 import numpy as np
@@ -16,6 +15,7 @@ import lora_jax as lora
 import lora_jax.hf as hf
 from lora_jax.cli import main
 from lora_jax.train.metrics import read_metrics
+from helpers import spread_torch
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -63,16 +63,6 @@ def _tokenizer(texts):
                                       additional_special_tokens=SPECIALS[2:5], chat_template=CHAT_TEMPLATE)
 
 
-def _spread(model, seed=0):
-    """Weights std 0.2, norm scales 1 +- 0.2: logits O(1), so a wrong layer shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = 0.2 * torch.randn(p.shape, generator=g)
-            p.copy_(noise + 1.0 if re.search(r"norm\.weight$", name) else noise)
-    return model
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny Llama 3-style PyTorch checkpoint with its tokenizer in the same directory, and a chat JSONL."""
@@ -89,7 +79,7 @@ def ckpt(tmp_path_factory):
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, attn_implementation="eager")
     torch.manual_seed(0)
-    _spread(tf.LlamaForCausalLM(cfg).eval()).save_pretrained(str(d), safe_serialization=True)
+    spread_torch(tf.LlamaForCausalLM(cfg).eval()).save_pretrained(str(d), safe_serialization=True)
     tok.save_pretrained(str(d))
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")

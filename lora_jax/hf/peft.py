@@ -19,6 +19,20 @@ exactly: the stacked factors are zero-padded to the largest rank and each layer'
 to the stack's is folded into its ``b`` (zero rows add nothing; ``s_i (x a_i) b_i`` is kept).
 Layers an adapter leaves out get no delta (the weight's ``layer_mask``).
 
+Mixture-of-experts weights are PEFT ``target_parameters`` (``"mlp.experts.gate_up_proj"``; the router
+``"mlp.gate.weight"``, a 2-D parameter whose factors are a Linear's): one ``ParamWrapper`` per
+parameter, with one LoRA per expert of a ``(E, out, in)`` one stored as::
+
+    base_model.model.<module>[.base_layer]*.lora_A.weight   (E*r, in)   row e*r + k    = a[e, :, k]
+    base_model.model.<module>[.base_layer]*.lora_B.weight   (out, E*r)  column k*E + e = b[e, k, :]
+
+(expert-major rows of A, rank-major columns of B, as PEFT reshapes them). Several targeted
+parameters of one module nest, the first in PyTorch's parameter order innermost: it gets one
+``.base_layer`` per targeted parameter after it. Here they are one `LoraWeight` over the stacked
+experts ``(L, E, in, out)`` with layout ``"ssio"``. Adapters saved against transformers 4's per-expert
+modules (``block_sparse_moe.experts.{j}.w1``, ``mlp.experts.{j}.gate_proj``) load fused as PEFT fuses
+them: the parts of ``gate_up_proj`` stacked on the rank axis of ``A``, block-diagonally in ``B``.
+
 Both functions parse, then check collecting every problem, then build: a bad adapter is reported
 whole in one ``ValueError`` and nothing is written or returned.
 """
@@ -40,8 +54,9 @@ from ..io._files import atomic_directory, read_json, read_safetensors, write_jso
 from ..models.family import TASK_TYPES, Leaf, family_of, head_of, leaves_of, torch_class
 from ..rules import path_str
 from ..weight import LoraWeight, Trainable, is_lora, is_node, is_trainable
+from .verify import check_peft_files
 
-__all__ = ["save_peft", "load_peft", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PREFIX"]
+__all__ = ["save_peft", "load_peft", "config_problems", "pattern_value", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PREFIX"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -49,7 +64,7 @@ PREFIX = "base_model.model."
 
 # LoraConfig fields whose non-default values change the model in ways lora_jax does not load
 _UNSUPPORTED = {
-    "lora_bias": (False, None), "layer_replication": (None,), "target_parameters": (None, []),
+    "lora_bias": (False, None), "layer_replication": (None,),
     "trainable_token_indices": (None,), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
     "use_bdlora": (None, False), "megatron_config": (None,), "bias": ("none", "all", "lora_only", None),
 }
@@ -67,6 +82,7 @@ class _View:
     n_layers: int
     heads: tuple  # top-level modules outside the base model (SEQ_CLS: modules_to_save)
     tied_embedding: Optional[str]  # our path of an input embedding that is also the output head
+    not_linear: tuple = ()  # module names PyTorch does not hold as nn.Linear (an MoE router)
 
     @classmethod
     def of(cls, model) -> "_View":
@@ -79,7 +95,7 @@ class _View:
         tied = None
         if head == "causal_lm" and getattr(model.config, "tie_word_embeddings", False):
             tied = next((p for p in table if p.endswith("/embedding")), None)
-        return cls(model, table, model.config.num_hidden_layers, heads, tied)
+        return cls(model, table, model.config.num_hidden_layers, heads, tied, family_of(model).not_linear)
 
     def expected(self) -> dict[str, tuple]:
         return {p: ((self.n_layers,) if lf.layered else ()) + tuple(lf.shape) for p, lf in self.leaves.items()}
@@ -96,8 +112,35 @@ class _View:
         """``{PyTorch parameter name: (our leaf path, layer)}`` of every parameter."""
         return {lf.hf_name(i): (p, i) for p, lf in self.leaves.items() for i in self.layers_of(lf)}
 
+    def is_parameter(self, path: str) -> bool:
+        """Whether PEFT reaches this leaf only as a ``target_parameters`` entry: fused MoE experts
+        ``(E, out, in)`` and the kernels of modules that are no ``nn.Linear`` (an MoE router)."""
+        return _is_expert(self.leaves[path]) or (path.endswith("/kernel") and
+                                                 path.rpartition("/")[0].rpartition("/")[2] in self.not_linear)
+
+    def parameters(self) -> dict[str, tuple[str, Optional[int]]]:
+        """``{PyTorch parameter name: (our leaf path, layer)}`` of the `is_parameter` leaves, in
+        PyTorch's order (the table's)."""
+        return {lf.hf_name(i): (p, i) for p, lf in self.leaves.items() if self.is_parameter(p)
+                for i in self.layers_of(lf)}
+
+    def expert_modules(self) -> dict[str, tuple[str, int, int, int]]:
+        """``{per-expert module name: (fused parameter name, expert, part, parts)}``: the modules of
+        transformers 4's MoE layers (``block_sparse_moe.experts.3.w1``, ``mlp.experts.3.gate_proj``),
+        which PEFT adapters of that era name; ``part`` is the slice of the fused output axis."""
+        out = {}
+        for lf in self.leaves.values():
+            if not (_is_expert(lf) and lf.disk):
+                continue
+            for i in self.layers_of(lf):
+                for j, names in enumerate(lf.disk_names(i)):
+                    for k, name in enumerate(names):
+                        out[name.rpartition(".")[0]] = (lf.hf_name(i), j, k, len(names))
+        return out
+
     def layout(self, path: str) -> str:
-        return ("s" if self.leaves[path].layered else "") + "io"
+        lf = self.leaves[path]
+        return ("s" if lf.layered else "") + "s" * (len(lf.shape) - 2) + "io"
 
     def in_head(self, path: str) -> bool:
         return path.split("/")[0] in self.heads
@@ -105,6 +148,21 @@ class _View:
     @property
     def task_type(self) -> str:
         return TASK_TYPES[head_of(self.model)]
+
+
+def _is_expert(lf: Leaf) -> bool:
+    return len(lf.shape) == 3 and lf.hf.rpartition(".")[2] not in ("weight", "bias")
+
+
+def _param_keys(targeted: set, view: _View) -> dict[str, str]:
+    """``{PEFT key module: parameter name}`` for the targeted expert parameters: on each module the
+    first (in PyTorch's order) is innermost, one ``.base_layer`` per targeted parameter after it."""
+    by_module = collections.defaultdict(list)
+    for name in view.parameters():  # PyTorch's order
+        if name in targeted:
+            by_module[name.rpartition(".")[0]].append(name)
+    return {module + ".base_layer" * (len(names) - 1 - j): name
+            for module, names in by_module.items() for j, name in enumerate(names)}
 
 
 def _flatten(tree) -> dict[str, Any]:
@@ -179,9 +237,16 @@ def _lora_problems(view: _View, items) -> list[str]:
     problems = []
     for p, lw in items:
         leaf = p.rpartition("/")[2]
-        if leaf not in _FACTOR_LEAVES:
-            problems.append(f"{p}: PEFT adapts kernels and embeddings only, not a {leaf!r} leaf")
+        param = view.is_parameter(p)
+        if leaf not in _FACTOR_LEAVES and not param:
+            problems.append(f"{p}: PEFT adapts kernels, embeddings and expert parameters only, not a {leaf!r} leaf")
             continue
+        if param and lw.m is not None:
+            problems.append(f"{p}: DoRA on a PEFT target parameter has no PEFT form (its ParamWrapper refuses "
+                            "use_dora)")
+        if param and lw.dropout:
+            problems.append(f"{p}: LoRA dropout {lw.dropout} on a PEFT target parameter has no PEFT form (its "
+                            "ParamWrapper refuses lora_dropout != 0)")
         if lw.layout != view.layout(p):
             problems.append(f"{p}: layout {lw.layout!r}, but this leaf is {view.layout(p)!r} (stacked layers "
                             "need stack_axes=1); use lora_jax.hf.rules_for")
@@ -231,8 +296,100 @@ def _torch_arrays(view: _View, path: str, arr) -> dict[str, np.ndarray]:
     out = {}
     for i in view.layers_of(lf):
         x = arr if i is None else arr[i]
-        out[lf.hf_name(i)] = np.ascontiguousarray(x.T if lf.transpose else x)
+        out[lf.hf_name(i)] = np.ascontiguousarray(lf.to_torch(x))
     return out
+
+
+def _peft_files(view: _View, flat: dict, items: list, full: set, whole: list, bias_mode: str,
+                base_model_name_or_path: Optional[str]) -> tuple[dict, dict]:
+    """``(safetensors tensors, adapter_config)`` of a validated tree."""
+    tensors, modules, params = {}, {}, {}
+    targeted = {view.leaves[p].hf_name(i) for p, lw in items if view.is_parameter(p)
+                for i in view.layers_of(view.leaves[p]) if i is None or lw.layer_mask is None or lw.layer_mask[i]}
+    key_of = {name: key for key, name in _param_keys(targeted, view).items()}
+    for p, lw in items:
+        lf = view.leaves[p]
+        a, b = np.asarray(lw.a, np.float32), np.asarray(lw.b, np.float32)
+        m = None if lw.m is None else np.asarray(lw.m, np.float32)
+        for i in view.layers_of(lf):
+            if i is not None and lw.layer_mask is not None and not lw.layer_mask[i]:
+                continue
+            ai, bi, mi = (a, b, m) if i is None else (a[i], b[i], None if m is None else m[i])
+            if view.is_parameter(p):
+                name = lf.hf_name(i)
+                params[name] = lw
+                key = PREFIX + key_of[name]
+                if _is_expert(lf):  # ai (E, in, r) -> (E*r, in); bi (E, r, out) -> (out, r*E)
+                    e, n_in, r = ai.shape
+                    tensors[key + ".lora_A.weight"] = ai.transpose(0, 2, 1).reshape(e * r, n_in)
+                    tensors[key + ".lora_B.weight"] = bi.transpose(2, 1, 0).reshape(bi.shape[2], r * e)
+                else:  # a 2-D parameter: as a Linear's
+                    tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = ai.T, bi.T
+                continue
+            key = PREFIX + lf.module(i)
+            modules[lf.module(i)] = lw
+            if p.endswith("/embedding"):
+                tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"] = ai.T, bi.T
+            else:
+                tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = ai.T, bi.T
+            if mi is not None:
+                tensors[key + ".lora_magnitude_vector"] = mi
+    lora_modules = {p.rpartition("/")[0] for p, _ in items}
+    for p, v in flat.items():
+        if view.in_head(p) or p in full:
+            arr = v.merge() if is_lora(v) else (v.value if is_trainable(v) else v)
+            for name, x in _torch_arrays(view, p, arr).items():
+                if p.rpartition("/")[0] in lora_modules and p.endswith("/bias"):  # PEFT wraps it: base_layer.bias
+                    name = f"{name.rpartition('.')[0]}.base_layer.bias"
+                tensors[PREFIX + name] = x
+    saved_modules = sorted({view.leaves[q].module(i) for m in whole for q in view.leaves
+                            if q.rpartition("/")[0] == m for i in view.layers_of(view.leaves[q])})
+    adapters = {**modules, **params}
+    r = collections.Counter(lw.rank for lw in adapters.values()).most_common(1)[0][0]
+    alpha = collections.Counter(lw.alpha for lw in adapters.values()).most_common(1)[0][0]
+    dropout = collections.Counter(lw.dropout for lw in adapters.values()).most_common(1)[0][0]
+    head_modules = sorted({view.leaves[q].module(None) for q in view.leaves if view.in_head(q)})
+    config = {
+        "peft_type": "LORA",
+        "task_type": view.task_type,
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "target_modules": _target_names(list(modules), list(view.modules())) if modules or not params else [],
+        "rank_pattern": {name: lw.rank for name, lw in adapters.items() if lw.rank != r},
+        "alpha_pattern": {name: _number(lw.alpha) for name, lw in adapters.items() if lw.alpha != alpha},
+        "use_rslora": items[0][1].rslora,
+        "use_dora": items[0][1].m is not None,
+        "fan_in_fan_out": False,
+        "lora_dropout": dropout,
+        "bias": bias_mode,
+        "init_lora_weights": True,
+        "modules_to_save": (head_modules + saved_modules) or None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    if params:
+        config["target_parameters"] = _parameter_names(list(params), view)
+    return tensors, config
+
+
+def _parameter_names(targeted: list[str], view: _View) -> list[str]:
+    """PEFT target_parameters for exactly ``targeted``: the name below the layer
+    (``mlp.experts.gate_up_proj``) when every layer's is targeted, else the full names."""
+    chosen, out = set(targeted), set()
+    by_leaf = collections.defaultdict(set)
+    for name, (p, _) in view.parameters().items():
+        by_leaf[p].add(name)
+    for p, names in by_leaf.items():
+        picked = names & chosen
+        if not picked:
+            continue
+        lf = view.leaves[p]
+        short = lf.hf.split("{i}.", 1)[-1]
+        out |= {short} if picked == names else picked
+    return sorted(out)
 
 
 def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_path: Optional[str] = None,
@@ -249,7 +406,9 @@ def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_
     trainable goes to ``modules_to_save``, trainable biases set ``bias`` (``"all"`` when every bias
     of the model trains, ``"lora_only"`` when exactly those of the adapted modules do). Factors are
     written in float32. A tree with several adapters writes the one named ``adapter`` (default:
-    the only active one).
+    the only active one). Adapters on mixture-of-experts tensors (layout ``"ssio"``: one per layer
+    and expert) and on an MoE router are written as PEFT ``target_parameters`` (module docstring);
+    PEFT's ParamWrapper allows neither dropout nor DoRA on them.
 
     Load it in PyTorch with
     ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)``.
@@ -271,84 +430,35 @@ def save_peft(path, tree, model, *, overwrite: bool = False, base_model_name_or_
       >>> hf.save_peft("adapter", lora_params, model)  # doctest: +SKIP
     """
     view = _View.of(model)
+    # parse: the tree in PEFT terms
     flat = _flatten(_one_adapter(tree, adapter))
-    fit = _fit_problems(flat, view)
-    if fit:
-        raise ValueError(f"save_peft: the tree does not fit {torch_class(model)}: " + "; ".join(fit))
     items = [(p, v) for p, v in flat.items() if is_lora(v) and not view.in_head(p)]
-    if not items:
-        raise ValueError("save_peft: the tree holds no LoraWeight outside the classifier head; call lora.init first")
     full = {p for p, v in flat.items() if is_trainable(v) and not view.in_head(p)}
-    whole, bias_mode, problems = _full_leaves(view, full, {p for p, _ in items})
-    problems = _lora_problems(view, items) + problems
-    for p, lw in items:
-        for name, x in (("A", lw.a), ("B", lw.b)) + ((("magnitude", lw.m),) if lw.m is not None else ()):
-            if not np.isfinite(np.asarray(x, np.float32)).all():
-                problems.append(f"{p}: lora {name} holds NaN or Inf")
+    # validate, collecting every problem
+    problems = _fit_problems(flat, view)
+    if not problems and not items:
+        problems.append("the tree holds no LoraWeight outside the classifier head; call lora.init first")
+    if not problems:
+        whole, bias_mode, more = _full_leaves(view, full, {p for p, _ in items})
+        problems += _lora_problems(view, items) + more
+        for p, lw in items:
+            for name, x in (("A", lw.a), ("B", lw.b)) + ((("magnitude", lw.m),) if lw.m is not None else ()):
+                if not np.isfinite(np.asarray(x, np.float32)).all():
+                    problems.append(f"{p}: lora {name} holds NaN or Inf")
     if problems:
-        raise ValueError(f"save_peft: {len(problems)} adapter(s) cannot be written in PEFT format:\n  "
-                         + "\n  ".join(problems))
-
-    tensors, modules = {}, {}
-    for p, lw in items:
-        lf = view.leaves[p]
-        a, b = np.asarray(lw.a, np.float32), np.asarray(lw.b, np.float32)
-        m = None if lw.m is None else np.asarray(lw.m, np.float32)
-        for i in view.layers_of(lf):
-            if i is not None and lw.layer_mask is not None and not lw.layer_mask[i]:
-                continue
-            ai, bi, mi = (a, b, m) if i is None else (a[i], b[i], None if m is None else m[i])
-            key = PREFIX + lf.module(i)
-            modules[lf.module(i)] = lw
-            if p.endswith("/embedding"):
-                tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"] = ai.T, bi.T
-            else:
-                tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = ai.T, bi.T
-            if mi is not None:
-                tensors[key + ".lora_magnitude_vector"] = mi
-    lora_modules = {p.rpartition("/")[0] for p, _ in items}
-    for p, v in flat.items():
-        if view.in_head(p) or p in full:
-            arr = v.merge() if is_lora(v) else (v.value if is_trainable(v) else v)
-            for name, x in _torch_arrays(view, p, arr).items():
-                if p.rpartition("/")[0] in lora_modules and p.endswith("/bias"):  # PEFT wraps it: base_layer.bias
-                    name = f"{name.rpartition('.')[0]}.base_layer.bias"
-                tensors[PREFIX + name] = x
-    saved_modules = sorted({view.leaves[q].module(i) for m in whole for q in view.leaves
-                            if q.rpartition("/")[0] == m for i in view.layers_of(view.leaves[q])})
-    r = collections.Counter(lw.rank for lw in modules.values()).most_common(1)[0][0]
-    alpha = collections.Counter(lw.alpha for lw in modules.values()).most_common(1)[0][0]
-    dropout = collections.Counter(lw.dropout for lw in modules.values()).most_common(1)[0][0]
-    head_modules = sorted({view.leaves[q].module(None) for q in view.leaves if view.in_head(q)})
-    config = {
-        "peft_type": "LORA",
-        "task_type": view.task_type,
-        "r": r,
-        "lora_alpha": _number(alpha),
-        "target_modules": _target_names(list(modules), list(view.modules())),
-        "rank_pattern": {name: lw.rank for name, lw in modules.items() if lw.rank != r},
-        "alpha_pattern": {name: _number(lw.alpha) for name, lw in modules.items() if lw.alpha != alpha},
-        "use_rslora": items[0][1].rslora,
-        "use_dora": items[0][1].m is not None,
-        "fan_in_fan_out": False,
-        "lora_dropout": dropout,
-        "bias": bias_mode,
-        "init_lora_weights": True,
-        "modules_to_save": (head_modules + saved_modules) or None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "inference_mode": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "revision": None,
-    }
+        raise ValueError(f"save_peft: {len(problems)} problem(s); the adapter cannot be written in PEFT format for "
+                         f"{torch_class(model)}:\n  " + "\n  ".join(problems))
+    # build
+    tensors, config = _peft_files(view, flat, items, full, whole, bias_mode, base_model_name_or_path)
     with atomic_directory(path, overwrite=overwrite, what="save_peft") as tmp:
         write_safetensors(os.path.join(tmp, ADAPTER_WEIGHTS), tensors, {"format": "pt"})
         write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
+        check_peft_files(tmp, model, tensors, config)  # read back before it is renamed into place
 
 
 # -- loading -----------------------------------------------------------------------------------
 
-def _pattern_value(patterns: dict, module: str, default):
+def pattern_value(patterns: dict, module: str, default):
     """PEFT's ``get_pattern_key``: the first pattern that matches the end of the module name."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -388,7 +498,8 @@ def _peft_targets(cfg: dict, view: _View) -> set[str]:
             continue
         if isinstance(targets, str):
             if targets.lower() == "all-linear":
-                hit = p.endswith("/kernel") and not name.startswith("lm_head")
+                hit = p.endswith("/kernel") and not name.startswith("lm_head") \
+                    and p.rpartition("/")[0].rpartition("/")[2] not in view.not_linear
             else:
                 hit = bool(re.fullmatch(targets, name))
         else:
@@ -402,7 +513,7 @@ def _peft_targets(cfg: dict, view: _View) -> set[str]:
     return out
 
 
-def _config_problems(cfg) -> list[str]:
+def config_problems(cfg) -> list[str]:
     if not isinstance(cfg, dict):
         return [f"the config must be a JSON object, got {type(cfg).__name__}"]
     out = []
@@ -420,7 +531,19 @@ def _config_problems(cfg) -> list[str]:
     for field in ("rank_pattern", "alpha_pattern"):
         if cfg.get(field) is not None and not isinstance(cfg[field], dict):
             out.append(f"{field} must be an object, got {cfg[field]!r}")
+    tp = cfg.get("target_parameters")
+    if tp is not None and not (isinstance(tp, list) and all(isinstance(t, str) for t in tp)):
+        out.append(f"target_parameters must be a list of parameter names, got {tp!r}")
     return out
+
+
+def _peft_parameters(cfg: dict, view: _View) -> set[str]:
+    """The parameters PEFT wraps for ``target_parameters`` (a name, or its end after a ``.``). PEFT
+    resolves ``target_modules="all-linear"`` on a mixture-of-experts model against transformers 4's
+    modules and converts them to transformers 5's parameters: every expert tensor and the router."""
+    targets = cfg.get("target_parameters") or []
+    every = isinstance(cfg.get("target_modules"), str) and cfg["target_modules"].lower() == "all-linear"
+    return {name for name in view.parameters() if every or any(name == t or name.endswith("." + t) for t in targets)}
 
 
 def _read_adapter(path: str) -> tuple[dict, dict]:
@@ -431,16 +554,14 @@ def _read_adapter(path: str) -> tuple[dict, dict]:
         raise ValueError(f"load_peft: {path!r} holds adapter_model.bin (pickle), which lora_jax never reads; "
                          "re-save it in PyTorch with save_pretrained(..., safe_serialization=True)")
     cfg = read_json(os.path.join(path, ADAPTER_CONFIG), what="PEFT adapter config")
-    problems = _config_problems(cfg)
-    if problems:
-        raise ValueError(f"load_peft: {os.path.join(path, ADAPTER_CONFIG)!r}: " + "; ".join(problems))
     tensors, _ = read_safetensors(weights_file)
     return cfg, tensors
 
 
 @dataclasses.dataclass
 class _Parsed:
-    factors: dict  # module name -> {"A"|"B"|"m": array}
+    factors: dict  # module name (or expert parameter name) -> {"A"|"B"|"m": array}
+    per_expert: dict  # fused parameter name -> {(expert, part): (module, {"A"|"B": array})} (transformers 4)
     full: dict  # our path -> {layer: array in our layout}
     trained: set  # our paths of full weights that train (modules_to_save, biases)
     problems: list
@@ -448,11 +569,14 @@ class _Parsed:
 
 def _parse(cfg: dict, tensors: dict, view: _View) -> _Parsed:
     modules, params = view.modules(), view.params()
+    param_keys = _param_keys(_peft_parameters(cfg, view), view)
     heads = [view.leaves[q].module(None) for q in view.leaves if view.in_head(q)]
     saved = list(cfg.get("modules_to_save") or []) + heads
     factor_modules = {m.group(1) for k in tensors if k.startswith(PREFIX) for m in [re.fullmatch(
         r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", k[len(PREFIX):])] if m}
-    out = _Parsed(collections.defaultdict(dict), collections.defaultdict(dict), set(), [])
+    legacy = view.expert_modules()
+    out = _Parsed(collections.defaultdict(dict), collections.defaultdict(dict), collections.defaultdict(dict), set(),
+                  [])
     cls = torch_class(view.model)
     for key, arr in tensors.items():
         if not key.startswith(PREFIX):
@@ -464,7 +588,12 @@ def _parse(cfg: dict, tensors: dict, view: _View) -> _Parsed:
              or re.fullmatch(r"(?P<mod>.+)\.lora_magnitude_vector(\.weight)?", rest))
         if m:
             mod, role = m.group("mod"), m.groupdict().get("f") or "m"
-            if mod not in modules:
+            if mod in param_keys and "lora_embedding_" not in rest:
+                out.factors[param_keys[mod]][role] = np.asarray(arr)
+            elif mod in legacy and role != "m" and "lora_embedding_" not in rest:
+                name, j, k, _ = legacy[mod]
+                out.per_expert[name].setdefault((j, k), (mod, {}))[1][role] = np.asarray(arr)
+            elif mod not in modules:
                 out.problems.append(f"unexpected: {key} (no kernel or embedding module {mod!r} in {cls})")
             elif ("lora_embedding_" in rest) != modules[mod][0].endswith("/embedding") and role != "m":
                 kind = "embedding" if modules[mod][0].endswith("/embedding") else "linear"
@@ -493,7 +622,7 @@ def _parse(cfg: dict, tensors: dict, view: _View) -> _Parsed:
         if arr.shape != lf.torch_shape():
             out.problems.append(f"shape mismatch: {key} is {arr.shape}, expected {lf.torch_shape()}")
             continue
-        out.full[p][layer] = arr.T if lf.transpose else arr
+        out.full[p][layer] = lf.from_torch(arr)
         if not base:
             out.trained.add(p)
     return out
@@ -501,22 +630,28 @@ def _parse(cfg: dict, tensors: dict, view: _View) -> _Parsed:
 
 def _check_factors(cfg: dict, parsed: _Parsed, view: _View) -> dict:
     """``{our path: {layer: (a, b, m, rank, alpha)}}`` of the well-formed factors; problems appended."""
-    modules = view.modules()
+    modules = {**view.modules(), **view.parameters()}
     r0, alpha0 = cfg["r"], cfg["lora_alpha"]
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     dora = bool(cfg.get("use_dora", False))
     good = collections.defaultdict(dict)
+    _fuse_per_expert(cfg, parsed, view, good)
     for mod, fs in sorted(parsed.factors.items()):
         p, layer = modules[mod]
         lf = view.leaves[p]
         if "A" not in fs or "B" not in fs:
             parsed.problems.append(f"incomplete: {mod} has only {sorted(k for k in fs if k != 'm')} of lora A/B")
             continue
-        rank = _pattern_value(rank_pattern, mod, r0)
-        alpha = _pattern_value(alpha_pattern, mod, alpha0)
-        n_in, n_out = lf.shape
+        rank = pattern_value(rank_pattern, mod, r0)
+        alpha = pattern_value(alpha_pattern, mod, alpha0)
+        n_in, n_out = lf.shape[-2:]
+        n_exp = lf.shape[0] if _is_expert(lf) else 1
         bad = False
-        for name, got, want in (("A", fs["A"].shape, (rank, n_in)), ("B", fs["B"].shape, (n_out, rank))):
+        if view.is_parameter(p) and fs.get("m") is not None:
+            parsed.problems.append(f"unexpected: {PREFIX}{mod}.lora_magnitude_vector (PEFT has no DoRA on parameters)")
+            bad = True
+        for name, got, want in (("A", fs["A"].shape, (n_exp * rank, n_in)),
+                                ("B", fs["B"].shape, (n_out, n_exp * rank))):
             if tuple(got) != want:
                 parsed.problems.append(f"shape mismatch: {mod} lora_{name} is {tuple(got)}, expected {want} "
                                        f"(rank {rank}, {p} of one layer {tuple(lf.shape)})")
@@ -543,7 +678,13 @@ def _check_factors(cfg: dict, parsed: _Parsed, view: _View) -> dict:
             if not np.isfinite(np.asarray(x, np.float32)).all():
                 parsed.problems.append(f"non-finite: {mod} lora_{name} holds NaN or Inf")
                 bad = True
-        if not bad:
+        if bad:
+            continue
+        if _is_expert(lf):  # (E*r, in) -> (E, in, r); (out, r*E) -> (E, r, out); see the module docstring
+            a = fs["A"].reshape(n_exp, rank, n_in).transpose(0, 2, 1)
+            b = fs["B"].reshape(n_out, rank, n_exp).transpose(2, 1, 0)
+            good[p][layer] = (a, b, None, rank, alpha)
+        else:
             good[p][layer] = (fs["A"].T, fs["B"].T, mvec, rank, alpha)
     for p, layers in good.items():
         if dora and view.leaves[p].layered and len(layers) != view.n_layers:
@@ -551,8 +692,53 @@ def _check_factors(cfg: dict, parsed: _Parsed, view: _View) -> dict:
     return good
 
 
+def _fuse_per_expert(cfg: dict, parsed: _Parsed, view: _View, good: dict) -> None:
+    """Adapters of transformers 4's per-expert modules, fused as PEFT fuses them on load: each
+    expert's parts (``gate_proj``, ``up_proj`` of one ``gate_up_proj``) stack their ``A`` on the
+    rank axis and their ``B`` block-diagonally, so the fused rank is the parts' sum and the scale
+    stays the parts' (``s (x A_e) B_e`` with ``A_e = [A_g; A_u]``, ``B_e = diag(B_g, B_u)``)."""
+    rslora = bool(cfg.get("use_rslora", False))
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    for name, got in sorted(parsed.per_expert.items()):
+        p, layer = view.parameters()[name]
+        lf = view.leaves[p]
+        n_exp, n_in, n_out = lf.shape
+        parts = next(v for v in view.expert_modules().values() if v[0] == name)[3]
+        missing = [f"expert {j} part {k}" for j in range(n_exp) for k in range(parts) if (j, k) not in got]
+        incomplete = [m for m, fs in got.values() if set(fs) != {"A", "B"}]
+        if missing or incomplete:
+            parsed.problems.append(f"incomplete: {name} per expert (transformers 4 names): missing {missing[:4]}, "
+                                   f"without lora A or B {sorted(incomplete)[:4]}")
+            continue
+        settings = {(pattern_value(rank_pattern, m, cfg["r"]), pattern_value(alpha_pattern, m, cfg["lora_alpha"]))
+                    for m, _ in got.values()}
+        if len(settings) != 1:
+            parsed.problems.append(f"unsupported: the per-expert adapters of {name} differ in rank or alpha "
+                                   f"{sorted(settings)}; PEFT fuses only equal ones")
+            continue
+        ((rank, alpha),) = settings
+        size = n_out // parts
+        bad = [f"{m} lora_{f} is {tuple(fs[f].shape)}, expected {want}" for m, fs in got.values()
+               for f, want in (("A", (rank, n_in)), ("B", (size, rank))) if tuple(fs[f].shape) != want]
+        bad += [f"{m} lora_{f} holds NaN or Inf" for m, fs in got.values() for f in "AB"
+                if not np.isfinite(np.asarray(fs[f], np.float32)).all()]
+        if bad:
+            parsed.problems += [f"shape mismatch or non-finite: {b}" for b in bad]
+            continue
+        a = np.zeros((n_exp, n_in, parts * rank), np.float32)
+        b = np.zeros((n_exp, parts * rank, n_out), np.float32)
+        for (j, k), (_, fs) in got.items():
+            a[j, :, k * rank:(k + 1) * rank] = fs["A"].T
+            b[j, k * rank:(k + 1) * rank, k * size:(k + 1) * size] = fs["B"].T
+        fused = parts * rank
+        alpha_fused = alpha * (math.sqrt(fused / rank) if rslora else fused / rank)  # the parts' scale kept
+        good[p][layer] = (a, b, None, fused, alpha_fused)
+
+
 def _build_weight(view: _View, p: str, w, layers: dict, cfg: dict) -> LoraWeight:
-    """One `LoraWeight` from the factors of its layers (stacked, rank-padded, scale folded into b)."""
+    """One `LoraWeight` from the factors of its layers (stacked, rank-padded, scale folded into b).
+
+    Each layer's ``a`` is ``(*experts, in, r_i)`` and ``b`` ``(*experts, r_i, out)``."""
     rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout") or 0.0)
     lf = view.leaves[p]
@@ -561,18 +747,18 @@ def _build_weight(view: _View, p: str, w, layers: dict, cfg: dict) -> LoraWeight
         return LoraWeight(w, jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
                           m=None if m is None else jnp.asarray(m, jnp.float32), layout=view.layout(p), rank=rank,
                           alpha=alpha, rslora=rslora, dropout=dropout)
-    n_in, n_out = lf.shape
+    *pre, n_in, n_out = lf.shape
     r_max = max(v[3] for v in layers.values())
     first = layers[min(layers)]
     scale = _scale(first[4], first[3], rslora)
     alpha = scale * (math.sqrt(r_max) if rslora else r_max)
-    a = np.zeros((view.n_layers, n_in, r_max), np.float32)
-    b = np.zeros((view.n_layers, r_max, n_out), np.float32)
+    a = np.zeros((view.n_layers, *pre, n_in, r_max), np.float32)
+    b = np.zeros((view.n_layers, *pre, r_max, n_out), np.float32)
     m = None
     for i, (ai, bi, mi, rank, alpha_i) in layers.items():
-        a[i, :, :rank] = ai
+        a[i, ..., :rank] = ai
         ratio = _scale(alpha_i, rank, rslora) / scale
-        b[i, :rank, :] = bi if ratio == 1.0 else bi * np.float32(ratio)
+        b[i, ..., :rank, :] = bi if ratio == 1.0 else bi * np.float32(ratio)
         if mi is not None:
             m = np.zeros((view.n_layers, n_out), np.float32) if m is None else m
             m[i] = mi
@@ -588,7 +774,10 @@ def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
     Each adapted leaf becomes a `LoraWeight` whose ``w`` comes from ``params`` and ``a``, ``b``
     from the file (stacked over layers for the scanned layer kernels), with rank and alpha from
     the config (``rank_pattern``/``alpha_pattern`` resolved as PEFT does) and ``use_rslora``;
-    DoRA's ``lora_magnitude_vector`` becomes ``m``. Full weights the adapter carries replace those
+    DoRA's ``lora_magnitude_vector`` becomes ``m``. ``target_parameters`` (mixture-of-experts
+    tensors, a router) load as one `LoraWeight` per stacked tensor with one adapter per layer and
+    expert (layout ``"ssio"``); parameters they name that the model lacks are an error, never a
+    silent no-op. Full weights the adapter carries replace those
     of ``params``, as in PEFT: ``modules_to_save`` modules and biases (``bias="all"``/
     ``"lora_only"``) come back as `lora.Trainable` leaves (they trained and keep training), an
     embedding's ``base_layer`` as a plain array.
@@ -612,30 +801,41 @@ def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
       >>> logits = lora.wrap(lambda p, x: model.apply({"params": p}, x))(tree, ids)  # doctest: +SKIP
     """
     path = os.fspath(path)
+    # parse
     cfg, tensors = _read_adapter(path)
     view = _View.of(model)
     flat = _flatten(params)
     if any(is_node(v) for v in flat.values()):
         raise ValueError("load_peft: params already hold LoraWeight or Trainable nodes; pass the base parameters")
-    fit = _fit_problems(flat, view)
-    if fit:
-        raise ValueError(f"load_peft: params do not fit {torch_class(model)}: " + "; ".join(fit))
-
-    parsed = _parse(cfg, tensors, view)
-    good = _check_factors(cfg, parsed, view)
-    for p, layers in parsed.full.items():
-        if view.leaves[p].layered and p in parsed.trained and len(layers) != view.n_layers:
-            parsed.problems.append(f"unsupported: full weights for some layers only of {p} ({sorted(layers)})")
-    if not allow_missing:
-        wanted = _peft_targets(cfg, view)
-        parsed.problems += [f"missing: {PREFIX}{mod}.lora_A/lora_B (targeted by target_modules "
-                            f"{cfg.get('target_modules')!r})" for mod in sorted(wanted - set(parsed.factors))]
-    if parsed.problems:
-        raise ValueError(f"load_peft: {len(parsed.problems)} problem(s) in {path!r}:\n  "
-                         + "\n  ".join(parsed.problems))
+    # validate, collecting every problem
+    bad_config = config_problems(cfg)
+    problems = [f"{ADAPTER_CONFIG}: " + "; ".join(bad_config)] if bad_config else []
+    problems += [f"params do not fit {torch_class(model)}: {p}" for p in _fit_problems(flat, view)]
+    good, parsed = {}, None
+    if not problems:
+        parsed = _parse(cfg, tensors, view)
+        good = _check_factors(cfg, parsed, view)
+        for p, layers in parsed.full.items():
+            if view.leaves[p].layered and p in parsed.trained and len(layers) != view.n_layers:
+                parsed.problems.append(f"unsupported: full weights for some layers only of {p} ({sorted(layers)})")
+        wanted_params = _peft_parameters(cfg, view)
+        if cfg.get("target_parameters") and not wanted_params:
+            parsed.problems.append(f"target_parameters {cfg['target_parameters']!r} match no parameter of "
+                                   f"{torch_class(model)}; some it has: {sorted(view.parameters())[:4]}")
+        if not allow_missing:
+            wanted = _peft_targets(cfg, view)
+            parsed.problems += [f"missing: {PREFIX}{mod}.lora_A/lora_B (targeted by target_modules "
+                                f"{cfg.get('target_modules')!r})" for mod in sorted(wanted - set(parsed.factors))]
+            parsed.problems += [f"missing: the lora_A/lora_B of parameter {name} (targeted by target_parameters "
+                                f"{cfg.get('target_parameters')!r})"
+                                for name in sorted(wanted_params - set(parsed.factors))]
+        problems += parsed.problems
+    if problems:
+        raise ValueError(f"load_peft: {len(problems)} problem(s) in {path!r}:\n  " + "\n  ".join(problems))
     if not good:
         raise ValueError(f"load_peft: {path!r} holds no LoRA factors")
 
+    # build
     def full_value(p, leaf):
         layers = parsed.full[p]
         if None in layers:

@@ -8,7 +8,14 @@ pooler, an output head) have none. Presets:
 * ``"attention"``: the attention projections (q, k, v, o; fused ``qkv_proj``/``c_attn`` where the
   family fuses them);
 * ``"peft"``: PEFT's default ``target_modules`` for the model type (llama/mistral/qwen/gemma
-  ``q_proj, v_proj``; gpt2 ``c_attn``; bert ``query, value``; phi3 ``qkv_proj``).
+  ``q_proj, v_proj``; gpt2 ``c_attn``; bert ``query, value``; phi3 ``qkv_proj``);
+* ``"experts"``: the mixture-of-experts expert tensors only (``gate_up_proj``, ``down_proj``).
+
+Expert tensors ``(L, E, in, out)`` get ``stack_axes=2`` (one adapter per layer and expert, layout
+``"ssio"``); ``"all-linear"`` includes them (PEFT reaches them with ``target_parameters``) and leaves
+the MoE router frozen (PEFT 0.21's ``all-linear`` adapts it too, through its transformers 4 to 5
+conversion; name it, ``"gate"``, to do the same: it is saved as ``target_parameters``
+``mlp.gate.weight``).
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ from typing import Any, Sequence
 from ..models.family import Family, family_for, leaves_of
 from ..rules import Rule, Rules
 
-__all__ = ["rules_for", "PRESETS", "peft_default_targets", "kernel_paths"]
+__all__ = ["rules_for", "PRESETS", "peft_default_targets", "kernel_paths", "expert_paths"]
 
-PRESETS = ("all-linear", "attention", "peft")
+PRESETS = ("all-linear", "attention", "peft", "experts")
 _HEAD_MODULES = ("lm_head", "classifier", "score")
 
 
@@ -53,6 +60,15 @@ def kernel_paths(model) -> dict[str, bool]:
             if lf.path.rpartition("/")[2] in ("kernel", "embedding")}
 
 
+def expert_paths(model) -> list[str]:
+    """The leaf paths of ``model``'s mixture-of-experts tensors (``(L, E, in, out)``), if any."""
+    return [lf.path for lf in leaves_of(model)
+            if len(lf.shape) == 3 and lf.hf.rpartition(".")[2] not in ("weight", "bias")]
+
+
+_EXPERT_NAMES = ["experts/gate_up_proj", "experts/down_proj"]
+
+
 def _suffix(name: str, module: str) -> bool:
     name = name.replace(".", "/").strip("/")
     return module == name or module.endswith("/" + name)
@@ -64,7 +80,7 @@ def _split_rules(modules: dict[str, bool], names: Sequence[str]) -> list[Rule]:
     return ([Rule(stacked, stack_axes=1)] if stacked else []) + ([Rule(flat, stack_axes=0)] if flat else [])
 
 
-def rules_for(model_or_config: Any, preset: str = "all-linear", *, rank: int = 8, alpha: float = 8, **kw) -> Rules:
+def rules_for(model_or_config: Any, preset: str = "all-linear", **kw) -> Rules:
     """`lora.Rules` for a lora_jax model, its config, a HF config or a ``model_type`` string.
 
     Args:
@@ -72,9 +88,9 @@ def rules_for(model_or_config: Any, preset: str = "all-linear", *, rank: int = 8
         ``config.json`` dict/path, or a ``model_type`` (``"llama"``, ``"qwen3"``, ``"gpt2"``...).
         With a bare ``model_type`` the rules name modules (``q_proj``) with ``stack_axes=1``, so
         they fit the decoder layers of that family.
-      preset: ``"all-linear"``, ``"attention"`` or ``"peft"`` (PEFT's default targets).
-      rank, alpha: as in `lora.Rules`.
-      **kw: any other `lora.Rules` option (``rank_pattern``, ``use_rslora``, ``use_dora``,
+      preset: ``"all-linear"``, ``"attention"``, ``"peft"`` (PEFT's default targets) or
+        ``"experts"`` (mixture-of-experts tensors; an error on a model without them).
+      **kw: `lora.Rules` options (``rank``, ``alpha``, ``rank_pattern``, ``rslora``, ``use_dora``,
         ``layers``, ``dropout``, ``init``...).
 
     Raises:
@@ -88,6 +104,14 @@ def rules_for(model_or_config: Any, preset: str = "all-linear", *, rank: int = 8
     if preset not in PRESETS:
         raise ValueError(f"rules_for: preset must be one of {list(PRESETS)}, got {preset!r}")
     model, fam, model_type = _model_and_family(model_or_config)
+    experts = [] if model is None else expert_paths(model)
+    if preset == "experts":
+        if model is None:
+            return Rules([Rule(_EXPERT_NAMES, stack_axes=2)], **kw)
+        if not experts:
+            raise ValueError(f"rules_for: the 'experts' preset selects the expert tensors of a mixture-of-experts "
+                             f"model, and this {model_type} model has none")
+        return Rules([Rule(experts, stack_axes=2)], **kw)
     if preset == "attention":
         names = list(fam.attention)
     elif preset == "peft":
@@ -99,14 +123,19 @@ def rules_for(model_or_config: Any, preset: str = "all-linear", *, rank: int = 8
         names = None
     if model is None:  # a bare model_type: module names, layer kernels stacked
         if names is None:
-            return Rules([Rule("all-linear", stack_axes=1)], rank=rank, alpha=alpha, **kw)
-        return Rules([Rule(names, stack_axes=1)], rank=rank, alpha=alpha, **kw)
+            extra = [Rule(_EXPERT_NAMES, stack_axes=2)] if fam.not_linear else []
+            return Rules([Rule("all-linear", stack_axes=1, exclude=list(fam.not_linear) or None)] + extra,
+                         **kw)
+        return Rules([Rule(names, stack_axes=1)], **kw)
     modules = kernel_paths(model)
     if names is None:
         names = [m for m in modules if not m.endswith(("embed_tokens", "embedding", "embeddings", "wte", "wpe"))
-                 and not any(c in _HEAD_MODULES or c.endswith("_embeddings") for c in m.split("/"))]
+                 and not any(c in _HEAD_MODULES or c.endswith("_embeddings") for c in m.split("/"))
+                 and m.rpartition("/")[2] not in fam.not_linear]
     rules = _split_rules(modules, names)
+    if preset == "all-linear" and experts:
+        rules.append(Rule(experts, stack_axes=2))
     if not rules:
         raise ValueError(f"rules_for: the {preset!r} preset ({names}) selects no kernel of this "
                          f"{model_type} model; its kernels: {sorted(modules)}")
-    return Rules(rules, rank=rank, alpha=alpha, **kw)
+    return Rules(rules, **kw)

@@ -1,7 +1,7 @@
 """lora_jax's own Flax models: today's Hugging Face families, built for fast LoRA training.
 
 One module per family on shared building blocks (`layers`): `llama` (Llama 2/3, Mistral, Qwen2,
-Qwen3), `gemma` (Gemma 2, Gemma 3 text), `phi3`, `gpt2`, `bert`. Each loads and writes Hugging Face
+Qwen3), `moe` (Qwen3-MoE, Mixtral), `gemma` (Gemma 2, Gemma 3 text), `phi3`, `gpt2`, `bert`. Each loads and writes Hugging Face
 checkpoints without torch (`load`, `save`) and decodes with a KV cache (`generate`). The model code
 knows nothing of LoRA: ``lora.wrap(model.apply)`` adds it.
 
@@ -19,10 +19,11 @@ from .family import (HEADS, SUPPORTED_MODEL_TYPES, Family, Leaf, build, config_f
                      hf_config_dict, init_params, leaves_of, params_from_state, state_from_params, torch_class)
 from .generate import generate
 from .llama import LlamaConfig, LlamaForCausalLM, LlamaModel
+from .moe import MoeConfig, MoeForCausalLM, MoeModel
 
 __all__ = [
     "load", "save", "read_weights", "generate",
     "build", "config_from_hf", "init_params", "family_for", "head_of", "torch_class", "hf_config_dict",
     "leaves_of", "params_from_state", "state_from_params", "Family", "Leaf", "SUPPORTED_MODEL_TYPES", "HEADS",
-    "LlamaConfig", "LlamaForCausalLM", "LlamaModel",
+    "LlamaConfig", "LlamaForCausalLM", "LlamaModel", "MoeConfig", "MoeForCausalLM", "MoeModel",
 ]

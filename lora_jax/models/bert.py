@@ -47,7 +47,6 @@ from typing import Any, ClassVar, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from .family import Family, Leaf, strip_prefix
 from .layers import (ACTIVATIONS, ATTENTION_IMPLS, LayerNorm, attention, attention_impl, canon_dtype,

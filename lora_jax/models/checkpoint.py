@@ -14,9 +14,8 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 
 from ..io._files import atomic_directory, contained, read_json, read_safetensors, write_json, write_safetensors
 from .family import (build, config_from_hf, flax_msgpack_state, hf_config_dict, params_from_state, read_hf_config,
@@ -151,7 +150,7 @@ def save(path, model, params, *, overwrite: bool = False, extra_files: Optional[
       ValueError: parameters that do not fit the model (all problems listed) or a non-empty
         ``path`` without ``overwrite``.
     """
-    sd = state_from_params(params, model, what="save")
+    sd = state_from_params(params, model, what="save", disk=True)
     cfg = hf_config_dict(model)
     float_dtypes = {a.dtype.name for a in sd.values() if a.dtype.kind == "f" or a.dtype.name == "bfloat16"}
     if len(float_dtypes) == 1:

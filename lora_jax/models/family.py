@@ -1,6 +1,6 @@
 """The model families and the one mapping between their parameter trees and Hugging Face checkpoints.
 
-Each family module (`llama`, `gemma`, `phi3`, `gpt2`, `bert`) defines a hashable config dataclass,
+Each family module (`llama`, `moe`, `gemma`, `phi3`, `gpt2`, `bert`) defines a hashable config dataclass,
 Flax linen modules (one per head: ``"causal_lm"``, ``"base"``, ``"seq_cls"``) and a module-level
 ``FAMILY = Family(...)`` that says which ``model_type`` values it serves and how its tree maps onto
 the PyTorch state dict. Everything that reads or writes checkpoints and adapters (`lora_jax.hf`,
@@ -34,13 +34,14 @@ import numpy as np
 
 __all__ = ["Leaf", "Family", "SUPPORTED_MODEL_TYPES", "HEADS", "TASK_TYPES", "family_for", "read_hf_config",
            "config_from_hf", "build", "head_of", "family_of", "torch_class", "hf_config_dict", "leaves_of",
-           "params_from_state", "state_from_params", "flax_msgpack_state", "init_params", "strip_prefix",
-           "base_prefix", "resolve_head"]
+           "params_from_state", "state_from_params", "from_disk", "to_disk", "flax_msgpack_state", "init_params",
+           "strip_prefix", "base_prefix", "resolve_head"]
 
 # model_type -> the module of lora_jax.models that implements it
 _FAMILY_MODULES = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
     "gemma2": "gemma", "gemma3_text": "gemma",
+    "qwen3_moe": "moe", "mixtral": "moe",
     "phi3": "phi3",
     "gpt2": "gpt2",
     "bert": "bert",
@@ -57,16 +58,22 @@ class Leaf:
 
     Attributes:
       path: the leaf's path in our parameter tree (``"model/layers/self_attn/q_proj/kernel"``).
-      hf: its PyTorch state-dict name; ``{i}`` marks a per-layer tensor (stacked here on a leading
-        layer axis): ``"model.layers.{i}.self_attn.q_proj.weight"``.
+      hf: its PyTorch (transformers 5, in memory) parameter name; ``{i}`` marks a per-layer tensor
+        (stacked here on a leading layer axis): ``"model.layers.{i}.self_attn.q_proj.weight"``.
       shape: the shape of one layer's leaf in our tree.
-      transpose: PyTorch stores the transpose (``nn.Linear`` weights ``(out, in)``).
+      transpose: PyTorch stores the last two axes swapped (``nn.Linear`` weights ``(out, in)``,
+        fused experts ``(E, out, in)``; our kernels are ``(..., in, out)``).
+      disk: the names ``save_pretrained`` writes instead of ``hf`` when they differ (transformers 5
+        converts them on load): one name is a rename (Mixtral's ``block_sparse_moe.gate``); names
+        with ``{j}`` are per-expert tensors ``(out_part, in)`` of the fused ``(E, out, in)``
+        parameter, concatenated on the output axis in the order given (``gate_proj``, ``up_proj``).
     """
 
     path: str
     hf: str
     shape: tuple
     transpose: bool = False
+    disk: tuple = ()
 
     @property
     def layered(self) -> bool:
@@ -83,7 +90,21 @@ class Leaf:
         return self.hf_name(layer).rpartition(".")[0]
 
     def torch_shape(self) -> tuple:
-        return tuple(reversed(self.shape)) if self.transpose else tuple(self.shape)
+        s = tuple(self.shape)
+        return s[:-2] + (s[-1], s[-2]) if self.transpose and len(s) >= 2 else s
+
+    def to_torch(self, arr):
+        """One layer's array in our layout -> PyTorch's."""
+        return np.swapaxes(arr, -1, -2) if self.transpose and np.ndim(arr) >= 2 else arr
+
+    from_torch = to_torch  # swapping the last two axes is its own inverse
+
+    def disk_names(self, layer: Optional[int] = None) -> list[list[str]]:
+        """``disk`` for ``layer``: one list of names per expert (``{j}``), or one list (a rename)."""
+        names = [n.replace("{i}", str(layer)) if layer is not None else n for n in self.disk]
+        if not any("{j}" in n for n in names):
+            return [names]
+        return [[n.replace("{j}", str(j)) for n in names] for j in range(self.shape[0])]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +123,8 @@ class Family:
       attention: the attention projections' module names (the ``"attention"`` preset).
       ignore: ``config -> regexes`` of checkpoint names that are not parameters (buffers, a stored
         ``lm_head.weight`` under tied embeddings); they are skipped on load.
+      not_linear: module names whose kernels PyTorch does not hold as ``nn.Linear`` (an MoE
+        router), which PEFT's ``"all-linear"`` therefore leaves out.
     """
 
     name: str
@@ -112,6 +135,7 @@ class Family:
     peft_targets: Mapping[str, tuple]
     attention: tuple
     ignore: Callable[[Any], tuple] = lambda config: ()
+    not_linear: tuple = ()
 
 
 def family_for(model_type: str) -> Family:
@@ -224,8 +248,9 @@ def leaves_of(model) -> list[Leaf]:
 def strip_prefix(leaves: Sequence[Leaf], path_prefix: str, hf_prefix: str) -> list[Leaf]:
     """The leaves under ``path_prefix``/``hf_prefix`` with those prefixes removed (a base model's
     table from its head model's: ``model/``, ``model.``)."""
-    return [dataclasses.replace(lf, path=lf.path[len(path_prefix):], hf=lf.hf[len(hf_prefix):]) for lf in leaves
-            if lf.path.startswith(path_prefix) and lf.hf.startswith(hf_prefix)]
+    return [dataclasses.replace(lf, path=lf.path[len(path_prefix):], hf=lf.hf[len(hf_prefix):],
+                                disk=tuple(d[len(hf_prefix):] for d in lf.disk))
+            for lf in leaves if lf.path.startswith(path_prefix) and lf.hf.startswith(hf_prefix)]
 
 
 def _set_path(tree: dict, path: str, value) -> None:
@@ -297,7 +322,7 @@ def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str 
     config = model.config
     table_names = {lf.hf_name(i) for lf in leaves_of(model)
                    for i in (range(config.num_hidden_layers) if lf.layered else (None,))}
-    state = _align_names(state, model, table_names)
+    state = from_disk(_align_names(state, model, table_names), leaves_of(model), config.num_hidden_layers)
     fam = family_of(model)
     out_dtype = np.dtype(config.param_dtype if dtype is None else dtype)
     n_layers = config.num_hidden_layers
@@ -314,7 +339,7 @@ def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str 
         if arr.shape != lf.torch_shape():
             bad.append(f"{name}: expected {lf.torch_shape()}, got {arr.shape}")
             return None
-        arr = arr.T if lf.transpose else arr
+        arr = lf.from_torch(arr)
         return arr.astype(out_dtype) if arr.dtype.kind in "fV" or arr.dtype.name == "bfloat16" else arr
 
     for lf in leaves_of(model):
@@ -352,6 +377,45 @@ def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str 
     return params
 
 
+def _layers(lf: Leaf, n_layers: int):
+    return range(n_layers) if lf.layered else (None,)
+
+
+def from_disk(state: Mapping[str, Any], leaves: Sequence[Leaf], n_layers: int) -> dict:
+    """``state`` with the tensors of each leaf's `Leaf.disk` names converted to its ``hf`` name, as
+    transformers 5 converts them on load (renamed, or per-expert tensors stacked and concatenated).
+    A leaf whose disk tensors are incomplete is left alone (reported by the strict loader)."""
+    state = dict(state)
+    for lf in leaves:
+        if not lf.disk:
+            continue
+        for i in _layers(lf, n_layers):
+            groups = lf.disk_names(i)
+            if lf.hf_name(i) in state or not all(n in state for g in groups for n in g):
+                continue
+            parts = [np.concatenate([np.asarray(state.pop(n)) for n in g], axis=0) for g in groups]
+            state[lf.hf_name(i)] = np.stack(parts) if any("{j}" in n for n in lf.disk) else parts[0]
+    return state
+
+
+def to_disk(state: Mapping[str, Any], leaves: Sequence[Leaf], n_layers: int) -> dict:
+    """The inverse of `from_disk`: in-memory names -> what ``save_pretrained`` writes."""
+    state = dict(state)
+    for lf in leaves:
+        if not lf.disk:
+            continue
+        for i in _layers(lf, n_layers):
+            arr = state.pop(lf.hf_name(i))
+            groups = lf.disk_names(i)
+            per_expert = any("{j}" in n for n in lf.disk)
+            for j, names in enumerate(groups):
+                x = arr[j] if per_expert else arr
+                cuts = np.cumsum([x.shape[0] // len(names)] * (len(names) - 1))
+                for name, part in zip(names, np.split(x, cuts, axis=0)):
+                    state[name] = np.ascontiguousarray(part)
+    return state
+
+
 def _flat(params) -> dict[str, Any]:
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
@@ -361,10 +425,13 @@ def _flat(params) -> dict[str, Any]:
     return out
 
 
-def state_from_params(params, model, *, what: str = "export") -> dict[str, np.ndarray]:
+def state_from_params(params, model, *, what: str = "export", disk: bool = False) -> dict[str, np.ndarray]:
     """The inverse of `params_from_state`: ``{PyTorch name: np.ndarray}``, dtypes kept.
 
     ``params`` must be plain arrays (``lora.merge`` a LoRA tree first), exactly this model's tree.
+    The names are transformers 5's in-memory ones (``model.state_dict()``); ``disk=True`` gives
+    those ``save_pretrained`` writes (per-expert MoE tensors, see `Leaf`), which every transformers
+    version and serving engine reads.
     """
     flat = _flat(params)
     n = model.config.num_hidden_layers
@@ -382,10 +449,10 @@ def state_from_params(params, model, *, what: str = "export") -> dict[str, np.nd
         arr = np.asarray(flat[p])
         if lf.layered:
             for i in range(n):
-                out[lf.hf_name(i)] = np.ascontiguousarray(arr[i].T if lf.transpose else arr[i])
+                out[lf.hf_name(i)] = np.ascontiguousarray(lf.to_torch(arr[i]))
         else:
-            out[lf.hf] = np.ascontiguousarray(arr.T if lf.transpose else arr)
-    return out
+            out[lf.hf] = np.ascontiguousarray(lf.to_torch(arr))
+    return to_disk(out, leaves_of(model), n) if disk else out
 
 
 _MSGPACK_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}

@@ -36,6 +36,7 @@ __all__ = [
     "canon_dtype", "positive_int", "freeze", "thaw", "remat_policy", "check_remat_policy",
     "rope_parameters", "check_rope", "rotary_dim", "rope_frequencies", "rope_tables", "apply_rope",
     "RMSNorm", "LayerNorm", "dense", "attention_impl", "attention", "decoder_inputs", "decoder_mask", "causal_cache_mask", "init_cache",
+    "MOE_IMPLS", "moe_impl", "route", "SparseMoe", "load_balancing_loss",
 ]
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -468,3 +469,129 @@ def init_cache(num_layers: int, batch: int, max_len: int, kv_heads: int, head_di
     """An empty KV cache ``{"k", "v"}``, each ``(layers, batch, max_len, kv_heads, head_dim)``."""
     shape = (num_layers, batch, max_len, kv_heads, head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# -------------------------------------------------------------------------------------------
+# Mixture of experts
+# -------------------------------------------------------------------------------------------
+MOE_IMPLS = (None, "ragged", "dense")
+
+
+def moe_impl(impl: Optional[str]) -> str:
+    """The experts' computation: ``impl`` if given, else ``"ragged"`` on a GPU or TPU (XLA's native
+    grouped matmul: each token meets only its ``k`` experts) and ``"dense"`` on a CPU, where
+    ``ragged_dot`` is lowered to a masked dense product over every group and so costs ``k`` times
+    the dense form (measured in `benchmarks/moe_step.py`)."""
+    if impl is not None:
+        return impl
+    return "dense" if jax.default_backend() == "cpu" else "ragged"
+
+
+def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """``(weights, experts)``, each ``(..., top_k)``: the ``top_k`` largest of ``softmax(logits)``
+    (computed in float32), renormalized to sum to 1 when ``normalize`` (transformers'
+    ``norm_topk_prob``; Mixtral always). The weights stay float32."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts
+
+
+def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: Optional[jax.Array] = None) -> jax.Array:
+    """The auxiliary load-balancing loss of Switch Transformer as transformers computes it.
+
+    ``router_logits`` ``(L, N, E)`` (layers, tokens, experts); ``mask`` ``(N,)`` (1 = real token)
+    excludes padding. With ``p = softmax(logits)``, ``c_e`` the number of top-``k`` choices of
+    expert ``e`` and ``P_e`` the sum of its probabilities, both summed over the layers' (real)
+    tokens, and ``R`` the number of (real) token rows over all layers::
+
+        loss = E * sum_e (c_e / R) * (P_e / R)
+
+    Example:
+      >>> float(load_balancing_loss(jnp.zeros((1, 4, 2)), 1))  # uniform router: 2 * (0.5*0.5 + 0.5*0.5)
+      1.0
+    """
+    n_exp = router_logits.shape[-1]
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    _, chosen = jax.lax.top_k(probs, top_k)
+    counts = jax.nn.one_hot(chosen, n_exp, dtype=jnp.float32).sum(axis=-2)  # (L, N, E)
+    w = jnp.ones(router_logits.shape[1], jnp.float32) if mask is None else mask.reshape(-1).astype(jnp.float32)
+    rows = router_logits.shape[0] * jnp.sum(w)
+    c = jnp.einsum("lne,n->e", counts, w) / rows
+    p = jnp.einsum("lne,n->e", probs, w) / rows
+    return n_exp * jnp.sum(c * p)
+
+
+class SparseMoe(nn.Module):
+    """A sparse mixture-of-experts SwiGLU block: a router picks ``top_k`` of ``num_experts`` experts
+    per token and their outputs are summed with the routing weights.
+
+    Parameters (``E`` experts, ``D`` hidden, ``F`` expert intermediate size), as transformers 5
+    stores them but with our ``(in, out)`` kernels::
+
+        gate/kernel                (D, E)       the router
+        experts/gate_up_proj       (E, D, 2F)   gate then up, fused on the output axis
+        experts/down_proj          (E, F, D)
+
+    ``impl="ragged"`` sorts the token copies by expert and runs each expert on its own rows with
+    ``jax.lax.ragged_dot`` (``k/E`` of the dense FLOPs where the backend has a grouped matmul);
+    ``"dense"`` runs every expert on every token with plain einsums and zeroes the unchosen ones by
+    their weight (no sort or gather, ``E/k`` times the FLOPs); None picks by backend (`moe_impl`).
+    Both keep LoRA factorized under ``lora.wrap`` and give the same outputs. The router's logits are sown
+    in the ``"intermediates"`` collection as ``router_logits`` ``(N, E)`` (the auxiliary loss).
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    normalize: bool
+    hidden_act: str = "silu"
+    impl: Optional[str] = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x):
+        e, f, k = self.num_experts, self.intermediate_size, self.top_k
+        shape, d = x.shape, x.shape[-1]
+        xf = x.reshape(-1, d)
+        logits = dense(e, use_bias=False, name="gate", dtype=self.dtype, param_dtype=self.param_dtype,
+                       std=self.std)(xf)
+        self.sow("intermediates", "router_logits", logits)
+        weights, experts = route(logits, k, self.normalize)
+        gate_up, down = _Experts(e, d, f, self.param_dtype, self.std, name="experts")()
+        gate_up, down = gate_up.astype(self.dtype), down.astype(self.dtype)
+        act = ACTIVATIONS[self.hidden_act]
+        if moe_impl(self.impl) == "dense":
+            h = jnp.einsum("nd,edf->enf", xf, gate_up)
+            y = jnp.einsum("enf,efd->end", act(h[..., :f]) * h[..., f:], down)
+            dense_w = jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32) * weights[..., None], axis=-2)
+            out = jnp.einsum("end,ne->nd", y.astype(jnp.float32), dense_w)
+        else:
+            n = xf.shape[0]
+            flat = experts.reshape(-1)
+            order = jnp.argsort(flat, stable=True)
+            rows = xf[order // k]
+            sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+            h = jax.lax.ragged_dot(rows, gate_up, sizes)
+            y = jax.lax.ragged_dot(act(h[:, :f]) * h[:, f:], down, sizes)
+            y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+            out = y[jnp.argsort(order)].reshape(n, k, d).sum(axis=1)
+        return out.astype(self.dtype).reshape(shape)
+
+
+class _Experts(nn.Module):
+    num_experts: int
+    hidden: int
+    intermediate: int
+    param_dtype: Any
+    std: float
+
+    @nn.compact
+    def __call__(self):
+        init = nn.initializers.normal(self.std)
+        e, d, f = self.num_experts, self.hidden, self.intermediate
+        return (self.param("gate_up_proj", init, (e, d, 2 * f), self.param_dtype),
+                self.param("down_proj", init, (e, f, d), self.param_dtype))

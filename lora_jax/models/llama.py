@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -54,7 +54,8 @@ from .layers import (ACTIVATIONS, ATTENTION_IMPLS, RMSNorm, apply_rope, attentio
                      check_remat_policy, decoder_inputs, decoder_mask, check_rope, dense, freeze, remat_policy,
                      rope_parameters, rope_tables, thaw)
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "from_hf_config", "FAMILY", "MODEL_TYPES"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "Attention", "from_hf_config", "config_problem", "rms_norm",
+           "FAMILY", "MODEL_TYPES"]
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
@@ -109,6 +110,7 @@ class LlamaConfig:
     param_dtype: Any = "float32"
     attention_impl: Optional[str] = None
     remat_policy: Any = None
+    model_types: ClassVar[tuple] = MODEL_TYPES  # a subclass serving other model types widens it
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -117,8 +119,9 @@ class LlamaConfig:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {v!r}")
             set_(name, int(v))
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"LlamaConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.model_type not in self.model_types:
+            raise ValueError(f"{type(self).__name__}.model_type must be one of {self.model_types}, "
+                             f"got {self.model_type!r}")
         if self.num_key_value_heads is None:
             set_("num_key_value_heads", self.num_attention_heads)
         if self.num_attention_heads % int(self.num_key_value_heads) != 0:
@@ -202,7 +205,7 @@ class LlamaConfig:
         return d
 
 
-def _problem(field: str, value, why: str) -> str:
+def config_problem(field: str, value, why: str) -> str:
     return f"{field}={value!r} ({why})"
 
 
@@ -228,7 +231,7 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
     rope = rope_parameters(d)
     problems = []
     if float(rope.pop("partial_rotary_factor", None) or 1.0) != 1.0:
-        problems.append(_problem("partial_rotary_factor", d.get("partial_rotary_factor"),
+        problems.append(config_problem("partial_rotary_factor", d.get("partial_rotary_factor"),
                                  "only full rotary embeddings in this family"))
     heads = d.get("num_attention_heads", 32)
     n = d.get("num_hidden_layers", 32)
@@ -262,13 +265,13 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
             types = ["sliding_attention" if sliding and i >= d.get("max_window_layers", 28) else "full_attention"
                      for i in range(n)]
         if any(t not in ("sliding_attention", "full_attention") for t in types):
-            problems.append(_problem("layer_types", types, "only sliding_attention and full_attention"))
+            problems.append(config_problem("layer_types", types, "only sliding_attention and full_attention"))
         elif len(set(types)) > 1:
-            problems.append(_problem("layer_types", types, "mixing sliding and full attention layers is not "
+            problems.append(config_problem("layer_types", types, "mixing sliding and full attention layers is not "
                                      "implemented in this family; all-sliding or all-full is"))
         elif types and types[0] == "sliding_attention":
             if not d.get("sliding_window"):
-                problems.append(_problem("sliding_window", d.get("sliding_window"), "sliding layers need a window"))
+                problems.append(config_problem("sliding_window", d.get("sliding_window"), "sliding layers need a window"))
             else:
                 kw.update(sliding_window=int(d["sliding_window"]))
     if problems:
@@ -286,7 +289,7 @@ def _dense(c: LlamaConfig, features: int, use_bias: bool, name: str) -> nn.Dense
                  std=c.initializer_range)
 
 
-def _norm(c: LlamaConfig, name: str) -> RMSNorm:
+def rms_norm(c: LlamaConfig, name: str) -> RMSNorm:
     return RMSNorm(c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name=name)
 
 
@@ -304,7 +307,7 @@ class Attention(nn.Module):
         kk = _dense(c, k * h, c.qkv_bias, "k_proj")(x).reshape(b, t, k, h)
         v = _dense(c, k * h, c.qkv_bias, "v_proj")(x).reshape(b, t, k, h)
         if c.qk_norm:
-            q, kk = _norm(c, "q_norm")(q), _norm(c, "k_norm")(kk)
+            q, kk = rms_norm(c, "q_norm")(q), rms_norm(c, "k_norm")(kk)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         if cache is None:
             out = attention(q, kk, v, mask=mask, causal=True, window=c.sliding_window,
@@ -342,10 +345,10 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h, cache, cos, sin, mask, cache_index):
         c = self.config
-        a, new_cache = Attention(c, name="self_attn")(_norm(c, "input_layernorm")(h), cos, sin, mask,
+        a, new_cache = Attention(c, name="self_attn")(rms_norm(c, "input_layernorm")(h), cos, sin, mask,
                                                       cache, cache_index)
         h = h + a
-        h = h + MLP(c, name="mlp")(_norm(c, "post_attention_layernorm")(h))
+        h = h + MLP(c, name="mlp")(rms_norm(c, "post_attention_layernorm")(h))
         return h, new_cache
 
 
@@ -359,18 +362,20 @@ class LlamaModel(nn.Module):
 
     config: LlamaConfig
     head = "base"
+    decoder_layer = DecoderLayer  # the scanned layer (a mixture-of-experts family swaps in its own)
 
     def setup(self):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                                      embedding_init=nn.initializers.normal(c.initializer_range))
-        block = DecoderLayer
+        block = self.decoder_layer
         if c.remat_policy is not None:
             block = nn.remat(block, prevent_cse=False, policy=remat_policy(c.remat_policy))
-        self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        # "intermediates" (sown per layer, e.g. MoE router logits) stack on the layer axis like params
+        self.layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                               length=c.num_hidden_layers)(c)
-        self.norm = _norm(c, "norm")
+        self.norm = rms_norm(c, "norm")
 
     def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
         """``(final hidden states in the compute dtype, new cache or None)``."""
@@ -412,10 +417,11 @@ class LlamaForCausalLM(nn.Module):
 
     config: LlamaConfig
     head = "causal_lm"
+    base_model = LlamaModel  # the "base" head inside (a mixture-of-experts family swaps in its own)
 
     def setup(self):
         c = self.config
-        self.model = LlamaModel(c)
+        self.model = self.base_model(c)
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c, c.vocab_size, False, "lm_head")
 

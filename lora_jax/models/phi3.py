@@ -46,7 +46,6 @@ from typing import Any, ClassVar, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import layers
 from .family import Family, Leaf, strip_prefix

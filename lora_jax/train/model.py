@@ -45,7 +45,7 @@ from ..io._files import atomic_directory
 __all__ = ["SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "load_tokenizer", "new_model", "load_model",
            "save_model", "stacked_paths", "lora_rules", "make_apply", "forward", "lora_logits_fn", "full_logits_fn",
            "make_stats", "lora_loss_fn", "full_loss_fn", "export_peft", "load_peft", "base_only", "save_merged",
-           "to_host", "max_positions"]
+           "to_host", "max_positions", "router_aux_coef", "router_aux_loss"]
 
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHAT_TEMPLATE = (
@@ -214,8 +214,12 @@ def lora_rules(model, targets="all-linear", **kw) -> Rules:
     """`lora.Rules` for ``targets`` on ``model``, with one adapter per layer of every stacked kernel.
 
     Kernels under the scanned layers are ``(L, in, out)`` (``stack_axes=1``); the others (an
-    output head, if targeted) are plain ``(in, out)``. ``kw`` are `lora.Rules` options
-    (``rank``, ``alpha``, ``dropout``, ``init``, ``use_rslora``, ``exclude``, ...).
+    output head, if targeted) are plain ``(in, out)``. A mixture-of-experts model's expert tensors
+    ``(L, E, in, out)`` get one adapter per layer and expert (``stack_axes=2``): ``"all-linear"``
+    includes them and leaves the router frozen (``modules_to_save=["gate"]`` trains it in full),
+    and names select them (``["gate_up_proj", "down_proj"]``). ``kw`` are
+    `lora.Rules` options (``rank``, ``alpha``, ``dropout``, ``init``, ``use_rslora``, ``exclude``,
+    ``modules_to_save`` ...).
 
     Example:
       >>> model, params = new_model({"arch": "llama", "hidden_size": 32, "intermediate_size": 48,
@@ -224,13 +228,32 @@ def lora_rules(model, targets="all-linear", **kw) -> Rules:
       >>> rules.resolve("model/layers/self_attn/q_proj/kernel", (2, 32, 32)).layout
       'sio'
     """
+    from ..hf.presets import expert_paths
+    from ..models.family import family_of
+
     stacked = stacked_paths(model)
     flat = [lf.path for lf in _leaves(model)]
     plain = sorted(p for p in flat if p not in stacked)
-    if not plain:
+    experts = expert_paths(model)
+    if not plain and not experts:
         return Rules(targets, stack_axes=1, **kw)
-    not_stacked = "|".join(re.escape(p) for p in plain)
-    return Rules([Rule(targets, stack_axes=1, exclude=f"({not_stacked})"), Rule(targets, stack_axes=0)], **kw)
+    rules = []
+    if experts:
+        routers = [lf.path for lf in _leaves(model)
+                   if lf.path.rpartition("/")[0].rpartition("/")[2] in family_of(model).not_linear]
+        only_experts = "(?!(" + "|".join(re.escape(p) for p in experts) + ")$).*"
+        rules.append(Rule(experts, stack_axes=2) if targets == "all-linear"
+                     else Rule(targets, stack_axes=2, exclude=only_experts))
+        if targets == "all-linear":
+            plain += routers
+        plain += experts
+    not_stacked = "|".join(re.escape(p) for p in sorted(plain))
+    rules.append(Rule(targets, stack_axes=1, exclude=f"({not_stacked})"))
+    flat_plain = [p for p in plain if p not in stacked]
+    if flat_plain:
+        rules.append(Rule(targets, stack_axes=0, exclude=None if len(flat_plain) == len(plain) else
+                          "(" + "|".join(re.escape(p) for p in sorted(set(plain) - set(flat_plain))) + ")"))
+    return Rules(rules, **kw)
 
 
 def _leaves(model):
@@ -297,6 +320,9 @@ def make_stats(model, *, chunked: bool = True, chunk: Optional[int] = None) -> C
     kernel or tied embedding, Gemma's soft-capping) ``chunk`` positions at a time (None: the
     `loss.auto_chunk` budget); otherwise `loss.token_stats` of the full logits. Both give the same
     values and gradients. No attention mask is passed (right-padded rows; see `lora_logits_fn`).
+    A mixture-of-experts model whose config asks for it (``output_router_logits``) adds
+    ``router_aux_loss_coef`` times the routers' load-balancing loss (`router_aux_loss`) per trained
+    token to the NLL sum, so the mean loss is transformers' ``loss + coef * aux_loss``.
 
     Raises:
       TypeError: ``chunked`` on a module without the ``hidden``/``logits`` methods.
@@ -307,14 +333,45 @@ def make_stats(model, *, chunked: bool = True, chunk: Optional[int] = None) -> C
         raise TypeError(f"chunked loss: {type(model).__name__} has no hidden/logits methods (the causal LMs of "
                         "lora_jax.models have them); use chunked=False")
 
+    coef = router_aux_coef(model)
+
     def stats(params, inputs, targets, weights):
+        kw = {"mutable": ["intermediates"]} if coef else {}
         if not chunked:
-            return token_stats(model.apply({"params": params}, inputs), targets, weights)
-        h, _ = model.apply({"params": params}, inputs, method="hidden")
-        head = lambda x: model.apply({"params": params}, x, method="logits")  # noqa: E731
-        return chunked_token_stats(h, head, targets, weights, chunk=chunk)
+            out = model.apply({"params": params}, inputs, **kw)
+            logits, state = out if coef else (out, None)
+            nll, correct = token_stats(logits, targets, weights)
+        else:
+            out = model.apply({"params": params}, inputs, method="hidden", **kw)
+            (h, _), state = out if coef else (out, None)
+            head = lambda x: model.apply({"params": params}, x, method="logits")  # noqa: E731
+            nll, correct = chunked_token_stats(h, head, targets, weights, chunk=chunk)
+        if coef:
+            nll = nll + coef * router_aux_loss(model, state) * jnp.sum(weights.astype(jnp.float32))
+        return nll, correct
 
     return stats
+
+
+def router_aux_coef(model) -> float:
+    """The weight of a mixture-of-experts model's load-balancing loss in the training loss:
+    ``router_aux_loss_coef`` when its config sets ``output_router_logits`` (as transformers adds it
+    to the loss), else 0 (also for a model with no ``config``: a user's own module)."""
+    c = getattr(model, "config", None)
+    return float(getattr(c, "router_aux_loss_coef", 0.0) or 0.0) if getattr(c, "output_router_logits", False) else 0.0
+
+
+def router_aux_loss(model, state) -> jax.Array:
+    """transformers' ``load_balancing_loss_func`` of the router logits a forward pass sowed in
+    ``state["intermediates"]`` (`lora_jax.models.layers.load_balancing_loss`, over every token of
+    the batch, as transformers without an attention mask: training rows are packed or right-padded)."""
+    from ..models.layers import load_balancing_loss
+
+    found = [v for kp, v in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+             if any(getattr(k, "key", None) == "router_logits" for k in kp)]
+    if len(found) != 1:
+        raise ValueError(f"router_aux_loss: expected the router logits of the scanned layers, found {len(found)}")
+    return load_balancing_loss(found[0], model.config.num_experts_per_tok)
 
 
 def lora_loss_fn(model, *, chunked: bool = True, chunk: Optional[int] = None) -> Callable:
