@@ -5,6 +5,7 @@
     lora-jax train [CONFIG] [key=value ...] [--resume] [--dry-run]
     lora-jax eval [RUN] [key=value ...] [--adapter DIR]
     lora-jax merge [RUN] [--out DIR] [--adapter DIR] [--overwrite]
+    lora-jax merge --base HF_DIR --adapter PEFT_DIR --out DIR [--overwrite]
     lora-jax export [RUN] [--out DIR] [--overwrite]
     lora-jax generate [RUN] [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--seed S] [--base]
     lora-jax demo [...]
@@ -18,7 +19,13 @@ message naming the key and what is allowed; nothing is written), 1 for any other
 ``train`` also returns 3 when the loss or gradients became NaN/infinite (``train.on_nonfinite``;
 the last good checkpoint is kept, nothing after it is written), and 130 / 143 when SIGINT /
 SIGTERM stopped it (the current step was finished and checkpointed; the message says how to
-resume).
+resume). A run directory in use by another live ``train`` (`lora_jax.train.lock`), a resume with
+no intact checkpoint, or data that gives no trained token return 2 and change nothing. ``merge``/``export`` write under a temporary name, read what they wrote back and check it
+(`lora_jax.hf.verify`), then rename it into place; they return 2 for an output that is, contains or
+lies inside what they read (the run, its base, the adapter), an adapter that does not fit, or an
+export that fails its check, and 1 when a file cannot be read or written (unwritable directory, disk
+full), 130 / 143 when SIGINT / SIGTERM stopped them: one line in every case, and no temporary
+directory is left behind.
 
 Example:
   >>> from lora_jax.cli import main
@@ -29,8 +36,8 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -43,7 +50,8 @@ _USAGE = """lora-jax COMMAND ...
 commands:
   train     fine-tune: lora-jax train [CONFIG] [key=value ...] [--resume] [--dry-run]
   eval      eval loss of the base and the adapter on a run's eval data
-  merge     fold a run's adapter into its base and write an HF checkpoint
+  merge     fold a run's adapter into its base and write an HF checkpoint; or, with --base HF_DIR
+            --adapter PEFT_DIR --out DIR, any PEFT adapter into a safetensors checkpoint, shard by shard
   export    write a run's adapter (newest checkpoint) in PEFT format
   generate  sample text from a run's base + adapter
   demo      the seed experiment (LoRA on an MLP, digits)
@@ -79,7 +87,7 @@ def _train(argv) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the newest finalized checkpoint")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the config; train nothing")
     ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # flags may stand between the overrides
     try:
         pos, over = _split_overrides(a.args, 1, "CONFIG")
     except ValueError as e:
@@ -102,6 +110,15 @@ def _train(argv) -> int:
     def echo(*args, **kw):  # flushed: under a scheduler stdout is a file, and a killed run keeps its log
         print(*args, **kw, flush=True)
 
+    def sigterm(signum, frame):  # noqa: ARG001 - outside the training loop (which checkpoints first)
+        raise TrainingInterrupted("SIGTERM received outside the training loop (setup, compiling, pretraining's "
+                                  "start or export): stopped without a new checkpoint (finalized ones are kept: "
+                                  "continue with --resume)", signum=signum)
+
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # handlers can be set only there
+    previous = signal.signal(signal.SIGTERM, sigterm) if main_thread else None
     try:
         run(cfg, stop_after=a.stop_after, echo=echo)
     except ConfigError as e:
@@ -116,6 +133,9 @@ def _train(argv) -> int:
         print("lora-jax: interrupted (SIGINT) outside the training loop; no new checkpoint was written (finalized "
               "ones are kept: continue with --resume)", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -131,7 +151,7 @@ def _eval(argv) -> int:
     ap = argparse.ArgumentParser(prog="lora-jax eval", description="Eval loss of base and adapter on a run's data.")
     ap.add_argument("args", nargs="*", metavar="[RUN] [key=value ...]")
     ap.add_argument("--adapter", default=None, help="a PEFT adapter dir instead of the run's own")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     try:
         pos, over = _split_overrides(a.args, 1, "RUN")
         nested, problems = parse_overrides(over)
@@ -144,38 +164,110 @@ def _eval(argv) -> int:
         out = pipeline.evaluate(h, rows)
     except (ConfigError, ValueError) as e:
         return _err(str(e))
-    print(json.dumps(out, indent=2))
+    from .train.metrics import strict_json
+
+    print(strict_json(out, indent=2))  # NaN / infinity as null: always valid JSON
     return 0
 
 
+def _fail(msg: str) -> int:
+    """A runtime failure (a file that cannot be read or written): one line, exit status 1."""
+    print(f"lora-jax: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(f"{out!r} exists and is not empty; pass --overwrite to replace it or --out DIR")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out!r} exists and is not a directory")
+
+
+class _Stopped(Exception):
+    """SIGTERM during merge/export, raised where the signal lands so the temporary directory is removed."""
+
+
 def _merge_or_export(argv, which: str) -> int:
+    import threading
+
+    def sigterm(signum, frame):  # noqa: ARG001
+        raise _Stopped()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # handlers can be set only there
+    previous = signal.signal(signal.SIGTERM, sigterm) if main_thread else None
+    try:
+        return _merge_or_export_body(argv, which)
+    except (KeyboardInterrupt, _Stopped) as e:
+        sig = "SIGTERM" if isinstance(e, _Stopped) else "SIGINT"
+        print(f"lora-jax: {which} interrupted ({sig}); nothing was written", file=sys.stderr)
+        return 143 if sig == "SIGTERM" else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _merge_or_export_body(argv, which: str) -> int:
+    """``merge``/``export``: written under a temporary name, read back and checked (every tensor, and
+    factorized vs merged logits on a probe batch), then renamed into place. An output that is,
+    contains or lies inside what the command reads (the run, its base, the adapter) is refused;
+    only the run's own ``RUN/merged`` / ``RUN/adapter`` may lie inside the run."""
     from .train.config import ConfigError
 
+    merge = which == "merge"
     ap = argparse.ArgumentParser(prog=f"lora-jax {which}",
-                                 description="merged HF checkpoint" if which == "merge" else "PEFT adapter")
+                                 description="merged HF checkpoint" if merge else "PEFT adapter")
     ap.add_argument("run", nargs="?", default=None)
-    ap.add_argument("--out", default=None, help=f"output dir (default: RUN/{'merged' if which == 'merge' else 'adapter'})")
-    if which == "merge":
+    ap.add_argument("--out", default=None, help=f"output dir (default: RUN/{'merged' if merge else 'adapter'})")
+    if merge:
         ap.add_argument("--adapter", default=None, help="a PEFT adapter dir instead of the run's own")
+        ap.add_argument("--base", default=None,
+                        help="a Hugging Face safetensors checkpoint dir: merge --adapter (a PEFT dir) into it shard "
+                             "by shard, without a run (needs --adapter and --out)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     a = ap.parse_args(argv)
     try:
+        if merge and a.base is not None:
+            if a.run is not None or a.adapter is None or a.out is None:
+                raise ValueError("merge --base HF_DIR needs --adapter PEFT_DIR and --out DIR (and no RUN)")
+            from .hf.merge import merge_checkpoint
+            from .io._files import refuse_overlap
+
+            refuse_overlap(a.out, {"the base checkpoint": a.base, "the adapter": a.adapter}, what=which)
+            _check_out(a.out, a.overwrite)
+            info = merge_checkpoint(a.base, a.adapter, a.out, overwrite=a.overwrite,
+                                    echo=lambda line: print(line, flush=True))
+            print(f"merge: {a.adapter} into {a.base} -> {a.out} ({len(info['merged'])} tensor(s) merged, "
+                  f"{info['shards']} shard(s))")
+            return 0
+        from . import tree as _tree
+        from .hf.verify import check_merged_files, check_probe
+        from .io._files import atomic_directory, refuse_overlap
         from .train import model as _model, pipeline
 
         run_dir = _run_dir([a.run] if a.run else [])
-        out = a.out or os.path.join(run_dir, "merged" if which == "merge" else "adapter")
-        if os.path.isdir(out) and os.listdir(out) and not a.overwrite:
-            raise ValueError(f"{out!r} exists and is not empty; pass --overwrite to replace it or --out DIR")
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise ValueError(f"{out!r} exists and is not a directory")
-        h = pipeline.load_run(run_dir, adapter=getattr(a, "adapter", None))
-        if which == "merge":
-            _model.save_merged(h.model, h.lora_params, h.tokenizer, out)
-        else:
-            _model.export_peft(h.model, h.lora_params, out,
-                               base_model=h.cfg.model.path or os.path.join(run_dir, "base"))
+        own = os.path.join(run_dir, "merged" if merge else "adapter")
+        out = a.out or own
+        adapter = getattr(a, "adapter", None)
+        inside_ok = os.path.realpath(out) == os.path.realpath(own)  # the run's own export slot
+        refuse_overlap(out, {"the run directory": None if inside_ok else run_dir, "the adapter": adapter}, what=which)
+        _check_out(out, a.overwrite)
+        h = pipeline.load_run(run_dir, adapter=adapter)
+        base = h.cfg.model.path or os.path.join(run_dir, "base")
+        refuse_overlap(out, {"the base model": base, "the tokenizer": h.cfg.tokenizer.path}, what=which)
+        with atomic_directory(out, overwrite=a.overwrite, what=which) as tmp:
+            if merge:
+                merged = _tree.merge(h.lora_params, safe=True)
+                _model.save_model(h.model, merged, h.tokenizer, tmp)
+                check_merged_files(tmp, h.model, merged)
+                check_probe(h.model, h.lora_params, merged, what=which)
+            else:
+                _model.export_peft(h.model, h.lora_params, tmp, base_model=base)
+                back = _model.load_peft(h.model, h.lora_params, tmp)
+                check_probe(h.model, h.lora_params, _tree.merge(back), what=which, also=back)
     except (ConfigError, ValueError) as e:
         return _err(str(e))
+    except OSError as e:  # unwritable, disk full, missing input: one line; atomic_directory left nothing
+        return _fail(f"{which}: {e}")
     print(f"{which}: {h.adapter_source} -> {out}")
     return 0
 

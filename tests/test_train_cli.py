@@ -177,3 +177,90 @@ def test_export_refuses_a_non_empty_directory_without_overwrite(trained, tmp_pat
     assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert main(["export", str(trained), "--out", str(out), "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+# ---- exports never destroy inputs; OSError is one line; nothing left behind (issue 14) -----------
+
+def _snapshot(d):
+    return {os.path.relpath(os.path.join(r, f), d): os.path.getsize(os.path.join(r, f))
+            for r, _, fs in os.walk(d) for f in fs}
+
+
+@pytest.mark.parametrize("cmd", ["export", "merge"])
+def test_export_and_merge_refuse_an_output_overlapping_the_run_or_its_base(trained, tmp_path, capsys, cmd):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (tmp_path / "link").symlink_to(run)
+    before = _snapshot(run)
+    # issue 14 case 4: `export RUN --out RUN --overwrite` replaced the whole run with two adapter files
+    for out in (run, run / "base", run / "checkpoints", run / "base" / "x", tmp_path, tmp_path / "link",
+                tmp_path / "link" / "base"):
+        assert main([cmd, str(run), "--out", str(out), "--overwrite"]) == 2, out
+        err = capsys.readouterr().err
+        assert "choose an output" in err and err.count("\n") == 1, err
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("cmd", ["export", "merge"])
+def test_export_and_merge_into_an_unwritable_place_is_one_line_and_leaves_no_temporary(trained, tmp_path, capsys,
+                                                                                      monkeypatch, cmd):
+    import errno
+
+    (tmp_path / "afile").write_text("x")
+    assert main([cmd, str(trained), "--out", str(tmp_path / "afile" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"lora-jax: error: {cmd}: ") and err.count("\n") == 1 and "Traceback" not in err
+    # disk full in the middle of writing: exit 1, one line, no temporary directory beside the output
+    import lora_jax.io._files as files
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "write_json", full)
+    monkeypatch.setattr("lora_jax.hf.peft.write_json", full)
+    monkeypatch.setattr("lora_jax.models.checkpoint.write_json", full)
+    (tmp_path / "outs").mkdir()
+    assert main([cmd, str(trained), "--out", str(tmp_path / "outs" / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1
+    assert os.listdir(tmp_path / "outs") == []
+
+
+def test_merge_refuses_an_adapter_with_implausible_magnitudes(trained, tmp_path, capsys):
+    """Issue 14 case 1 (merge): finite but 1e30-sized factors used to merge into 8.8e30 weights."""
+    from lora_jax.io._files import read_safetensors, write_safetensors
+
+    adapter = tmp_path / "adapter"
+    assert main(["export", str(trained), "--out", str(adapter)]) == 0
+    tensors = {k: np.array(v) * (1e15 if "lora_" in k else 1)
+               for k, v in read_safetensors(adapter / "adapter_model.safetensors")[0].items()}
+    write_safetensors(str(adapter / "adapter_model.safetensors"), tensors)
+    capsys.readouterr()
+    assert main(["merge", str(trained), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "implausibly large values" in err and "q_proj/kernel" in err
+    assert not (tmp_path / "merged").exists() and not [e for e in os.listdir(tmp_path) if e.startswith(".")]
+
+
+@pytest.mark.parametrize("cmd", ["export", "merge"])
+def test_export_and_merge_stopped_by_sigterm_leave_nothing(trained, tmp_path, capsys, monkeypatch, cmd):
+    import signal
+
+    import lora_jax.io._files as files
+
+    real = files.write_json
+
+    def killed(*a, **k):  # SIGTERM arrives while the files are being written
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr("lora_jax.hf.peft.write_json", killed)
+    monkeypatch.setattr("lora_jax.models.checkpoint.write_json", killed)
+    (tmp_path / "outs").mkdir()
+    before = signal.getsignal(signal.SIGTERM)
+    assert main([cmd, str(trained), "--out", str(tmp_path / "outs" / "o")]) == 143
+    assert capsys.readouterr().err == f"lora-jax: {cmd} interrupted (SIGTERM); nothing was written\n"
+    assert os.listdir(tmp_path / "outs") == []
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is only installed while exporting

@@ -24,8 +24,8 @@ from typing import Any, Iterator, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
-__all__ = ["atomic_directory", "contained", "read_safetensors", "write_safetensors", "read_json", "write_json",
-           "to_numpy", "SAFETENSORS_DTYPES"]
+__all__ = ["atomic_directory", "contained", "refuse_overlap", "read_safetensors", "write_safetensors", "read_json",
+           "write_json", "to_numpy", "nonfinite", "SAFETENSORS_DTYPES"]
 
 
 def _check_target(path: str, overwrite: bool, what: str) -> None:
@@ -86,6 +86,33 @@ def atomic_directory(path, *, overwrite: bool = False, what: str = "save") -> It
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def refuse_overlap(out, inputs: Mapping[str, Any], *, what: str = "save") -> None:
+    """Refuse an output directory that is, contains or lies inside one of ``inputs`` (symlinks resolved).
+
+    ``inputs`` maps a description (``"the run directory"``) to a path; ``None`` paths are skipped.
+    An export written there would replace or nest inside what it reads from.
+
+    Raises:
+      ValueError: naming the output, the input it overlaps and how.
+
+    Example:
+      >>> refuse_overlap("/tmp/run/x", {"the run": "/tmp/run"})
+      Traceback (most recent call last):
+      ...
+      ValueError: save: the output '/tmp/run/x' is inside the run '/tmp/run'; choose an output outside it
+    """
+    o = os.path.realpath(os.fspath(out))
+    for desc, path in inputs.items():
+        if path is None:
+            continue
+        p = os.path.realpath(os.fspath(path))
+        how = ("is" if o == p else "contains" if os.path.commonpath([o, p]) == o else
+               "is inside" if os.path.commonpath([o, p]) == p else None)
+        if how:
+            raise ValueError(f"{what}: the output {os.fspath(out)!r} {how} {desc} {os.fspath(path)!r}; choose an "
+                             f"output {'outside' if how == 'is inside' else 'apart from'} it")
+
+
 def contained(root, name: str, *, what: str = "file name") -> str:
     """``root/name``, refusing absolute names and names that resolve outside ``root``.
 
@@ -106,6 +133,22 @@ def contained(root, name: str, *, what: str = "file name") -> str:
 def to_numpy(x) -> np.ndarray:
     """A host NumPy copy of an array (JAX, NumPy; bfloat16 kept through ml_dtypes)."""
     return np.asarray(x)
+
+
+def nonfinite(tensors: Mapping[str, Any]) -> list[str]:
+    """``"NAME holds NaN or Inf"`` for each floating-point tensor of ``tensors`` that does (in order).
+
+    Example:
+      >>> nonfinite({"a": np.ones(2), "b": np.array([1.0, np.nan]), "i": np.arange(3)})
+      ['b holds NaN or Inf']
+    """
+    out = []
+    for name, x in tensors.items():
+        x = to_numpy(x)
+        if (x.dtype.kind == "f" or x.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")) and \
+                not np.isfinite(x.astype(np.float32)).all():
+            out.append(f"{name} holds NaN or Inf")
+    return out
 
 
 SAFETENSORS_DTYPES = {

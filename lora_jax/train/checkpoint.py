@@ -6,7 +6,18 @@ Each checkpoint is one orbax step directory holding two items:
   path (``adapter/model/layers/0/self_attn/q_proj/kernel/a``, ``opt_state/0/mu/...``,
   ``rng``) — flat string keys keep custom pytree nodes (`LoraWeight`, optax states) out of the
   file format; the live tree's structure is used to rebuild them on restore;
-* ``meta``: JSON (``ocp.args.JsonSave``): step, data position, seed and anything else passed.
+* ``meta``: JSON (``ocp.args.JsonSave``): step, data position, seed and anything else passed,
+  plus ``arrays`` (each array's dtype, shape and `checksum`) and ``meta_checksum`` (a SHA-256 of
+  the rest of the JSON).
+
+Checkpoints that prove themselves: `Checkpointer.restore` reads the metadata first (its checksum,
+its keys, the arrays it lists against the target: a different shape or name is a config mismatch,
+a plain ``ValueError``), then the arrays, and compares every array's checksum with the saved one.
+A file that cannot be read, a checksum that differs, or a NaN / infinity (the trainer never saves
+one) raises `DamagedCheckpoint` naming the step and the file; no exception of orbax or TensorStore
+gets out of `restore` otherwise, and the "Event loop is closed" noise of reads still in flight
+after a failed one is dropped. Checkpoints written before checksums existed are restored with the
+finiteness check only.
 
 Saving is asynchronous when asked (``enable_async_checkpointing``): `save` returns once the arrays
 are copied off the devices, the writing goes on in the background, and only finalized steps are
@@ -34,17 +45,23 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
 import shutil
+import sys
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..rules import key_str
 
-__all__ = ["Checkpointer", "latest_step", "unfinished_saves", "flatten_state", "unflatten_state"]
+__all__ = ["Checkpointer", "DamagedCheckpoint", "latest_step", "unfinished_saves", "flatten_state",
+           "unflatten_state", "checksums"]
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 HOLD_ENV = "LORA_JAX_TEST_HOLD_SAVE"
@@ -89,6 +106,160 @@ def unflatten_state(nested: dict, treedef, like) -> Any:
             node = node[part]
         leaves.append(node)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class DamagedCheckpoint(ValueError):
+    """A finalized checkpoint that cannot be read or whose contents fail verification.
+
+    Attributes:
+      step: the checkpoint's step.
+      file: the file or item directory at fault.
+      reason: what is wrong, in one line.
+    """
+
+    def __init__(self, step: int, file: str, reason: str):
+        self.step, self.file, self.reason = int(step), file, reason
+        super().__init__(f"checkpoint step {step} is damaged: {file}: {reason}")
+
+
+def _fmix(x):
+    """MurmurHash3's 32-bit finalizer: a bijection of uint32 that mixes every bit into every other."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _words(x):
+    """The bits of ``x`` as uint32 words, same shape (2- and 1-byte items widened; 8-byte items
+    split into a trailing axis of 2)."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = x.dtype.itemsize
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+    if size in unsigned:
+        return jax.lax.bitcast_convert_type(x, unsigned[size]).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _positions(shape):
+    """Each element's row-major position (mod 2**32), built from iotas: no reshape, so a sharded
+    array is summed where it lies."""
+    idx = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for k in reversed(range(len(shape))):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, k) * jnp.uint32(stride % 2**32)
+        stride *= shape[k]
+    return idx
+
+
+def _sums(nested):
+    def one(x):
+        w = _words(x)
+        i = _positions(w.shape)
+        h1 = jnp.sum(w * (i * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+        h2 = jnp.sum(_fmix(w + i * jnp.uint32(0x9E3779B9) + jnp.uint32(0x7F4A7C15)), dtype=jnp.uint32)
+        return jnp.stack([h1, h2])
+
+    return jax.tree_util.tree_map(one, nested)
+
+
+_SUMS = jax.jit(_sums)
+_FINITE = jax.jit(lambda nested: jax.tree_util.tree_map(
+    lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.asarray(True), nested))
+
+
+def checksums(nested: dict) -> dict:
+    """``{"a/b/c": "16 hex digits"}``: a 64-bit checksum of each array's bits in a nested dict.
+
+    Two position-weighted sums modulo 2**32 of the array's 32-bit words ``w[i]``:
+    ``sum(w[i] * (2 i + 1))`` and ``sum(fmix32(w[i] + i * 0x9E3779B9 + c))``. A change of any one
+    word always changes the first (an odd factor is invertible modulo 2**32); random damage goes
+    unnoticed with probability about 2**-64. Integer sums do not depend on the order of addition,
+    so the result is the same for any sharding of the array (computed on its devices, jitted).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> a = checksums({"x": jnp.arange(4.0)})
+      >>> b = checksums({"x": jnp.arange(4.0).at[3].set(3.0000002)})
+      >>> sorted(a), a == b
+      (['x'], False)
+    """
+    sums = jax.device_get(_SUMS(nested))
+    return {k: "".join(f"{int(v):08x}" for v in np.asarray(h)) for k, h in _flat_items(sums)}
+
+
+def _flat_items(nested: dict, prefix: str = ""):
+    for k, v in nested.items():
+        if isinstance(v, dict):
+            yield from _flat_items(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _meta_checksum(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _describe(e: BaseException, where: str, limit: int = 300) -> tuple[str, str]:
+    """``(file, reason)`` of a failed read, in one line: the innermost cause's message without
+    TensorStore's spec dumps; the file is the last one TensorStore names (else ``where``)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).split("See full TensorStore details")[0].split(" [tensorstore_spec")[0].strip()
+    line = (text.splitlines() or [type(e).__name__])[0].strip()
+    if isinstance(e, KeyError):
+        line = f"missing key {line}"
+    files = list(re.finditer(r'local file "([^"]+)"', line))
+    if files:  # TensorStore: 'CODE: Error reading "KEY/..." in ... local file "PATH": why'
+        code = re.match(r"([A-Z_]+): ", line)
+        key = re.search(r'Error reading "([^"/]+)', line)
+        tail = line[files[-1].end():].lstrip(": ").strip() or {"NOT_FOUND": "no such file"}.get(
+            code.group(1) if code else "", "unreadable")
+        context = ", ".join(x for x in (code.group(1) if code else None,
+                                        f"reading {key.group(1)}" if key else None) if x)
+        if not files[-1].group(1).endswith("/"):
+            where = files[-1].group(1)
+        line = tail + (f" ({context})" if context else "")
+    return where, line if len(line) <= limit else line[:limit] + " ..."
+
+
+def _quiet_failed_reads() -> None:
+    """After a failed restore, TensorStore reads still in flight finish into orbax's closed event
+    loop, and Python prints "Event loop is closed" tracebacks and never-retrieved orbax read
+    errors through ``sys.unraisablehook``, possibly much later. Drop exactly those (a filter put
+    in front of the current hook on a failed restore, unless it is there already; everything else
+    goes on to that hook)."""
+    if getattr(sys.unraisablehook, "_lora_jax_filter", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        exc, obj = unraisable.exc_value, unraisable.object
+        if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+            return
+        code = getattr(obj, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        previous(unraisable)
+
+    hook._lora_jax_filter = True
+    sys.unraisablehook = hook
+
+
+class _Silenced:
+    """Orbax logs (ERROR, through absl) what it finds wrong while reading; `restore` reports it."""
+
+    def __enter__(self):
+        self._levels = [(log, log.level) for log in map(logging.getLogger, ("absl", "orbax"))]
+        for log, _ in self._levels:
+            log.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        for log, level in self._levels:
+            log.setLevel(level)
 
 
 def _manager(directory: str, *, keep: int = 1, async_save: bool = True, read_only: bool = False):
@@ -206,7 +377,11 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         nested, _ = flatten_state(state)
-        meta = dict(meta, step=int(step))
+        sums = checksums(nested)
+        arrays = {k: {"dtype": np.dtype(v.dtype).name, "shape": [int(d) for d in v.shape], "checksum": sums[k]}
+                  for k, v in _flat_items(nested)}
+        meta = dict(meta, step=int(step), arrays=arrays)
+        meta["meta_checksum"] = _meta_checksum(meta)
         self._m.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(nested),
                                                           meta=self._json_save(meta)), force=True)
 
@@ -218,26 +393,91 @@ class Checkpointer:
         return list(self._m.all_steps())
 
     def restore(self, step: int, target) -> tuple[Any, dict]:
-        """``(state, meta)`` of ``step``; ``target`` is a pytree of ``jax.ShapeDtypeStruct`` with
-        shardings (or arrays) giving the structure, dtypes and placement to restore into.
+        """``(state, meta)`` of ``step``, verified; ``target`` is a pytree of
+        ``jax.ShapeDtypeStruct`` with shardings (or arrays) giving the structure, dtypes and
+        placement to restore into.
 
         Raises:
-          ValueError: if the saved arrays do not match the target (names the differences).
+          DamagedCheckpoint: a file of the step cannot be read, the metadata or an array does not
+            match its checksum, or an array holds NaN / Inf (names the step and the file).
+          ValueError: the saved arrays do not match the target (names the differences).
         """
         import orbax.checkpoint as ocp
 
+        step = int(step)
+        meta = self._read_meta(step)
         nested, treedef = flatten_state(target)
         abstract = jax.tree_util.tree_map(
             lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
             jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), nested)
+        saved = meta.get("arrays")
+        if saved is not None:
+            self._check_manifest(step, saved, abstract)
+        state_dir = os.path.join(self.directory, str(step), "state")
         try:
-            out = self._m.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                     meta=self._json_restore()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"checkpoint step {step} in {self.directory} does not match this run's state "
-                             f"(different model, adapter or optimizer config?): {e}") from None
+            with _Silenced():
+                out = self._m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        except Exception as e:  # noqa: BLE001 - orbax / TensorStore raise plain Exceptions for damaged files
+            _quiet_failed_reads()
+            if saved is None and isinstance(e, (ValueError, KeyError, TypeError)):
+                raise ValueError(f"checkpoint step {step} in {self.directory} does not match this run's state "
+                                 f"(different model, adapter or optimizer config?): {e}") from None
+            raise DamagedCheckpoint(step, *_describe(e, state_dir)) from None
+        if saved is not None:
+            got = checksums(out["state"])
+            bad = [k for k in sorted(got) if got[k] != saved[k]["checksum"]]
+            if bad:
+                more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+                raise DamagedCheckpoint(step, state_dir, f"array {bad[0]}{more} does not match its checksum "
+                                        f"(saved {saved[bad[0]]['checksum']}, read {got[bad[0]]})")
+        finite = jax.device_get(_FINITE(out["state"]))
+        bad = [k for k, ok in _flat_items(finite) if not bool(ok)]
+        if bad:  # the trainer never saves one: written by something else, or damaged unnoticed
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise DamagedCheckpoint(step, state_dir, f"array {bad[0]}{more} holds NaN or Inf")
         state = unflatten_state(out["state"], treedef, target)
-        return state, dict(out["meta"])
+        return state, meta
+
+    def _read_meta(self, step: int) -> dict:
+        """The ``meta`` item of ``step``, checked (its checksum, ``step`` and ``position``)."""
+        import orbax.checkpoint as ocp
+
+        path = os.path.join(self.directory, str(step), "meta", "metadata")
+        try:
+            with _Silenced():
+                meta = self._m.restore(step, args=ocp.args.Composite(meta=self._json_restore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - see restore
+            _quiet_failed_reads()
+            raise DamagedCheckpoint(step, *_describe(e, path)) from None
+        if not isinstance(meta, dict):
+            raise DamagedCheckpoint(step, path, f"expected a JSON object, got {type(meta).__name__}")
+        meta = dict(meta)
+        for key in ("step", "position"):
+            if key not in meta:
+                raise DamagedCheckpoint(step, path, f"missing key {key!r}")
+            if isinstance(meta[key], bool) or not isinstance(meta[key], int):
+                raise DamagedCheckpoint(step, path, f"{key} is {meta[key]!r}, expected an integer")
+        if meta["step"] != step:
+            raise DamagedCheckpoint(step, path, f"it says step {meta['step']}")
+        if "meta_checksum" in meta and meta["meta_checksum"] != _meta_checksum(meta):
+            raise DamagedCheckpoint(step, path, "the metadata does not match its checksum")
+        arrays = meta.get("arrays")
+        if arrays is not None and not (isinstance(arrays, dict) and all(
+                isinstance(v, dict) and {"dtype", "shape", "checksum"} <= set(v) for v in arrays.values())):
+            raise DamagedCheckpoint(step, path, "malformed 'arrays' entry")
+        return meta
+
+    def _check_manifest(self, step: int, saved: dict, abstract: dict) -> None:
+        want = {k: (np.dtype(v.dtype).name, [int(d) for d in v.shape]) for k, v in _flat_items(abstract)}
+        got = {k: (v["dtype"], list(v["shape"])) for k, v in saved.items()}
+        diffs = [f"{k}: saved {got[k][0]}{got[k][1]}, this run {want[k][0]}{want[k][1]}"
+                 for k in sorted(set(want) & set(got)) if got[k] != want[k]]
+        diffs += [f"{k}: not in the checkpoint" for k in sorted(set(want) - set(got))]
+        diffs += [f"{k}: in the checkpoint, not in this run" for k in sorted(set(got) - set(want))]
+        if diffs:
+            more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            raise ValueError(f"checkpoint step {step} in {self.directory} does not match this run's state "
+                             f"(different model, adapter or optimizer config?): {'; '.join(diffs[:3])}{more}")
 
     def wait(self) -> None:
         """Block until background writes are finished."""

@@ -24,13 +24,16 @@ import os
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import yaml
+
+from ..weight import AdapterSettings
 
 __all__ = [
     "Config", "ModelConfig", "PretrainConfig", "TokenizerConfig", "DataConfig", "LoraConfig", "TrainConfig",
     "MeshConfig", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "config_names", "resolve_path",
+    "deep_update",
     "BUILTIN_PREFIX", "REMAT_POLICIES",
 ]
 
@@ -124,17 +127,31 @@ class DataConfig:
     packing: bool = _f(True, "concatenate documents (EOS between) into rows; false: one document per row")
 
 
+def _setting(name: str):
+    """A ``lora`` key that is a `lora_jax.AdapterSettings` field: its default, help line and bounds
+    come from there (the one place they are spelled)."""
+    f = next(f for f in dataclasses.fields(AdapterSettings) if f.name == name)
+    return _f(f.default, f.metadata["doc"], **{k: f.metadata[k] for k in ("min", "max", "gt", "lt") if k in f.metadata})
+
+
 @dataclass
 class LoraConfig:
-    """The adapter (see `lora_jax.Rules`)."""
+    """The adapter: `lora_jax.Rules` options; the adapter settings are `lora_jax.AdapterSettings` fields."""
 
     targets: Union[str, list] = _f("all-linear", "module names, a regex, or all-linear")
-    rank: int = _f(8, "LoRA rank r", min=1)
-    alpha: float = _f(16.0, "lora_alpha; the delta is scaled by alpha/r", gt=0)
-    dropout: float = _f(0.0, "LoRA dropout on the adapter input", min=0.0, lt=1.0)
-    rslora: bool = _f(False, "scale by alpha/sqrt(r)")
+    rank: int = _setting("rank")
+    alpha: float = _setting("alpha")
+    dropout: float = _setting("dropout")
+    rslora: bool = _setting("rslora")
     init: str = _f("kaiming", "adapter init", choices=("kaiming", "gaussian"))
     exclude: Optional[Union[str, list]] = _f(None, "names/regex never adapted")
+    modules_to_save: Optional[Union[str, list]] = _f(
+        None, "module names/regex trained in full and saved whole (PEFT modules_to_save), e.g. [gate]: an MoE "
+        "router, frozen otherwise")
+
+    def rules_kwargs(self) -> dict:
+        """The section as `lora_jax.Rules` keyword arguments (``targets`` included)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass
@@ -471,9 +488,11 @@ def _check_family_config(init: dict, problems):
 
 
 def _check_lora_patterns(lc, problems):
-    """lora.targets / lora.exclude as `lora_jax.Rules` reads them (an invalid regex is named)."""
+    """lora.targets / lora.exclude as `lora_jax.Rules` reads them (an invalid regex is named), and
+    the whole section as `lora_jax.Rules` takes it."""
     from ..rules import ALL_LINEAR, Rules
 
+    n = len(problems)
     for key, kw in (("lora.targets", {"targets": lc.targets}),
                     ("lora.exclude", {"targets": ALL_LINEAR, "exclude": lc.exclude})):
         if key == "lora.exclude" and lc.exclude is None:
@@ -482,6 +501,11 @@ def _check_lora_patterns(lc, problems):
             Rules(**kw)
         except (ValueError, TypeError) as e:
             problems.append(f"{key}: {e}")
+    if len(problems) == n:
+        try:
+            Rules(**lc.rules_kwargs())
+        except (ValueError, TypeError) as e:
+            problems.append(f"lora: {e}")
 
 
 def _check_names(cfg: Config, problems):
@@ -632,10 +656,10 @@ def parse_overrides(overrides) -> tuple[dict, list[str]]:
     return out, problems
 
 
-def _deep_update(base: dict, new: dict) -> dict:
+def deep_update(base: dict, new: dict) -> dict:
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
+            deep_update(base[k], v)
         else:
             base[k] = v
     return base
@@ -677,6 +701,6 @@ def load_config(name_or_path: Optional[str] = None, overrides=(), *, check_files
     over, problems = parse_overrides(overrides)
     if problems:
         raise ConfigError(problems)
-    data = _deep_update(data, over)
+    data = deep_update(data, over)
     data.setdefault("name", name)
     return from_dict(data, check_files=check_files)

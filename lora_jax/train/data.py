@@ -34,15 +34,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 
 __all__ = ["Rows", "Order", "read_documents", "encode", "pack", "batch", "eval_batches", "split_eval",
-           "TEXT_EXTS", "JSONL_EXTS"]
+           "why_no_targets", "TEXT_EXTS", "JSONL_EXTS"]
 
 TEXT_EXTS = (".txt", ".md", ".text")
 JSONL_EXTS = (".jsonl", ".json")
@@ -84,21 +85,27 @@ def _check_record(rec, where: str) -> dict:
 
 def _read_jsonl(path: str) -> list[dict]:
     docs = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            docs.append(_check_record(rec, f"{path}:{n}"))
+    for n, line in enumerate(io.StringIO(_read_text(path)), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.rstrip("\n"))
+        except json.JSONDecodeError as e:  # some of json's messages end in "at" already
+            where = "column" if e.msg.endswith(" at") else "at column"
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} {where} {e.colno})") from None
+        docs.append(_check_record(rec, f"{path}:{n}"))
     return docs
 
 
 def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as fh:
-        return fh.read()
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}: "
+                         f"{e.reason}); save the file as UTF-8") from None
 
 
 def read_documents(paths: Union[str, Sequence[str]], fmt: str = "auto") -> list[dict]:
@@ -222,6 +229,20 @@ def encode(doc: dict, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     else:
         raise ValueError(f"unknown document kind with keys {sorted(doc)}")
     return np.asarray(ids, np.int32), np.asarray(w, np.float32)
+
+
+def why_no_targets(docs: Sequence[dict], seq_len: int, packing: bool) -> str:
+    """Why documents that were read gave no trained token at all (for the error message)."""
+    chats = [d for d in docs if "messages" in d]
+    if chats:
+        roles = sorted({m["role"] for d in chats for m in d["messages"]})
+        if "assistant" not in roles:
+            return (f"none of the {len(chats)} 'messages' records has an 'assistant' turn (roles found: "
+                    f"{', '.join(map(repr, roles))}); only assistant turns are trained")
+    if not packing and any("prompt" in d or "messages" in d for d in docs):
+        return (f"with data.packing=false each record is cut to data.seq_len + 1 = {seq_len + 1} tokens, and every "
+                "record's prompt (or non-assistant turns) fills them: no completion token is left")
+    return "every token is masked (prompts, non-assistant turns) or cut off"
 
 
 # ------------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from typing import Optional
 
 import jax
 
-from .files import atomic_write_text
+from .files import atomic_write_text, usual_mode
 
-__all__ = ["MetricsWriter", "read_metrics", "plot_losses", "Progress"]
+__all__ = ["MetricsWriter", "read_metrics", "plot_losses", "Progress", "strict_json"]
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -57,9 +57,24 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def _clean(v):
+    """``v`` with every non-finite float (also inside dicts, lists and tuples) replaced by None."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
     return v
+
+
+def strict_json(obj, **kw) -> str:
+    """``json.dumps`` that always gives valid JSON: NaN and infinities become ``null``.
+
+    Example:
+      >>> strict_json({"loss": float("nan"), "ppl": [float("inf"), 1.5]})
+      '{"loss": null, "ppl": [null, 1.5]}'
+    """
+    return json.dumps(_clean(obj), allow_nan=False, **kw)
 
 
 class MetricsWriter:
@@ -94,7 +109,7 @@ class MetricsWriter:
 
     @staticmethod
     def _line(record: dict) -> str:
-        return json.dumps({k: _clean(v) for k, v in record.items()}, allow_nan=False) + "\n"
+        return strict_json(record) + "\n"
 
     def write(self, record: dict) -> None:
         if self._fh is not None:
@@ -139,6 +154,7 @@ def plot_losses(records: list[dict], png_path: str, *, title: str = "") -> None:
 
     d, name = os.path.split(os.path.abspath(png_path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=".png", dir=d)  # a leftover `remove_leftovers` knows
+    usual_mode(fd)
     os.close(fd)
     try:
         fig.savefig(tmp)

@@ -4,27 +4,33 @@ Order of work (nothing is written until everything that can be checked has been)
 
 1. ``jax.distributed.initialize()`` when ``distributed: true``; the mesh.
 2. The run directory is chosen (``out_dir``, or ``runs/<name>-<timestamp>``; with ``resume`` the
-   newest run of that config holding a finalized checkpoint) and checked.
+   newest run of that config holding a finalized checkpoint), locked for this run (`lock.RunLock`:
+   a second run of it is refused, naming this one's pid) and checked.
 3. Tokenizer and base model: a local checkpoint (``model.path``), the run's own pretrained base
    (when resuming), or a fresh model built from ``model.init`` with a byte-level BPE tokenizer
    trained on the pretraining text.
-4. Data read, tokenized and packed; the LoRA rules resolved against the model.
-5. Writes begin: ``config.yaml``; for a fresh model, pretraining and ``base/``; then LoRA training
-   with metrics, evals and checkpoints; at the end ``adapter/`` (PEFT), ``loss.png`` and
-   ``summary.json``.
+4. Data read, tokenized and packed (0 trained tokens is an error naming the files and the cause);
+   the LoRA rules resolved against the model; when resuming, the newest checkpoint that restores
+   intact is found (`checkpoint.Checkpointer.restore` verifies every checksum; damaged newer
+   steps are named, one line each) and ``train.steps`` checked against it.
+5. Writes begin (a run that failed before here leaves its directory as it found it): damaged
+   checkpoints moved to ``damaged-checkpoints/``; ``config.yaml``; for a fresh model, pretraining
+   and ``base/``; then LoRA training with metrics, evals and checkpoints; at the end ``adapter/``
+   (PEFT), ``loss.png`` and ``summary.json``.
 
 Each step is one function over a small `_Run` state (`_prepare`, `_load_base`, `_load_data`,
-`_start_writes`, `_pretrain`, `_finetune`, `_export`). The train records and the summary report
+`_choose_checkpoint`, `_start_writes`, `_pretrain`, `_finetune`, `_export`). The train records and the summary report
 tokens/s and the model FLOPs utilization (`flops`). Pretraining, LoRA training and `evaluate` use
 one loss: by default the chunked cross-entropy of `loss` (``train.chunked_loss``,
 ``train.loss_chunk``), which never holds the full ``(batch, seq, vocab)`` float32 logits.
 
 Run directory::
 
-    config.yaml  metrics.jsonl  loss.png  summary.json
+    config.yaml  metrics.jsonl  loss.png  summary.json  .lock (the live run's pid and host)
     base/         the pretrained base (only when model.path is null): config.json, model.safetensors
                   and the tokenizer (PyTorch transformers loads it as is)
-    checkpoints/  orbax steps: adapter + optimizer state + rng + data position
+    checkpoints/  orbax steps: adapter + optimizer state + rng + data position, with checksums
+    damaged-checkpoints/  steps a resume found damaged and skipped (never deleted; only if any)
     adapter/      the adapter, PEFT format
 
 Crashes: every file is written under a temporary name and renamed, and orbax finalizes a step by
@@ -40,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import json
 import os
 import time
 from typing import Callable, Optional
@@ -54,10 +59,11 @@ from . import data as _data
 from . import flops as _flops
 from . import model as _model
 from . import sharding as shd
-from .checkpoint import Checkpointer, latest_step
-from .config import Config, ConfigError, from_dict, resolve_path, to_dict, to_yaml
+from .checkpoint import Checkpointer, DamagedCheckpoint, latest_step
+from .config import Config, ConfigError, deep_update, from_dict, resolve_path, to_dict, to_yaml
 from .files import atomic_write_text, remove_leftovers
-from .metrics import MetricsWriter, perplexity, plot_losses, read_metrics
+from .lock import LOCK_NAME, RunDirLocked, RunLock
+from .metrics import MetricsWriter, perplexity, plot_losses, read_metrics, strict_json
 from .trainer import LoopSpec, NonFiniteError, Trainer, TrainingInterrupted, make_optimizer
 
 __all__ = ["run", "resolve_out_dir", "load_run", "load_checkpoint", "latest_run", "evaluate", "generate",
@@ -128,7 +134,7 @@ def resolve_out_dir(cfg: Config) -> tuple[str, Optional[int]]:
     if step is not None:
         raise ConfigError(f"out_dir: {d!r} already holds a run (checkpoints up to step {step}); pass --resume "
                           "(train.resume=true) to continue it, or choose another out_dir")
-    if os.path.isdir(d) and os.listdir(d):
+    if os.path.isdir(d) and [n for n in os.listdir(d) if n != LOCK_NAME]:
         raise ConfigError(f"out_dir: {d!r} exists and is not empty; choose another out_dir or remove it")
     if os.path.exists(d) and not os.path.isdir(d):
         raise ConfigError(f"out_dir: {d!r} exists and is not a directory")
@@ -155,19 +161,34 @@ def _check_resume_config(out_dir: str, cfg: Config) -> None:
 def _lora_rules(cfg: Config, model) -> Rules:
     lc = cfg.lora
     return _model.lora_rules(model, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, init=lc.init,
-                             use_rslora=lc.rslora, exclude=lc.exclude)
+                             use_rslora=lc.rslora, exclude=lc.exclude, modules_to_save=lc.modules_to_save)
 
 
 def _remat(cfg: Config) -> Optional[str]:
     return None if cfg.train.remat == "none" else cfg.train.remat
 
 
-def _rows(docs, tok, seq_len, packing, what):
+def _files(paths) -> str:
+    paths = paths if isinstance(paths, list) else [paths]
+    return ", ".join(repr(resolve_path(p)) for p in paths)
+
+
+def _rows(docs, tok, seq_len, packing, what, paths=None):
+    """Packed rows of ``docs``; ``paths`` (the config's files) are named in the errors.
+
+    Raises:
+      ConfigError: no documents, or documents without a single trained token (names the cause).
+    """
+    where = f" in {_files(paths)}" if paths is not None else ""
     if not docs:
-        raise ConfigError(f"{what}: no documents")
+        raise ConfigError(f"{what}: no documents{where} (empty or blank files?)")
     enc = [_data.encode(d, tok) for d in docs]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return _data.pack(enc, seq_len, pad, packing)
+    rows = _data.pack(enc, seq_len, pad, packing)
+    if rows.n_targets == 0:
+        raise ConfigError(f"{what}: the {len(docs)} documents{where} give 0 trained tokens: "
+                          f"{_data.why_no_targets(docs, seq_len, packing)}")
+    return rows
 
 
 def _documents(paths, fmt, what):
@@ -221,6 +242,9 @@ class _Run:
     summary: dict = dataclasses.field(default_factory=dict)
     result: Optional[dict] = None  # the fine-tuning loop's result
     lora_params: object = None  # base + trained adapter after fine-tuning
+    lock: Optional[RunLock] = None  # this run's lock on out_dir (process 0)
+    damaged: list = dataclasses.field(default_factory=list)  # DamagedCheckpoint of newer steps, when resuming
+    writing: bool = False  # `_start_writes` has begun
 
     @property
     def base_dir(self) -> str:
@@ -249,11 +273,18 @@ def _prepare(cfg: Config, echo: Callable) -> _Run:
         mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
-    out_dir, resume_step = resolve_out_dir(cfg)
+    if cfg.out_dir is None:  # a new runs/<name>-<time> or the newest run of this config
+        cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir(cfg)[0])
+    lock = _lock(cfg.out_dir) if main else None
+    try:
+        out_dir, resume_step = resolve_out_dir(cfg)  # again under the lock: no other run can change it now
+        if cfg.train.resume:
+            _check_resume_config(out_dir, cfg)
+    except BaseException:
+        if lock is not None:
+            lock.release(clean=True)
+        raise
     restart = bool(cfg.train.resume) and resume_step is None
-    if cfg.train.resume:
-        _check_resume_config(out_dir, cfg)
-    cfg = dataclasses.replace(cfg, out_dir=out_dir)
     sizes = shd.mesh_shape(mesh)
     n_batch = sizes["data"] * sizes["fsdp"]
     t = cfg.train
@@ -265,12 +296,82 @@ def _prepare(cfg: Config, echo: Callable) -> _Run:
         problems.append(f"model.pretrain.batch_size: {cfg.model.pretrain.batch_size} must divide by mesh data x "
                         f"fsdp = {n_batch}")
     if problems:
+        if lock is not None:
+            lock.release(clean=True)
         raise ConfigError(problems)
+    if lock is not None and lock.describe_previous():
+        say(f"# {lock.describe_previous()}")
     say(f"# lora-jax train: resolved config ({'resuming ' + out_dir if cfg.train.resume else out_dir})")
     say(to_yaml(cfg).rstrip())
     say(f"# devices: {jax.device_count()} x {jax.devices()[0].platform}, processes: {jax.process_count()}, "
         f"mesh {sizes}")
-    return _Run(cfg=cfg, out_dir=out_dir, resume_step=resume_step, restart=restart, mesh=mesh, say=say, main=main)
+    return _Run(cfg=cfg, out_dir=out_dir, resume_step=resume_step, restart=restart, mesh=mesh, say=say, main=main,
+                lock=lock)
+
+
+def _lock(out_dir: str) -> RunLock:
+    """The run directory's lock (`lock.RunLock`; ConfigError naming the live holder if taken)."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir: {out_dir!r} exists and is not a directory")
+    try:
+        return RunLock.acquire(out_dir)
+    except RunDirLocked as e:
+        raise ConfigError(f"out_dir: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"out_dir: cannot create or lock {out_dir!r} ({e.strerror or e})") from None
+
+
+def _checkpoint_target(cfg: Config, trainable) -> dict:
+    """What a checkpoint of this config holds, as ``ShapeDtypeStruct`` on this process's first
+    device: ``adapter`` (the trainable half, concrete or abstract), ``opt_state`` and ``rng``."""
+    tx, _ = make_optimizer(LoopSpec.from_config(cfg.train))
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev)  # noqa: E731
+    return {"adapter": jax.tree_util.tree_map(sds, trainable),
+            "opt_state": jax.tree_util.tree_map(sds, jax.eval_shape(tx.init, trainable)),
+            "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=dev)}
+
+
+def _choose_checkpoint(r: _Run) -> None:
+    """When resuming: the newest checkpoint that reads back intact (checksums verified), before
+    anything is written. Newer damaged ones are reported, one line each, and moved aside later
+    (`_start_writes`); ``train.steps`` must reach the chosen step.
+
+    Raises:
+      ConfigError: no intact checkpoint (nothing is changed), a checkpoint of another model or
+        adapter config, or ``train.steps`` below the checkpoint's step.
+    """
+    if r.resume_step is None:
+        return
+    cfg = r.cfg
+    key = jax.random.key(cfg.seed)
+    trainable = jax.eval_shape(lambda p: _tree.split(_tree.init(p, r.rules, key))[0], r.params)
+    target = _checkpoint_target(cfg, trainable)
+    ck = Checkpointer(_ckpt_dir(r.out_dir), keep=cfg.train.keep_checkpoints, async_save=False)
+    chosen = None
+    try:
+        for step in sorted(ck.all_steps(), reverse=True):
+            try:
+                ck.restore(step, target)
+            except DamagedCheckpoint as e:
+                r.damaged.append(e)
+                continue
+            except ValueError as e:
+                raise ConfigError(f"train.resume: {e}") from None
+            chosen = step
+            break
+    finally:
+        ck.close()
+    if chosen is None:
+        raise ConfigError(f"train.resume: no intact checkpoint in {_ckpt_dir(r.out_dir)!r} to resume from ("
+                          + "; ".join(f"step {e.step}: {e.file}: {e.reason}" for e in r.damaged)
+                          + "); nothing was changed")
+    for e in r.damaged:
+        r.say(f"# {e}; falling back to step {chosen}")
+    if chosen > cfg.train.steps:
+        raise ConfigError(f"train.steps: {cfg.train.steps} is below step {chosen} of the checkpoint to resume "
+                          f"({os.path.join(_ckpt_dir(r.out_dir), str(chosen))}); set train.steps={chosen} or more")
+    r.resume_step = chosen
 
 
 def _load_base(r: _Run) -> None:
@@ -304,7 +405,8 @@ def _load_base(r: _Run) -> None:
             raise ConfigError(f"model.init: cannot build the model ({type(e).__name__}: {e})") from None
         r.fresh = True
         if cfg.model.pretrain.steps:
-            r.pre_rows = _rows(pre_docs, tok, cfg.data.seq_len, cfg.data.packing, "model.pretrain.data")
+            r.pre_rows = _rows(pre_docs, tok, cfg.data.seq_len, cfg.data.packing, "model.pretrain.data",
+                               cfg.model.pretrain.data)
     max_pos = _model.max_positions(r.model)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {max_pos} positions")
@@ -322,24 +424,40 @@ def _load_data(r: _Run) -> None:
         except ValueError as e:
             raise ConfigError(f"data.eval_fraction: {e}") from None
     try:
-        r.rows = _rows(train_docs, r.tokenizer, cfg.data.seq_len, cfg.data.packing, "data.train")
-        r.eval_rows = (_rows(eval_docs, r.tokenizer, cfg.data.seq_len, cfg.data.packing, "data.eval")
+        r.rows = _rows(train_docs, r.tokenizer, cfg.data.seq_len, cfg.data.packing, "data.train", cfg.data.train)
+        r.eval_rows = (_rows(eval_docs, r.tokenizer, cfg.data.seq_len, cfg.data.packing, "data.eval",
+                             cfg.data.eval if cfg.data.eval is not None else cfg.data.train)
                        if eval_docs else None)
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
     r.rules = _lora_rules(cfg, r.model)
     try:
         _tree.init(r.params, r.rules, 0)  # resolves the targets against the model now, before any write
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"lora.targets: {e}") from None
+        key = "lora.rank" if f"rank {cfg.lora.rank} is larger" in str(e) else "lora.targets"
+        raise ConfigError(f"{key}: {e}") from None
     r.say(f"# data: {len(train_docs)} train documents -> {len(r.rows)} rows of {cfg.data.seq_len + 1} tokens "
           f"({r.rows.n_targets:,} trained tokens); {len(eval_docs)} eval documents"
           + (f" -> {len(r.eval_rows)} rows" if r.eval_rows is not None else ""))
 
 
 def _start_writes(r: _Run) -> None:
-    """The first writes: leftovers of an interrupted run removed, ``config.yaml``, the metrics file."""
+    """The first writes: damaged checkpoints moved aside, leftovers of an interrupted run removed,
+    ``config.yaml``, the metrics file."""
+    r.writing = True
     if r.main:
+        for e in r.damaged:  # never deleted: kept beside the run for a look, out of orbax's way
+            src = os.path.join(_ckpt_dir(r.out_dir), str(e.step))
+            dst = os.path.join(r.out_dir, "damaged-checkpoints", str(e.step))
+            k = 1
+            while os.path.exists(dst):
+                k += 1
+                dst = os.path.join(r.out_dir, "damaged-checkpoints", f"{e.step}-{k}")
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.rename(src, dst)
+            r.say(f"# moved the damaged checkpoint step {e.step} to {dst} (not used; delete it when done)")
         if r.cfg.train.resume:
             gone = remove_leftovers(r.out_dir)
             if gone:
@@ -413,7 +531,10 @@ def _finetune(r: _Run, stop_after: Optional[int]) -> None:
                           stacked=_model.stacked_paths(r.model), flops_per_step=flops, peak_flops=peak)
         r.say(f"# compiled the train/eval steps in {trainer.compile_s:.1f}s")
         if r.resume_step is not None:
-            step = trainer.restore(r.resume_step)
+            try:
+                step = trainer.restore(r.resume_step)
+            except DamagedCheckpoint as e:  # verified moments ago in `_choose_checkpoint`: changed since
+                raise ConfigError(f"train.resume: {e}") from None
             r.say(f"# resuming from step {step} of {cfg.train.steps} (checkpoint "
                   f"{os.path.join(_ckpt_dir(r.out_dir), str(step))}, data position {trainer.position})")
         try:
@@ -486,24 +607,32 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
         would; resume later with ``train.resume=true``.
       echo: where progress lines go (process 0 only).
 
+    The run holds a lock on its directory from start to end (`lock.RunLock`): a second run of
+    the same directory is refused, naming this one's pid.
+
     Raises:
       ConfigError: for everything found wrong before work starts (nothing is written then).
     """
     r = _prepare(cfg, echo)
-    t0 = time.perf_counter()
-    _load_base(r)
-    _load_data(r)
-    r.say(f"# setup {time.perf_counter() - t0:.1f}s")
-    _start_writes(r)
     try:
-        _pretrain(r)
-        _finetune(r, stop_after)
-        _export(r)
+        t0 = time.perf_counter()
+        _load_base(r)
+        _load_data(r)
+        _choose_checkpoint(r)
+        r.say(f"# setup {time.perf_counter() - t0:.1f}s")
+        _start_writes(r)
+        try:
+            _pretrain(r)
+            _finetune(r, stop_after)
+            _export(r)
+        finally:
+            r.metrics.close()
+        s = r.summary
+        if r.main:
+            atomic_write_text(os.path.join(r.out_dir, "summary.json"), strict_json(s, indent=2) + "\n")
     finally:
-        r.metrics.close()
-    s = r.summary
-    if r.main:
-        atomic_write_text(os.path.join(r.out_dir, "summary.json"), json.dumps(s, indent=2) + "\n")
+        if r.lock is not None:
+            r.lock.release(clean=not r.writing)
     if "eval_loss_after" in s and not s.get("stopped"):
         r.say(f"# eval loss on the held-out data: {s['eval_loss_before']:.4f} before LoRA -> "
               f"{s['eval_loss_after']:.4f} after (perplexity {s['eval_ppl_before']:.2f} -> {s['eval_ppl_after']:.2f})")
@@ -550,13 +679,7 @@ def load_checkpoint(out_dir: str, cfg: Config, lora_params, step: Optional[int] 
     step = latest_step(_ckpt_dir(out_dir)) if step is None else step
     if step is None:
         return None, None
-    trainable, _ = _tree.split(lora_params)
-    tx, _ = make_optimizer(LoopSpec.from_config(cfg.train))
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev)  # noqa: E731
-    target = {"adapter": jax.tree_util.tree_map(sds, trainable),
-              "opt_state": jax.tree_util.tree_map(sds, jax.eval_shape(tx.init, trainable)),
-              "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=dev)}
+    target = _checkpoint_target(cfg, _tree.split(lora_params)[0])
     ck = Checkpointer(_ckpt_dir(out_dir), keep=cfg.train.keep_checkpoints, async_save=False)
     try:
         return ck.restore(step, target)
@@ -565,11 +688,31 @@ def load_checkpoint(out_dir: str, cfg: Config, lora_params, step: Optional[int] 
 
 
 def _restore_adapter(out_dir: str, cfg: Config, lp):
-    """The newest checkpoint's adapter put into ``lp`` (None if there is no checkpoint)."""
-    saved, meta = load_checkpoint(out_dir, cfg, lp)
-    if saved is None:
+    """``(lp with the adapter of the newest intact checkpoint, where it came from)``; ``(None,
+    None)`` if there is no checkpoint. Damaged newer checkpoints are skipped and named in the
+    second item (a reader never moves or deletes anything).
+
+    Raises:
+      ConfigError: every checkpoint is damaged.
+    """
+    d = _ckpt_dir(out_dir)
+    if latest_step(d) is None:
         return None, None
-    return _tree.combine(saved["adapter"], _tree.split(lp)[1]), int(meta["step"])
+    ck = Checkpointer(d, keep=cfg.train.keep_checkpoints, async_save=False)
+    try:
+        steps = sorted(ck.all_steps(), reverse=True)
+    finally:
+        ck.close()
+    damaged = []
+    for step in steps:
+        try:
+            saved, _ = load_checkpoint(out_dir, cfg, lp, step)
+        except DamagedCheckpoint as e:
+            damaged.append(e)
+            continue
+        note = "".join(f"; skipped damaged step {e.step}: {e.file}: {e.reason}" for e in damaged)
+        return _tree.combine(saved["adapter"], _tree.split(lp)[1]), f"checkpoint step {step}{note}"
+    raise ConfigError(f"{out_dir!r}: no intact checkpoint (" + "; ".join(str(e) for e in damaged) + ")")
 
 
 def latest_run(name: Optional[str] = None) -> str:
@@ -601,9 +744,7 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
     with open(path, encoding="utf-8") as fh:
         data = yaml.safe_load(fh) or {}
     if overrides:
-        from .config import _deep_update
-
-        data = _deep_update(data, overrides)
+        data = deep_update(data, overrides)
     cfg = from_dict(data)
     cdt = compute_dtype(cfg.model.compute_dtype)
     base = cfg.model.path or os.path.join(out_dir, "base")
@@ -614,9 +755,9 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
     lp = _tree.init(params, _lora_rules(cfg, model), jax.random.key(cfg.seed))
     if adapter is not None:
         return RunHandle(cfg, out_dir, model, tok, _model.load_peft(model, lp, adapter), f"adapter {adapter}")
-    restored, step = _restore_adapter(out_dir, cfg, lp)
+    restored, source = _restore_adapter(out_dir, cfg, lp)
     if restored is not None:
-        return RunHandle(cfg, out_dir, model, tok, restored, f"checkpoint step {step}")
+        return RunHandle(cfg, out_dir, model, tok, restored, source)
     exported = os.path.join(out_dir, "adapter")
     if os.path.isdir(exported):
         return RunHandle(cfg, out_dir, model, tok, _model.load_peft(model, lp, exported), f"adapter {exported}")
