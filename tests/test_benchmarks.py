@@ -83,3 +83,11 @@ def test_gpu_run_profile_summary_of_a_device_trace(tmp_path):
     top = s["top_ops"][0]
     assert top["op"] == "custom-call.1" and top["count"] == 2 and "transpose(jvp" in top["jax"]
     assert s["backward_share"] == 0.6
+
+
+def test_merge_memory_small():
+    """The streaming-merge memory benchmark on a 10 MB checkpoint: it runs, merges bit-exactly and
+    reports the peak RSS fields (the multi-GB numbers are in the README)."""
+    (r,) = _json_lines("merge_memory.py", "--size-gb", "0.01", "--shards", "2", "--hidden", "128")
+    assert r["shards"] == 2 and r["spot_check_bit_exact"]
+    assert r["peak_rss_bytes"] >= r["baseline_rss_bytes"] > 0 and r["largest_shard_bytes"] > 0

@@ -9,18 +9,20 @@ Example::
     hf.save_peft("adapter", lp, model)       # PyTorch: PeftModel.from_pretrained(base, "adapter")
     hf.save_merged("merged", model, lp)      # PyTorch: AutoModelForCausalLM.from_pretrained("merged")
     lp = hf.load_peft("adapter_from_pytorch", params, model)
+    hf.merge_checkpoint("path/to/Llama-3.1-8B", "adapter", "merged-8b")  # any PEFT adapter, shard by shard
 
-Supported ``model_type`` values: `SUPPORTED` (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 2,
+Supported ``model_type`` values: `SUPPORTED` (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, Qwen3-MoE, Mixtral, Gemma 2,
 Gemma 3 text, Phi-3, GPT-2, BERT); see `lora_jax.models`.
 """
 
 from ..models.family import SUPPORTED_MODEL_TYPES as SUPPORTED
 from .checkpoint import from_pretrained, save_merged
+from .merge import merge_checkpoint
 from .peft import load_peft, save_peft
 from .presets import PRESETS, peft_default_targets, rules_for
 
 __all__ = [
-    "from_pretrained", "save_merged",
+    "from_pretrained", "save_merged", "merge_checkpoint",
     "save_peft", "load_peft",
     "rules_for", "PRESETS", "peft_default_targets",
     "SUPPORTED",

@@ -16,9 +16,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ..io._files import atomic_directory
 from ..models import checkpoint as _ckpt
 from ..tree import merge
 from ..weight import is_lora, is_node
+from .verify import check_merged_files
 
 __all__ = ["from_pretrained", "save_merged"]
 
@@ -100,14 +102,16 @@ def save_merged(path, model, params, *, overwrite: bool = False) -> None:
     """Write a checkpoint directory that PyTorch transformers loads (``from_pretrained(path)``).
 
     ``params`` may be a LoRA tree: it is merged first with ``lora.merge(tree, safe=True)`` (the
-    input is not modified; a non-finite result raises and nothing is written). `lora.Trainable`
-    leaves are written with their values. The directory gets ``config.json`` and
-    ``model.safetensors`` (PyTorch names and layout), written under a temporary name beside
-    ``path`` and renamed into place.
+    input is not modified; a non-finite or implausibly large result raises and nothing is
+    written). `lora.Trainable` leaves are written with their values. The directory gets
+    ``config.json`` and ``model.safetensors`` (PyTorch names and layout), written under a temporary
+    name beside ``path``, read back and compared with the merged parameters
+    (`lora_jax.hf.verify.check_merged_files`), then renamed into place.
 
     Raises:
-      ValueError: parameters that do not fit the model (all problems listed), non-finite merged
-        kernels, or a non-empty ``path`` without ``overwrite``.
+      ValueError: parameters that do not fit the model (all problems listed), non-finite or
+        implausibly large merged kernels, files that do not read back as written, or a non-empty
+        ``path`` without ``overwrite``.
 
     Example:
       >>> hf.save_merged("out/merged", model, lora_params)  # doctest: +SKIP
@@ -116,4 +120,7 @@ def save_merged(path, model, params, *, overwrite: bool = False) -> None:
     if any(is_lora(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_lora)):
         params = merge(params, safe=True)
     params = jax.tree_util.tree_map(lambda x: x.value if is_node(x) else x, params, is_leaf=is_node)
-    _ckpt.save(path, model, jax.device_get(params), overwrite=overwrite)
+    params = jax.device_get(params)
+    with atomic_directory(path, overwrite=overwrite, what="save_merged") as tmp:
+        _ckpt.save(tmp, model, params, overwrite=True)
+        check_merged_files(tmp, model, params)  # read back before it is renamed into place

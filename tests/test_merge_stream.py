@@ -1,0 +1,205 @@
+"""The streaming merge (`lora_jax.hf.merge.merge_checkpoint`, `lora-jax merge --base --adapter --out`)
+against PEFT's ``merge_and_unload`` on checkpoints sharded by PyTorch transformers."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lora_jax.cli import main
+from lora_jax.hf.merge import merge_checkpoint
+from lora_jax.io._files import read_safetensors
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(d, dtype=torch.float32, shard="30KB"):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    model.save_pretrained(d, max_shard_size=shard)
+    return model
+
+
+def _randomize(pm, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.2)
+
+
+def _adapter(base_dir, adapter_dir, dtype=torch.float32, **kw):
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
+    pm = peft.get_peft_model(base, peft.LoraConfig(**kw))
+    _randomize(pm)
+    pm.save_pretrained(adapter_dir)
+    return pm
+
+
+def _state(d):
+    out = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            out.update({k: np.array(v) for k, v in read_safetensors(os.path.join(d, f))[0].items()})
+    return out
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.float().numpy()
+
+
+def test_streaming_merge_equals_peft_merge_and_unload_on_a_sharded_llama(tmp_path):
+    base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    _llama(base_dir)
+    shards = sorted(f for f in os.listdir(base_dir) if f.endswith(".safetensors"))
+    assert len(shards) >= 3 and (base_dir / "model.safetensors.index.json").is_file()
+    pm = _adapter(base_dir, adapter_dir, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj",
+                                                                             "embed_tokens"],
+                  rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3})
+    ids = np.random.default_rng(0).integers(0, 64, (2, 9))
+    want_logits = _logits(pm, ids)
+    merged = pm.merge_and_unload()
+    want = {k: v.numpy() for k, v in merged.state_dict().items()}
+
+    assert main(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out)]) == 0
+    # shard layout, index and config kept; every tensor equal to PEFT's merge
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == shards
+    assert (out / "model.safetensors.index.json").read_text() == (base_dir / "model.safetensors.index.json").read_text()
+    assert json.loads((out / "config.json").read_text()) == json.loads((base_dir / "config.json").read_text())
+    got = _state(out)
+    assert set(got) == set(want)
+    base = _state(base_dir)
+    changed = 0
+    for k, v in want.items():
+        assert got[k].dtype == np.float32
+        np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-6, err_msg=k)
+        changed += not np.array_equal(got[k], base[k])
+    assert changed == 2 * 3 + 1  # q, v, down in two layers + the embedding: nothing silently left out
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(_logits(model, ids), want_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_logits(model, ids), _logits(merged, ids), rtol=1e-6, atol=1e-6)
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(".")]  # no temporary left
+
+
+def test_streaming_merge_keeps_bfloat16_and_matches_peft_within_its_rounding(tmp_path):
+    base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    _llama(base_dir, dtype=torch.bfloat16, shard="20KB")
+    pm = _adapter(base_dir, adapter_dir, dtype=torch.bfloat16, r=4, lora_alpha=16, use_rslora=True,
+                  target_modules=["o_proj", "gate_proj"])
+    want = {k: v.float().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+    merge_checkpoint(base_dir, adapter_dir, out)
+    got = _state(out)
+    for k, v in want.items():
+        assert got[k].dtype.name == "bfloat16", k
+        # we round once (float32 sum); PEFT rounds the delta to bf16, then the sum: one bf16 ulp apart at most
+        np.testing.assert_allclose(got[k].astype(np.float32), v, rtol=2 ** -7, atol=1e-6, err_msg=k)
+
+
+def test_streaming_merge_of_gpt2_conv1d_fan_in_fan_out(tmp_path):
+    base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(base_dir)
+    pm = _adapter(base_dir, adapter_dir, r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                  fan_in_fan_out=True)
+    want = {k: v.numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+    merge_checkpoint(base_dir, adapter_dir, out)
+    got = _state(out)
+    for k in got:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_streaming_merge_refuses_what_it_cannot_merge_and_writes_nothing(tmp_path, capsys):
+    base_dir = tmp_path / "base"
+    _llama(base_dir)
+    dora = tmp_path / "dora"
+    _adapter(base_dir, dora, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    with pytest.raises(ValueError, match="DoRA"):
+        merge_checkpoint(base_dir, dora, tmp_path / "out")
+    # an adapter for another model: its modules land on no tensor of this base (a silent no-op otherwise)
+    other = tmp_path / "other"
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    _adapter(tmp_path / "gpt2", other, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    with pytest.raises(ValueError, match="no tensor 'transformer.h.0.attn.c_attn.weight' in the base"):
+        merge_checkpoint(base_dir, other, tmp_path / "out")
+    # the CLI: one line, exit 2, nothing written
+    assert main(["merge", "--base", str(base_dir), "--adapter", str(dora), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "DoRA" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(".")]
+
+
+def test_streaming_merge_never_writes_into_its_inputs(tmp_path, capsys):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    _llama(base_dir)
+    _adapter(base_dir, adapter_dir, r=2, lora_alpha=4, target_modules=["q_proj"])
+    before = {f: (base_dir / f).read_bytes() for f in os.listdir(base_dir)}
+    link = tmp_path / "link"
+    link.symlink_to(base_dir)
+    for out in (base_dir, base_dir / "merged", tmp_path, link, adapter_dir):
+        assert main(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out),
+                     "--overwrite"]) == 2, out
+        assert "choose an output" in capsys.readouterr().err
+    assert {f: (base_dir / f).read_bytes() for f in os.listdir(base_dir)} == before
+    assert sorted(os.listdir(adapter_dir)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_streaming_merge_replaces_modules_to_save_as_peft_does(tmp_path):
+    """A SEQ_CLS adapter carries its classifier head in full (modules_to_save): the merge writes it."""
+    base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(cfg).eval().save_pretrained(base_dir)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
+    pm = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                   target_modules=["q_proj", "v_proj"]))
+    _randomize(pm)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(1.0)  # the trained head differs from the base's
+    pm.save_pretrained(adapter_dir)
+    want = {k: v.numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+    info = merge_checkpoint(base_dir, adapter_dir, out)
+    assert info["replaced"] == ["score.weight"]
+    got = _state(out)
+    for k in got:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_streaming_merge_refuses_target_parameters(tmp_path):
+    from lora_jax.io._files import write_json, write_safetensors
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    _llama(base_dir)
+    adapter_dir.mkdir()
+    write_json(str(adapter_dir / "adapter_config.json"),
+               {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": [],
+                "target_parameters": ["mlp.experts.gate_up_proj"]})
+    write_safetensors(str(adapter_dir / "adapter_model.safetensors"),
+                      {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 32), np.float32),
+                       "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((32, 2), np.float32)})
+    with pytest.raises(ValueError, match="target_parameters=.* LoRA on parameters is not merged"):
+        merge_checkpoint(base_dir, adapter_dir, tmp_path / "out")
+
+
+def test_streaming_merge_names_a_fan_in_fan_out_mismatch(tmp_path):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(base_dir)
+    _adapter(base_dir, adapter_dir, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    cfg_file = adapter_dir / "adapter_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"fan_in_fan_out": true', '"fan_in_fan_out": false'))
+    with pytest.raises(ValueError, match=r"c_attn: lora_A \(4, 32\), lora_B \(96, 4\) do not fit .*\(32, 96\) .*"
+                                         r"needs fan_in_fan_out=true"):
+        merge_checkpoint(base_dir, adapter_dir, tmp_path / "out")
