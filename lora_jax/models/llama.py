@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -55,6 +55,7 @@ from .layers import (ACTIVATIONS, ATTENTION_IMPLS, RMSNorm, apply_rope, attentio
                      rope_parameters, rope_tables, thaw)
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "Attention", "from_hf_config", "config_problem", "rms_norm",
+           "decoder_leaves", "ignored_keys",
            "FAMILY", "MODEL_TYPES"]
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -443,8 +444,22 @@ class LlamaForCausalLM(nn.Module):
 # -------------------------------------------------------------------------------------------
 # Checkpoint table
 # -------------------------------------------------------------------------------------------
-def _leaves(c: LlamaConfig, head: str) -> list[Leaf]:
+def _mlp_leaves(c: LlamaConfig, p: str, t: str) -> list[Leaf]:
     d, f = c.hidden_size, c.intermediate_size
+    out = []
+    for name, shape in (("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d))):
+        out.append(Leaf(f"{p}mlp/{name}/kernel", f"{t}mlp.{name}.weight", shape, transpose=True))
+        if c.mlp_bias:
+            out.append(Leaf(f"{p}mlp/{name}/bias", f"{t}mlp.{name}.bias", shape[1:]))
+    return out
+
+
+def decoder_leaves(c: LlamaConfig, head: str, mlp_leaves: Callable = _mlp_leaves) -> list[Leaf]:
+    """The checkpoint table of a Llama-style decoder (embedding, attention, norms, head).
+
+    ``mlp_leaves(c, p, t)`` gives each layer's MLP leaves, ``p`` our layer path prefix and ``t`` the
+    PyTorch name prefix with ``{i}``; the dense SwiGLU by default, the MoE families pass theirs."""
+    d = c.hidden_size
     nh, kh, hd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.head_dim
     p, t = "model/layers/", "model.layers.{i}."
     out = [Leaf("model/embed_tokens/embedding", "model.embed_tokens.weight", (c.vocab_size, d)),
@@ -458,18 +473,16 @@ def _leaves(c: LlamaConfig, head: str) -> list[Leaf]:
     if c.qk_norm:
         out += [Leaf(p + "self_attn/q_norm/scale", t + "self_attn.q_norm.weight", (hd,)),
                 Leaf(p + "self_attn/k_norm/scale", t + "self_attn.k_norm.weight", (hd,))]
-    for name, shape in (("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d))):
-        out.append(Leaf(f"{p}mlp/{name}/kernel", f"{t}mlp.{name}.weight", shape, transpose=True))
-        if c.mlp_bias:
-            out.append(Leaf(f"{p}mlp/{name}/bias", f"{t}mlp.{name}.bias", shape[1:]))
+    out += mlp_leaves(c, p, t)
     out.append(Leaf("model/norm/scale", "model.norm.weight", (d,)))
     if not c.tie_word_embeddings:
         out.append(Leaf("lm_head/kernel", "lm_head.weight", (d, c.vocab_size), transpose=True))
     return out if head == "causal_lm" else strip_prefix(out, "model/", "model.")
 
 
-def _ignore(c: LlamaConfig) -> tuple:
-    # rotary buffers some checkpoints carry; a stored lm_head.weight is the embedding when tied
+def ignored_keys(c: LlamaConfig) -> tuple:
+    """Checkpoint keys a Llama-style decoder does not read: rotary buffers some checkpoints carry,
+    and a stored ``lm_head.weight`` when the head is tied to the embedding."""
     return (r"(^|\.)rotary_emb\.inv_freq$",) + ((r"^lm_head\.weight$",) if c.tie_word_embeddings else ())
 
 
@@ -478,8 +491,8 @@ FAMILY = Family(
     torch_classes={mt: {"causal_lm": f"{cls}ForCausalLM", "base": f"{cls}Model"} for mt, cls in _CLASSES.items()},
     config_from_hf=from_hf_config,
     modules={"causal_lm": LlamaForCausalLM, "base": LlamaModel},
-    leaves=_leaves,
+    leaves=decoder_leaves,
     peft_targets={mt: ("q_proj", "v_proj") for mt in MODEL_TYPES},
     attention=("q_proj", "k_proj", "v_proj", "o_proj"),
-    ignore=_ignore,
+    ignore=ignored_keys,
 )

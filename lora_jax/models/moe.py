@@ -41,9 +41,10 @@ from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 
-from .family import Family, Leaf, strip_prefix
+from .family import Family, Leaf
 from .layers import MOE_IMPLS, SparseMoe, positive_int, rope_parameters
-from .llama import Attention, LlamaConfig, LlamaForCausalLM, LlamaModel, rms_norm, config_problem
+from .llama import (Attention, LlamaConfig, LlamaForCausalLM, LlamaModel, config_problem, decoder_leaves,
+                    ignored_keys, rms_norm)
 
 __all__ = ["MoeConfig", "MoeForCausalLM", "MoeModel", "from_hf_config", "FAMILY", "MODEL_TYPES"]
 
@@ -225,36 +226,20 @@ _DISK = {  # what save_pretrained writes for the experts and the router (transfo
 }
 
 
-def _leaves(c: MoeConfig, head: str) -> list[Leaf]:
-    d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
-    nh, kh, hd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.head_dim
-    p, t = "model/layers/", "model.layers.{i}."
-    disk = {k: tuple(t + n for n in v) for k, v in _DISK[c.model_type].items()}
-    out = [Leaf("model/embed_tokens/embedding", "model.embed_tokens.weight", (c.vocab_size, d)),
-           Leaf(p + "input_layernorm/scale", t + "input_layernorm.weight", (d,)),
-           Leaf(p + "post_attention_layernorm/scale", t + "post_attention_layernorm.weight", (d,))]
-    for name, shape in (("q_proj", (d, nh)), ("k_proj", (d, kh)), ("v_proj", (d, kh)), ("o_proj", (nh, d))):
-        out.append(Leaf(f"{p}self_attn/{name}/kernel", f"{t}self_attn.{name}.weight", shape, transpose=True))
-        if c.qkv_bias:
-            out.append(Leaf(f"{p}self_attn/{name}/bias", f"{t}self_attn.{name}.bias", shape[1:]))
-    if c.qk_norm:
-        out += [Leaf(p + "self_attn/q_norm/scale", t + "self_attn.q_norm.weight", (hd,)),
-                Leaf(p + "self_attn/k_norm/scale", t + "self_attn.k_norm.weight", (hd,))]
+def _expert_leaves(c: MoeConfig, p: str, t: str) -> list[Leaf]:
     # the experts in PyTorch's parameter order (gate_up_proj, then down_proj): PEFT nests its
     # target_parameters wrappers in that order
-    out += [Leaf(p + "mlp/gate/kernel", t + "mlp.gate.weight", (d, e), transpose=True, disk=disk["gate"]),
+    d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
+    disk = {k: tuple(t + n for n in v) for k, v in _DISK[c.model_type].items()}
+    return [Leaf(p + "mlp/gate/kernel", t + "mlp.gate.weight", (d, e), transpose=True, disk=disk["gate"]),
             Leaf(p + "mlp/experts/gate_up_proj", t + "mlp.experts.gate_up_proj", (e, d, 2 * f), transpose=True,
                  disk=disk["gate_up_proj"]),
             Leaf(p + "mlp/experts/down_proj", t + "mlp.experts.down_proj", (e, f, d), transpose=True,
-                 disk=disk["down_proj"]),
-            Leaf("model/norm/scale", "model.norm.weight", (d,))]
-    if not c.tie_word_embeddings:
-        out.append(Leaf("lm_head/kernel", "lm_head.weight", (d, c.vocab_size), transpose=True))
-    return out if head == "causal_lm" else strip_prefix(out, "model/", "model.")
+                 disk=disk["down_proj"])]
 
 
-def _ignore(c: MoeConfig) -> tuple:
-    return (r"(^|\.)rotary_emb\.inv_freq$",) + ((r"^lm_head\.weight$",) if c.tie_word_embeddings else ())
+def _leaves(c: MoeConfig, head: str) -> list[Leaf]:
+    return decoder_leaves(c, head, _expert_leaves)
 
 
 FAMILY = Family(
@@ -265,6 +250,6 @@ FAMILY = Family(
     leaves=_leaves,
     peft_targets={"qwen3_moe": (), "mixtral": ("q_proj", "v_proj")},
     attention=("q_proj", "k_proj", "v_proj", "o_proj"),
-    ignore=_ignore,
+    ignore=ignored_keys,
     not_linear=("gate",),
 )
