@@ -111,3 +111,21 @@ def test_train_qwen3_moe_end_to_end(ckpt, tmp_path):
     with torch.no_grad():
         with pm.disable_adapter():
             assert np.abs(pm(torch.tensor(ids)).logits.numpy() - ref).max() > 1e-3  # it trained
+
+
+def test_experts_train_the_same_on_a_sharded_mesh(ckpt, tmp_path):
+    """LoRA on stacked (L, E, in, out) experts under data x fsdp x tensor = 2 x 2 x 2 (8 fake CPU
+    devices): the same losses as data parallel alone (the sharding only places arrays)."""
+    d, data, _ = ckpt
+    losses = {}
+    for mesh in ((8, 1, 1), (2, 2, 2)):
+        out = tmp_path / "run{}{}{}".format(*mesh)
+        o = {"out_dir": out, "model.path": d, "data.train": data, "lora.targets": "all-linear", "lora.rank": 4,
+             "model.compute_dtype": "float32", "data.seq_len": 32, "train.steps": 3, "train.batch_size": 8,
+             "train.lr": 0.01, "train.warmup_steps": 1, "train.eval_every": 0, "train.eval_batches": 1,
+             "train.log_every": 1, "train.checkpoint_every": 0, "train.progress": "false", "train.plot": "false",
+             "train.export": "false", "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]}
+        assert main(["train"] + [f"{k}={v}" for k, v in o.items()]) == 0
+        losses[mesh] = [r["loss"] for r in read_metrics(str(out / "metrics.jsonl")) if r["kind"] == "train"]
+    assert len(losses[(8, 1, 1)]) == 3 and losses[(8, 1, 1)][-1] != losses[(8, 1, 1)][0]
+    np.testing.assert_allclose(losses[(2, 2, 2)], losses[(8, 1, 1)], rtol=1e-5)
