@@ -185,8 +185,9 @@ def test_greedy_generation_matches_transformers(saved, variant):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_wrap_keeps_expert_lora_factorized(saved, impl):
     """LoRA on the experts (one adapter per layer and expert, 'ssio') through lora.wrap, in either
-    expert computation: no MaterializeWarning, the merged model's logits; and on one MoE block the
-    merged gradients too (the ragged_dot rule's own tests are tests/test_interpreter_moe.py's)."""
+    expert computation: no MaterializeWarning, the merged model's logits and the
+    merged gradients for every expert's factors through the scanned layers (the ragged_dot rule's own
+    tests are tests/test_interpreter_moe.py's)."""
     model, params = _load(saved["mixtral"], impl)
     items = dict(lora_items(jax.eval_shape(lambda p: lora.init(p, hf.rules_for(model, "all-linear", rank=2), 0),
                                            params)))
@@ -205,16 +206,13 @@ def test_wrap_keeps_expert_lora_factorized(saved, impl):
     np.testing.assert_allclose(ours, ref, **TOL)
     assert np.abs(ref - np.asarray(plain(params))).max() > 0.1
 
-    block = layers.SparseMoe(4, 2, 8, normalize=False, impl=impl)
-    x = jax.random.normal(jax.random.key(1), (2, 5, 16))
-    bp = lora.init(jax.jit(block.init)(jax.random.key(2), x)["params"],
-                   lora.Rules(["gate_up_proj", "down_proj"], rank=3, stack_axes=1, init=False), jax.random.key(3))
-    train, frozen = lora.split(bp)
+    # gradients for every expert's (A, B) through the scanned layers: factorized = merged
+    train, frozen = lora.split(lp)
 
     def loss(t, merged):
         p = lora.combine(t, frozen)
-        f = (lambda p: block.apply({"params": lora.merge(p)}, x)) if merged else \
-            lora.wrap(lambda p: block.apply({"params": p}, x))
+        f = (lambda p: model.apply({"params": lora.merge(p)}, ids)) if merged else \
+            lora.wrap(lambda p: model.apply({"params": p}, ids))
         return jnp.sum(jnp.sin(f(p)))
 
     with warnings.catch_warnings():
@@ -222,7 +220,9 @@ def test_wrap_keeps_expert_lora_factorized(saved, impl):
         v, g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(train, False)
     v_ref, g_ref = jax.jit(jax.value_and_grad(loss), static_argnums=1)(train, True)
     np.testing.assert_allclose(v, v_ref, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    leaves, ref_leaves = jax.tree.leaves(g), jax.tree.leaves(g_ref)
+    assert len(leaves) == 4 and all(np.abs(b).max() > 0 for b in ref_leaves)
+    for a, b in zip(leaves, ref_leaves):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
     assert all(np.abs(a).max() > 0 for a in jax.tree.leaves(g))
 
