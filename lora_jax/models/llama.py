@@ -54,7 +54,7 @@ from .layers import (ACTIVATIONS, ATTENTION_IMPLS, RMSNorm, apply_rope, attentio
                      check_remat_policy, decoder_inputs, decoder_mask, check_rope, dense, freeze, remat_policy,
                      rope_parameters, rope_tables, thaw)
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "Attention", "from_hf_config", "config_problem", "rms_norm",
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "from_hf_config", "config_problem", "rms_norm",
            "decoder_leaves", "ignored_keys",
            "FAMILY", "MODEL_TYPES"]
 
@@ -343,13 +343,17 @@ class DecoderLayer(nn.Module):
 
     config: LlamaConfig
 
+    def mlp(self) -> nn.Module:
+        """The layer's MLP, named ``mlp`` (a mixture-of-experts family returns its sparse block)."""
+        return MLP(self.config, name="mlp")
+
     @nn.compact
     def __call__(self, h, cache, cos, sin, mask, cache_index):
         c = self.config
         a, new_cache = Attention(c, name="self_attn")(rms_norm(c, "input_layernorm")(h), cos, sin, mask,
                                                       cache, cache_index)
         h = h + a
-        h = h + MLP(c, name="mlp")(rms_norm(c, "post_attention_layernorm")(h))
+        h = h + self.mlp()(rms_norm(c, "post_attention_layernorm")(h))
         return h, new_cache
 
 

@@ -43,8 +43,8 @@ import flax.linen as nn
 
 from .family import Family, Leaf
 from .layers import MOE_IMPLS, SparseMoe, positive_int, rope_parameters
-from .llama import (Attention, LlamaConfig, LlamaForCausalLM, LlamaModel, config_problem, decoder_leaves,
-                    ignored_keys, rms_norm)
+from .llama import (DecoderLayer, LlamaConfig, LlamaForCausalLM, LlamaModel, config_problem, decoder_leaves,
+                    ignored_keys)
 
 __all__ = ["MoeConfig", "MoeForCausalLM", "MoeModel", "from_hf_config", "FAMILY", "MODEL_TYPES"]
 
@@ -181,21 +181,15 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> MoeConfig:
 # -------------------------------------------------------------------------------------------
 # Modules
 # -------------------------------------------------------------------------------------------
-class MoeDecoderLayer(nn.Module):
-    """One pre-norm decoder layer with a sparse MoE block, shaped for ``nn.scan`` like `llama`'s."""
+class MoeDecoderLayer(DecoderLayer):
+    """One pre-norm decoder layer with a sparse MoE block as its MLP, shaped for ``nn.scan`` like `llama`'s."""
 
     config: MoeConfig
 
-    @nn.compact
-    def __call__(self, h, cache, cos, sin, mask, cache_index):
+    def mlp(self) -> nn.Module:
         c = self.config
-        a, new_cache = Attention(c, name="self_attn")(rms_norm(c, "input_layernorm")(h), cos, sin, mask,
-                                                      cache, cache_index)
-        h = h + a
-        moe = SparseMoe(c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob,
-                        c.hidden_act, c.moe_impl, c.dtype, c.param_dtype, c.initializer_range, name="mlp")
-        h = h + moe(rms_norm(c, "post_attention_layernorm")(h))
-        return h, new_cache
+        return SparseMoe(c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob,
+                         c.hidden_act, c.moe_impl, c.dtype, c.param_dtype, c.initializer_range, name="mlp")
 
 
 class MoeModel(LlamaModel):
