@@ -55,7 +55,7 @@ from .layers import (ACTIVATIONS, ATTENTION_IMPLS, RMSNorm, apply_rope, attentio
                      rope_parameters, rope_tables, thaw)
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "from_hf_config", "config_problem", "rms_norm",
-           "decoder_leaves", "ignored_keys",
+           "decoder_leaves", "ignored_keys", "decoder_config_kwargs",
            "FAMILY", "MODEL_TYPES"]
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -210,6 +210,28 @@ def config_problem(field: str, value, why: str) -> str:
     return f"{field}={value!r} ({why})"
 
 
+def decoder_config_kwargs(d: Mapping[str, Any], model_type: str, problems: list) -> dict:
+    """The config fields every Llama-style decoder (the MoE families too) reads from a transformers
+    ``config.json`` dict, with transformers' defaults; a feature not implemented here (a partial
+    rotary factor) is appended to ``problems``."""
+    rope = rope_parameters(d)
+    if float(rope.pop("partial_rotary_factor", None) or 1.0) != 1.0:
+        problems.append(config_problem("partial_rotary_factor", d.get("partial_rotary_factor"),
+                                       "only full rotary embeddings in this family"))
+    heads = d.get("num_attention_heads", 32)
+    return dict(
+        vocab_size=d.get("vocab_size", 32000), hidden_size=d.get("hidden_size", 4096),
+        num_hidden_layers=d.get("num_hidden_layers", 32), num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads, head_dim=d.get("head_dim") or None,
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(rope.pop("rope_theta")),
+        rope_scaling=None if rope.get("rope_type") == "default" and len(rope) == 1 else rope,
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), hidden_act=d.get("hidden_act", "silu"),
+        initializer_range=d.get("initializer_range", 0.02), model_type=model_type,
+        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+    )
+
+
 def from_hf_config(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
     """A `LlamaConfig` from a transformers ``config.json`` dict (``model_type`` llama, mistral,
     qwen2 or qwen3), ``overrides`` applied.
@@ -229,25 +251,10 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
     mt = d.get("model_type", "llama")
     if mt not in MODEL_TYPES:
         raise ValueError(f"from_hf_config: model_type {mt!r} is not a Llama-style decoder; supported: {MODEL_TYPES}")
-    rope = rope_parameters(d)
     problems = []
-    if float(rope.pop("partial_rotary_factor", None) or 1.0) != 1.0:
-        problems.append(config_problem("partial_rotary_factor", d.get("partial_rotary_factor"),
-                                 "only full rotary embeddings in this family"))
-    heads = d.get("num_attention_heads", 32)
-    n = d.get("num_hidden_layers", 32)
-    kw = dict(
-        vocab_size=d.get("vocab_size", 32000), hidden_size=d.get("hidden_size", 4096),
-        intermediate_size=d.get("intermediate_size", 11008), num_hidden_layers=n,
-        num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or None, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.pop("rope_theta")),
-        rope_scaling=None if rope.get("rope_type") == "default" and len(rope) == 1 else rope,
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), hidden_act=d.get("hidden_act", "silu"),
-        initializer_range=d.get("initializer_range", 0.02), model_type=mt,
-        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
-    )
+    kw = decoder_config_kwargs(d, mt, problems)
+    kw.update(intermediate_size=d.get("intermediate_size", 11008))
+    n = kw["num_hidden_layers"]
     if mt == "llama":
         kw.update(qkv_bias=bool(d.get("attention_bias", False)), o_bias=bool(d.get("attention_bias", False)),
                   mlp_bias=bool(d.get("mlp_bias", False)))

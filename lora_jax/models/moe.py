@@ -42,9 +42,9 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 
 from .family import Family, Leaf
-from .layers import MOE_IMPLS, SparseMoe, positive_int, rope_parameters
-from .llama import (DecoderLayer, LlamaConfig, LlamaForCausalLM, LlamaModel, config_problem, decoder_leaves,
-                    ignored_keys)
+from .layers import MOE_IMPLS, SparseMoe, positive_int
+from .llama import (DecoderLayer, LlamaConfig, LlamaForCausalLM, LlamaModel, config_problem, decoder_config_kwargs,
+                    decoder_leaves, ignored_keys)
 
 __all__ = ["MoeConfig", "MoeForCausalLM", "MoeModel", "from_hf_config", "FAMILY", "MODEL_TYPES"]
 
@@ -127,27 +127,12 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> MoeConfig:
     if mt not in MODEL_TYPES:
         raise ValueError(f"from_hf_config: model_type {mt!r} is not a mixture-of-experts decoder; supported: "
                          f"{MODEL_TYPES}")
-    rope = rope_parameters(d)
     problems = []
-    if float(rope.pop("partial_rotary_factor", None) or 1.0) != 1.0:
-        problems.append(config_problem("partial_rotary_factor", d.get("partial_rotary_factor"),
-                                 "only full rotary embeddings"))
-    heads = d.get("num_attention_heads", 32)
     experts = d.get("num_experts", d.get("num_local_experts"))
-    kw = dict(
-        vocab_size=d.get("vocab_size", 32000), hidden_size=d.get("hidden_size", 4096),
-        num_hidden_layers=d.get("num_hidden_layers", 32), num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads, head_dim=d.get("head_dim") or None,
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(rope.pop("rope_theta")),
-        rope_scaling=None if rope.get("rope_type") == "default" and len(rope) == 1 else rope,
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), hidden_act=d.get("hidden_act", "silu"),
-        initializer_range=d.get("initializer_range", 0.02), model_type=mt,
-        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
-        num_experts_per_tok=d.get("num_experts_per_tok", 2),
-        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
-        output_router_logits=bool(d.get("output_router_logits", False)),
-    )
+    kw = decoder_config_kwargs(d, mt, problems)
+    kw.update(num_experts_per_tok=d.get("num_experts_per_tok", 2),
+              router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+              output_router_logits=bool(d.get("output_router_logits", False)))
     if mt == "qwen3_moe":
         bias = bool(d.get("attention_bias", False))
         kw.update(intermediate_size=d.get("intermediate_size", 6144), qkv_bias=bias, o_bias=bias, qk_norm=True,
