@@ -176,3 +176,12 @@ def spread_torch(model, seed=0, *, norm=r"norm\.weight$"):
             noise = 0.2 * torch.randn(p.shape, generator=g)
             p.copy_(noise + 1.0 if norm is not None and re.search(norm, name) else noise)
     return model
+
+
+def save_torch_models(root, build, names) -> dict:
+    """``{name: directory}``: ``build(name).save_pretrained(root / name)`` (safetensors) for each name."""
+    out = {}
+    for n in names:
+        out[n] = root / n
+        build(n).save_pretrained(out[n], safe_serialization=True)
+    return out

@@ -24,7 +24,7 @@ from lora_jax.models import family
 from lora_jax.models import gemma as G
 from lora_jax.models.generate import generate
 from lora_jax.models.layers import init_cache
-from helpers import spread_torch
+from helpers import save_torch_models, spread_torch
 
 V = 97
 S, F = "sliding_attention", "full_attention"
@@ -53,13 +53,7 @@ def _torch_model(variant):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """variant -> checkpoint directory written by save_pretrained."""
-    root = tmp_path_factory.mktemp("ckpt")
-    out = {}
-    for v in VARIANTS:
-        d = root / v
-        _torch_model(v).save_pretrained(d, safe_serialization=True)
-        out[v] = d
-    return out
+    return save_torch_models(tmp_path_factory.mktemp("ckpt"), _torch_model, VARIANTS)
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,7 +21,7 @@ import lora_jax.models as M
 from lora_jax.io._files import read_safetensors
 from lora_jax.models import layers
 from lora_jax.models import llama as L
-from helpers import spread_torch
+from helpers import save_torch_models, spread_torch
 
 V = 97
 BASE = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -55,13 +55,7 @@ def _torch_model(variant):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """variant -> checkpoint directory written by save_pretrained."""
-    root = tmp_path_factory.mktemp("ckpt")
-    out = {}
-    for v in VARIANTS:
-        d = root / v
-        _torch_model(v).save_pretrained(d, safe_serialization=True)
-        out[v] = d
-    return out
+    return save_torch_models(tmp_path_factory.mktemp("ckpt"), _torch_model, VARIANTS)
 
 
 def _batch():

@@ -27,7 +27,7 @@ import lora_jax.hf as hf
 import lora_jax.models as M
 from lora_jax.models import layers
 from lora_jax.tree import lora_items
-from helpers import spread_torch
+from helpers import save_torch_models, spread_torch
 
 V = 97
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -53,12 +53,8 @@ def _torch_model(variant):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-    out = {}
-    for v in VARIANTS:
-        _torch_model(v).save_pretrained(root / v, safe_serialization=True)
-        out[v] = root / v
-    return out
+    """variant -> checkpoint directory written by save_pretrained."""
+    return save_torch_models(tmp_path_factory.mktemp("moe"), _torch_model, VARIANTS)
 
 
 def _batch():

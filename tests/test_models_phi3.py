@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 import lora_jax as lora
 from lora_jax.models import family, layers, phi3
 from lora_jax.models.generate import generate
-from helpers import spread_torch
+from helpers import save_torch_models, spread_torch
 
 V = 97
 BASE = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -52,12 +52,7 @@ def _torch_model(variant):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """variant -> checkpoint directory written by save_pretrained."""
-    root = tmp_path_factory.mktemp("phi3")
-    out = {}
-    for v in VARIANTS:
-        _torch_model(v).save_pretrained(root / v, safe_serialization=True)
-        out[v] = root / v
-    return out
+    return save_torch_models(tmp_path_factory.mktemp("phi3"), _torch_model, VARIANTS)
 
 
 @functools.lru_cache(maxsize=None)
