@@ -1,33 +1,36 @@
-"""The GPU measurement of issue 15 in one go: lora_jax beside PyTorch + PEFT, with a profile.
+"""The GPU measurement of issues 15 and 21 in one go: lora_jax beside PyTorch + PEFT, with a profile.
 
-One run, in priority order, each row in its own process (its own peak memory), within a time
-budget (default 570 s, compiles included; a row that would not fit is recorded as skipped):
+One run, in priority order (`plan`), each row in its own process (its own peak memory), within a
+time budget (default 500 s, compiles included; a row starts only when the budget left covers its
+estimate, and is recorded as skipped otherwise):
 
-1. ``train_step.py --size 1b`` ``lora_jax`` (no remat), then a `jax.profiler` trace of a few more
-   steps of it, summarized per op (and the compiled step's HLO, to map ops to JAX scopes);
-2. ``1b`` ``frozen``; 3. ``--size llama3-1b`` ``lora_jax``; 4. ``llama3-1b`` ``frozen``;
-5.-6. PEFT's anchor, ``peft_anchor.py llama3-1b --compile --no-full`` and ``peft_anchor.py 1b
-   --compile --no-full`` (eager and ``torch.compile``, same machine, same run);
-7.-10. ``1b`` ``lora_jax``/``frozen`` with ``--remat dots_with_no_batch_dims_saveable``, ``merged``
-   without and with it; 11. ``llama3-1b`` ``lora_jax`` with the plain loss (the chunked loss's
-   effect).
+1. ``train_step.py --size 1b`` ``lora_jax`` with the settings ``lora-jax train`` picks
+   (`lora_jax.train.tuning`), then a `jax.profiler` trace of a few more steps of it, summarized
+   per kernel and category (``profile_summary.py``) with the compiled step's HLO;
+2. the same step with the layer scan rolled (``--unroll 1``); 3. ``1b`` ``frozen`` (the floor);
+4. ``llama3-1b`` ``lora_jax``; 5. ``llama3-8b`` ``lora_jax`` (Llama 3.1 8B's shape);
+6. ``llama3-8b`` QLoRA (NF4 base, the settings picked within 16 GiB);
+7.-8. PyTorch + PEFT + ``torch.compile`` at ``llama3-8b`` and ``llama3-1b`` (``train_step.py
+   --only peft_compile``: PEFT's anchor's model, adapter, optimizer and batch, built on the GPU);
+9. ``llama3-1b`` ``frozen``; 10. ``1b`` with the chunked loss; 11. PEFT + compile at ``1b``.
 
-The PEFT anchor is not part of this repository: give its path (``--anchor``), e.g. a git-ignored
-copy carried with the run. Everything goes to ``OUT/<date>-<gpu>.jsonl`` (one JSON object per
-line: ``kind`` ``env`` first, then one ``row`` per measurement — anchors' lines tagged
-``source: "peft_anchor"`` — then the ``summary`` against the issue's targets), the driver's log
-``OUT/<date>-<gpu>.log``, and beside them the profile: ``-profile-ops.json`` (device time per HLO
-op and per category), ``-profile.xplane.pb.gz`` / ``-profile.trace.json.gz`` (TensorBoard /
-Perfetto), ``-step.hlo.txt.gz``. At most 8 files, one folder level (what a device run returns).
+Everything goes to ``OUT/<date>-<gpu>.jsonl`` (one JSON object per line: ``kind`` ``env`` first,
+then one ``row`` per measurement, the ``profile`` record after its row, then the ``summary``
+against the issue's targets), the driver's log ``OUT/<date>-<gpu>.log``, and beside them the
+profile: ``-profile-ops.json`` (device time per kernel and per category),
+``-profile.xplane.pb.gz`` / ``-profile.trace.json.gz`` (TensorBoard / Perfetto),
+``-step.hlo.txt.gz``. At most 8 files, one folder level (what a device run returns). The
+``.jsonl`` is committed as ``benchmarks/results/<date>-<gpu>.jsonl``; ``gpu_table.py`` makes the
+README's table from it.
 
-``--size tiny`` is the CPU dry run of the same plan: every JAX row at the tiny sizes, the loss
-chunked into 16-position chunks, PEFT eager at tiny size from ``train_step.py``, the anchor run
-as on the GPU (without CUDA it fails at once, and that failure is recorded).
+``--size tiny`` is the CPU dry run of the same plan: every row at the tiny sizes with a GPU's
+candidate settings, the loss chunked into 16-position chunks, PEFT eager on the CPU for the
+compiled PEFT rows.
 
 Usage::
 
-    python benchmarks/gpu_run.py --anchor .anchors/peft_anchor.py --out "$OUT"          # GPU
-    python benchmarks/gpu_run.py --size tiny --anchor path/to/peft_anchor.py --out /tmp/dry
+    python benchmarks/gpu_run.py --out "$OUT"                      # GPU
+    python benchmarks/gpu_run.py --size tiny --out /tmp/dry        # CPU dry run
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ import tempfile
 import time
 from typing import Optional
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profile_summary  # noqa: E402  (beside this file)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TRAIN_STEP = os.path.join(HERE, "train_step.py")
@@ -57,39 +63,61 @@ TARGET_1B_PEAK_GIB = 16.0
 TARGET_LORA_OVER_FROZEN_STEP = 1.10
 TARGET_L3_SPEEDUP_OVER_PEFT_COMPILE = 1.5
 TARGET_L3_MEMORY_OVER_PEFT_COMPILE = 0.75
+TARGET_8B_SPEEDUP_OVER_PEFT_COMPILE = 1.3
+TARGET_8B_MEMORY_OVER_PEFT_COMPILE = 1.0
+TARGET_8B_QLORA_PEAK_GIB = 16.0
 
 
 # ---------------------------------------------------------------------------------------------
 # the plan
 # ---------------------------------------------------------------------------------------------
-def plan(size: str, anchor: Optional[str]) -> list[dict]:
-    """The rows to measure, in priority order: ``{"name", "kind": "jax"|"anchor"|"peft", ...}``."""
+def plan(size: str, anchor: Optional[str] = None) -> list[dict]:
+    """The rows to measure, in priority order: ``{"name", "kind": "jax"|"anchor", "args", "est_s", ...}``.
+
+    ``est_s`` is what a row is expected to take on the GPU (process start, init, compiles, steps);
+    a row starts only when the budget left covers it. PEFT + torch.compile rows come from
+    ``train_step.py --only peft_compile`` (the anchor's model, adapter, optimizer and batch, built
+    on the GPU in bf16), or from PEFT's own anchor script when ``anchor`` is given.
+    """
     tiny = size == "tiny"
-    big, l3 = ("tiny", "tiny-llama3") if tiny else ("1b", "llama3-1b")
-    extra = ["--loss-chunk", "16"] if tiny else []
+    sz = {"1b": "tiny", "llama3-1b": "tiny-llama3", "llama3-8b": "tiny-8b"} if tiny else \
+        {k: k for k in ("1b", "llama3-1b", "llama3-8b")}
+    # the dry run: a GPU's candidate settings on the CPU, 16-position loss chunks
+    extra = ["--loss-chunk", "16", "--tune-for", "gpu"] if tiny else []
 
-    def jax_row(name, sz, system, remat=None, profile=False, loss="chunked"):
-        args = ["--size", sz, "--only", system, "--gpu", "0" if tiny else "1", "--loss", loss] + extra
-        if remat:
-            args += ["--remat", remat]
-        return {"name": name, "kind": "jax", "args": args, "profile": profile, "est_s": 45 if tiny else 60}
+    def jax_row(name, model, system, est, profile=False, remat="auto", loss="auto", unroll="auto", quant=None,
+                memory_gib=None):
+        args = ["--size", sz[model], "--only", system, "--gpu", "0" if tiny else "1", "--remat", remat,
+                "--loss", loss, "--unroll", str(unroll)] + extra
+        if quant:
+            args += ["--quant", quant]
+        if memory_gib:
+            args += ["--memory-gib", str(memory_gib)]
+        return {"name": name, "kind": "jax", "args": args, "profile": profile, "est_s": 30 if tiny else est}
 
-    def anchor_row(name, sz):
-        return {"name": name, "kind": "anchor", "args": [sz, "--compile", "--no-full"], "est_s": 30 if tiny else 150}
+    def peft_row(model, est):
+        if anchor and not tiny:
+            return {"name": f"peft_compile/{model}", "kind": "anchor", "args": [model, "--compile", "--no-full"],
+                    "est_s": 2 * est}
+        args = ["--size", sz[model], "--only", "peft" if tiny else "peft_compile", "--gpu", "0" if tiny else "1"]
+        return {"name": f"peft_compile/{model}", "kind": "jax", "args": args, "profile": False,
+                "est_s": 30 if tiny else est, "peft_for": model}
 
-    # PEFT's llama3-1b row before its 1b row: the 1b one has an H100 reference already (ANCHORS_1B_H100)
-    rows = [jax_row("1b/lora_jax", big, "lora_jax", profile=True), jax_row("1b/frozen", big, "frozen"),
-            jax_row("llama3-1b/lora_jax", l3, "lora_jax"), jax_row("llama3-1b/frozen", l3, "frozen")]
-    if anchor:
-        rows += [anchor_row("anchor/llama3-1b", "llama3-1b"), anchor_row("anchor/1b", "1b")]
-    if tiny:  # PEFT on CPU, so the dry run has PEFT rows to compare with
-        rows += [{"name": "peft/tiny", "kind": "jax", "args": ["--size", "tiny", "--only", "peft", "--gpu", "0"],
-                  "profile": False, "est_s": 30, "peft_for": "1b"}]
-    rows += [jax_row("1b/lora_jax/remat", big, "lora_jax", remat=REMAT), jax_row("1b/frozen/remat", big, "frozen",
-                                                                                  remat=REMAT),
-             jax_row("1b/merged", big, "merged"), jax_row("1b/merged/remat", big, "merged", remat=REMAT),
-             jax_row("llama3-1b/lora_jax/plain_loss", l3, "lora_jax", loss="plain")]
-    return rows
+    return [
+        # what lora-jax train picks on its own (lora_jax.train.tuning), with the profile of its step
+        jax_row("1b/lora_jax", "1b", "lora_jax", 45, profile=True),
+        # the same step with the layer scan rolled: the price of the scan's copies
+        jax_row("1b/lora_jax/unroll1", "1b", "lora_jax", 25, remat=REMAT, loss="plain", unroll=1),
+        jax_row("1b/frozen", "1b", "frozen", 35),
+        jax_row("llama3-1b/lora_jax", "llama3-1b", "lora_jax", 40),
+        jax_row("llama3-8b/lora_jax", "llama3-8b", "lora_jax", 90),
+        jax_row("llama3-8b/qlora_nf4", "llama3-8b", "lora_jax", 130, quant="nf4", memory_gib=16),
+        peft_row("llama3-8b", 150),
+        peft_row("llama3-1b", 75),
+        jax_row("llama3-1b/frozen", "llama3-1b", "frozen", 30),
+        jax_row("1b/lora_jax/chunked", "1b", "lora_jax", 30, loss="chunked"),
+        peft_row("1b", 75),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +217,8 @@ def run_row(row: dict, anchor: Optional[str], timeout: float, profile_dir: Optio
                 system = "peft_compile" if x.get("compile") else "peft_eager"
                 recs.append({**base, "source": "peft_anchor", **x, "system": system, "anchor_env": header,
                              "peak_gib": x.get("peak_mem_gib"), "wall_s": wall})
+                if system != "peft_compile":
+                    recs[-1]["name"] += "/eager"
         if r.returncode != 0 or not recs:
             recs.append({**base, "source": "peft_anchor", "error": f"exit {r.returncode}",
                          "stderr_tail": r.stderr[-1500:], "wall_s": wall})
@@ -196,100 +226,16 @@ def run_row(row: dict, anchor: Optional[str], timeout: float, profile_dir: Optio
     if r.returncode != 0 or not lines:
         return [{**base, "error": f"exit {r.returncode}", "stderr_tail": r.stderr[-1500:], "wall_s": wall}]
     rec = {**base, **lines[-1], "wall_s": wall}
-    if row.get("peft_for"):
-        rec.update(system="peft_eager", peft_for=row["peft_for"])
+    if row.get("peft_for"):  # the dry run's eager CPU row stands for the GPU's compiled one
+        rec.update(system="peft_compile", peft_for=row["peft_for"])
+    if "skipped" in rec:
+        rec["error"] = rec.pop("skipped")
     return [rec]
 
 
 # ---------------------------------------------------------------------------------------------
 # the profile
 # ---------------------------------------------------------------------------------------------
-_HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name=\"([^\"]*)\"")
-
-
-def hlo_op_names(hlo_text: str) -> dict:
-    """``{HLO instruction name: JAX op_name}`` from a compiled module's text (``Compiled.as_text()``)."""
-    out = {}
-    for line in hlo_text.splitlines():
-        m = _HLO_LINE.match(line)
-        if m:
-            out.setdefault(m.group(1), m.group(2))
-    return out
-
-
-def categorize(op: str, kernel: str, jax_name: str) -> str:
-    """A coarse category of one device op, from its HLO name, kernel name and JAX op_name."""
-    k, n, j = kernel.lower(), op.lower(), jax_name.lower()
-    if "lm_loss" in j:
-        return "lm_head+loss"
-    if "/lora" in j or j.startswith("lora"):
-        return "lora"
-    if any(s in k or s in n for s in ("fmha", "flash", "cudnn", "attention")) or "dot_product_attention" in j:
-        return "attention"
-    if any(s in k or s in n for s in ("gemm", "cublas", "matmul", "xmma", "cutlass", "triton_gemm")) or \
-            n.startswith("dot") or "dot_general" in j:
-        return "matmul"
-    if any(s in k or s in n for s in ("all-reduce", "all-gather", "nccl", "reduce-scatter")):
-        return "collective"
-    if "copy" in n or "transpose" in n or "memcpy" in k or "memset" in k:
-        return "copy/transpose"
-    return "other fusions"
-
-
-def summarize_profile(xplane_path: str, hlo_text: Optional[str], steps: int, top: int = 60) -> dict:
-    """Device time per op and per category from a `jax.profiler` trace (``*.xplane.pb``).
-
-    The ops are the events of the device planes' ``XLA Ops`` line when there is one, else of
-    their ``Stream`` lines (one event per kernel; ``hlo_op`` names the HLO instruction). The
-    compiled step's HLO text maps each instruction to its JAX op_name (``lora`` scopes, the
-    ``lm_loss`` chunks, ``transpose(jvp(...))`` = the backward pass).
-    """
-    from jax.profiler import ProfileData
-
-    pd = ProfileData.from_file(xplane_path)
-    names = hlo_op_names(hlo_text) if hlo_text else {}
-    ops: dict = {}
-    n_events = 0
-    device_planes = [p for p in pd.planes if p.name.startswith("/device:")]
-    for plane in device_planes:
-        lines = list(plane.lines)
-        chosen = [ln for ln in lines if ln.name == "XLA Ops"] or [ln for ln in lines if ln.name.startswith("Stream")]
-        for line in chosen:
-            for ev in line.events:
-                stats = dict(ev.stats)
-                op = str(stats.get("hlo_op") or ev.name)
-                jax_name = str(stats.get("tf_op") or stats.get("long_name") or names.get(op, ""))
-                rec = ops.setdefault(op, {"op": op, "kernel": ev.name, "count": 0, "total_us": 0.0, "jax": jax_name})
-                rec["count"] += 1
-                rec["total_us"] += ev.duration_ns / 1e3
-                n_events += 1
-    if not ops:
-        return {"note": "no device op events in the trace (a CPU run records none)",
-                "planes": [p.name for p in pd.planes]}
-    steps = max(int(steps), 1)
-    total = sum(r["total_us"] for r in ops.values())
-    cats: dict = {}
-    backward = 0.0
-    for r in ops.values():
-        r["category"] = categorize(r["op"], r["kernel"], r["jax"])
-        r["ms_per_step"] = round(r["total_us"] / steps / 1e3, 4)
-        r["share"] = round(r["total_us"] / total, 4)
-        c = cats.setdefault(r["category"], {"ms_per_step": 0.0, "share": 0.0, "ops": 0})
-        c["ms_per_step"] += r["total_us"] / steps / 1e3
-        c["share"] += r["total_us"] / total
-        c["ops"] += 1
-        if "transpose(" in r["jax"]:
-            backward += r["total_us"]
-    for c in cats.values():
-        c["ms_per_step"], c["share"] = round(c["ms_per_step"], 3), round(c["share"], 4)
-    ranked = sorted(ops.values(), key=lambda r: -r["total_us"])
-    return {"steps": steps, "device_ms_per_step": round(total / steps / 1e3, 3), "events": n_events,
-            "backward_share": round(backward / total, 4) if names else None,
-            "by_category": dict(sorted(cats.items(), key=lambda kv: -kv[1]["ms_per_step"])),
-            "top_ops": [{k: r[k] for k in ("op", "category", "ms_per_step", "share", "count", "kernel", "jax")}
-                        for r in ranked[:top]]}
-
-
 def collect_profile(profile_dir: str, out_dir: str, stem: str, steps: int, log) -> dict:
     """Summarize the trace in ``profile_dir`` and copy it (gzipped, one folder level) under ``out_dir``."""
     info: dict = {"kind": "profile"}
@@ -303,16 +249,17 @@ def collect_profile(profile_dir: str, out_dir: str, stem: str, steps: int, log) 
     if not xplanes:
         info["error"] = f"no *.xplane.pb under {profile_dir}"
         return info
-    try:
-        summary = summarize_profile(xplanes[0], hlo, steps)
+    try:  # per kernel, not per XLA op (a command buffer holds many kernels): profile_summary.py
+        summary = profile_summary.summarize(profile_summary.kernel_events(traces[0] if traces else xplanes[0]),
+                                            hlo, steps)
     except Exception as e:  # noqa: BLE001 - the raw trace still comes back
         summary = {"error": repr(e)}
     ops_file = os.path.join(out_dir, f"{stem}-profile-ops.json")
     with open(ops_file, "w") as f:
         json.dump(summary, f, indent=1)
     info["ops_file"] = os.path.basename(ops_file)
-    info.update({k: summary.get(k) for k in ("device_ms_per_step", "by_category", "backward_share", "note", "error")
-                 if k in summary})
+    info.update({k: summary.get(k) for k in ("device_ms_per_step", "launches_per_step", "by_category",
+                                             "hlo_mapped_share", "of_mapped", "note", "error") if k in summary})
     for src, name in ((xplanes[0], f"{stem}-profile.xplane.pb.gz"), (traces[0] if traces else None,
                                                                      f"{stem}-profile.trace.json.gz"),
                       (hlo_path if hlo is not None else None, f"{stem}-step.hlo.txt.gz")):
@@ -342,55 +289,43 @@ def _ratio(a, b, nd=3):
 
 def summarize(records: list[dict], tiny: bool) -> dict:
     """The issue's targets against what was measured (None where a row is missing)."""
-    rows = {r["name"]: r for r in records if r.get("kind") == "row" and "error" not in r and "system" in r
-            and not r["name"].startswith(("anchor/", "peft/"))}
-    peft = {}  # (size, peft_eager | peft_compile) -> row; the dry run's tiny PEFT row stands for 1b
-    for r in records:
-        if r.get("kind") == "row" and "error" not in r and r.get("system") in ("peft_eager", "peft_compile"):
-            peft[(r.get("peft_for") or r.get("size"), r["system"])] = r
+    rows = {r["name"]: r for r in records if r.get("kind") == "row" and "error" not in r and "skipped" not in r
+            and "tokens_per_s" in r}
 
     def get(name, key):
         return rows.get(name, {}).get(key)
 
-    out: dict = {"kind": "summary", "dry_run": tiny}
-    for suffix, label in (("", "no_remat"), ("/remat", "remat_" + REMAT)):
-        lj, fr = f"1b/lora_jax{suffix}", f"1b/frozen{suffix}"
-        tps, peak = get(lj, "tokens_per_s"), get(lj, "peak_gib")
-        out[f"1b_{label}"] = {
-            "lora_jax_tokens_per_s": tps, "target_tokens_per_s": TARGET_1B_TOKENS_PER_S,
-            "tokens_per_s_vs_target": _ratio(tps, TARGET_1B_TOKENS_PER_S),
-            "lora_jax_peak_gib": peak, "target_peak_gib": TARGET_1B_PEAK_GIB,
-            "lora_step_over_frozen_step": _ratio(get(fr, "tokens_per_s"), tps),
-            "target_lora_step_over_frozen_step": TARGET_LORA_OVER_FROZEN_STEP,
-            "merged_step_over_lora_step": _ratio(tps, get(f"1b/merged{suffix}", "tokens_per_s")),
-            "met": None if tps is None or peak is None or get(fr, "tokens_per_s") is None else bool(
-                tps >= TARGET_1B_TOKENS_PER_S and peak <= TARGET_1B_PEAK_GIB
-                and tps * TARGET_LORA_OVER_FROZEN_STEP >= get(fr, "tokens_per_s")),
-        }
-    for system in ("peft_compile", "peft_eager"):
-        pr = peft.get(("1b", system), {})
-        out[f"1b_vs_{system}"] = {
-            "tokens_per_s_ratio": _ratio(get("1b/lora_jax", "tokens_per_s"), pr.get("tokens_per_s")),
-            "peak_ratio": _ratio(get("1b/lora_jax", "peak_gib"), pr.get("peak_gib"))}
-    pc3 = peft.get(("llama3-1b", "peft_compile"), {})
-    tps3, peak3 = get("llama3-1b/lora_jax", "tokens_per_s"), get("llama3-1b/lora_jax", "peak_gib")
-    sp, mem = _ratio(tps3, pc3.get("tokens_per_s")), _ratio(peak3, pc3.get("peak_gib"))
-    out["llama3-1b"] = {
-        "lora_jax_tokens_per_s": tps3, "lora_jax_peak_gib": peak3,
-        "peft_compile_tokens_per_s": pc3.get("tokens_per_s"), "peft_compile_peak_gib": pc3.get("peak_gib"),
-        "tokens_per_s_over_peft_compile": sp,
-        "target_tokens_per_s_over_peft_compile": TARGET_L3_SPEEDUP_OVER_PEFT_COMPILE,
-        "peak_over_peft_compile": mem, "target_peak_over_peft_compile": TARGET_L3_MEMORY_OVER_PEFT_COMPILE,
-        "lora_step_over_frozen_step": _ratio(get("llama3-1b/frozen", "tokens_per_s"), tps3),
-        "plain_loss_tokens_per_s": get("llama3-1b/lora_jax/plain_loss", "tokens_per_s"),
-        "plain_loss_peak_gib": get("llama3-1b/lora_jax/plain_loss", "peak_gib"),
-        "met": None if sp is None or mem is None else bool(sp >= TARGET_L3_SPEEDUP_OVER_PEFT_COMPILE
-                                                            and mem <= TARGET_L3_MEMORY_OVER_PEFT_COMPILE),
-    }
-    if not tiny:
-        from train_step import ANCHORS_1B_H100  # noqa: E402 - benchmarks/ is on sys.path
+    def met(*conds):
+        return None if any(c is None for c in conds) else all(conds)
 
-        out["anchors_1b_h100_tokens_per_s"] = ANCHORS_1B_H100
+    out: dict = {"kind": "summary", "dry_run": tiny}
+    tps, peak, frozen = get("1b/lora_jax", "tokens_per_s"), get("1b/lora_jax", "peak_gib"), \
+        get("1b/frozen", "tokens_per_s")
+    over = _ratio(frozen, tps)
+    out["1b"] = {"tokens_per_s": tps, "target_tokens_per_s": TARGET_1B_TOKENS_PER_S, "peak_gib": peak,
+                 "target_peak_gib": TARGET_1B_PEAK_GIB, "lora_step_over_frozen_step": over,
+                 "target_lora_step_over_frozen_step": TARGET_LORA_OVER_FROZEN_STEP,
+                 "unroll1_tokens_per_s": get("1b/lora_jax/unroll1", "tokens_per_s"),
+                 "chunked_loss_tokens_per_s": get("1b/lora_jax/chunked", "tokens_per_s"),
+                 "over_peft_compile": _ratio(tps, get("peft_compile/1b", "tokens_per_s")),
+                 "met": met(None if tps is None else tps >= TARGET_1B_TOKENS_PER_S,
+                            None if peak is None else peak <= TARGET_1B_PEAK_GIB,
+                            None if over is None else over <= TARGET_LORA_OVER_FROZEN_STEP)}
+    for model, speed, memory in (("llama3-1b", TARGET_L3_SPEEDUP_OVER_PEFT_COMPILE, TARGET_L3_MEMORY_OVER_PEFT_COMPILE),
+                                 ("llama3-8b", TARGET_8B_SPEEDUP_OVER_PEFT_COMPILE, TARGET_8B_MEMORY_OVER_PEFT_COMPILE)):
+        tps, peak = get(f"{model}/lora_jax", "tokens_per_s"), get(f"{model}/lora_jax", "peak_gib")
+        ptps, ppeak = get(f"peft_compile/{model}", "tokens_per_s"), get(f"peft_compile/{model}", "peak_gib")
+        sp, mem = _ratio(tps, ptps), _ratio(peak, ppeak)
+        out[model] = {"tokens_per_s": tps, "peak_gib": peak, "peft_compile_tokens_per_s": ptps,
+                      "peft_compile_peak_gib": ppeak, "over_peft_compile": sp, "target_over_peft_compile": speed,
+                      "peak_over_peft_compile": mem, "target_peak_over_peft_compile": memory,
+                      "lora_step_over_frozen_step": _ratio(get(f"{model}/frozen", "tokens_per_s"), tps),
+                      "met": met(None if sp is None else sp >= speed, None if mem is None else mem <= memory)}
+    q_peak = get("llama3-8b/qlora_nf4", "peak_gib")
+    out["llama3-8b_qlora_nf4"] = {"tokens_per_s": get("llama3-8b/qlora_nf4", "tokens_per_s"), "peak_gib": q_peak,
+                                  "settings": get("llama3-8b/qlora_nf4", "settings"),
+                                  "target_peak_gib": TARGET_8B_QLORA_PEAK_GIB,
+                                  "met": met(None if q_peak is None else q_peak <= TARGET_8B_QLORA_PEAK_GIB)}
     out["failed_or_skipped"] = [r["name"] for r in records
                                 if r.get("kind") == "row" and ("error" in r or "skipped" in r)]
     return out
@@ -404,7 +339,7 @@ def main(argv=None) -> int:
     ap.add_argument("--anchor", default=None,
                     help="path of peft_anchor.py (not in this repository; none: no PEFT rows)")
     ap.add_argument("--size", choices=("gpu", "tiny"), default="gpu", help="tiny: the CPU dry run of the same plan")
-    ap.add_argument("--budget-s", type=float, default=570.0, help="the whole run's wall-clock budget")
+    ap.add_argument("--budget-s", type=float, default=500.0, help="the whole run's wall-clock budget")
     ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
     args = ap.parse_args(argv)
     if args.anchor is not None and not os.path.isfile(args.anchor):
@@ -451,7 +386,7 @@ def main(argv=None) -> int:
                      "skipped": f"budget: {left:.0f}s left, the row needs ~{row['est_s']}s"}]
             log(f"skip {row['name']}: {recs[0]['skipped']}")
         else:
-            recs = run_row(row, anchor, timeout=left, profile_dir=profile_dir, log=log)
+            recs = run_row(row, anchor, timeout=min(left, 3 * row["est_s"]), profile_dir=profile_dir, log=log)
         for rec in recs:
             records.append(rec)
             write(rec)

@@ -44,12 +44,15 @@ tokens/s and MFU in ``metrics.jsonl`` and ``summary.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import gc
 import json
 import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # run from a checkout: benchmark this tree's lora_jax
@@ -67,6 +70,17 @@ SIZES = {
                         num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True, rope_theta=500000.0,
                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Llama 3.1 8B (meta-llama/Llama-3.1-8B config.json): untied 128k vocabulary, llama3 RoPE
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                      rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # the dry run's stand-in for llama3-8b: untied, llama3 RoPE, more layers than tiny-llama3
+    "tiny-8b": dict(hidden_size=64, intermediate_size=224, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=1, vocab_size=1024, tie_word_embeddings=False, rope_theta=500000.0,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     # Llama 3.2 1B (meta-llama/Llama-3.2-1B config.json): 128k vocabulary, tied embeddings, llama3 RoPE
     "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
@@ -124,66 +138,125 @@ def _result(system, args, med_s, times, peak_bytes, device, extra=None, n_lora=0
 # ---------------------------------------------------------------------------------------------
 # JAX systems
 # ---------------------------------------------------------------------------------------------
+def _random_lora_tree(model, rules, key, quant: Optional[str]):
+    """A random LoRA tree of ``model`` built a leaf (a quantized kernel: a layer) at a time, so the
+    device never holds more than the tree plus one layer's dense kernel: random weights
+    (normal, std 0.02; norm scales 1), A random, B 1e-3 (the loss depends on both factors), and
+    with ``quant`` every adapted kernel stored in that scheme (QLoRA)."""
+    import jax
+    import jax.numpy as jnp
+
+    import lora_jax as lora
+    from lora_jax.models import init_params
+    from lora_jax.quant import quantize_array
+
+    shapes = jax.eval_shape(lambda: lora.init(init_params(model, key), rules, key))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lora.is_lora)
+    out = []
+
+    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+    def normal(k, shape, dtype, std):
+        return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def quant_layer(k, shape, dtype):
+        return quantize_array(normal(k, shape, dtype, 0.02), quant, 64, True, 0)
+
+    for i, (path, x) in enumerate(leaves):
+        k = jax.random.fold_in(key, i)
+        if lora.is_lora(x):
+            w = x.w
+            if quant:
+                per = [quant_layer(jax.random.fold_in(k, j), tuple(w.shape[1:]), w.dtype) for j in range(w.shape[0])]
+                w = jax.tree.map(lambda *xs: jnp.stack(xs), *per)
+                w = dataclasses.replace(w, shape=tuple(x.w.shape), stack=1)
+                del per
+            else:
+                w = normal(k, tuple(w.shape), w.dtype, 0.02)
+            a = normal(jax.random.fold_in(k, 10**6), tuple(x.a.shape), x.a.dtype, 0.02)
+            out.append(x.replace(w=w, a=a, b=jnp.full(x.b.shape, 1e-3, x.b.dtype)))
+        elif "scale" in jax.tree_util.keystr(path):
+            out.append(jnp.ones(x.shape, x.dtype))
+        else:
+            out.append(normal(k, tuple(x.shape), x.dtype, 0.02))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def run_jax(system: str, args) -> dict:
     import jax
     import jax.numpy as jnp
 
     import lora_jax as lora
     from lora_jax.models import build, init_params, layers
+    from lora_jax.train import tuning
     from lora_jax.train.model import lora_loss_fn, lora_rules, make_stats
     from lora_jax.train.trainer import LoopSpec, jit_train_step, make_optimizer
 
-    cfg = _llama_config(args, dtype="bfloat16", param_dtype="bfloat16", remat_policy=args.remat,
-                        attention_impl=args.attention)
-    model = build(cfg)
+    def model_for(settings):
+        return build(_llama_config(args, dtype="bfloat16", param_dtype="bfloat16", remat_policy=settings.remat,
+                                   attention_impl=args.attention,
+                                   scan_unroll=settings.scan_unroll(SIZES[args.size]["num_hidden_layers"])))
+
+    cands = tuning.candidates(args.tune_for or jax.default_backend(), remat=args.remat, loss=args.loss,
+                              unroll=args.unroll)
+    model = model_for(cands[0])
+    cfg = model.config
     key = jax.random.key(0)
-    params = init_params(model, key)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.vocab_size, jnp.int32)
     # a trainer batch: rows of seq + 1 tokens, every position a target
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((args.batch, args.seq)),
              "mask": jnp.ones((args.batch, args.seq), jnp.int32)}
 
-    loss_kw = {"chunked": args.loss == "chunked", "chunk": args.loss_chunk}
-    stats = make_stats(model, **loss_kw)  # the trainer's loss on plain parameters
+    def loss_kw(settings):
+        return {"chunked": settings.loss == "chunked", "chunk": args.loss_chunk}
 
     def on_batch(fn):  # (params, batch) -> loss, as the trainer's loss_fn(trainable, frozen, batch, rng)
         return lambda train, rest, b, rng: fn(train, rest, b["inputs"], b["targets"], b["weights"])
 
     n_lora = 0
     if system == "frozen":
+        params = init_params(model, key)
         layer_p = params["model"]["layers"]
         train = {"input_layernorm": layer_p["input_layernorm"], "post_attention_layernorm":
                  layer_p["post_attention_layernorm"]}
         rest = {**params, "model": {**params["model"], "layers": {k: v for k, v in layer_p.items() if k not in train}}}
+        del params, layer_p
 
-        @on_batch
-        def loss_fn(train, rest, inputs, targets, weights):
-            p = {**rest, "model": {**rest["model"], "layers": {**rest["model"]["layers"], **train}}}
-            return stats(p, inputs, targets, weights)
+        def make_loss(settings):
+            stats = make_stats(model_for(settings), **loss_kw(settings))  # the trainer's loss on plain parameters
+
+            @on_batch
+            def loss_fn(train, rest, inputs, targets, weights):
+                p = {**rest, "model": {**rest["model"], "layers": {**rest["model"]["layers"], **train}}}
+                return stats(p, inputs, targets, weights)
+            return loss_fn
         n_train = sum(x.size for x in jax.tree.leaves(train))
     else:
-        lp = lora.init(params, lora_rules(model, TARGETS, rank=RANK, alpha=ALPHA), key)
-        # a non-zero B, so the loss depends on both factors from the first step
-        lp = jax.tree.map(lambda x: x.replace(b=jnp.full_like(x.b, 1e-3)) if lora.is_lora(x) else x, lp,
-                          is_leaf=lora.is_lora)
+        rules = lora_rules(model, TARGETS, rank=RANK, alpha=ALPHA)
+        lp = _random_lora_tree(model, rules, key, args.quant)
         train, rest = lora.split(lp)
-        if system == "lora_jax":
-            loss_fn = lora_loss_fn(model, **loss_kw)  # what lora-jax train runs
-        else:  # merged
+        n_train = n_lora = lora.count(lp).trainable
+        del lp
+
+        def make_loss(settings):
+            if system == "lora_jax":
+                return lora_loss_fn(model_for(settings), **loss_kw(settings))  # what lora-jax train runs
+            stats = make_stats(model_for(settings), **loss_kw(settings))  # merged
+
             @on_batch
             def loss_fn(train, rest, inputs, targets, weights):
                 return stats(lora.merge(lora.combine(train, rest)), inputs, targets, weights)
-        n_train = n_lora = lora.count(lp).trainable
-        del lp
-    del params
+            return loss_fn
 
     spec = LoopSpec(steps=args.warmup + args.steps, batch_size=args.batch, lr=1e-4, schedule="constant")
     tx, _ = make_optimizer(spec)
     state = {"params": train, "opt_state": tx.init(train), "rng": jax.random.key(2),
              "step": jnp.zeros((), jnp.int32)}
     t0 = time.perf_counter()
-    step = jit_train_step(loss_fn, tx)  # the trainer's jitted step (state donated)
-    step = step.lower(state, rest, batch).compile()
+    # the trainer's jitted step (state donated), with the settings lora-jax train would pick
+    limit = int(args.memory_gib * 2**30) if args.memory_gib else tuning.device_memory_limit()
+    settings, step, tried = tuning.pick(
+        cands, lambda c: jit_train_step(make_loss(c), tx).lower(state, rest, batch).compile(), limit)
     compile_s = time.perf_counter() - t0
     mem = step.memory_analysis()
     times, losses = [], []
@@ -213,10 +286,14 @@ def run_jax(system: str, args) -> dict:
     dev = jax.devices()[0]
     extra = {"loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "trainable_params": n_train,
              "jax": jax.__version__, "attention": layers.attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim),
-             "loss": args.loss, "loss_chunk": args.loss_chunk, "compile_s": round(compile_s, 1),
+             "loss": settings.loss, "loss_chunk": args.loss_chunk, "unroll": settings.unroll, "quant": args.quant,
+             "settings": settings.label, "tried": tried, "memory_limit_gib": None if limit is None else
+             round(limit / 2**30, 2), "compile_s": round(compile_s, 1),
+             "footprint_gib": None if tried[-1]["bytes"] is None else round(tried[-1]["bytes"] / 2**30, 3),
              "temp_gib": None if mem is None else round(mem.temp_size_in_bytes / 2**30, 3)}
     if args.profile:
         extra.update(profile_dir=args.profile, profile_steps=args.profile_steps, profile_error=profile_error)
+    args.remat = settings.remat  # what ran
     return _result(system, args, med, times, mstats.get("peak_bytes_in_use"),
                    getattr(dev, "device_kind", str(dev)), extra, n_lora=n_lora)
 
@@ -230,12 +307,16 @@ def run_peft(system: str, args) -> dict:
     import peft
 
     cuda = torch.cuda.is_available()
-    if not cuda and args.size != "tiny":
-        return {"system": system, "size": args.size, "skipped": "PyTorch on CPU runs only with --size tiny"}
+    if not cuda and not args.size.startswith("tiny"):
+        return {"system": system, "size": args.size, "skipped": "PyTorch on CPU runs only at the tiny sizes"}
     dev = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
     hc = transformers.LlamaConfig(**_size_config(args.size), attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(hc).to(dev, torch.bfloat16)
+    # built on the device in bf16 (as PEFT's anchor's .to(cuda, bf16), without an fp32 copy on the host)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(dev):
+        model = transformers.LlamaForCausalLM(hc)
+    torch.set_default_dtype(torch.float32)
     model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                                        target_modules=TARGETS))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -273,15 +354,25 @@ def _parse(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 9 on GPU, 5 on CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on GPU, 2 on CPU)")
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma-separated subset of {ALL_SYSTEMS}")
-    ap.add_argument("--remat", default=None, help="remat policy of the JAX model (e.g. nothing_saveable)")
+    ap.add_argument("--remat", default="auto",
+                    help="remat policy of the JAX model (e.g. nothing_saveable; none: no remat; auto: what lora-jax "
+                         "train picks, lora_jax.train.tuning)")
+    ap.add_argument("--unroll", default="auto",
+                    help="decoder layers per iteration of the layer scan (0: all; auto: what lora-jax train picks)")
+    ap.add_argument("--quant", default=None, choices=["nf4", "int8"],
+                    help="QLoRA: the adapted kernels stored in this scheme (lora.quantize, block 64, double quant)")
+    ap.add_argument("--memory-gib", type=float, default=None,
+                    help="the memory the auto settings must fit in (default: the device's, lora_jax.train.tuning)")
     ap.add_argument("--attention", default=None, choices=["xla", "cudnn"], help="default: cuDNN on GPU, XLA on CPU")
-    ap.add_argument("--loss", default="chunked", choices=["chunked", "plain"],
-                    help="the JAX systems' cross-entropy: chunked (the trainer's default) or over the full logits")
+    ap.add_argument("--loss", default="auto", choices=["auto", "chunked", "plain"],
+                    help="the JAX systems' cross-entropy: chunked, over the full logits (plain), or auto: what "
+                         "lora-jax train picks (plain where its logits fit)")
     ap.add_argument("--loss-chunk", type=int, default=None,
                     help="positions per chunk of the chunked loss (default: lora_jax.train.loss.auto_chunk)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="after the timed steps, trace --profile-steps more with jax.profiler into DIR (JAX systems)")
     ap.add_argument("--profile-steps", type=int, default=3, help=argparse.SUPPRESS)
+    ap.add_argument("--tune-for", default=None, help=argparse.SUPPRESS)  # the dry run: a GPU's candidates on a CPU
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one system, in this process
     ap.add_argument("--gpu", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -290,6 +381,8 @@ def _parse(argv=None):
     if bad:
         ap.error(f"unknown systems {bad}; choose from {ALL_SYSTEMS}")
     args.systems = systems
+    if args.unroll != "auto":
+        args.unroll = int(args.unroll)
     return args
 
 
@@ -339,8 +432,13 @@ def main(argv=None):
         cmd = [sys.executable, os.path.abspath(__file__), "--only", system, "--size", args.size,
                "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--gpu", str(int(gpu))]
-        if args.remat:
-            cmd += ["--remat", args.remat]
+        cmd += ["--remat", str(args.remat), "--unroll", str(args.unroll)]
+        if args.quant:
+            cmd += ["--quant", args.quant]
+        if args.memory_gib:
+            cmd += ["--memory-gib", str(args.memory_gib)]
+        if args.tune_for:
+            cmd += ["--tune-for", args.tune_for]
         if args.attention:
             cmd += ["--attention", args.attention]
         cmd += ["--loss", args.loss] + (["--loss-chunk", str(args.loss_chunk)] if args.loss_chunk else [])

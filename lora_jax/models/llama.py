@@ -51,7 +51,7 @@ import numpy as np
 
 from .family import Family, Leaf, strip_prefix
 from .layers import (ACTIVATIONS, ATTENTION_IMPLS, RMSNorm, apply_rope, attention, attention_impl, canon_dtype,
-                     check_remat_policy, decoder_inputs, decoder_mask, check_rope, dense, freeze, remat_policy,
+                     check_remat_policy, decoder_inputs, decoder_mask, check_rope, dense, freeze, positive_int, remat_policy,
                      rope_parameters, rope_tables, thaw)
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "from_hf_config", "config_problem", "rms_norm",
@@ -70,8 +70,10 @@ class LlamaConfig:
     q/k/v biases only, Llama's ``attention_bias`` sets both), ``qk_norm`` (Qwen3's per-head RMSNorm
     of queries and keys before RoPE), ``dtype`` (compute), ``param_dtype``, ``attention_impl``
     (None = cuDNN on a GPU in bf16/fp16 where it applies, XLA otherwise; ``"xla"``; ``"cudnn"``)
-    and ``remat_policy`` (a name from `layers.REMAT_POLICIES`, a ``jax.checkpoint_policies``
-    callable, or None).
+    ``remat_policy`` (a name from `layers.REMAT_POLICIES`, a ``jax.checkpoint_policies``
+    callable, or None) and ``scan_unroll`` (decoder layers per iteration of the layer scan; the
+    number of layers unrolls it completely: no per-layer slicing of stacked weights and
+    activations, at the price of compiling every layer).
 
     ``rope_scaling`` is a dict as in transformers (``{"rope_type": "llama3", "factor": 8, ...}``;
     types: default, linear, dynamic, llama3, yarn, longrope), stored as sorted item tuples so the
@@ -111,6 +113,7 @@ class LlamaConfig:
     param_dtype: Any = "float32"
     attention_impl: Optional[str] = None
     remat_policy: Any = None
+    scan_unroll: int = 1
     model_types: ClassVar[tuple] = MODEL_TYPES  # a subclass serving other model types widens it
 
     def __post_init__(self):
@@ -145,6 +148,7 @@ class LlamaConfig:
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"LlamaConfig.hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
         check_remat_policy(self.remat_policy, "LlamaConfig.remat_policy")
+        set_("scan_unroll", positive_int(self.scan_unroll, "LlamaConfig.scan_unroll"))
         if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or int(self.sliding_window) <= 0):
             raise ValueError(f"LlamaConfig.sliding_window must be None or a positive integer, "
                              f"got {self.sliding_window!r}")
@@ -386,7 +390,7 @@ class LlamaModel(nn.Module):
         # "intermediates" (sown per layer, e.g. MoE router logits) stack on the layer axis like params
         self.layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                              length=c.num_hidden_layers)(c)
+                              length=c.num_hidden_layers, unroll=c.scan_unroll)(c)
         self.norm = rms_norm(c, "norm")
 
     def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
