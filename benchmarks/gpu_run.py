@@ -326,8 +326,7 @@ def summarize(records: list[dict], tiny: bool) -> dict:
                                   "settings": get("llama3-8b/qlora_nf4", "settings"),
                                   "target_peak_gib": TARGET_8B_QLORA_PEAK_GIB,
                                   "met": met(None if q_peak is None else q_peak <= TARGET_8B_QLORA_PEAK_GIB)}
-    out["failed_or_skipped"] = [r["name"] for r in records
-                                if r.get("kind") == "row" and ("error" in r or "skipped" in r)]
+    out["failed_or_skipped"] = sorted({r["name"] for r in records if r.get("kind") == "row"} - set(rows))
     return out
 
 
