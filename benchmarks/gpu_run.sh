@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 15 in one go: benchmarks/gpu_run.py (its docstring says what runs).
+# The prepared GPU measurement in one go: benchmarks/gpu_run.py (its docstring says what runs).
 #
-#   bash benchmarks/gpu_run.sh --anchor .anchors/peft_anchor.py --out "$OUT"        # on the GPU machine
-#   PYTHON=.venv/bin/python bash benchmarks/gpu_run.sh --size tiny --anchor path/to/peft_anchor.py --out /tmp/dry
+#   bash benchmarks/gpu_run.sh --out "$OUT"                                   # on the GPU machine
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_run.sh --size tiny --out /tmp/dry   # the CPU dry run
 #
 # PYTHON: the interpreter (default python3, the one holding jax[cuda], torch, transformers, peft).
 set -euo pipefail

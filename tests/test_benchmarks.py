@@ -33,56 +33,73 @@ def test_qlora_memory_tiny():
 
 
 def test_gpu_run_dry_run_writes_rows_profile_and_summary(tmp_path):
-    """The GPU script's CPU dry run, one row (the profiled lora_jax step): JSON lines with the
-    environment, the row, the profile record and the summary, and the profile files beside them."""
+    """The GPU script's CPU dry run, one row (the profiled lora_jax step with the settings the
+    trainer picks on a GPU): JSON lines with the environment, the row, the profile record and the
+    summary, and the profile files beside them."""
     subprocess.run([sys.executable, os.path.join(BENCH, "gpu_run.py"), "--size", "tiny", "--out", str(tmp_path),
                     "--only", "1b/lora_jax"], capture_output=True, text=True, timeout=600, check=True)
     (jsonl,) = tmp_path.glob("*-cpu.jsonl")
     recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["kind"] for r in recs] == ["env", "row", "profile", "summary"]
     row = recs[1]
-    assert row["name"] == "1b/lora_jax" and row["loss"] == "chunked" and row["tokens_per_s"] > 0
-    assert "--loss-chunk 16" in row["cmd"] and "--profile" in row["cmd"]
-    assert recs[3]["1b_no_remat"]["lora_jax_tokens_per_s"] == row["tokens_per_s"]
+    assert row["name"] == "1b/lora_jax" and row["tokens_per_s"] > 0
+    # a GPU's first candidate: matmul outputs saved, plain loss, the layer scan unrolled
+    assert row["settings"] == "remat=dots_with_no_batch_dims_saveable loss=plain unroll=all"
+    assert "--tune-for gpu" in row["cmd"] and "--profile" in row["cmd"]
+    assert recs[3]["1b"]["tokens_per_s"] == row["tokens_per_s"] and recs[3]["1b"]["met"] is None
+    assert "peft_compile/1b" in recs[3]["failed_or_skipped"]
     files = {p.name.split("-cpu", 1)[1] for p in tmp_path.iterdir()}
     assert {".jsonl", ".log", "-profile-ops.json", "-profile.xplane.pb.gz", "-step.hlo.txt.gz"} <= files
 
 
-def test_gpu_run_profile_summary_of_a_device_trace(tmp_path):
-    """The per-op summary on a small synthetic GPU trace: kernels grouped by their HLO op, mapped
-    to JAX scopes through the step's HLO text, and categorized."""
+def test_profile_summary_groups_a_trace_by_kernel():
+    """A synthetic device trace of known content: every kernel of a command buffer is counted by
+    its own name and category, the categories' times and shares add up, fusion kernels map to their
+    HLO instruction's JAX op_name (backward, loss, LoRA), host events are left out."""
     sys.path.insert(0, BENCH)
-    import gpu_run
-    from jax.profiler import ProfileData
+    import profile_summary as ps
 
-    def ev(meta, start_us, dur_us, hlo):
-        return (f"events {{ metadata_id: {meta} offset_ps: {start_us * 10**6} duration_ps: {dur_us * 10**6} "
-                f"stats {{ metadata_id: 1 str_value: \"{hlo}\" }} }}")
+    def meta(pid, tid, pname, tname):
+        return [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": pname}},
+                {"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": tname}}]
 
-    proto = ("planes { id: 1 name: \"/device:GPU:0\" lines { id: 1 name: \"Stream #13(Compute)\" "
-             + " ".join([ev(1, 0, 300, "custom-call.1"), ev(2, 400, 100, "fusion.2"), ev(3, 600, 50, "dot.3"),
-                         ev(1, 700, 300, "custom-call.1"), ev(4, 1100, 250, "custom-call.9")])
-             + " } event_metadata { key: 1 value { id: 1 name: \"sm90_xmma_gemm_bf16bf16\" } }"
-             " event_metadata { key: 2 value { id: 2 name: \"loop_fusion_2\" } }"
-             " event_metadata { key: 3 value { id: 3 name: \"gemv_small\" } }"
-             " event_metadata { key: 4 value { id: 4 name: \"cudnn_generated_fort_native_sdpa\" } }"
-             " stat_metadata { key: 1 value { id: 1 name: \"hlo_op\" } } }")
-    path = tmp_path / "t.xplane.pb"
-    path.write_bytes(ProfileData.text_proto_to_serialized_xspace(proto))
+    def x(name, dur, hlo_op="command_buffer_3", pid=1, tid=7):
+        return {"ph": "X", "pid": pid, "tid": tid, "ts": 0, "dur": dur, "name": name, "args": {"hlo_op": hlo_op}}
+
+    kernels = [("nvjet_sm90_tst_128x160_NNT", 300), ("gemm_fusion_dot_4", 100), ("memcpy128", 40),
+               ("loop_dynamic_update_slice_fusion_2", 60), ("cudnn_generated_fort_native_sdpa_fprop", 120),
+               ("loop_add_fusion_6", 50), ("input_reduce_fusion_1", 30), ("wrapped_convert", 20)]
+    events = meta(1, 7, "/device:GPU:0", "Stream #7(Compute)") + meta(9, 1, "/host:CPU", "python3")
+    events += [x(k, d) for k, d in kernels] * 2  # two steps
+    events += [x("ThunkExecutor", 5000, pid=9, tid=1)]  # a host event: not device time
+    trace = {"traceEvents": events}
+    got = list(ps._device_events_json(trace))
+    assert len(got) == 16 and all(n != "ThunkExecutor" for n, _, _ in got)
     hlo = "\n".join([
-        '  %custom-call.1 = bf16[8,2048]{1,0} custom-call(%a, %b), '
-        'metadata={op_name="jit(step)/transpose(jvp())/dot_general"}',
-        '  %fusion.2 = f32[8]{0} fusion(%c), kind=kLoop, metadata={op_name="jit(step)/jvp()/while/body/lm_loss/sub"}',
-        '  %dot.3 = bf16[8,16]{1,0} dot(%d, %e), metadata={op_name="jit(step)/jvp()/lora/abc,cZ->abZ/dot_general"}',
-        '  ROOT %custom-call.9 = bf16[8,2048]{1,0} custom-call(%f), metadata={op_name="jit(step)/jvp()/attn"}'])
-    s = gpu_run.summarize_profile(str(path), hlo, steps=2)
-    assert s["device_ms_per_step"] == 0.5  # 1000 us over 2 steps
+        '  %loop_add_fusion.6 = f32[8]{0} fusion(%a), kind=kLoop, '
+        'metadata={op_name="jit(step)/transpose(jvp())/while/body/lora/add"}',
+        '  %input_reduce_fusion.1 = f32[8]{0} fusion(%b), kind=kInput, '
+        'metadata={op_name="jit(step)/jvp()/lm_loss/reduce_sum"}',
+        '  %gemm_fusion_dot.4 = bf16[8,16]{1,0} fusion(%c), kind=kCustom, '
+        'metadata={op_name="jit(step)/jvp()/lora/dot_general"}'])
+    s = ps.summarize(got, hlo, steps=2)
+    total = sum(d for _, d in kernels)  # us per step
+    assert s["device_ms_per_step"] == round(total / 1e3, 3) and s["launches_per_step"] == len(kernels)
     cats = s["by_category"]
-    assert cats["matmul"]["ms_per_step"] == 0.3 and cats["attention"]["ms_per_step"] == 0.125
-    assert cats["lm_head+loss"]["ms_per_step"] == 0.05 and cats["lora"]["ms_per_step"] == 0.025
-    top = s["top_ops"][0]
-    assert top["op"] == "custom-call.1" and top["count"] == 2 and "transpose(jvp" in top["jax"]
-    assert s["backward_share"] == 0.6
+    want = {"matmul": 400, "attention": 120, "copy": 40, "dynamic-slice": 60, "elementwise": 70, "reduction": 30,
+            "other": 0}
+    assert {k: round(v["ms_per_step"] * 1e3, 6) for k, v in cats.items()} == want
+    assert abs(sum(v["share"] for v in cats.values()) - 1.0) < 1e-3
+    assert cats["matmul"]["launches_per_step"] == 2 and cats["matmul"]["kernels"] == 2
+    assert s["top_kernels"][0]["kernel"] == "nvjet_sm90_tst_128x160_NNT"
+    assert s["hlo_mapped_share"] == round(180 / total, 4)
+    assert s["of_mapped"] == {"backward": round(50 / 180, 4), "lm_loss": round(30 / 180, 4),
+                              "lora": round(150 / 180, 4)}
+    for name, cat in [("sm90_xmma_gemm_bf16bf16", "matmul"), ("void cudnn::fusion::fmha_reduce_head", "attention"),
+                      ("memset32_aligned", "copy"), ("loop_transpose_fusion", "copy"), ("wrapped_slice", "dynamic-slice"),
+                      ("input_multiply_reduce_fusion_2", "reduction"), ("loop_multiply_fusion", "elementwise"),
+                      ("some_custom_kernel", "other")]:
+        assert ps.categorize(name) == cat, name
 
 
 def test_merge_memory_small():

@@ -248,3 +248,37 @@ def test_chunked_temp_memory_at_the_llama32_1b_head_is_a_third_of_plain(rows, ch
           f"(ratio {c / p:.3f}; float32 logits {logits_bytes / 2**20:.0f} MiB)")
     assert p >= logits_bytes  # the plain form holds at least the full float32 logits
     assert c <= p / 3
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_frozen_tied_head_gets_no_weight_gradient_and_its_matmuls_stay_bf16(chunked):
+    """In a bf16 LoRA step on a tied-embedding Llama (plain and chunked loss), no matmul forms a
+    (vocab, hidden) gradient for the frozen head, and every matmul touching the vocabulary axis takes
+    bf16 operands (never a float32 head matmul, forward or backward)."""
+    v, d = 1024, 64
+    cfg = LlamaConfig(vocab_size=v, hidden_size=d, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, dtype="bfloat16", param_dtype="bfloat16")
+    model = build(cfg)
+    lp = lora.init(init_params(model, jax.random.key(0)), lora_rules(model, "all-linear", rank=4), jax.random.key(1))
+    train, rest = lora.split(lp)
+    toks = jnp.zeros((2, 33), jnp.int32)
+    b = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": jnp.ones((2, 32))}
+    fn = lora_loss_fn(model, chunked=chunked, chunk=8)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda t: fn(t, rest, b, None)[0]))(train)
+
+    def dots(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for p in eqn.params.values():
+                subs = p if isinstance(p, (list, tuple)) else [p]
+                for sub in subs:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from dots(inner)
+
+    head = [e for e in dots(jaxpr.jaxpr) if any(v in x.aval.shape for x in e.invars + e.outvars)]
+    assert len(head) >= 2, "expected the head's forward and input-gradient matmuls"
+    for e in head:
+        assert all(x.aval.dtype == jnp.bfloat16 for x in e.invars), (e, [x.aval.dtype for x in e.invars])
+        assert tuple(e.outvars[0].aval.shape) not in ((v, d), (d, v)), f"a weight gradient of the frozen head: {e}"

@@ -84,3 +84,21 @@ def test_hugging_face_block_runs(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "out" / "merged" / "model.safetensors").exists()
     assert len(list(lora.tree.lora_items(ns["lora_params"]))) == 7
+
+
+def test_gpu_table_is_the_committed_run():
+    """The README's GPU table is `benchmarks/gpu_table.py` of the results file it cites, as committed."""
+    import glob
+    import re
+    import sys
+
+    repo = os.path.dirname(README)
+    sys.path.insert(0, os.path.join(repo, "benchmarks"))
+    import gpu_table
+
+    text = open(README, encoding="utf-8").read()
+    block = re.search(r"<!-- gpu-table -->\n(.*?)<!-- /gpu-table -->", text, re.S).group(1)
+    (path,) = [p for p in glob.glob(os.path.join(repo, "benchmarks", "results", "*.jsonl"))
+               if os.path.basename(p) in text]
+    assert block == gpu_table.table(path)
+    assert "| 93,430 |" in block and "1.35x, 0.86x" in block

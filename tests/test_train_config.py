@@ -38,7 +38,11 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("train.steps=0", "train.steps: 0 is out of range; expected a value >= 1"),
     ("train.schedule=cosin", "train.schedule: 'cosin' is not allowed; expected one of cosine, linear, constant "
                              "(did you mean 'cosine'?)"),
-    ("train.remat=full", "train.remat: 'full' is not allowed; expected one of none, nothing_saveable"),
+    ("train.remat=full", "train.remat: 'full' is not allowed; expected one of auto, none, nothing_saveable"),
+    ("train.loss=fast", "train.loss: 'fast' is not allowed; expected one of auto, plain, chunked"),
+    ("train.unroll=0", "train.unroll: 0 is out of range; expected a value >= 1"),
+    ("train.unroll=most", "train.unroll: 'most' is not allowed; expected one of auto, all"),
+    ("train.chunked_loss=true", "train.chunked_loss was replaced: use train.loss (chunked, plain or auto"),
     ("lora.dropout=1.5", "lora.dropout: 1.5 is out of range; expected a value >= 0.0 and < 1.0"),
     ("train.progress=maybe", "train.progress: expected true/false, got 'maybe'"),
     ("data.train=/no/such/file.txt", "data.train: file not found: '/no/such/file.txt'"),

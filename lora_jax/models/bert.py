@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from .family import Family, Leaf, strip_prefix
 from .layers import (ACTIVATIONS, ATTENTION_IMPLS, LayerNorm, attention, attention_impl, canon_dtype,
-                     check_remat_policy, dense, positive_int, remat_policy)
+                     check_remat_policy, dense, positive_int, scan_layers)
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "from_hf_config", "FAMILY"]
 
@@ -98,6 +98,7 @@ class BertConfig:
     param_dtype: Any = "float32"
     attention_impl: Optional[str] = None
     remat_policy: Any = None
+    scan_unroll: int = 1
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -139,6 +140,7 @@ class BertConfig:
             raise ValueError(f"BertConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
                              f"got {self.attention_impl!r}")
         check_remat_policy(self.remat_policy, "BertConfig.remat_policy")
+        object.__setattr__(self, "scan_unroll", positive_int(self.scan_unroll, "BertConfig.scan_unroll"))
         if isinstance(self.eos_token_id, (list, tuple)):
             set_("eos_token_id", tuple(int(t) for t in self.eos_token_id))
 
@@ -322,11 +324,7 @@ class BertEncoder(nn.Module):
     @nn.compact
     def __call__(self, h, mask):
         c = self.config
-        block = BertLayer
-        if c.remat_policy is not None:
-            block = nn.remat(block, prevent_cse=False, policy=remat_policy(c.remat_policy))
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast), length=c.num_hidden_layers)(c, name="layer")
+        layers = scan_layers(BertLayer, c, length=c.num_hidden_layers, in_axes=(0, nn.broadcast))(c, name="layer")
         h, _ = layers(h, None, mask)
         return h
 

@@ -159,6 +159,7 @@ class GemmaConfig:
     param_dtype: Any = "float32"
     attention_impl: Optional[str] = None
     remat_policy: Any = None
+    scan_unroll: int = 1
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -188,6 +189,7 @@ class GemmaConfig:
             raise ValueError(f"{name}.hidden_activation must be one of {sorted(ly.ACTIVATIONS)}, "
                              f"got {self.hidden_activation!r}")
         ly.check_remat_policy(self.remat_policy, f"{name}.remat_policy")
+        object.__setattr__(self, "scan_unroll", ly.positive_int(self.scan_unroll, f"{name}.scan_unroll"))
         for f in ("query_pre_attn_scalar", "rms_norm_eps"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not v > 0:
@@ -475,11 +477,8 @@ class GemmaModel(nn.Module):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                                      embedding_init=nn.initializers.normal(c.initializer_range))
-        block = GemmaDecoderLayer
-        if c.remat_policy is not None:
-            block = nn.remat(block, prevent_cse=False, policy=ly.remat_policy(c.remat_policy))
-        self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(0, 0) + (nn.broadcast,) * 6, length=c.num_hidden_layers)(c)
+        self.layers = ly.scan_layers(GemmaDecoderLayer, c, length=c.num_hidden_layers,
+                                     in_axes=(0, 0) + (nn.broadcast,) * 6)(c)
         self.norm = ly.RMSNorm(c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, gemma=True)
 
     def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):

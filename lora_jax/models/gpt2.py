@@ -46,7 +46,7 @@ import numpy as np
 
 from .family import Family, Leaf, strip_prefix
 from .layers import (ACTIVATIONS, ATTENTION_IMPLS, LayerNorm, attention, attention_impl, canon_dtype,
-                     check_remat_policy, decoder_inputs, decoder_mask, dense, positive_int, remat_policy)
+                     check_remat_policy, decoder_inputs, decoder_mask, dense, positive_int, scan_layers)
 
 __all__ = ["GPT2Config", "GPT2LMHeadModel", "GPT2Model", "from_hf_config", "FAMILY"]
 
@@ -96,6 +96,7 @@ class GPT2Config:
     param_dtype: Any = "float32"
     attention_impl: Optional[str] = None
     remat_policy: Any = None
+    scan_unroll: int = 1
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -116,6 +117,7 @@ class GPT2Config:
             raise ValueError(f"GPT2Config.attention_impl must be one of {ATTENTION_IMPLS}, "
                              f"got {self.attention_impl!r}")
         check_remat_policy(self.remat_policy, "GPT2Config.remat_policy")
+        object.__setattr__(self, "scan_unroll", positive_int(self.scan_unroll, "GPT2Config.scan_unroll"))
         for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             set_(name, bool(getattr(self, name)))
         if isinstance(self.eos_token_id, (list, tuple)):
@@ -328,11 +330,7 @@ class GPT2Model(nn.Module):
                                 embedding_init=nn.initializers.normal(c.initializer_range))
         self.wte = emb(c.vocab_size)
         self.wpe = emb(c.n_positions)
-        block = GPT2Block
-        if c.remat_policy is not None:
-            block = nn.remat(block, prevent_cse=False, policy=remat_policy(c.remat_policy))
-        self.h = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast), length=c.n_layer)(c)
+        self.h = scan_layers(GPT2Block, c, length=c.n_layer, in_axes=(0, nn.broadcast, nn.broadcast))(c)
         self.ln_f = _norm(c, "ln_f")
 
     def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):

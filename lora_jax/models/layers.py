@@ -33,7 +33,7 @@ import numpy as np
 
 __all__ = [
     "ACTIVATIONS", "REMAT_POLICIES", "ROPE_TYPES", "ATTENTION_IMPLS",
-    "canon_dtype", "positive_int", "freeze", "thaw", "remat_policy", "check_remat_policy",
+    "canon_dtype", "positive_int", "freeze", "thaw", "remat_policy", "check_remat_policy", "scan_layers",
     "rope_parameters", "check_rope", "rotary_dim", "rope_frequencies", "rope_tables", "apply_rope",
     "RMSNorm", "LayerNorm", "dense", "attention_impl", "attention", "decoder_inputs", "decoder_mask", "causal_cache_mask", "init_cache",
     "MOE_IMPLS", "moe_impl", "route", "SparseMoe", "load_balancing_loss",
@@ -102,6 +102,17 @@ def check_remat_policy(spec, what: str) -> None:
     if spec is not None and not callable(spec) and spec not in REMAT_POLICIES:
         raise ValueError(f"{what} must be None, a jax.checkpoint_policies callable or one of {REMAT_POLICIES}, "
                          f"got {spec!r}")
+
+
+def scan_layers(block, config, *, length: int, in_axes, variable_axes=None):
+    """The decoder/encoder stack of every family: ``block`` under ``nn.remat`` with the config's
+    ``remat_policy`` (when set), under one ``nn.scan`` of ``length`` layers (parameters stacked on a
+    leading layer axis) unrolled ``config.scan_unroll`` layers per iteration; returns the scanned
+    module class (call it with the config)."""
+    if config.remat_policy is not None:
+        block = nn.remat(block, prevent_cse=False, policy=remat_policy(config.remat_policy))
+    return nn.scan(block, variable_axes=variable_axes or {"params": 0}, split_rngs={"params": True},
+                   in_axes=in_axes, length=length, unroll=config.scan_unroll)
 
 
 def remat_policy(spec):

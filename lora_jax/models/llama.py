@@ -51,7 +51,7 @@ import numpy as np
 
 from .family import Family, Leaf, strip_prefix
 from .layers import (ACTIVATIONS, ATTENTION_IMPLS, RMSNorm, apply_rope, attention, attention_impl, canon_dtype,
-                     check_remat_policy, decoder_inputs, decoder_mask, check_rope, dense, freeze, positive_int, remat_policy,
+                     check_remat_policy, decoder_inputs, decoder_mask, check_rope, dense, freeze, positive_int, scan_layers,
                      rope_parameters, rope_tables, thaw)
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "from_hf_config", "config_problem", "rms_norm",
@@ -384,13 +384,10 @@ class LlamaModel(nn.Module):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                                      embedding_init=nn.initializers.normal(c.initializer_range))
-        block = self.decoder_layer
-        if c.remat_policy is not None:
-            block = nn.remat(block, prevent_cse=False, policy=remat_policy(c.remat_policy))
         # "intermediates" (sown per layer, e.g. MoE router logits) stack on the layer axis like params
-        self.layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                              length=c.num_hidden_layers, unroll=c.scan_unroll)(c)
+        self.layers = scan_layers(self.decoder_layer, c, length=c.num_hidden_layers,
+                                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                                  variable_axes={"params": 0, "intermediates": 0})(c)
         self.norm = rms_norm(c, "norm")
 
     def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):

@@ -141,6 +141,7 @@ class Phi3Config:
     param_dtype: Any = "float32"
     attention_impl: Optional[str] = None
     remat_policy: Any = None
+    scan_unroll: int = 1
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -170,6 +171,7 @@ class Phi3Config:
             raise ValueError(f"Phi3Config.hidden_act must be one of {sorted(layers.ACTIVATIONS)}, "
                              f"got {self.hidden_act!r}")
         layers.check_remat_policy(self.remat_policy, "Phi3Config.remat_policy")
+        object.__setattr__(self, "scan_unroll", layers.positive_int(self.scan_unroll, "Phi3Config.scan_unroll"))
         if self.sliding_window is not None:
             set_("sliding_window", layers.positive_int(self.sliding_window, "Phi3Config.sliding_window"))
         if isinstance(self.eos_token_id, (list, tuple)):
@@ -350,12 +352,8 @@ class Phi3Model(nn.Module):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                                      embedding_init=nn.initializers.normal(c.initializer_range))
-        block = Phi3DecoderLayer
-        if c.remat_policy is not None:
-            block = nn.remat(block, prevent_cse=False, policy=layers.remat_policy(c.remat_policy))
-        self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                              length=c.num_hidden_layers)(c)
+        self.layers = layers.scan_layers(Phi3DecoderLayer, c, length=c.num_hidden_layers,
+                                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))(c)
         self.norm = layers.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
 
     def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):

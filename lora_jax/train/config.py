@@ -50,6 +50,9 @@ def _remat_policies() -> tuple:
 
 REMAT_POLICIES = _remat_policies()
 
+# keys that no longer exist: what replaced them
+RENAMED = {"train.chunked_loss": "use train.loss (chunked, plain or auto; chunked_loss true was chunked, false plain)"}
+
 
 class ConfigError(ValueError):
     """An invalid run configuration; the message lists every problem, one per line."""
@@ -63,8 +66,10 @@ class ConfigError(ValueError):
         super().__init__(msg)
 
 
-def _meta(doc: str = "", *, choices=None, min=None, max=None, gt=None, lt=None, file=False):
-    return {"doc": doc, "choices": choices, "min": min, "max": max, "gt": gt, "lt": lt, "file": file}
+def _meta(doc: str = "", *, choices=None, min=None, max=None, gt=None, lt=None, file=False, numbers_too=False):
+    # numbers_too: a field taking one of ``choices`` (words) or a number within the bounds
+    return {"doc": doc, "choices": choices, "min": min, "max": max, "gt": gt, "lt": lt, "file": file,
+            "numbers_too": numbers_too}
 
 
 def _f(default, doc="", **kw):
@@ -170,11 +175,16 @@ class TrainConfig:
     b2: float = _f(0.999, "Adam/Lion beta2", min=0.0, lt=1.0)
     weight_decay: float = _f(0.0, "decoupled weight decay on the adapter", min=0.0)
     clip_norm: float = _f(1.0, "clip gradients to this global norm; 0: off", min=0.0)
-    remat: str = _f("none", "rematerialize each scanned decoder layer with this jax.checkpoint policy (the model's "
-                    "remat_policy); none: keep every activation", choices=REMAT_POLICIES)
-    chunked_loss: bool = _f(True, "cross-entropy over chunks of the sequence from the final hidden states and the "
-                            "head (lora_jax.train.loss): the full (batch, seq, vocab) float32 logits and their "
-                            "gradient are never held; false: the plain log-softmax of the full logits")
+    remat: str = _f("auto", "rematerialize each scanned decoder layer with this jax.checkpoint policy (the model's "
+                    "remat_policy); none: keep every activation; auto: the fastest that fits in memory "
+                    "(lora_jax.train.tuning)", choices=("auto",) + REMAT_POLICIES)
+    loss: str = _f("auto", "the cross-entropy: plain (the log-softmax of the full (batch, seq, vocab) float32 "
+                   "logits), chunked (over chunks of the sequence from the final hidden states and the head, "
+                   "lora_jax.train.loss: those logits and their gradient are never held), or auto: plain where it "
+                   "fits in memory on a GPU/TPU, chunked on a CPU", choices=("auto", "plain", "chunked"))
+    unroll: Union[int, str] = _f("auto", "decoder layers per iteration of the layer scan; all: no loop (no "
+                                 "per-layer copies, a longer compile); auto: all on a GPU/TPU where it fits, 1 on "
+                                 "a CPU", choices=("auto", "all"), min=1, numbers_too=True)
     loss_chunk: int = _f(0, "positions per chunk of the chunked loss (all rows of a micro-batch together); 0: auto "
                          "(each chunk's float32 logits within 256 MiB)", min=0)
     eval_every: int = _f(25, "steps between evals; 0: only before and after", min=0)
@@ -293,7 +303,8 @@ def _check_range(value, meta, key, problems):
     if value is None or value is _BAD:
         return
     choices = meta.get("choices")
-    if choices is not None and value not in choices:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if choices is not None and value not in choices and not (numeric and meta.get("numbers_too")):
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         problems.append(f"{key}: {value!r} is not allowed; expected one of {', '.join(map(str, choices))}"
                         + (f" (did you mean {hint[0]!r}?)" if hint else ""))
@@ -343,6 +354,9 @@ def _build(cls, data: dict, prefix: str, problems: list):
         return cls()
     for k, v in data.items():
         key = f"{prefix}{k}"
+        if key in RENAMED:
+            problems.append(f"{key} was replaced: {RENAMED[key]}")
+            continue
         if k not in fields:
             hint = difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.6)
             where = f"keys in {prefix.rstrip('.')}" if prefix else "top-level keys"

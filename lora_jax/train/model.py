@@ -44,7 +44,7 @@ from ..io._files import atomic_directory
 
 __all__ = ["SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "load_tokenizer", "new_model", "load_model",
            "save_model", "stacked_paths", "lora_rules", "make_apply", "forward", "lora_logits_fn", "full_logits_fn",
-           "make_stats", "lora_loss_fn", "full_loss_fn", "export_peft", "load_peft", "base_only", "save_merged",
+           "with_step_settings", "make_stats", "lora_loss_fn", "full_loss_fn", "export_peft", "load_peft", "base_only", "save_merged",
            "to_host", "max_positions", "router_aux_coef", "router_aux_loss"]
 
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -309,6 +309,25 @@ def full_logits_fn(model) -> Callable:
         return apply(trainable, inputs)
 
     return logits_fn
+
+
+def with_step_settings(model, settings):
+    """``model`` rebuilt with the remat policy and layer-scan unrolling of ``settings`` (a
+    `tuning.StepSettings`); same parameter tree, same numbers.
+
+    Example:
+      >>> from lora_jax.train.tuning import StepSettings
+      >>> model, _ = new_model({"arch": "llama", "hidden_size": 32, "intermediate_size": 48,
+      ...                       "num_hidden_layers": 3, "num_attention_heads": 4}, vocab_size=97)
+      >>> m = with_step_settings(model, StepSettings("nothing_saveable", "plain", 0))
+      >>> m.config.remat_policy, m.config.scan_unroll
+      ('nothing_saveable', 3)
+    """
+    import dataclasses
+
+    c = model.config
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
+    return type(model)(dataclasses.replace(c, remat_policy=settings.remat, scan_unroll=settings.scan_unroll(layers)))
 
 
 def make_stats(model, *, chunked: bool = True, chunk: Optional[int] = None) -> Callable:

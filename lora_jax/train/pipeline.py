@@ -59,6 +59,7 @@ from . import data as _data
 from . import flops as _flops
 from . import model as _model
 from . import sharding as shd
+from . import tuning as _tuning
 from .checkpoint import Checkpointer, DamagedCheckpoint, latest_step
 from .config import Config, ConfigError, deep_update, from_dict, resolve_path, to_dict, to_yaml
 from .files import atomic_write_text, remove_leftovers
@@ -165,7 +166,18 @@ def _lora_rules(cfg: Config, model) -> Rules:
 
 
 def _remat(cfg: Config) -> Optional[str]:
-    return None if cfg.train.remat == "none" else cfg.train.remat
+    """The base model's remat policy (``auto``: none; the train steps' candidates set their own)."""
+    return None if cfg.train.remat in ("none", _tuning.AUTO) else cfg.train.remat
+
+
+def _step_candidates(r: "_Run", make_loss: Callable) -> list:
+    """``[(tuning.StepSettings, loss_fn)]`` for the Trainer, fastest first (`tuning.candidates` with the
+    config's fixed choices); ``make_loss(model, chunked=, chunk=)`` is `lora_loss_fn` or `full_loss_fn`."""
+    t = r.cfg.train
+    unroll = {"auto": _tuning.AUTO, "all": 0}.get(t.unroll, t.unroll)
+    cands = _tuning.candidates(jax.default_backend(), remat=t.remat, loss=t.loss, unroll=unroll)
+    return [(c, make_loss(_model.with_step_settings(r.model, c), chunked=c.loss == "chunked",
+                          chunk=t.loss_chunk or None)) for c in cands]
 
 
 def _files(paths) -> str:
@@ -472,8 +484,9 @@ def _start_writes(r: _Run) -> None:
 
 
 def _loss_kw(cfg: Config) -> dict:
-    """The trainer's loss settings (``train.chunked_loss``, ``train.loss_chunk``)."""
-    return {"chunked": cfg.train.chunked_loss, "chunk": cfg.train.loss_chunk or None}
+    """The loss settings outside the train step (``train.loss``: ``auto`` is chunked there, which fits anywhere;
+    ``train.loss_chunk``)."""
+    return {"chunked": cfg.train.loss != "plain", "chunk": cfg.train.loss_chunk or None}
 
 
 def _pretrain(r: _Run) -> None:
@@ -486,7 +499,7 @@ def _pretrain(r: _Run) -> None:
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(r.params))
         r.say(f"# pretraining the fresh base model ({n_params:,} params) for {pc.steps} steps on {pc.data}")
         flops, peak = r.flops(pc.batch_size, r.pre_rows.seq_len, full=True)
-        pre = Trainer(spec, mesh=r.mesh, loss_fn=_model.full_loss_fn(r.model, **_loss_kw(cfg)), trainable=r.params,
+        pre = Trainer(spec, mesh=r.mesh, loss_fn=_step_candidates(r, _model.full_loss_fn), trainable=r.params,
                       rows=r.pre_rows, seed=cfg.seed, phase="pretrain", metrics=r.metrics, echo=r.say,
                       stacked=_model.stacked_paths(r.model), flops_per_step=flops, peak_flops=peak)
         try:
@@ -501,6 +514,7 @@ def _pretrain(r: _Run) -> None:
         r.summary["pretrain"] = {"steps": pc.steps, "train_s": res["train_s"],
                                  "final_train_loss": float(np.mean([l for _, l in last])) if last else None,
                                  **_speed(res)}
+        r.summary["pretrain"]["step_settings"] = pre.settings.label
         r.say(f"# pretrained in {res['train_s']:.1f}s (train loss {r.summary['pretrain']['final_train_loss']}; "
               f"{_speed_line(res)})")
         del pre
@@ -525,11 +539,14 @@ def _finetune(r: _Run, stop_after: Optional[int]) -> None:
               f"{', '.join(ck.removed)}")
     try:
         trainer = Trainer(LoopSpec.from_config(cfg.train), mesh=r.mesh,
-                          loss_fn=_model.lora_loss_fn(r.model, **_loss_kw(cfg)),
+                          loss_fn=_step_candidates(r, _model.lora_loss_fn),
                           trainable=trainable, frozen=frozen, rows=r.rows, eval_rows=r.eval_rows, seed=cfg.seed,
                           phase="lora", metrics=r.metrics, checkpointer=ck, echo=r.say,
                           stacked=_model.stacked_paths(r.model), flops_per_step=flops, peak_flops=peak)
-        r.say(f"# compiled the train/eval steps in {trainer.compile_s:.1f}s")
+        r.say(f"# compiled the train/eval steps in {trainer.compile_s:.1f}s ({trainer.settings.label}"
+              + (f"; tried {', '.join(t['settings'] for t in trainer.settings_tried)}"
+                 if len(trainer.settings_tried) > 1 else "") + ")")
+        r.summary["step_settings"] = trainer.settings.label
         if r.resume_step is not None:
             try:
                 step = trainer.restore(r.resume_step)

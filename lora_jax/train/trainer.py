@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from . import data as _data
+from . import tuning as _tuning
 from . import flops as _flops
 from . import sharding as shd
 from .interrupts import StopSignals, TrainingInterrupted, signal_name
@@ -262,7 +263,10 @@ class Trainer:
       logits_fn: ``(trainable, frozen, inputs, mask, rng) -> logits`` (its loss is `make_loss_fn`'s
         plain cross-entropy); or instead
       loss_fn: ``(trainable, frozen, batch, rng) -> (nll_sum, correct_sum)`` (e.g. the chunked
-        `lora_jax.train.model.lora_loss_fn`). Exactly one of the two.
+        `lora_jax.train.model.lora_loss_fn`), or a sequence of ``(tuning.StepSettings, loss_fn)``
+        candidates, fastest first: each is compiled in turn and the first whose compiled footprint
+        fits ``memory_limit`` runs (`tuning.pick`; ``self.settings`` says which). Exactly one of
+        ``logits_fn`` and ``loss_fn``.
       trainable: what the optimizer updates (a `lora.split` trainable half, or whole params); the
         trainer owns it from here (each step donates the state it replaces).
       frozen: everything else (None for full training).
@@ -277,6 +281,8 @@ class Trainer:
       flops_per_step: the model FLOPs of one step (`flops.step_flops`); with it the train records
         report the achieved ``tflops`` and, when ``peak_flops`` (per device) is known, ``mfu``.
       peak_flops: the peak FLOP/s of one device (`flops.peak_flops`), None when unknown.
+      memory_limit: bytes per device the step may plan to use when choosing among ``loss_fn``
+        candidates; default `tuning.device_memory_limit` (None on a CPU: the first candidate).
 
     The trainable state, frozen params and every batch are placed with `sharding` rules; the
     step and eval functions are compiled once, ahead of time.
@@ -286,7 +292,8 @@ class Trainer:
                  rows: _data.Rows, loss_fn: Optional[Callable] = None,
                  eval_rows: Optional[_data.Rows] = None, seed: int = 0, phase: str = "lora",
                  metrics: Optional[MetricsWriter] = None, checkpointer=None, echo: Callable = print,
-                 stacked=(), flops_per_step: Optional[float] = None, peak_flops: Optional[float] = None):
+                 stacked=(), flops_per_step: Optional[float] = None, peak_flops: Optional[float] = None,
+                 memory_limit: Optional[int] = None):
         self.spec, self.mesh, self.phase, self.seed = spec, mesh, phase, int(seed)
         self.rows, self.eval_rows = rows, eval_rows
         self.metrics, self.checkpointer, self.echo = metrics, checkpointer, echo
@@ -300,7 +307,12 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(spec)
         if (logits_fn is None) == (loss_fn is None):
             raise TypeError("Trainer: give exactly one of logits_fn and loss_fn")
-        loss_fn = make_loss_fn(logits_fn) if loss_fn is None else loss_fn
+        if loss_fn is None:
+            loss_fn = make_loss_fn(logits_fn)
+        cands = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [(None, loss_fn)]
+        if not cands or not all(isinstance(c, tuple) and len(c) == 2 and callable(c[1]) for c in cands):
+            raise TypeError(f"Trainer: loss_fn must be a callable or a sequence of (StepSettings, loss_fn) pairs, "
+                            f"got {type(loss_fn).__name__}")
 
         self.trainable_shardings = shd.param_shardings(trainable, mesh, stacked)
         self.frozen_shardings = shd.param_shardings(frozen, mesh, stacked) if frozen is not None else None
@@ -335,8 +347,23 @@ class Trainer:
         ab = {k: jax.ShapeDtypeStruct(lead + (L,), dt, sharding=self._batch_sharding)
               for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32),
                             ("mask", jnp.int32))}
-        step_fn = jit_train_step(loss_fn, self.tx, spec.grad_accum, out_shardings=(self.state_shardings, rep))
-        self._step = step_fn.lower(_abstract(self.state), self.frozen, ab).compile()
+        by_label = {}
+
+        def compile_step(settings):
+            fn = by_label[getattr(settings, "label", None)]
+            step_fn = jit_train_step(fn, self.tx, spec.grad_accum, out_shardings=(self.state_shardings, rep))
+            return step_fn.lower(_abstract(self.state), self.frozen, ab).compile()
+
+        if len(cands) == 1:
+            self.settings, loss_fn = cands[0]
+            by_label[getattr(self.settings, "label", None)] = loss_fn
+            self._step = compile_step(self.settings)
+            self.settings_tried = []
+        else:
+            by_label.update((c.label, fn) for c, fn in cands)
+            limit = _tuning.device_memory_limit(mesh.devices.flat[0]) if memory_limit is None else memory_limit
+            self.settings, self._step, self.settings_tried = _tuning.pick([c for c, _ in cands], compile_step, limit)
+            loss_fn = by_label[self.settings.label]
         self._eval = None
         if eval_rows is not None and len(eval_rows):
             eb = {k: jax.ShapeDtypeStruct((spec.micro_batch, eval_rows.seq_len), v.dtype,
