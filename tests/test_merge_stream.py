@@ -203,3 +203,92 @@ def test_streaming_merge_names_a_fan_in_fan_out_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"c_attn: lora_A \(4, 32\), lora_B \(96, 4\) do not fit .*\(32, 96\) .*"
                                          r"needs fan_in_fan_out=true"):
         merge_checkpoint(base_dir, adapter_dir, tmp_path / "out")
+
+
+def test_a_shard_name_never_writes_outside_the_output(tmp_path, capsys):
+    """Issue 22.1: a shard name from the base's index that climbs out (through a link inside the
+    base, or plainly) is refused before anything is written, by the merge and by the loader, and no
+    file appears beside the output."""
+    from lora_jax.models.checkpoint import load
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    _llama(base_dir)
+    _adapter(base_dir, adapter_dir, r=2, lora_alpha=4, target_modules=["q_proj"])
+    (base_dir / "a" / "b").mkdir(parents=True)
+    (base_dir / "sub").symlink_to("a/b")
+    index = json.loads((base_dir / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    os.rename(base_dir / first, base_dir / "x.safetensors")  # where "sub/../../x" resolves inside the base
+    for name in ("sub/../../x.safetensors", "../x.safetensors", "/etc/x.safetensors"):
+        bad = {k: (name if v == first else v) for k, v in index["weight_map"].items()}
+        (base_dir / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": bad}))
+        before = sorted(os.listdir(tmp_path))
+        assert main(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out",
+                     str(tmp_path / "out" / "merged")]) == 2, name
+        err = capsys.readouterr().err
+        assert repr(name) in err and ("'..' part" in err or "absolute path" in err) and "Traceback" not in err
+        assert sorted(os.listdir(tmp_path)) == before and not (tmp_path / "x.safetensors").exists()
+        with pytest.raises(ValueError, match="'..' part|absolute path"):
+            load(base_dir)
+
+
+def _hub_cache(root, repo, src, commit="0123456789abcdef0123456789abcdef01234567"):
+    """``src``'s files laid out as the Hugging Face hub cache stores them: blobs named by content,
+    ``snapshots/<commit>/<file>`` relative links into ``../../blobs``, ``refs/main``."""
+    import hashlib
+
+    d = root / ("models--" + repo.replace("/", "--"))
+    (d / "blobs").mkdir(parents=True)
+    (d / "refs").mkdir()
+    (d / "refs" / "main").write_text(commit)
+    snap = d / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in sorted(os.listdir(src)):
+        data = (src / f).read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (d / "blobs" / blob).write_bytes(data)
+        (snap / f).symlink_to(os.path.join("..", "..", "blobs", blob))
+    return snap
+
+
+def test_a_sharded_model_in_the_hub_cache_loads_by_path_and_by_id(tmp_path, monkeypatch, capsys):
+    """Issue 22.2: a sharded snapshot of the hub cache (relative links into blobs/) loads through
+    from_pretrained, the streaming merge and a train config, by its snapshot path and by its hub id
+    offline; a link out of the cache's own layout is still refused; ~ expands in path settings."""
+    import lora_jax.hf as hf
+    from lora_jax.train.config import load_config
+
+    src, adapter_dir = tmp_path / "src", tmp_path / "adapter"
+    ref = _llama(src)
+    _adapter(src, adapter_dir, r=2, lora_alpha=4, target_modules=["q_proj"])
+    cache = tmp_path / "hub"
+    snap = _hub_cache(cache, "org/tiny", src)
+    assert (snap / "model.safetensors.index.json").is_symlink()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    ids = np.array([[1, 5, 9, 3, 7]])
+    want = _logits(ref, ids)
+    for spec in (str(snap), "org/tiny", "org/tiny@main"):
+        model, params = hf.from_pretrained(spec)
+        np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids)), want, rtol=2e-5, atol=2e-5)
+    assert main(["merge", "--base", "org/tiny", "--adapter", str(adapter_dir), "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.safetensors.index.json").is_file()
+    assert load_config(None, ["model.path=org/tiny"]).model.path == "org/tiny"
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        hf.from_pretrained("org/absent")
+    # ~ in path settings
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["model.path=~/src", "out_dir=~/runs/x"])
+    assert cfg.out_dir == str(tmp_path / "runs" / "x")
+    model, _ = hf.from_pretrained("~/src")
+    # the cache's layout is the only exception: a shard linking elsewhere is still refused
+    victim = tmp_path / "elsewhere.safetensors"
+    shard = sorted(f for f in os.listdir(snap) if f.endswith(".safetensors"))[0]
+    victim.write_bytes((snap / shard).read_bytes())
+    (snap / shard).unlink()
+    (snap / shard).symlink_to(victim)
+    with pytest.raises(ValueError, match="outside"):
+        hf.from_pretrained(str(snap))

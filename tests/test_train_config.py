@@ -42,7 +42,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("train.loss=fast", "train.loss: 'fast' is not allowed; expected one of auto, plain, chunked"),
     ("train.unroll=0", "train.unroll: 0 is out of range; expected a value >= 1"),
     ("train.unroll=most", "train.unroll: 'most' is not allowed; expected one of auto, all"),
-    ("train.chunked_loss=true", "train.chunked_loss was replaced: use train.loss (chunked, plain or auto"),
+    ("train.chunked_loss=maybe", "train.chunked_loss: 'maybe' is no longer a setting; use train.loss (chunked,"),
     ("lora.dropout=1.5", "lora.dropout: 1.5 is out of range; expected a value >= 0.0 and < 1.0"),
     ("train.progress=maybe", "train.progress: expected true/false, got 'maybe'"),
     ("data.train=/no/such/file.txt", "data.train: file not found: '/no/such/file.txt'"),
@@ -278,3 +278,11 @@ def test_non_mapping_documents_and_undecodable_files(tmp_path):
     p.write_text("d: 2021-02-30\n")
     with pytest.raises(ConfigError, match=r"not valid YAML \(ValueError: "):
         load_config(str(p))
+
+
+def test_chunked_loss_of_older_configs_reads_as_train_loss():
+    assert load_config(None, ["train.chunked_loss=false"]).train.loss == "plain"
+    assert load_config(None, ["train.chunked_loss=true"]).train.loss == "chunked"
+    assert load_config(None, []).train.loss == "auto"
+    with pytest.raises(ConfigError, match="train.chunked_loss: True contradicts train.loss='plain'"):
+        load_config(None, ["train.chunked_loss=true", "train.loss=plain"])

@@ -10,13 +10,12 @@ loads with the same outputs.
 from __future__ import annotations
 
 import os
-import re
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from ..io._files import atomic_directory
+from ..io._files import atomic_directory, local_model_dir
 from ..models import checkpoint as _ckpt
 from ..tree import merge
 from ..weight import is_lora, is_node
@@ -24,44 +23,10 @@ from .verify import check_merged_files
 
 __all__ = ["from_pretrained", "save_merged"]
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def _hub_offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return True
-
-
-def _local_dir(path) -> str:
-    """``path`` if it is a directory; else a hub snapshot when online; else a clear error."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return path
-    where = os.path.abspath(path)
-    if os.path.exists(path):
-        raise ValueError(f"from_pretrained: {where!r} is a file; pass the checkpoint directory")
-    if not _HUB_ID.fullmatch(path) or path.startswith((".", "/")):
-        raise FileNotFoundError(f"from_pretrained: no directory at {where!r}")
-    if _hub_offline():
-        raise FileNotFoundError(f"from_pretrained: no local directory at {where!r}, and the Hugging Face hub is "
-                                f"offline (HF_HUB_OFFLINE is set), so the hub id {path!r} was not downloaded")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id=path, allow_patterns=["*.json", "*.safetensors", _ckpt.FLAX_MSGPACK,
-                                                                "*.txt", "*.model", "*.jinja"])
-    except Exception as e:  # the hub client raises many unrelated types
-        raise FileNotFoundError(f"from_pretrained: no local directory at {where!r}, and downloading the hub id "
-                                f"{path!r} failed: {type(e).__name__}: {e}") from None
-
-
-def from_pretrained(path, *, dtype=None, architecture: Optional[str] = None, prefer: str = "auto", **overrides):
+def from_pretrained(path, *, dtype=None, architecture: Optional[str] = None, prefer: str = "auto",
+                    revision: Optional[str] = None, **overrides):
     """Load a Hugging Face checkpoint directory as a lora_jax model and its parameters.
 
     The model is a Flax linen module of `lora_jax.models` (``LlamaForCausalLM``,
@@ -70,12 +35,14 @@ def from_pretrained(path, *, dtype=None, architecture: Optional[str] = None, pre
     strict (every missing, unexpected or misshapen tensor is reported) and needs no torch.
 
     Args:
-      path: a local directory; a Hugging Face hub id is downloaded with
-        ``huggingface_hub.snapshot_download`` only when the hub is online.
+      path: a local directory (``~`` expanded), or a Hugging Face hub id (``org/name``, or
+        ``org/name@revision``) read from the local hub cache, or downloaded when the hub is online
+        (`lora_jax.io.local_model_dir`).
       dtype: the parameters' and the compute dtype (default float32); e.g. ``"bfloat16"``.
       architecture: a PyTorch class name or head (``"BertModel"``, ``"causal_lm"``) overriding
         ``config.architectures``.
       prefer: ``"auto"`` (safetensors, then shards, then msgpack), ``"safetensors"`` or ``"flax"``.
+      revision: the hub revision (branch, tag or commit) of a hub id.
       **overrides: model config fields (``remat_policy="dots_with_no_batch_dims_saveable"``,
         ``attention_impl="cudnn"``, ``param_dtype=...``).
 
@@ -93,7 +60,8 @@ def from_pretrained(path, *, dtype=None, architecture: Optional[str] = None, pre
       >>> model, params = hf.from_pretrained("path/to/Llama-3.2-1B", dtype="bfloat16")  # doctest: +SKIP
       >>> logits = model.apply({"params": params}, ids)  # doctest: +SKIP
     """
-    d = _local_dir(path)
+    d = local_model_dir(path, revision, what="from_pretrained", patterns=[
+        "*.json", "*.safetensors", _ckpt.FLAX_MSGPACK, "*.txt", "*.model", "*.jinja"])
     model, params = _ckpt.load(d, architecture=architecture, dtype=dtype, prefer=prefer, **overrides)
     return model, jax.tree_util.tree_map(jnp.asarray, params)
 

@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..io._files import atomic_directory, contained, read_json, read_safetensors, refuse_overlap, write_safetensors
+from ..io._files import atomic_directory, contained, local_model_dir, read_json, read_safetensors, refuse_overlap, write_safetensors
 from ..models.checkpoint import CONFIG, SAFETENSORS, SAFETENSORS_INDEX
 from ..tree import MERGE_MAGNITUDE_LIMIT
 from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, config_problems, pattern_value
@@ -253,8 +253,7 @@ def merge_checkpoint(base, adapter, out, *, overwrite: bool = False,
       {'shards': 4, 'merged': [...], 'replaced': [], 'copied': ['config.json', ...]}
     """
     base, adapter, out = os.fspath(base), os.fspath(adapter), os.fspath(out)
-    if not os.path.isdir(base):
-        raise FileNotFoundError(f"merge: no base checkpoint directory at {os.path.abspath(base)!r}")
+    base = local_model_dir(base, what="merge: the base checkpoint")  # a directory, ~ or a cached hub id
     if not os.path.isdir(adapter):
         raise FileNotFoundError(f"merge: no adapter directory at {os.path.abspath(adapter)!r}")
     refuse_overlap(out, {"the base checkpoint": base, "the adapter": adapter}, what="merge")
@@ -268,7 +267,8 @@ def merge_checkpoint(base, adapter, out, *, overwrite: bool = False,
     say = echo or (lambda s: None)
     with atomic_directory(out, overwrite=overwrite, what="merge") as tmp:
         for n, f in enumerate(files, 1):
-            src, dest = os.path.join(base, f), os.path.join(tmp, f)
+            # the shard's name comes from the base's index: checked again where it is written
+            src, dest = os.path.join(base, f), contained(tmp, f, what=f"shard named in {SAFETENSORS_INDEX}")
             names = [k for k in base_tensors if base_tensors[k][0] == f]
             changed = {}
             for name in names:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -24,7 +25,7 @@ from typing import Any, Iterator, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
-__all__ = ["atomic_directory", "contained", "refuse_overlap", "read_safetensors", "write_safetensors", "read_json",
+__all__ = ["atomic_directory", "contained", "local_model_dir", "refuse_overlap", "read_safetensors", "write_safetensors", "read_json",
            "write_json", "to_numpy", "nonfinite", "SAFETENSORS_DTYPES"]
 
 
@@ -113,21 +114,110 @@ def refuse_overlap(out, inputs: Mapping[str, Any], *, what: str = "save") -> Non
                              f"output {'outside' if how == 'is inside' else 'apart from'} it")
 
 
+def _hub_blobs(root: str) -> Optional[str]:
+    """The blob store a Hugging Face hub cache snapshot (``models--ORG--NAME/snapshots/REV``) links
+    its files into (``models--ORG--NAME/blobs``, resolved), or None when ``root`` is not one."""
+    snapshots, _ = os.path.split(os.path.abspath(root))
+    repo, kind = os.path.split(snapshots)
+    if kind != "snapshots" or not os.path.basename(repo).startswith(("models--", "datasets--")):
+        return None
+    blobs = os.path.join(repo, "blobs")
+    return os.path.realpath(blobs) if os.path.isdir(blobs) else None
+
+
 def contained(root, name: str, *, what: str = "file name") -> str:
-    """``root/name``, refusing absolute names and names that resolve outside ``root``.
+    """``root/name`` resolved, refusing names that are not plain relative paths or that resolve
+    outside ``root``.
+
+    ``name`` (read from a file: an index's shard name, a config's file name) must be relative and
+    free of ``..`` parts, so it means the same before and after links are resolved and cannot climb
+    out of wherever it is joined next. Links inside ``root`` may only lead to files inside ``root``,
+    or, for a Hugging Face hub cache snapshot (``models--ORG--NAME/snapshots/REV/``), into that
+    repository's own ``blobs/`` (how the cache stores every file).
 
     Raises:
       ValueError: naming ``name`` and ``root`` when the file would lie outside ``root``.
+
+    Example:
+      >>> contained("/ckpt", "sub/../../x.safetensors")
+      Traceback (most recent call last):
+      ...
+      ValueError: file name 'sub/../../x.safetensors' has a '..' part; only plain names inside '/ckpt' are allowed
     """
     if not isinstance(name, str) or not name or "\x00" in name:
         raise ValueError(f"{what} {name!r}: expected a non-empty relative file name")
-    root = os.path.realpath(os.fspath(root))
-    if os.path.isabs(name):
-        raise ValueError(f"{what} {name!r} is an absolute path; only names inside {root!r} are allowed")
-    full = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, full]) != root:
-        raise ValueError(f"{what} {name!r} resolves to {full!r}, outside {root!r}; refusing to read or write it")
+    shown = os.fspath(root)
+    if os.path.isabs(name) or name.startswith("~"):
+        raise ValueError(f"{what} {name!r} is an absolute path; only names inside {shown!r} are allowed")
+    if any(part == ".." for part in re.split(r"[/\\]", name)):
+        raise ValueError(f"{what} {name!r} has a '..' part; only plain names inside {shown!r} are allowed")
+    real = os.path.realpath(os.fspath(root))
+    full = os.path.realpath(os.path.join(real, name))
+    allowed = [real] + [b for b in (_hub_blobs(os.fspath(root)),) if b]
+    if not any(os.path.commonpath([a, full]) == a for a in allowed):
+        raise ValueError(f"{what} {name!r} resolves to {full!r}, outside {shown!r}; refusing to read or write it")
     return full
+
+
+_HUB_ID = re.compile(r"([A-Za-z0-9][\w.\-]*(?:/[A-Za-z0-9][\w.\-]*)?)(?:@([\w.\-/]+))?")
+
+
+def _hub_offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return True
+
+
+def local_model_dir(spec, revision: Optional[str] = None, *, what: str = "model",
+                    patterns: Optional[list] = None) -> str:
+    """The local directory of a model given as a path or a Hugging Face hub id.
+
+    A path (``~`` expanded) that is a directory is returned as is. Otherwise ``spec`` must look
+    like a hub id, ``org/name`` (or a bare ``name``) with an optional ``@revision`` (``revision`` overrides the suffix): it
+    is looked up in the local hub cache (``HF_HUB_CACHE``; refs such as ``main`` resolved there,
+    no network), and only when it is not cached and the hub is online, downloaded
+    (``huggingface_hub.snapshot_download``, files matching ``patterns``).
+
+    Raises:
+      FileNotFoundError: neither a directory nor a cached (or downloadable) hub id, naming both
+        the path tried and the cache.
+      ValueError: ``spec`` is a file, not a directory.
+    """
+    raw = os.fspath(spec)
+    path = os.path.expanduser(raw)
+    if os.path.isdir(path):
+        return path
+    where = os.path.abspath(path)
+    if os.path.exists(path):
+        raise ValueError(f"{what}: {where!r} is a file; pass the checkpoint directory")
+    m = _HUB_ID.fullmatch(raw)
+    if m is None or raw.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{what}: no directory at {where!r}")
+    repo, rev = m.group(1), revision or m.group(2)
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{what}: no directory at {where!r} (and huggingface_hub is not installed to read "
+                                f"the hub id {raw!r} from its cache)") from None
+    try:
+        return snapshot_download(repo_id=repo, revision=rev, local_files_only=True)
+    except Exception as e:  # the hub client raises many unrelated types
+        cached = f"{type(e).__name__}: {e}"
+    if _hub_offline():
+        raise FileNotFoundError(f"{what}: no directory at {where!r}, and the hub id {repo!r}"
+                                + (f" at revision {rev!r}" if rev else "") + " is not in the local Hugging Face "
+                                f"cache {constants.HF_HUB_CACHE!r} ({cached}); the hub is offline (HF_HUB_OFFLINE), "
+                                "so it was not downloaded")
+    try:
+        return snapshot_download(repo_id=repo, revision=rev, allow_patterns=patterns)
+    except Exception as e:  # the hub client raises many unrelated types
+        raise FileNotFoundError(f"{what}: no directory at {where!r}, and downloading the hub id {repo!r} failed: "
+                                f"{type(e).__name__}: {e}") from None
 
 
 def to_numpy(x) -> np.ndarray:

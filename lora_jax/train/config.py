@@ -50,9 +50,6 @@ def _remat_policies() -> tuple:
 
 REMAT_POLICIES = _remat_policies()
 
-# keys that no longer exist: what replaced them
-RENAMED = {"train.chunked_loss": "use train.loss (chunked, plain or auto; chunked_loss true was chunked, false plain)"}
-
 
 class ConfigError(ValueError):
     """An invalid run configuration; the message lists every problem, one per line."""
@@ -354,9 +351,6 @@ def _build(cls, data: dict, prefix: str, problems: list):
         return cls()
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if key in RENAMED:
-            problems.append(f"{key} was replaced: {RENAMED[key]}")
-            continue
         if k not in fields:
             hint = difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.6)
             where = f"keys in {prefix.rstrip('.')}" if prefix else "top-level keys"
@@ -391,10 +385,15 @@ def to_yaml(cfg) -> str:
 
 
 def resolve_path(p: str) -> str:
-    """A ``builtin:NAME`` path to the shipped file ``lora_jax/data/NAME``; other paths unchanged."""
+    """A ``builtin:NAME`` path to the shipped file ``lora_jax/data/NAME``; ``~`` expanded in others."""
     if isinstance(p, str) and p.startswith(BUILTIN_PREFIX):
         return str(resources.files("lora_jax").joinpath("data", p[len(BUILTIN_PREFIX):]))
-    return p
+    return os.path.expanduser(p) if isinstance(p, str) else p
+
+
+def _looks_like_hub_id(p: str) -> bool:
+    """``org/name`` (or ``org/name@rev``) that is not a path: no leading ``.``, ``/`` or ``~``, one slash."""
+    return isinstance(p, str) and not p.startswith((".", "/", "~")) and p.split("@")[0].count("/") == 1
 
 
 def _builtin_names() -> list[str]:
@@ -410,10 +409,15 @@ def _check_file(value, key, problems, *, want_dir=False):
         if p is None:
             continue
         real = resolve_path(p)
-        if want_dir:
-            if not os.path.isdir(real):
-                problems.append(f"{key}: directory not found: {p!r}" if not os.path.exists(real)
-                                else f"{key}: {p!r} is not a directory")
+        if want_dir:  # a checkpoint or tokenizer: a directory, or a hub id in the local cache
+            from ..io._files import local_model_dir
+
+            try:
+                local_model_dir(real, what=key)
+            except FileNotFoundError as e:
+                problems.append(f"{key}: directory not found: {p!r}" if not _looks_like_hub_id(p) else str(e))
+            except ValueError:
+                problems.append(f"{key}: {p!r} is not a directory")
         elif not os.path.exists(real):
             extra = f" (shipped files: {', '.join(_builtin_names())})" if p.startswith(BUILTIN_PREFIX) else ""
             problems.append(f"{key}: file not found: {p!r}{extra}")
@@ -564,9 +568,10 @@ def _cross_checks(cfg: Config, problems: list):
 
 
 def _drop_removed_keys(data: dict, problems: list) -> None:
-    """Keys of older configs that no longer mean anything: ``lora.layout`` (the kernels of
-    lora_jax's models are always ``(in, out)``). Its old default ``auto`` is dropped silently (a
-    saved run's config.yaml); any other value is a problem, since it would now be ignored."""
+    """Keys of older configs: ``lora.layout`` no longer means anything (the kernels of lora_jax's
+    models are always ``(in, out)``): its old default ``auto`` is dropped silently (a saved run's
+    config.yaml), any other value is a problem, since it would now be ignored.
+    ``train.chunked_loss`` became ``train.loss``: true reads as ``chunked``, false as ``plain``."""
     lora = data.get("lora")
     if isinstance(lora, dict) and "layout" in lora:
         lora = dict(lora)
@@ -576,6 +581,17 @@ def _drop_removed_keys(data: dict, problems: list) -> None:
             problems.append(f"lora.layout: {_short(value)} is no longer a setting: lora_jax's models store every "
                             "kernel (in, out) and their layer stacks are known, so the layout is never ambiguous; "
                             "remove the key")
+    train = data.get("train")
+    if isinstance(train, dict) and "chunked_loss" in train:  # became train.loss (chunked | plain | auto)
+        train = dict(train)
+        value = train.pop("chunked_loss")
+        data["train"] = train
+        if not isinstance(value, bool):
+            problems.append(f"train.chunked_loss: {_short(value)} is no longer a setting; use train.loss (chunked, "
+                            "plain or auto)")
+        elif train.setdefault("loss", "chunked" if value else "plain") != ("chunked" if value else "plain"):
+            problems.append(f"train.chunked_loss: {value} contradicts train.loss={train['loss']!r}; "
+                            "train.chunked_loss is no longer a setting, remove it")
 
 
 def from_dict(data: dict, *, check_files: bool = True) -> Config:
@@ -597,6 +613,8 @@ def from_dict(data: dict, *, check_files: bool = True) -> Config:
             # keys given for the default family merge into its defaults; another family starts empty
             data["model"] = {**model, "init": {**_default_init(), **init}}
     cfg = _build(Config, data, "", problems)
+    if isinstance(cfg.out_dir, str):  # ~ in every path setting (the others expand where they are read)
+        cfg.out_dir = os.path.expanduser(cfg.out_dir)
     if not problems:
         _check_names(cfg, problems)
         _check_lora_patterns(cfg.lora, problems)

@@ -40,7 +40,7 @@ import numpy as np
 from .. import tree as _tree
 from ..rules import Rule, Rules
 from ..weight import is_lora
-from ..io._files import atomic_directory
+from ..io._files import atomic_directory, local_model_dir
 
 __all__ = ["SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "load_tokenizer", "new_model", "load_model",
            "save_model", "stacked_paths", "lora_rules", "make_apply", "forward", "lora_logits_fn", "full_logits_fn",
@@ -88,7 +88,7 @@ def load_tokenizer(path: str):
     """The tokenizer saved in ``path`` (a checkpoint or tokenizer directory)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(local_model_dir(path, what="tokenizer"))
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -161,7 +161,8 @@ def load_model(path: str, *, compute_dtype="float32", param_dtype="float32", rem
     from ..models import head_of, load
 
     try:
-        model, params = load(path, dtype=compute_dtype, param_dtype=param_dtype, remat_policy=_remat(remat))
+        model, params = load(local_model_dir(path, what="model.path"), dtype=compute_dtype, param_dtype=param_dtype,
+                             remat_policy=_remat(remat))
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
     if head_of(model) != "causal_lm":
