@@ -135,6 +135,11 @@ def test_params_that_do_not_fit(tmp_path):
     assert "stack/w: no such path in params" in msg
     with pytest.raises(ValueError, match="already hold a LoraWeight"):
         load_adapter(d, lora_tree())
+    # an integer kernel (a relabelled or damaged base): refused as lora.init refuses it
+    params = params_tree()
+    params["enc"][0]["kernel"] = np.zeros((16, 8), np.int32)
+    with pytest.raises(ValueError, match="enc/0/kernel: params hold a int32 kernel here; LoRA adapts floating"):
+        load_adapter(d, params)
 
 
 def test_truncated_and_malformed_files(tmp_path):

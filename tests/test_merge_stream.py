@@ -193,16 +193,80 @@ def test_streaming_merge_refuses_target_parameters(tmp_path):
         merge_checkpoint(base_dir, adapter_dir, tmp_path / "out")
 
 
-def test_streaming_merge_names_a_fan_in_fan_out_mismatch(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fan_in_fan_out_is_the_modules_as_in_peft(tmp_path, arch):
+    """Issue 22.3: PEFT takes a weight's layout from its module (Conv1D: (in, out); nn.Linear:
+    (out, in)) and ignores a ``fan_in_fan_out`` that contradicts it; the streaming merge and
+    load_peft do the same (a flipped flag on GPT-2, a true flag on a Llama's square weights), and
+    the merge equals PEFT's merge_and_unload of the same files."""
+    import warnings
+
+    import lora_jax.hf as hf
+
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(base_dir)
-    _adapter(base_dir, adapter_dir, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+        torch.manual_seed(0)
+        transformers.GPT2LMHeadModel(cfg).save_pretrained(base_dir)
+        _adapter(base_dir, adapter_dir, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+        flip = ('"fan_in_fan_out": true', '"fan_in_fan_out": false')
+    else:
+        _llama(base_dir)
+        _adapter(base_dir, adapter_dir, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"])  # square
+        flip = ('"fan_in_fan_out": false', '"fan_in_fan_out": true')
     cfg_file = adapter_dir / "adapter_config.json"
-    cfg_file.write_text(cfg_file.read_text().replace('"fan_in_fan_out": true', '"fan_in_fan_out": false'))
-    with pytest.raises(ValueError, match=r"c_attn: lora_A \(4, 32\), lora_B \(96, 4\) do not fit .*\(32, 96\) .*"
-                                         r"needs fan_in_fan_out=true"):
-        merge_checkpoint(base_dir, adapter_dir, tmp_path / "out")
+    assert flip[0] in cfg_file.read_text()
+    cfg_file.write_text(cfg_file.read_text().replace(*flip))
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that it overrides the flag
+        pm = peft.PeftModel.from_pretrained(base, adapter_dir)
+    want = {k: v.numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+    merge_checkpoint(base_dir, adapter_dir, tmp_path / "out")
+    got = _state(tmp_path / "out")
+    changed = 0
+    for k in got:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+        changed += not np.array_equal(got[k], _state(base_dir)[k])
+    assert changed == (1 if arch == "gpt2" else 4)
+    model, params = hf.from_pretrained(base_dir)
+    tree = hf.load_peft(adapter_dir, params, model)
+    ids = np.array([[1, 5, 9, 3]])
+    from lora_jax import wrap
+
+    np.testing.assert_allclose(np.asarray(wrap(model.apply)({"params": tree}, ids)), _logits(pm, ids),
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("alpha_pattern", {"q_proj": -2}, "alpha_pattern['q_proj'] must be a positive number, got -2"),
+    ("rank_pattern", {"q_proj": 2.5}, "rank_pattern['q_proj'] must be a positive integer, got 2.5"),
+    ("rank_pattern", {"(": 2}, "rank_pattern key: '(' is not a valid regular expression"),
+    ("target_modules", "q_proj(", "target_modules: 'q_proj(' is not a valid regular expression"),
+    ("target_modules", ["q_proj", 3], "target_modules must be a regular expression or a list of module names"),
+    ("exclude_modules", 7, "exclude_modules must be a regular expression or a list of module names"),
+    ("lora_dropout", "0.1", "lora_dropout must be a number in [0, 1), got '0.1'"),
+    ("use_rslora", "yes", "use_rslora must be true or false, got 'yes'"),
+    ("layers_to_transform", ["0"], "layers_to_transform must be a layer index or a list of them"),
+])
+def test_adapter_config_fields_are_checked_alike_everywhere(tmp_path, capsys, field, value, message):
+    """Issue 22.3/22.8: one reader of adapter configs: a bad field is one error naming the file and
+    the field, from load_peft and from the streaming merge alike, never a traceback."""
+    import lora_jax.hf as hf
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    _llama(base_dir)
+    _adapter(base_dir, adapter_dir, r=4, lora_alpha=8, target_modules=["q_proj"])
+    cfg_file = adapter_dir / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), field: value}))
+    model, params = hf.from_pretrained(base_dir)
+    with pytest.raises(ValueError) as e:
+        hf.load_peft(adapter_dir, params, model)
+    assert message in str(e.value) and "adapter_config.json" in str(e.value)
+    assert main(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "adapter_config.json" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_shard_name_never_writes_outside_the_output(tmp_path, capsys):

@@ -195,6 +195,26 @@ def test_load_strict(saved):
         M.load(saved["llama"] / "nowhere")
 
 
+def test_integer_or_bool_weights_are_refused(saved, tmp_path):
+    """Issue 22.4: a weight stored (or relabelled) as an integer or bool tensor is a damaged file,
+    never cast into the model: the load names the tensor and its dtype, from a file and a state dict."""
+    from safetensors.numpy import save_file
+
+    model, _ = M.load(saved["llama"])
+    sd = dict(load_file(str(saved["llama"] / "model.safetensors")))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    for dt in (np.int32, np.bool_, np.uint8):
+        bad = {**sd, q: sd[q].astype(dt)}
+        with pytest.raises(ValueError, match=rf"{q}: dtype {np.dtype(dt).name}, expected a floating-point weight"):
+            M.params_from_state(bad, model)
+    d = tmp_path / "int"
+    d.mkdir()
+    (d / "config.json").write_text((saved["llama"] / "config.json").read_text())
+    save_file({**sd, q: sd[q].astype(np.int32)}, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match="expected a floating-point weight"):
+        M.load(d)
+
+
 def test_table_names_are_torch_names(saved):
     for v in ("llama_bias_linear", "llama3_tied", "qwen3"):
         model, params = M.load(saved[v])

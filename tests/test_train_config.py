@@ -286,3 +286,32 @@ def test_chunked_loss_of_older_configs_reads_as_train_loss():
     assert load_config(None, []).train.loss == "auto"
     with pytest.raises(ConfigError, match="train.chunked_loss: True contradicts train.loss='plain'"):
         load_config(None, ["train.chunked_loss=true", "train.loss=plain"])
+
+
+def _alias_bomb(indent: str) -> list:
+    """Nine levels of nine-fold aliases: 2 KB of YAML standing for 9**9 values."""
+    lines = [f'{indent}l0: &l0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"{indent}l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return lines
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    """Issue 22.5: an alias bomb inside model.init (a free-form mapping), in a config file, in an
+    override, or in a run directory's config.yaml read by eval, is one clear error within seconds."""
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(["model:", "  init:", "    arch: llama", "    rope_scaling:"] + _alias_bomb("      "))
+                    + "\n")
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="expands to more than 100,000 values"):
+        load_config(str(bomb))
+    with pytest.raises(ConfigError, match="override model.init.rope_scaling: the YAML expands to more than"):
+        load_config(None, ["model.init.rope_scaling={" + ", ".join(
+            line.strip().replace(": &", ": &") for line in _alias_bomb("")) + "}"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(bomb.read_text())
+    assert main(["eval", str(run)]) == 2
+    assert "expands to more than 100,000 values" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 30

@@ -9,8 +9,12 @@ computed from a mapping of its own that is dropped at once: about one shard in a
 tensor, in float32 and cast back to the tensor's own dtype, exactly PEFT's ``merge_and_unload``::
 
     linear     W (out, in)  += s * B @ A            A = lora_A.weight (r, in), B = lora_B.weight (out, r)
-    Conv1D     W (in, out)  += s * (B @ A).T        fan_in_fan_out (GPT-2's Conv1D layers)
+    Conv1D     W (in, out)  += s * (B @ A).T        GPT-2's Conv1D layers
     embedding  W (num, dim) += s * (B @ A).T        A = lora_embedding_A (r, num), B = lora_embedding_B (dim, r)
+
+Which layout a weight has is the module's, as in PEFT (which ignores ``fan_in_fan_out`` where it
+does not fit the module, with a warning): for the model types lora_jax knows, its checkpoint table
+says which weights PyTorch stores ``(in, out)`` (Conv1D); for others, ``fan_in_fan_out`` decides.
 
 with ``s = alpha / r`` (``use_rslora``: ``alpha / sqrt(r)``) and ``r``/``alpha`` per module from
 ``rank_pattern``/``alpha_pattern``. Full weights an adapter carries (``modules_to_save``, trained
@@ -95,11 +99,27 @@ def _headers(base: str, files: list[str]) -> dict[str, tuple[str, tuple, np.dtyp
     return out
 
 
+def _conv1d_weights(base: str) -> Optional[list]:
+    """Patterns of the base's 2-d weights that PyTorch stores ``(in, out)`` (GPT-2's Conv1D), from
+    lora_jax's checkpoint table of its ``model_type``; None when lora_jax does not know the model."""
+    from ..models.family import build, config_from_hf, leaves_of, read_hf_config, resolve_head
+
+    try:
+        hf = read_hf_config(base)
+        config = config_from_hf(hf)
+        model = build(config, resolve_head(config, hf.get("architectures") or ()))
+    except (ValueError, TypeError, KeyError, OSError):
+        return None
+    return [re.compile(r"(?:^|.*\.)" + re.escape(lf.hf).replace(r"\{i\}", r"\d+") + "$")
+            for lf in leaves_of(model) if not lf.transpose and len(lf.shape) == 2 and lf.hf.endswith(".weight")
+            and not lf.path.endswith("/embedding")]
+
+
 def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
 
-def _plan(cfg: dict, tensors: dict, base_tensors: dict, adapter: str):
+def _plan(cfg: dict, tensors: dict, base_tensors: dict, adapter: str, conv1d: Optional[list] = None):
     """``({tensor: _Delta}, {tensor: replacement array})`` or one ValueError listing every problem."""
     problems = list(config_problems(cfg))
     if not isinstance(cfg, dict):
@@ -155,15 +175,17 @@ def _plan(cfg: dict, tensors: dict, base_tensors: dict, adapter: str):
         if not _is_float(dtype):
             problems.append(f"{name}: dtype {dtype.name} is not a float (quantized checkpoints are not merged)")
             continue
-        if emb or fan_in_fan_out:  # W holds (B @ A).T: W (rows, cols) = A.T (rows, r) @ B.T (r, cols)
+        # the module's layout decides, as in PEFT; the config's flag only where the model is unknown
+        in_out = fan_in_fan_out if conv1d is None else any(p.match(name) for p in conv1d)
+        if emb or in_out:  # W holds (B @ A).T: W (rows, cols) = A.T (rows, r) @ B.T (r, cols)
             left, right = a.T, b.T
         else:
             left, right = b, a
         want = (shape[0], rank), (rank, shape[1])
         if left.shape != want[0] or right.shape != want[1]:
-            alt = (b, a) if fan_in_fan_out else (a.T, b.T)  # the other linear layout
-            hint = "" if emb or (alt[0].shape, alt[1].shape) != want else (
-                "; fan_in_fan_out is true but the weight is stored (out, in)" if fan_in_fan_out else
+            alt = (b, a) if in_out else (a.T, b.T)  # the other linear layout
+            hint = "" if emb or conv1d is not None or (alt[0].shape, alt[1].shape) != want else (
+                "; fan_in_fan_out is true but the weight is stored (out, in)" if in_out else
                 "; the weight is stored (in, out) as in a Conv1D: the adapter needs fan_in_fan_out=true")
             problems.append(f"{PREFIX}{mod}: lora_A {a.shape}, lora_B {b.shape} do not fit {name} {shape} at rank "
                             f"{rank}{hint}")
@@ -263,7 +285,7 @@ def merge_checkpoint(base, adapter, out, *, overwrite: bool = False,
     adapter_tensors, _ = read_safetensors(os.path.join(adapter, ADAPTER_WEIGHTS))
     files, index = _shards(base)
     base_tensors = _headers(base, files)
-    deltas, replace = _plan(cfg, adapter_tensors, base_tensors, adapter)
+    deltas, replace = _plan(cfg, adapter_tensors, base_tensors, adapter, _conv1d_weights(base))
     say = echo or (lambda s: None)
     with atomic_directory(out, overwrite=overwrite, what="merge") as tmp:
         for n, f in enumerate(files, 1):

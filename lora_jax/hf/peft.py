@@ -513,24 +513,91 @@ def _peft_targets(cfg: dict, view: _View) -> set[str]:
     return out
 
 
+def _regex_problem(field: str, pattern) -> Optional[str]:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError, ValueError, OverflowError, RecursionError) as e:
+        return f"{field}: {pattern!r} is not a valid regular expression ({e})"
+    return None
+
+
 def config_problems(cfg) -> list[str]:
+    """Every problem of a PEFT LoRA ``adapter_config.json`` (parsed), named by field, at once.
+
+    The one reader of adapter configs: `load_peft` and the streaming merge both check with it, so
+    a config is accepted or refused alike everywhere. Checks the type and range of ``r``,
+    ``lora_alpha``, ``lora_dropout``, ``rank_pattern``/``alpha_pattern`` (keys regular
+    expressions, ranks positive integers, alphas positive numbers), ``target_modules`` /
+    ``exclude_modules`` (a regular expression or a list of names), ``modules_to_save``,
+    ``layers_to_transform``, ``target_parameters``, booleans, and the features lora_jax does not
+    read.
+    """
     if not isinstance(cfg, dict):
         return [f"the config must be a JSON object, got {type(cfg).__name__}"]
     out = []
     if cfg.get("peft_type") != "LORA":
         out.append(f"peft_type is {cfg.get('peft_type')!r}; only 'LORA' adapters are read")
     for field, ok in _UNSUPPORTED.items():
-        if field in cfg and cfg[field] not in ok:
+        if field in cfg and not any(cfg[field] is v or (cfg[field] == v and type(cfg[field]) is type(v)) for v in ok):
             out.append(f"{field}={cfg[field]!r} is not supported (allowed: {list(ok)})")
     r = cfg.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         out.append(f"r must be a positive integer, got {r!r}")
     a = cfg.get("lora_alpha")
-    if isinstance(a, bool) or not isinstance(a, (int, float)) or a <= 0:
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 or a == float("inf"):
         out.append(f"lora_alpha must be a positive number, got {a!r}")
-    for field in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(field) is not None and not isinstance(cfg[field], dict):
-            out.append(f"{field} must be an object, got {cfg[field]!r}")
+    d = cfg.get("lora_dropout", 0.0)
+    if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1):
+        out.append(f"lora_dropout must be a number in [0, 1), got {d!r}")
+    for field in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
+        if cfg.get(field) is not None and not isinstance(cfg[field], bool):
+            out.append(f"{field} must be true or false, got {cfg[field]!r}")
+    for field, what in (("rank_pattern", "rank"), ("alpha_pattern", "alpha")):
+        pat = cfg.get(field)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict):
+            out.append(f"{field} must be an object of module pattern -> {what}, got {pat!r}")
+            continue
+        for key, value in pat.items():
+            bad = _regex_problem(f"{field} key", key)
+            if bad:
+                out.append(bad)
+            if what == "rank":
+                ok = not isinstance(value, bool) and isinstance(value, int) and value > 0
+            else:
+                ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+            if not ok:
+                out.append(f"{field}[{key!r}] must be a positive {'integer' if what == 'rank' else 'number'}, "
+                           f"got {value!r}")
+    for field in ("target_modules", "exclude_modules"):
+        v = cfg.get(field)
+        if v is None:
+            continue
+        if isinstance(v, str):
+            if not (field == "target_modules" and v.lower() == "all-linear"):
+                bad = _regex_problem(field, v)
+                if bad:
+                    out.append(bad)
+        elif not (isinstance(v, list) and all(isinstance(t, str) and t for t in v)):
+            out.append(f"{field} must be a regular expression or a list of module names, got {v!r}")
+    mts = cfg.get("modules_to_save")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(t, str) and t for t in mts)):
+        out.append(f"modules_to_save must be a list of module names, got {mts!r}")
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not (
+            (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
+            or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                 for i in layers))):
+        out.append(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+    lp = cfg.get("layers_pattern")
+    if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(p, str) for p in lp))):
+        out.append(f"layers_pattern must be a string or a list of strings, got {lp!r}")
+    elif lp is not None:
+        for p in [lp] if isinstance(lp, str) else lp:
+            bad = _regex_problem("layers_pattern", p)
+            if bad:
+                out.append(bad)
     tp = cfg.get("target_parameters")
     if tp is not None and not (isinstance(tp, list) and all(isinstance(t, str) for t in tp)):
         out.append(f"target_parameters must be a list of parameter names, got {tp!r}")

@@ -205,6 +205,11 @@ def _entry_plan(p, e, w, tensors, problems) -> Optional[tuple]:
         problems.append(f"{p}: the adapter was saved for a kernel of shape {tuple(e['w_shape'])}, "
                         f"params have {tuple(w.shape)}")
         return None
+    dt = np.dtype(getattr(w, "dtype", np.float32))
+    if "full" not in e and not (np.issubdtype(dt, np.floating) or dt.name == "bfloat16"):
+        problems.append(f"{p}: params hold a {dt.name} kernel here; LoRA adapts floating kernels only (lora.init "
+                        "refuses this leaf too)")
+        return None
     if "full" in e:
         arr = tensors.get(e["full"])
         if arr is None:

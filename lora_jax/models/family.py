@@ -305,6 +305,9 @@ def _align_names(state: Mapping[str, Any], model, expected: set) -> dict:
     return state
 
 
+_FLOAT_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
 def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str = "load",
                       new_head_key=None) -> dict:
     """Our parameter tree (NumPy arrays) from a PyTorch-named state dict, strictly.
@@ -339,8 +342,12 @@ def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str 
         if arr.shape != lf.torch_shape():
             bad.append(f"{name}: expected {lf.torch_shape()}, got {arr.shape}")
             return None
-        arr = lf.from_torch(arr)
-        return arr.astype(out_dtype) if arr.dtype.kind in "fV" or arr.dtype.name == "bfloat16" else arr
+        if not (arr.dtype.kind == "f" or arr.dtype.name in _FLOAT_NAMES):
+            # every weight of these models is a float: an int or bool tensor here is a damaged or
+            # relabelled file, and casting it would silently change every number
+            bad.append(f"{name}: dtype {arr.dtype.name}, expected a floating-point weight")
+            return None
+        return lf.from_torch(arr).astype(out_dtype)
 
     for lf in leaves_of(model):
         if not lf.layered:
@@ -371,7 +378,7 @@ def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str 
         if unexpected:
             parts.append(f"unexpected {len(unexpected)}: {unexpected}")
         if bad:
-            parts.append(f"shape mismatches (PyTorch layout) {len(bad)}: {bad}")
+            parts.append(f"shape or dtype mismatches (PyTorch layout) {len(bad)}: {bad}")
         raise ValueError(f"{what}: the checkpoint does not match {torch_class(model)} ({config.model_type}, "
                          f"{n_layers} layers): " + "; ".join(parts))
     return params

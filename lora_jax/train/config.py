@@ -63,6 +63,43 @@ class ConfigError(ValueError):
         super().__init__(msg)
 
 
+# the most values one YAML document may expand to, aliases counted at every use (a few KB of nested
+# aliases can stand for billions of values: an "alias bomb")
+MAX_YAML_VALUES = 100_000
+
+
+def yaml_size_problem(data, what: str) -> Optional[str]:
+    """A problem naming ``what`` when ``data`` (parsed YAML) holds more than `MAX_YAML_VALUES`
+    values, counting each use of an alias; None otherwise. Stops counting at the limit."""
+    n, stack = 0, [data]
+    while stack:
+        x = stack.pop()
+        n += 1
+        if n > MAX_YAML_VALUES:
+            return (f"{what}: the YAML expands to more than {MAX_YAML_VALUES:,} values (aliases such as *name "
+                    "repeated inside nested lists?); refusing it")
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return None
+
+
+def load_yaml(source, what: str):
+    """``yaml.safe_load(source)`` (a string or an open file), refusing alias bombs (`yaml_size_problem`).
+
+    Raises:
+      ConfigError: the document expands past `MAX_YAML_VALUES` values.
+      yaml.YAMLError: not YAML.
+    """
+    data = yaml.safe_load(source)
+    problem = yaml_size_problem(data, what)
+    if problem:
+        raise ConfigError(problem)
+    return data
+
+
 def _meta(doc: str = "", *, choices=None, min=None, max=None, gt=None, lt=None, file=False, numbers_too=False):
     # numbers_too: a field taking one of ``choices`` (words) or a number within the bounds
     return {"doc": doc, "choices": choices, "min": min, "max": max, "gt": gt, "lt": lt, "file": file,
@@ -684,6 +721,10 @@ def parse_overrides(overrides) -> tuple[dict, list[str]]:
             value = yaml.safe_load(raw) if raw.strip() else None
         except Exception:  # noqa: BLE001 - not YAML (PyYAML also raises ValueError, RecursionError): a string
             value = raw
+        big = yaml_size_problem(value, f"override {key}")
+        if big:
+            problems.append(big)
+            continue
         _set_dotted(out, key, value, problems)
     return out, problems
 
@@ -716,7 +757,9 @@ def load_config(name_or_path: Optional[str] = None, overrides=(), *, check_files
         path, name = _locate(name_or_path)
         try:
             with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh)
+                data = load_yaml(fh, path)
+        except ConfigError:
+            raise
         except OSError as e:
             raise ConfigError(f"{path}: cannot read it ({e})") from None
         except UnicodeDecodeError as e:

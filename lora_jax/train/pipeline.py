@@ -61,7 +61,7 @@ from . import model as _model
 from . import sharding as shd
 from . import tuning as _tuning
 from .checkpoint import Checkpointer, DamagedCheckpoint, latest_step
-from .config import Config, ConfigError, deep_update, from_dict, resolve_path, to_dict, to_yaml
+from .config import Config, ConfigError, deep_update, from_dict, load_yaml, resolve_path, to_dict, to_yaml
 from .files import atomic_write_text, remove_leftovers
 from .lock import LOCK_NAME, RunDirLocked, RunLock
 from .metrics import MetricsWriter, perplexity, plot_losses, read_metrics, strict_json
@@ -146,10 +146,8 @@ def _check_resume_config(out_dir: str, cfg: Config) -> None:
     path = os.path.join(out_dir, "config.yaml")
     if not os.path.isfile(path):
         return
-    import yaml
-
     with open(path, encoding="utf-8") as fh:
-        saved = _flat(yaml.safe_load(fh) or {})
+        saved = _flat(load_yaml(fh, path) or {})
     now = _flat(to_dict(cfg))
     diffs = [f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
              if saved.get(k) != now.get(k) and not any(k == p or (p.endswith(".") and k.startswith(p))
@@ -753,13 +751,11 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
     Raises:
       ConfigError: when the directory is not a run or holds no adapter.
     """
-    import yaml
-
     path = os.path.join(out_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"{out_dir!r} is not a lora-jax run directory (no config.yaml)")
     with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+        data = load_yaml(fh, path) or {}
     if overrides:
         data = deep_update(data, overrides)
     cfg = from_dict(data)
