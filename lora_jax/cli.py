@@ -41,6 +41,8 @@ import signal
 import sys
 from typing import Optional, Sequence
 
+from .io._files import InterruptedAfterWrite
+
 __all__ = ["main", "EXIT_NONFINITE"]
 
 EXIT_NONFINITE = 3
@@ -129,6 +131,10 @@ def _train(argv) -> int:
     except TrainingInterrupted as e:
         print(f"lora-jax: {e}", file=sys.stderr)
         return e.exit_code
+    except InterruptedAfterWrite as e:  # the last export was put in place whole, then the signal was raised
+        print(f"lora-jax: interrupted ({signal.Signals(e.signum).name}) just after {e.path!r} was completely "
+              "written; it is kept, and the run's finalized checkpoints too", file=sys.stderr)
+        return 143 if e.signum == signal.SIGTERM else 130
     except KeyboardInterrupt:  # outside the training loop (setup, compile, export): no new checkpoint
         print("lora-jax: interrupted (SIGINT) outside the training loop; no new checkpoint was written (finalized "
               "ones are kept: continue with --resume)", file=sys.stderr)
@@ -197,6 +203,10 @@ def _merge_or_export(argv, which: str) -> int:
     previous = signal.signal(signal.SIGTERM, sigterm) if main_thread else None
     try:
         return _merge_or_export_body(argv, which)
+    except InterruptedAfterWrite as e:
+        print(f"lora-jax: {which} interrupted ({signal.Signals(e.signum).name}) after the output was complete: "
+              f"{e.path!r} is written and checked, and kept", file=sys.stderr)
+        return 143 if e.signum == signal.SIGTERM else 130
     except (KeyboardInterrupt, _Stopped) as e:
         sig = "SIGTERM" if isinstance(e, _Stopped) else "SIGINT"
         print(f"lora-jax: {which} interrupted ({sig}); nothing was written", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Generic adapter files: exact round trips, and bad files that name every problem."""
 
 import json
+import shutil
 import os
 
 import jax
@@ -252,3 +253,46 @@ def test_files_written_before_the_settings_type_still_load(tmp_path):
     assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(got)
     for x, y in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(got)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_overwrite_sweeps_what_killed_writes_left_and_finishes_an_interrupted_swap(tmp_path, monkeypatch):
+    """Issue 22.6: the temporary entries of earlier writes of the same output whose process is gone
+    (this host) are swept, a live process's are kept; SIGINT landing while the finished output is
+    swapped in is held until the swap is done, then raised as InterruptedAfterWrite: the new output
+    is whole, nothing of the old one is left behind."""
+    import signal
+    import subprocess
+    import sys
+
+    import lora_jax.io._files as F
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = F._owner_tag()[F._owner_tag().index("h"):]
+    killed = tmp_path / f".out.tmp-p{dead}{host}_abc"
+    killed.mkdir()
+    (killed / "half.safetensors").write_bytes(b"x" * 10)
+    legacy = tmp_path / ".out.old-k3j2"
+    legacy.mkdir()
+    live = tmp_path / f".out.tmp-{F._owner_tag()}_live"  # this process: still writing, kept
+    live.mkdir()
+    other_host = tmp_path / f".out.tmp-p{dead}h00000000_x"  # another host's: never guessed at
+    other_host.mkdir()
+    real_rmtree = shutil.rmtree
+
+    def rmtree_interrupted(p, *a, **k):
+        if f".out.old-{F._owner_tag()}" in str(p):  # the old output, deleted after the new one is in place
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_rmtree(p, *a, **k)
+
+    monkeypatch.setattr(F.shutil, "rmtree", rmtree_interrupted)
+    with pytest.raises(F.InterruptedAfterWrite) as e:
+        with atomic_directory(out, overwrite=True) as tmp:
+            open(os.path.join(tmp, "new.txt"), "w").write("new")
+    assert e.value.signum == signal.SIGINT and e.value.path == str(out)
+    assert os.listdir(out) == ["new.txt"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name, other_host.name])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -354,3 +354,20 @@ def test_lora_rules_and_merged_export(saved):
     moved.load_state_dict(sd, strict=True)
     np.testing.assert_allclose(ours, _torch_logits(moved, ids), **TOL)
     assert np.abs(ours - _torch_logits(tm, ids)).max() > 1e-2  # the adapters changed the model
+
+
+def test_a_config_claiming_more_than_the_files_hold_is_refused_at_once(saved, tmp_path):
+    """Issue 22.7: num_hidden_layers far beyond what the weight files hold is refused before any
+    per-layer table is built (seconds, not minutes and gigabytes)."""
+    import json
+    import shutil
+    import time
+
+    d = tmp_path / "huge"
+    shutil.copytree(saved["llama"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**9}))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"the config claims 1,000,000,000 layers .* but the checkpoint holds"):
+        M.load(d)
+    assert time.perf_counter() - t0 < 10

@@ -315,3 +315,11 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     assert main(["eval", str(run)]) == 2
     assert "expands to more than 100,000 values" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 30
+
+
+def test_model_init_larger_than_memory_is_refused_by_the_dry_run(capsys):
+    """Issue 22.7: a fresh model whose weights alone exceed the machine's memory is a config problem
+    (named with its parameter count), not a JAX traceback after --dry-run passed."""
+    assert main(["train", "--dry-run", "model.init.num_hidden_layers=2147483647"]) == 2
+    err = capsys.readouterr().err
+    assert "model.init: describes a model of" in err and "GiB of memory" in err and "Traceback" not in err

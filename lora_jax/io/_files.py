@@ -18,14 +18,18 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import struct
 import tempfile
+import threading
+import zlib
 from typing import Any, Iterator, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
 
-__all__ = ["atomic_directory", "contained", "local_model_dir", "refuse_overlap", "read_safetensors", "write_safetensors", "read_json",
+__all__ = ["atomic_directory", "InterruptedAfterWrite", "sweep_leftovers", "contained", "local_model_dir", "refuse_overlap", "read_safetensors", "write_safetensors", "read_json",
            "write_json", "to_numpy", "nonfinite", "SAFETENSORS_DTYPES"]
 
 
@@ -39,14 +43,84 @@ def _check_target(path: str, overwrite: bool, what: str) -> None:
                              "pass overwrite=True to replace it")
 
 
+class InterruptedAfterWrite(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived while `atomic_directory` put a finished output in place: the swap
+    was completed first (the output is whole and kept), then the interrupt is raised as this."""
+
+    def __init__(self, signum: int, path: str):
+        super().__init__(f"{signal.Signals(signum).name} after {path!r} was completely written")
+        self.signum, self.path = signum, path
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM until the block ends (main thread only; elsewhere nothing is held):
+    yields the list the held signals are appended to."""
+    held: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT,
+                                                                                        signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for s, p in previous.items():
+            signal.signal(s, p)
+
+
+def _owner_tag() -> str:
+    """``p<pid>h<host hash>``: which process on which host made a temporary entry."""
+    return f"p{os.getpid()}h{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_leftovers(path: str) -> list[str]:
+    """Delete the temporary entries earlier writes of the output ``path`` left beside it: those of
+    processes of this host that are gone (killed mid-write), and ``.old-`` directories of older
+    versions (always finished with). Entries of live processes and of other hosts are kept.
+    Returns the names removed."""
+    parent, name = os.path.split(os.path.abspath(path))
+    here = _owner_tag()[_owner_tag().index("h"):]
+    tagged = re.compile(rf"^\.{re.escape(name)}\.(tmp|old)-p(\d+)(h[0-9a-f]{{8}})_")
+    legacy = re.compile(rf"^\.{re.escape(name)}\.old-[A-Za-z0-9_]+$")
+    gone = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return gone
+    for n in entries:
+        m = tagged.match(n)
+        if (m and m.group(3) == here and not _alive(int(m.group(2)))) or (not m and legacy.match(n)):
+            p = os.path.join(parent, n)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.lexists(p):
+                os.remove(p)
+            gone.append(n)
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_directory(path, *, overwrite: bool = False, what: str = "save") -> Iterator[str]:
     """Yield a fresh temporary directory that replaces ``path`` when the block succeeds.
 
     The temporary directory is created next to ``path`` (same file system, so the final rename is
-    atomic). If the block raises, it is removed and ``path`` is untouched. An existing non-empty
-    ``path`` is refused unless ``overwrite`` is True; then the old directory is moved aside, the
-    new one renamed in, and the old one deleted.
+    atomic), named after this process (``.NAME.tmp-p<pid>h<host>_XXXX``), and what earlier, killed
+    writes of the same output left there is swept first (`sweep_leftovers`). If the block raises,
+    it is removed and ``path`` is untouched. An existing non-empty ``path`` is refused unless
+    ``overwrite`` is True; then the old directory is moved aside, the new one renamed in, and the
+    old one deleted. SIGINT/SIGTERM during that swap are held until it is complete, then raised as
+    `InterruptedAfterWrite` (the new output is whole and in place).
 
     Example:
       >>> import os, tempfile
@@ -61,30 +135,35 @@ def atomic_directory(path, *, overwrite: bool = False, what: str = "save") -> It
     _check_target(path, overwrite, what)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    sweep_leftovers(path)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{_owner_tag()}_", dir=parent)
     # mkdtemp makes the directory private (0o700); recreate it so it gets the usual umask-based mode
     os.rmdir(tmp)
     os.mkdir(tmp)
+    held: list = []
     try:
         yield tmp
         _check_target(path, overwrite, what)  # the target may have appeared while we were writing
-        if os.path.lexists(path) and os.listdir(path):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(path, old)
-            try:
+        with _signals_deferred() as held:
+            if os.path.lexists(path) and os.listdir(path):
+                old = tempfile.mkdtemp(prefix=f".{name}.old-{_owner_tag()}_", dir=parent)
+                os.rmdir(old)
+                os.rename(path, old)
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(old, path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                if os.path.lexists(path):
+                    os.rmdir(path)  # empty directory: replace it
                 os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if os.path.lexists(path):
-                os.rmdir(path)  # empty directory: replace it
-            os.rename(tmp, path)
     finally:
         if os.path.lexists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+    if held:
+        raise InterruptedAfterWrite(held[0], path)
 
 
 def refuse_overlap(out, inputs: Mapping[str, Any], *, what: str = "save") -> None:

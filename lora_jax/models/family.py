@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-__all__ = ["Leaf", "Family", "SUPPORTED_MODEL_TYPES", "HEADS", "TASK_TYPES", "family_for", "read_hf_config",
+__all__ = ["param_count", "Leaf", "Family", "SUPPORTED_MODEL_TYPES", "HEADS", "TASK_TYPES", "family_for", "read_hf_config",
            "config_from_hf", "build", "head_of", "family_of", "torch_class", "hf_config_dict", "leaves_of",
            "params_from_state", "state_from_params", "from_disk", "to_disk", "flax_msgpack_state", "init_params",
            "strip_prefix", "base_prefix", "resolve_head"]
@@ -308,6 +308,12 @@ def _align_names(state: Mapping[str, Any], model, expected: set) -> dict:
 _FLOAT_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
 
+def param_count(model) -> int:
+    """The number of parameters ``model`` has, from its checkpoint table (nothing is built)."""
+    n = model.config.num_hidden_layers
+    return sum(int(np.prod(lf.shape, dtype=object)) * (n if lf.layered else 1) for lf in leaves_of(model))
+
+
 def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str = "load",
                       new_head_key=None) -> dict:
     """Our parameter tree (NumPy arrays) from a PyTorch-named state dict, strictly.
@@ -323,6 +329,11 @@ def params_from_state(state: Mapping[str, Any], model, *, dtype=None, what: str 
     without it the missing head is an error like any other missing tensor.
     """
     config = model.config
+    layered = sum(lf.layered for lf in leaves_of(model))
+    if config.num_hidden_layers * layered > 4 * len(state) + 64:  # before any per-layer name is built
+        raise ValueError(f"{what}: the config claims {config.num_hidden_layers:,} layers ({layered} tensors each), "
+                         f"but the checkpoint holds {len(state):,} tensors in all; config.json does not describe "
+                         "these weights")
     table_names = {lf.hf_name(i) for lf in leaves_of(model)
                    for i in (range(config.num_hidden_layers) if lf.layered else (None,))}
     state = from_disk(_align_names(state, model, table_names), leaves_of(model), config.num_hidden_layers)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Optional, Union
 
+import numpy as np
 import yaml
 
 from ..weight import AdapterSettings
@@ -529,7 +530,7 @@ def _check_model_init(init: dict, problems):
                 problems.append(f"model.init.{k}: expected a finite number, got {_short(v)}")
 
 
-def _check_family_config(init: dict, problems):
+def _check_family_config(init: dict, problems, param_dtype: str = "float32"):
     """The model family's own validation of the fresh model's config (rope settings, head counts,
     features lora_jax does not implement, ...)."""
     from ..models import config_from_hf
@@ -537,9 +538,28 @@ def _check_family_config(init: dict, problems):
     init = dict(init)
     arch = init.pop("arch")
     try:
-        config_from_hf({**init, "model_type": arch})
+        config = config_from_hf({**init, "model_type": arch})
     except Exception as e:  # noqa: BLE001 - whatever the family raises, it is a problem with model.init
         problems.append(f"model.init: lora_jax's {arch} config rejects it: {type(e).__name__}: {e}")
+        return
+    from ..models import build
+    from ..models.family import param_count
+
+    n = param_count(build(config))
+    need = n * np.dtype(param_dtype).itemsize
+    have = _host_memory()
+    if have and need > have:
+        problems.append(f"model.init: describes a model of {n:,} parameters, {need / 2**30:,.1f} GiB of {param_dtype} "
+                        f"weights alone, more than this machine's {have / 2**30:,.1f} GiB of memory (check "
+                        "num_hidden_layers, hidden_size, intermediate_size, vocab_size)")
+
+
+def _host_memory() -> Optional[int]:
+    """Bytes of physical memory (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _check_lora_patterns(lc, problems):
@@ -595,7 +615,7 @@ def _cross_checks(cfg: Config, problems: list):
         n = len(problems)
         _check_model_init(cfg.model.init, problems)
         if len(problems) == n:
-            _check_family_config(cfg.model.init, problems)
+            _check_family_config(cfg.model.init, problems, cfg.model.param_dtype)
         if cfg.model.pretrain.warmup_steps > cfg.model.pretrain.steps:
             problems.append(f"model.pretrain.warmup_steps: {cfg.model.pretrain.warmup_steps} is more than "
                             f"model.pretrain.steps={cfg.model.pretrain.steps}; expected a value <= "
