@@ -47,7 +47,6 @@ def test_gpu_run_dry_run_writes_rows_profile_and_summary(tmp_path):
     assert row["settings"] == "remat=dots_with_no_batch_dims_saveable loss=plain unroll=all"
     assert "--tune-for gpu" in row["cmd"] and "--profile" in row["cmd"]
     assert recs[3]["1b"]["tokens_per_s"] == row["tokens_per_s"] and recs[3]["1b"]["met"] is None
-    assert "peft_compile/1b" in recs[3]["failed_or_skipped"]
     files = {p.name.split("-cpu", 1)[1] for p in tmp_path.iterdir()}
     assert {".jsonl", ".log", "-profile-ops.json", "-profile.xplane.pb.gz", "-step.hlo.txt.gz"} <= files
 

@@ -238,6 +238,18 @@ def test_fan_in_fan_out_is_the_modules_as_in_peft(tmp_path, arch):
                                rtol=2e-5, atol=2e-5)
 
 
+@pytest.fixture(scope="module")
+def llama_and_adapter(tmp_path_factory):
+    """A sharded tiny Llama, a PEFT adapter of it, and the model loaded by lora_jax (built once)."""
+    import lora_jax.hf as hf
+
+    d = tmp_path_factory.mktemp("llama_and_adapter")
+    _llama(d / "base")
+    _adapter(d / "base", d / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    model, params = hf.from_pretrained(d / "base")
+    return d / "base", d / "adapter", model, params
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("alpha_pattern", {"q_proj": -2}, "alpha_pattern['q_proj'] must be a positive number, got -2"),
     ("rank_pattern", {"q_proj": 2.5}, "rank_pattern['q_proj'] must be a positive integer, got 2.5"),
@@ -249,17 +261,19 @@ def test_fan_in_fan_out_is_the_modules_as_in_peft(tmp_path, arch):
     ("use_rslora", "yes", "use_rslora must be true or false, got 'yes'"),
     ("layers_to_transform", ["0"], "layers_to_transform must be a layer index or a list of them"),
 ])
-def test_adapter_config_fields_are_checked_alike_everywhere(tmp_path, capsys, field, value, message):
+def test_adapter_config_fields_are_checked_alike_everywhere(tmp_path, capsys, llama_and_adapter, field, value,
+                                                           message):
     """Issue 22.3/22.8: one reader of adapter configs: a bad field is one error naming the file and
     the field, from load_peft and from the streaming merge alike, never a traceback."""
-    import lora_jax.hf as hf
+    import shutil
 
-    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
-    _llama(base_dir)
-    _adapter(base_dir, adapter_dir, r=4, lora_alpha=8, target_modules=["q_proj"])
+    base_dir, good, model, params = llama_and_adapter
+    adapter_dir = tmp_path / "adapter"
+    shutil.copytree(good, adapter_dir)
     cfg_file = adapter_dir / "adapter_config.json"
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), field: value}))
-    model, params = hf.from_pretrained(base_dir)
+    import lora_jax.hf as hf
+
     with pytest.raises(ValueError) as e:
         hf.load_peft(adapter_dir, params, model)
     assert message in str(e.value) and "adapter_config.json" in str(e.value)
