@@ -597,6 +597,11 @@ def test_sharded_checkpoint_and_index_escape(root, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref)
     index["weight_map"][keys[0]] = "../model-00001-of-00002.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="has a '..' part; only plain names inside"):
+        hf.from_pretrained(d)
+    os.symlink(tmp_path, d / "up")  # a link inside the checkpoint leading out of it
+    index["weight_map"][keys[0]] = "up/elsewhere.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="outside"):
         hf.from_pretrained(d)
 

@@ -1,6 +1,7 @@
 """Data: reading, loss weights, packing and order, checked against hand-computed references."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -90,11 +91,13 @@ def test_read_text_paragraphs_and_jsonl(tmp_path):
     t = tmp_path / "a.txt"
     t.write_text("first para\nline two\n\n\n  second  \n\nthird\n")
     assert D.read_documents(str(t)) == [{"text": "first para\nline two"}, {"text": "second"}, {"text": "third"}]
-    j = tmp_path / "b.jsonl"
-    j.write_text(json.dumps({"text": "x"}) + "\n\n" + json.dumps({"prompt": "p", "completion": "c"}) + "\n"
-                 + json.dumps({"messages": [{"role": "user", "content": "u"}]}) + "\n")
-    assert D.read_documents(str(j)) == [{"text": "x"}, {"prompt": "p", "completion": "c"},
-                                         {"messages": [{"role": "user", "content": "u"}]}]
+    recs = [{"text": "x"}, {"prompt": "p", "completion": "c"}, {"messages": [{"role": "user", "content": "u"}]}]
+    files = []
+    for i, r in enumerate(recs):  # one shape per file
+        j = tmp_path / f"b{i}.jsonl"
+        j.write_text(json.dumps(r) + "\n\n" + json.dumps(r) + "\n")
+        files.append(str(j))
+    assert D.read_documents(files) == [r for r in recs for _ in range(2)]
     d = tmp_path / "dir"
     d.mkdir()
     (d / "2.txt").write_text("two\n\nstill two")
@@ -105,13 +108,17 @@ def test_read_text_paragraphs_and_jsonl(tmp_path):
 @pytest.mark.parametrize("line,msg", [
     ("{not json", "b.jsonl:2: not valid JSON"),
     ('{"prompt": "p"}', "b.jsonl:2: 'prompt' and 'completion' must both be strings"),
-    ('{"input": "x"}', "b.jsonl:2: a record needs 'text', 'prompt'+'completion' or 'messages'"),
+    ('{"input": "x"}', "b.jsonl:2: a record needs 'text', 'prompt'+'completion', 'messages' (OpenAI), "
+                       "'instruction'+'output' (Alpaca) or 'conversations' (ShareGPT); got keys ['input']"),
+    ('{"prompt": "p", "completion": "c"}', "b.jsonl:2: a prompt/completion record, but line 1 holds a text record"),
+    ('{"instruction": "i"}', "b.jsonl:2: Alpaca records need 'instruction' and 'output' strings"),
+    ('{"conversations": [{"from": "robot", "value": "v"}]}', "b.jsonl:2: 'conversations' speaker 'robot' is not"),
     ('{"messages": [{"role": "user"}]}', "b.jsonl:2: 'messages' must be a non-empty list"),
 ])
 def test_bad_jsonl_names_file_and_line(tmp_path, line, msg):
     j = tmp_path / "b.jsonl"
     j.write_text('{"text": "ok"}\n' + line + "\n")
-    with pytest.raises(ValueError, match=msg.replace("+", r"\+").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(msg)):
         D.read_documents(str(j))
 
 
@@ -145,3 +152,27 @@ def test_split_eval_holds_out_the_last_documents():
     tr, ev = D.split_eval(docs, 0.25)
     assert [d["text"] for d in ev] == ["7", "8", "9"] and len(tr) == 7
     assert D.split_eval(docs, 0.0) == (docs, [])
+
+
+def test_alpaca_and_sharegpt_records_read_as_chats(tmp_path):
+    """Issue 20.2: Alpaca (instruction, optional input, output) and ShareGPT (conversations with
+    from/value) records read as the chats they are, trained on the assistant's turns only."""
+    from lora_jax.train.model import build_tokenizer
+
+    a = tmp_path / "alpaca.jsonl"
+    a.write_text(json.dumps({"instruction": "Add.", "input": "2 and 3", "output": "5"}) + "\n"
+                 + json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
+    assert D.read_documents(str(a)) == [
+        {"messages": [{"role": "user", "content": "Add.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]},
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]}]
+    g = tmp_path / "sharegpt.jsonl"
+    g.write_text(json.dumps({"conversations": [{"from": "system", "value": "Be brief."},
+                                               {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]})
+                 + "\n")
+    (doc,) = D.read_documents(str(g))
+    assert doc == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                {"role": "assistant", "content": "Hello"}]}
+    tok = build_tokenizer(["Hello Hi Be brief."] * 5, vocab_size=300)
+    ids, w = D.encode(doc, tok)
+    trained = tok.decode([t for t, x in zip(ids, w) if x])
+    assert trained.startswith("Hello") and "Hi" not in trained and "brief" not in trained

@@ -81,8 +81,10 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     spread_torch(tf.LlamaForCausalLM(cfg).eval()).save_pretrained(str(d), safe_serialization=True)
     tok.save_pretrained(str(d))
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    data = root / "data"  # one record shape per file: chats, and prompt/completion pairs
+    data.mkdir()
+    for name, shape in (("chat.jsonl", "messages"), ("qa.jsonl", "prompt")):
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in recs if shape in r), encoding="utf-8")
     return d, data, tok
 
 

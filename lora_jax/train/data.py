@@ -4,10 +4,12 @@ Documents come from
 
 * text files: each blank-line-separated paragraph is one document;
 * a directory: each ``.txt``/``.md`` file is one document, each ``.jsonl`` file is read as JSONL;
-* JSONL files (``.jsonl``/``.json``), one record per line, any of
+* JSONL files (``.jsonl``/``.json``), one record per line, all of one shape (`SHAPES`):
   ``{"text": ...}`` (every token trained), ``{"prompt": ..., "completion": ...}`` (loss on the
-  completion only) or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (rendered with the
-  tokenizer's chat template, loss on the assistant turns only).
+  completion only), ``{"messages": [{"role": ..., "content": ...}, ...]}`` (OpenAI; rendered with
+  the tokenizer's chat template, loss on the assistant turns only), Alpaca
+  ``{"instruction", "input"?, "output"}`` (a user turn and an assistant turn) or ShareGPT
+  ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}`` (messages).
 
 Each document becomes ``[bos] + tokens + [eos]`` (no BOS for chat messages: the template decides)
 with a per-token *weight*: 1 where the token is a training target, 0 on BOS, prompts, non-assistant
@@ -59,32 +61,80 @@ def _paragraphs(text: str) -> list[dict]:
     return [{"text": p.strip()} for p in _PARAGRAPH.split(text.replace("\r\n", "\n")) if p.strip()]
 
 
-def _check_record(rec, where: str) -> dict:
+# ShareGPT's speaker names -> chat roles
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "model": "assistant", "chatgpt": "assistant", "system": "system"}
+SHAPES = ("text", "prompt/completion", "messages", "alpaca", "sharegpt")
+
+
+def _shape(rec: dict) -> str:
+    """Which record shape (one of `SHAPES`) a JSON object has, by its keys."""
+    if "messages" in rec:
+        return "messages"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec or "output" in rec:
+        return "alpaca"
+    if "prompt" in rec or "completion" in rec:
+        return "prompt/completion"
+    if "text" in rec:
+        return "text"
+    raise ValueError(f"a record needs 'text', 'prompt'+'completion', 'messages' (OpenAI), 'instruction'+'output' "
+                     f"(Alpaca) or 'conversations' (ShareGPT); got keys {sorted(rec)}")
+
+
+def _check_record(rec, where: str) -> tuple[dict, str]:
+    """``(the record in one of the three forms the encoder reads, its shape)``: Alpaca records
+    become a user turn (instruction, then the input after a blank line) and an assistant turn
+    (output); ShareGPT conversations become messages (human/user -> user, gpt/assistant -> assistant,
+    system -> system)."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    try:
+        shape = _shape(rec)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if shape == "sharegpt":
+        conv = rec["conversations"]
+        if not isinstance(conv, list) or not conv or not all(
+                isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
+                for t in conv):
+            raise ValueError(f"{where}: 'conversations' must be a non-empty list of "
+                             "{\"from\": str, \"value\": str}")
+        unknown = sorted({t["from"] for t in conv if t["from"].lower() not in _SHAREGPT_ROLES})
+        if unknown:
+            raise ValueError(f"{where}: 'conversations' speaker {unknown[0]!r} is not one of "
+                             f"{sorted(_SHAREGPT_ROLES)}")
+        rec = {"messages": [{"role": _SHAREGPT_ROLES[t["from"].lower()], "content": t["value"]} for t in conv]}
+    elif shape == "alpaca":
+        ins, inp, out = rec.get("instruction"), rec.get("input", ""), rec.get("output")
+        if not isinstance(ins, str) or not isinstance(out, str) or not isinstance(inp, (str, type(None))):
+            raise ValueError(f"{where}: Alpaca records need 'instruction' and 'output' strings (and an optional "
+                             f"'input' string), got {type(ins).__name__}, {type(out).__name__} and "
+                             f"{type(inp).__name__}")
+        user = ins + (f"\n\n{inp}" if inp else "")
+        rec = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": out}]}
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in msgs):
             raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
-    if "prompt" in rec or "completion" in rec:
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}, shape
+    if shape == "prompt/completion":
         p, c = rec.get("prompt"), rec.get("completion")
         if not isinstance(p, str) or not isinstance(c, str):
             raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings, got "
                              f"{type(p).__name__} and {type(c).__name__}")
-        return {"prompt": p, "completion": c}
-    if "text" in rec:
-        if not isinstance(rec["text"], str):
-            raise ValueError(f"{where}: 'text' must be a string, got {type(rec['text']).__name__}")
-        return {"text": rec["text"]}
-    raise ValueError(f"{where}: a record needs 'text', 'prompt'+'completion' or 'messages'; got keys "
-                     f"{sorted(rec)}")
+        return {"prompt": p, "completion": c}, shape
+    if not isinstance(rec["text"], str):
+        raise ValueError(f"{where}: 'text' must be a string, got {type(rec['text']).__name__}")
+    return {"text": rec["text"]}, shape
 
 
 def _read_jsonl(path: str) -> list[dict]:
     docs = []
+    first = None  # (shape, line) of the file's first record: one file holds one shape
     for n, line in enumerate(io.StringIO(_read_text(path)), 1):
         if not line.strip():
             continue
@@ -93,7 +143,13 @@ def _read_jsonl(path: str) -> list[dict]:
         except json.JSONDecodeError as e:  # some of json's messages end in "at" already
             where = "column" if e.msg.endswith(" at") else "at column"
             raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} {where} {e.colno})") from None
-        docs.append(_check_record(rec, f"{path}:{n}"))
+        doc, shape = _check_record(rec, f"{path}:{n}")
+        if first is None:
+            first = (shape, n)
+        elif shape != first[0]:
+            raise ValueError(f"{path}:{n}: a {shape} record, but line {first[1]} holds a {first[0]} record; a file "
+                             "holds records of one shape (split it, or convert the records)")
+        docs.append(doc)
     return docs
 
 
