@@ -175,6 +175,11 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(tmp_path) == []
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("old")
+    # issue 22.24: overwrite replaces an earlier export only, never a directory of other things
+    with pytest.raises(ValueError, match="holds 1 entries .* but no earlier export"):
+        with atomic_directory(tmp_path / "out", overwrite=True) as t:
+            pass
+    (tmp_path / "out" / "config.json").write_text("{}")
     with pytest.raises(RuntimeError):
         with atomic_directory(tmp_path / "out", overwrite=True) as t:
             raise RuntimeError("boom")
@@ -268,7 +273,7 @@ def test_overwrite_sweeps_what_killed_writes_left_and_finishes_an_interrupted_sw
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "config.json").write_text("{}")  # an earlier export
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
     host = F._owner_tag()[F._owner_tag().index("h"):]

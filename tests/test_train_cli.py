@@ -175,8 +175,13 @@ def test_export_refuses_a_non_empty_directory_without_overwrite(trained, tmp_pat
     assert main(["export", str(trained), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
-    assert main(["export", str(trained), "--out", str(out), "--overwrite"]) == 0
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    # issue 22.24: --overwrite replaces an earlier export, never a directory of other files
+    assert main(["export", str(trained), "--out", str(out), "--overwrite"]) == 2
+    assert "no earlier export" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert main(["export", str(trained), "--out", str(tmp_path / "first")]) == 0
+    assert main(["export", str(trained), "--out", str(tmp_path / "first"), "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path / "first")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(".")]
 
 
 # ---- exports never destroy inputs; OSError is one line; nothing left behind (issue 14) -----------

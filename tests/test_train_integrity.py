@@ -402,6 +402,13 @@ def test_a_flag_between_overrides_is_accepted(capsys):
 
 
 def test_written_files_get_the_usual_mode(tmp_path):
+    """Text, PNG and (issue 22.12) every safetensors file lora_jax writes get 0666 less the umask,
+    not the 0600 of mkstemp or of the safetensors library."""
+    import numpy as np
+
+    import lora_jax as lora
+    from lora_jax.io import save_adapter
+    from lora_jax.io._files import write_safetensors
     from lora_jax.train.files import atomic_write_text
     from lora_jax.train.metrics import plot_losses
 
@@ -409,12 +416,18 @@ def test_written_files_get_the_usual_mode(tmp_path):
     try:
         atomic_write_text(str(tmp_path / "a.txt"), "x")
         plot_losses([{"kind": "train", "step": 1, "loss": 1.0}], str(tmp_path / "loss.png"))
+        write_safetensors(str(tmp_path / "w.safetensors"), {"w": np.ones((2, 2), np.float32)})
+        save_adapter(tmp_path / "ad", lora.init({"k": np.ones((4, 4), np.float32)}, lora.Rules("k", rank=2), 0))
         os.umask(0o027)
         atomic_write_text(str(tmp_path / "b.txt"), "x")
+        write_safetensors(str(tmp_path / "v.safetensors"), {"w": np.ones((2, 2), np.float32)})
     finally:
         os.umask(old)
-    assert [oct(os.stat(tmp_path / n).st_mode & 0o777) for n in ("a.txt", "loss.png", "b.txt")] == \
-        ["0o644", "0o644", "0o640"]
+    names = ("a.txt", "loss.png", "w.safetensors", "b.txt", "v.safetensors")
+    assert [oct(os.stat(tmp_path / n).st_mode & 0o777) for n in names] == \
+        ["0o644", "0o644", "0o644", "0o640", "0o640"]
+    files = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "ad") for f in fs]
+    assert files and all(os.stat(f).st_mode & 0o777 == 0o644 for f in files), files
 
 
 def test_data_errors_name_the_file(tmp_path, capsys):

@@ -33,6 +33,12 @@ __all__ = ["atomic_directory", "InterruptedAfterWrite", "sweep_leftovers", "cont
            "write_json", "to_numpy", "nonfinite", "SAFETENSORS_DTYPES"]
 
 
+# files by which an earlier export is recognised: an HF checkpoint, a PEFT adapter, a lora_jax
+# adapter; overwrite replaces only a directory holding one of them (never a thesis, never photos)
+EXPORT_MARKERS = ("config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json",
+                  "adapter.json")
+
+
 def _check_target(path: str, overwrite: bool, what: str) -> None:
     if os.path.lexists(path):
         if not os.path.isdir(path) or os.path.islink(path):
@@ -41,6 +47,10 @@ def _check_target(path: str, overwrite: bool, what: str) -> None:
         if entries and not overwrite:
             raise ValueError(f"{what}: {path!r} is not empty ({len(entries)} entries, e.g. {sorted(entries)[:3]}); "
                              "pass overwrite=True to replace it")
+        if entries and not any(m in entries for m in EXPORT_MARKERS):
+            raise ValueError(f"{what}: {path!r} holds {len(entries)} entries (e.g. {sorted(entries)[:3]}) but no "
+                             f"earlier export (none of {', '.join(EXPORT_MARKERS)}); overwrite replaces only an "
+                             "export: remove the directory yourself or choose another output")
 
 
 class InterruptedAfterWrite(KeyboardInterrupt):
@@ -395,12 +405,39 @@ def read_safetensors(file) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return out, {str(k): str(v) for k, v in meta.items()}
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the OS allows (another thread may be
+    creating files)."""
+    try:  # Linux
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(file) -> None:
+    """Give a file (a path or an open descriptor) the mode ``open`` would have given it: 0666 less
+    the umask (``tempfile.mkstemp`` and the safetensors library create files 0600)."""
+    mode = 0o666 & ~umask()
+    if isinstance(file, int):
+        os.fchmod(file, mode)
+    else:
+        os.chmod(file, mode)
+
+
 def write_safetensors(file: str, tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write NumPy/JAX arrays to a safetensors file (made C-contiguous, dtypes kept)."""
+    """Write NumPy/JAX arrays to a safetensors file (made C-contiguous, dtypes kept; the usual file
+    mode, not the library's 0600)."""
     from safetensors.numpy import save_file
 
     arrays = {k: np.ascontiguousarray(to_numpy(v)) for k, v in tensors.items()}
     save_file(arrays, file, metadata=None if metadata is None else {str(k): str(v) for k, v in metadata.items()})
+    usual_mode(file)
 
 
 def read_json(file: str, *, what: str = "JSON file") -> Any:

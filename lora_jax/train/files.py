@@ -19,29 +19,12 @@ import re
 import shutil
 import tempfile
 
+from ..io._files import usual_mode
+
 __all__ = ["atomic_write_text", "leftovers", "remove_leftovers", "usual_mode"]
 
 # the names `atomic_write_text` and lora_jax.io's atomic_directory write under
 _LEFTOVER = re.compile(r"^\.[^/]+\.(tmp|old)-[A-Za-z0-9_]+(\.png)?$")
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it (another thread may be creating files)
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def usual_mode(fd: int) -> None:
-    """Give a file that ``tempfile.mkstemp`` made private (0600) the mode ``open`` would have given
-    it: 0666 less the umask."""
-    os.fchmod(fd, 0o666 & ~_umask())
 
 
 def atomic_write_text(path: str, text: str) -> None:
