@@ -171,3 +171,33 @@ def test_train_on_a_llama3_checkpoint_then_peft_and_merge_match(ckpt, run, tmp_p
     assert merged.config.tie_word_embeddings and merged.config.rope_parameters["rope_type"] == "llama3"
     np.testing.assert_allclose(_real(_torch_logits(merged, ids, mask, pos), mask), _real(theirs, mask), **TOL)
     assert tf.AutoTokenizer.from_pretrained(str(out)).chat_template == CHAT_TEMPLATE
+
+
+def test_a_tokenizer_the_model_cannot_hold_or_read_is_refused_at_setup(ckpt, tmp_path, capsys):
+    """Issue 22.11/22.19: a tokenizer with more tokens than the model's embedding rows, and a damaged
+    tokenizer.json, are one error at setup naming the setting (exit 2), not NaN at step 1 or a
+    traceback; nothing is trained or written."""
+    import shutil
+
+    d, data, tok = ckpt
+    big = tmp_path / "big-tok"
+    tok.save_pretrained(str(big))
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(big))
+    t.add_tokens([f"<extra_{i}>" for i in range(8)])
+    t.save_pretrained(str(big))
+    base = {"model.path": d, "data.train": data, "data.seq_len": 32, "train.steps": 1, "train.batch_size": 8,
+            "train.warmup_steps": 0, "train.progress": "false", "model.compute_dtype": "float32"}
+    o = {**base, "out_dir": tmp_path / "run1", "tokenizer.path": big}
+    assert main(["train"] + [f"{k}={v}" for k, v in o.items()]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.path: the tokenizer has" in err and "embedding only" in err and "Traceback" not in err
+    broken = tmp_path / "broken"
+    shutil.copytree(d, broken)
+    (broken / "tokenizer.json").write_text('{"model": {"type": "BPE"}, "added_tokens": 7}')
+    o = {**base, "out_dir": tmp_path / "run2", "model.path": broken}
+    assert main(["train"] + [f"{k}={v}" for k, v in o.items()]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run1" / "checkpoints").exists() and not (tmp_path / "run2" / "checkpoints").exists()

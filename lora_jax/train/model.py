@@ -88,7 +88,14 @@ def load_tokenizer(path: str):
     """The tokenizer saved in ``path`` (a checkpoint or tokenizer directory)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(local_model_dir(path, what="tokenizer"))
+    d = local_model_dir(path, what="tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(d)
+    except (OSError, ValueError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json raises KeyError, TypeError, tokenizers' own
+        raise ValueError(f"{d}: the tokenizer files cannot be read ({type(e).__name__}: {e}); is tokenizer.json "
+                         "damaged?") from None
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok

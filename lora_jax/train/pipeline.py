@@ -417,6 +417,12 @@ def _load_base(r: _Run) -> None:
         if cfg.model.pretrain.steps:
             r.pre_rows = _rows(pre_docs, tok, cfg.data.seq_len, cfg.data.packing, "model.pretrain.data",
                                cfg.model.pretrain.data)
+    vocab = getattr(r.model.config, "vocab_size", None)
+    if vocab is not None and len(r.tokenizer) > vocab:
+        key = "tokenizer.path" if cfg.tokenizer.path is not None else "model.path"
+        raise ConfigError(f"{key}: the tokenizer has {len(r.tokenizer):,} tokens but the model's embedding only "
+                          f"{vocab:,} rows: ids from {vocab:,} on would index past it (NaN losses from the first "
+                          "step); use the model's own tokenizer or resize the model")
     max_pos = _model.max_positions(r.model)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is more than the model's {max_pos} positions")
