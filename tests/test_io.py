@@ -301,3 +301,19 @@ def test_overwrite_sweeps_what_killed_writes_left_and_finishes_an_interrupted_sw
     assert os.listdir(out) == ["new.txt"]
     assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name, other_host.name])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_save_adapter_refuses_joined_duplicates_and_misshapen_factors(tmp_path):
+    """Issue 22.14/22.22: two tree paths joining to one name, and factors that do not fit their
+    kernel (put there by LoraWeight.replace), are refused by save_adapter; nothing is written."""
+    w = np.ones((8, 4), np.float32)
+    rules = lora.Rules(".*", rank=2)
+    twin = {"a/b": {"k": w}, "a": {"b": {"k": w}}}
+    with pytest.raises(ValueError, match="a/b/k: two tree paths join to this same name"):
+        save_adapter(tmp_path / "twin", lora.init(twin, rules, 0))
+    lp = lora.init({"k": w}, rules, 0)
+    bad = {"k": lp["k"].replace(a=np.ones((8, 3), np.float32))}
+    with pytest.raises(ValueError, match=r"k: adapter 'default' has factors a\(8, 3\), b\(2, 4\); a kernel \(8, 4\) "
+                                         r"with layout 'io' at rank 2 needs a\(8, 2\), b\(2, 4\)"):
+        save_adapter(tmp_path / "bad", bad)
+    assert sorted(os.listdir(tmp_path)) == []

@@ -88,6 +88,10 @@ def save_adapter(path, tree, *, overwrite: bool = False) -> None:
             entries[p] = {"full": f"{p}.value", "w_shape": [int(d) for d in node.value.shape]}
             tensors[f"{p}.value"] = to_numpy(node.value)
             continue
+        if p in entries:
+            problems.append(f"{p}: two tree paths join to this same name (e.g. a key 'a/b' beside a nested a -> b); "
+                            "paths must be unique once joined with '/'")
+            continue
         chain = node.chain()
         if any(n.a is None or n.b is None for n in chain):
             problems.append(f"{p}: factor a or b is None (save the full tree, or the trainable half of one whose "
@@ -95,6 +99,14 @@ def save_adapter(path, tree, *, overwrite: bool = False) -> None:
             continue
         base = node.base
         w_shape = None if base is None else [int(d) for d in base.shape]
+        bad = [] if w_shape is None else [
+            f"{p}: adapter {n.name!r} has factors a{tuple(n.a.shape)}, b{tuple(n.b.shape)}; a kernel {tuple(w_shape)} "
+            f"with layout {n.layout!r} at rank {n.rank} needs a{tuple(want[0])}, b{tuple(want[1])}"
+            for n in chain for want in [factor_shapes(w_shape, n.layout, n.rank)]
+            if (tuple(n.a.shape), tuple(n.b.shape)) != (tuple(want[0]), tuple(want[1]))]
+        if bad:
+            problems += bad
+            continue
         if len(chain) == 1 and chain[0].name == "default":
             entries[p] = dict(_entry(chain[0], p, tensors), w_shape=w_shape)
         else:
