@@ -751,10 +751,14 @@ def test_save_merged_is_atomic_and_refuses_overwrite(root, tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         hf.save_merged(out, model, bad, overwrite=True)
     assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["m"]
+    with pytest.raises(ValueError, match="no earlier export"):  # overwrite replaces only an earlier export
+        hf.save_merged(out, model, lp, overwrite=True)
+    assert os.listdir(out) == ["keep.txt"]
+    (out / "config.json").write_text("{}")
     broken = dict(params, lm_head={"kernel": jnp.zeros((32, 5))})
     with pytest.raises(ValueError, match=r"lm_head/kernel: expected \(32, 97\), got \(32, 5\)"):
         hf.save_merged(out, model, broken, overwrite=True)
-    assert os.listdir(out) == ["keep.txt"]
+    assert sorted(os.listdir(out)) == ["config.json", "keep.txt"]
     hf.save_merged(out, model, lp, overwrite=True)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
 
