@@ -19,7 +19,7 @@ from lora_jax.cli import main
 from lora_jax.train import model as tm
 from lora_jax.train.metrics import read_metrics
 from helpers import spread_torch
-from test_train_hf_checkpoint import _conversations, _tokenizer
+from test_train_hf_checkpoint import _conversations, _tokenizer, write_data
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -40,9 +40,7 @@ def ckpt(tmp_path_factory):
     d = root / "tiny-qwen3-moe"
     spread_torch(tf.Qwen3MoeForCausalLM(cfg).eval()).save_pretrained(str(d), safe_serialization=True)
     tok.save_pretrained(str(d))
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-    return d, data, tok
+    return d, write_data(root, recs), tok
 
 
 def test_loss_adds_transformers_load_balancing_term(ckpt):

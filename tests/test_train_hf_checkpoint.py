@@ -81,11 +81,16 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     spread_torch(tf.LlamaForCausalLM(cfg).eval()).save_pretrained(str(d), safe_serialization=True)
     tok.save_pretrained(str(d))
-    data = root / "data"  # one record shape per file: chats, and prompt/completion pairs
+    return d, write_data(root, recs), tok
+
+
+def write_data(root, recs):
+    """``root/data``: the records as JSONL, one file per record shape (chats, prompt/completion pairs)."""
+    data = root / "data"
     data.mkdir()
     for name, shape in (("chat.jsonl", "messages"), ("qa.jsonl", "prompt")):
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in recs if shape in r), encoding="utf-8")
-    return d, data, tok
+    return data
 
 
 @pytest.fixture(scope="module")
