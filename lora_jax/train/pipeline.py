@@ -20,9 +20,10 @@ Order of work (nothing is written until everything that can be checked has been)
 
 Each step is one function over a small `_Run` state (`_prepare`, `_load_base`, `_load_data`,
 `_choose_checkpoint`, `_start_writes`, `_pretrain`, `_finetune`, `_export`). The train records and the summary report
-tokens/s and the model FLOPs utilization (`flops`). Pretraining, LoRA training and `evaluate` use
-one loss: by default the chunked cross-entropy of `loss` (``train.chunked_loss``,
-``train.loss_chunk``), which never holds the full ``(batch, seq, vocab)`` float32 logits.
+tokens/s and the model FLOPs utilization (`flops`). Pretraining and LoRA training run the step
+settings `tuning` picks (``train.remat``, ``train.loss``, ``train.unroll``: fastest within the
+device's memory, or as fixed in the config); `evaluate` uses the chunked cross-entropy of `loss`
+unless ``train.loss`` is ``plain`` (it never holds the full ``(batch, seq, vocab)`` float32 logits).
 
 Run directory::
 
