@@ -111,11 +111,7 @@ def sweep_leftovers(path: str) -> list[str]:
     for n in entries:
         m = tagged.match(n)
         if (m and m.group(3) == here and not _alive(int(m.group(2)))) or (not m and legacy.match(n)):
-            p = os.path.join(parent, n)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            elif os.path.lexists(p):
-                os.remove(p)
+            _remove_entry(os.path.join(parent, n))
             gone.append(n)
     return gone
 
@@ -150,7 +146,6 @@ def atomic_directory(path, *, overwrite: bool = False, what: str = "save") -> It
     # mkdtemp makes the directory private (0o700); recreate it so it gets the usual umask-based mode
     os.rmdir(tmp)
     os.mkdir(tmp)
-    held: list = []
     try:
         yield tmp
         _check_target(path, overwrite, what)  # the target may have appeared while we were writing
@@ -251,6 +246,25 @@ def contained(root, name: str, *, what: str = "file name") -> str:
 _HUB_ID = re.compile(r"([A-Za-z0-9][\w.\-]*(?:/[A-Za-z0-9][\w.\-]*)?)(?:@([\w.\-/]+))?")
 
 
+def hub_id(spec) -> Optional[tuple]:
+    """``(repo, revision or None)`` when ``spec`` reads as a Hugging Face hub id (``org/name``, a
+    bare ``name``, either with ``@revision``) rather than a path; None otherwise."""
+    raw = os.fspath(spec)
+    m = _HUB_ID.fullmatch(raw)
+    return None if m is None or raw.startswith((".", "/", "~")) else (m.group(1), m.group(2))
+
+
+def _remove_entry(p: str) -> None:
+    """Delete a file, link or directory tree (gone already: nothing to do)."""
+    if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+
+
 def _hub_offline() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
         return True
@@ -284,10 +298,10 @@ def local_model_dir(spec, revision: Optional[str] = None, *, what: str = "model"
     where = os.path.abspath(path)
     if os.path.exists(path):
         raise ValueError(f"{what}: {where!r} is a file; pass the checkpoint directory")
-    m = _HUB_ID.fullmatch(raw)
-    if m is None or raw.startswith((".", "/", "~")):
+    parsed = hub_id(raw)
+    if parsed is None:
         raise FileNotFoundError(f"{what}: no directory at {where!r}")
-    repo, rev = m.group(1), revision or m.group(2)
+    repo, rev = parsed[0], revision or parsed[1]
     try:
         from huggingface_hub import constants, snapshot_download
     except ImportError:

@@ -429,11 +429,6 @@ def resolve_path(p: str) -> str:
     return os.path.expanduser(p) if isinstance(p, str) else p
 
 
-def _looks_like_hub_id(p: str) -> bool:
-    """``org/name`` (or ``org/name@rev``) that is not a path: no leading ``.``, ``/`` or ``~``, one slash."""
-    return isinstance(p, str) and not p.startswith((".", "/", "~")) and p.split("@")[0].count("/") == 1
-
-
 def _builtin_names() -> list[str]:
     d = resources.files("lora_jax").joinpath("data")
     return sorted(BUILTIN_PREFIX + f.name for f in d.iterdir() if f.is_file() and not f.name.startswith("_"))
@@ -448,12 +443,13 @@ def _check_file(value, key, problems, *, want_dir=False):
             continue
         real = resolve_path(p)
         if want_dir:  # a checkpoint or tokenizer: a directory, or a hub id in the local cache
-            from ..io._files import local_model_dir
+            from ..io._files import hub_id, local_model_dir
 
             try:
                 local_model_dir(real, what=key)
             except FileNotFoundError as e:
-                problems.append(f"{key}: directory not found: {p!r}" if not _looks_like_hub_id(p) else str(e))
+                parsed = hub_id(p)  # org/name: the cache's own message; a path: not found
+                problems.append(str(e) if parsed and "/" in parsed[0] else f"{key}: directory not found: {p!r}")
             except ValueError:
                 problems.append(f"{key}: {p!r} is not a directory")
         elif not os.path.exists(real):

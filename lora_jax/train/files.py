@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 
-from ..io._files import usual_mode
+from ..io._files import _remove_entry, usual_mode
 
 __all__ = ["atomic_write_text", "leftovers", "remove_leftovers", "usual_mode"]
 
@@ -55,12 +54,5 @@ def remove_leftovers(directory: str) -> list[str]:
     """Delete what `leftovers` lists (the targets themselves are never touched); returns the names."""
     names = leftovers(directory)
     for n in names:
-        p = os.path.join(directory, n)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            try:
-                os.remove(p)
-            except FileNotFoundError:
-                pass
+        _remove_entry(os.path.join(directory, n))
     return names
