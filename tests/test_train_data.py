@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lora_jax.train import data as D
+from lora_jax.train import records as R
 
 
 class CharTok:
@@ -24,7 +25,7 @@ def test_pack_matches_hand_computed_rows():
     docs = [D.encode({"text": "abc"}, CharTok()), D.encode({"text": "de"}, CharTok())]
     a, b, c, d, e = (ord(x) for x in "abcde")
     assert docs[0][0].tolist() == [1, a, b, c, 2] and docs[0][1].tolist() == [0, 1, 1, 1, 1]
-    rows = D.pack(docs, seq_len=4, pad_id=0)
+    rows = D.pack(docs, seq_len=4, pad_id=0, packing="stream")
     # stream: 1 a b c 2 1 d e 2  (9 tokens) -> ceil(8/4) = 2 rows of 5, overlapping by one token
     assert rows.tokens.tolist() == [[1, a, b, c, 2], [2, 1, d, e, 2]]
     assert rows.weights.tolist() == [[0, 1, 1, 1, 1], [1, 0, 1, 1, 1]]
@@ -39,7 +40,7 @@ def test_pack_matches_hand_computed_rows():
 
 def test_pack_pads_the_last_row_with_zero_weight():
     docs = [D.encode({"text": "abcdef"}, CharTok())]  # 8 tokens -> ceil(7/3) = 3 rows, 10 slots
-    rows = D.pack(docs, seq_len=3, pad_id=0)
+    rows = D.pack(docs, seq_len=3, pad_id=0, packing="stream")
     stream = [1] + [ord(x) for x in "abcdef"] + [2]
     assert rows.tokens.tolist() == [stream[0:4], stream[3:7], stream[6:8] + [0, 0]]
     assert rows.weights[2].tolist() == [1, 1, 0, 0]
@@ -90,19 +91,20 @@ def test_messages_train_on_assistant_turns_only():
 def test_read_text_paragraphs_and_jsonl(tmp_path):
     t = tmp_path / "a.txt"
     t.write_text("first para\nline two\n\n\n  second  \n\nthird\n")
-    assert D.read_documents(str(t)) == [{"text": "first para\nline two"}, {"text": "second"}, {"text": "third"}]
+    assert D.read_documents(str(t)) == [R.Text("first para\nline two"), R.Text("second"), R.Text("third")]
     recs = [{"text": "x"}, {"prompt": "p", "completion": "c"}, {"messages": [{"role": "user", "content": "u"}]}]
+    want = [R.Text("x"), R.Completion("p", "c"), R.Chat(({"role": "user", "content": "u"},))]
     files = []
     for i, r in enumerate(recs):  # one shape per file
         j = tmp_path / f"b{i}.jsonl"
         j.write_text(json.dumps(r) + "\n\n" + json.dumps(r) + "\n")
         files.append(str(j))
-    assert D.read_documents(files) == [r for r in recs for _ in range(2)]
+    assert D.read_documents(files) == [r for r in want for _ in range(2)]
     d = tmp_path / "dir"
     d.mkdir()
     (d / "2.txt").write_text("two\n\nstill two")
     (d / "1.txt").write_text("one")
-    assert D.read_documents(str(d)) == [{"text": "one"}, {"text": "two\n\nstill two"}]
+    assert D.read_documents(str(d)) == [R.Text("one"), R.Text("two\n\nstill two")]
 
 
 @pytest.mark.parametrize("line,msg", [
@@ -110,7 +112,7 @@ def test_read_text_paragraphs_and_jsonl(tmp_path):
     ('{"prompt": "p"}', "b.jsonl:2: 'prompt' and 'completion' must both be strings"),
     ('{"input": "x"}', "b.jsonl:2: a record needs 'text', 'prompt'+'completion', 'messages' (OpenAI), "
                        "'instruction'+'output' (Alpaca) or 'conversations' (ShareGPT); got keys ['input']"),
-    ('{"prompt": "p", "completion": "c"}', "b.jsonl:2: a prompt/completion record, but line 1 holds a text record"),
+    ('{"prompt": "p", "completion": "c"}', "b.jsonl:2: a prompt/completion record, but "),
     ('{"instruction": "i"}', "b.jsonl:2: Alpaca records need 'instruction' and 'output' strings"),
     ('{"conversations": [{"from": "robot", "value": "v"}]}', "b.jsonl:2: 'conversations' speaker 'robot' is not"),
     ('{"messages": [{"role": "user"}]}', "b.jsonl:2: 'messages' must be a non-empty list"),
@@ -138,7 +140,7 @@ def test_order_is_a_permutation_per_epoch_deterministic_and_seeded():
 
 def test_eval_batches_cover_every_row_once_and_pad_with_zero_weight():
     docs = [D.encode({"text": "abcdefghij" * 3}, CharTok())]
-    rows = D.pack(docs, seq_len=4, pad_id=0)  # 32 tokens -> 8 rows
+    rows = D.pack(docs, seq_len=4, pad_id=0, packing="stream")  # 32 tokens -> 8 rows
     bs = list(D.eval_batches(rows, 3))
     assert len(bs) == 3
     total = sum(float(b["weights"].sum()) for b in bs)
@@ -163,15 +165,15 @@ def test_alpaca_and_sharegpt_records_read_as_chats(tmp_path):
     a.write_text(json.dumps({"instruction": "Add.", "input": "2 and 3", "output": "5"}) + "\n"
                  + json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
     assert D.read_documents(str(a)) == [
-        {"messages": [{"role": "user", "content": "Add.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]},
-        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]}]
+        R.Chat(({"role": "user", "content": "Add.\n\n2 and 3"}, {"role": "assistant", "content": "5"})),
+        R.Chat(({"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}))]
     g = tmp_path / "sharegpt.jsonl"
     g.write_text(json.dumps({"conversations": [{"from": "system", "value": "Be brief."},
                                                {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]})
                  + "\n")
     (doc,) = D.read_documents(str(g))
-    assert doc == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                                {"role": "assistant", "content": "Hello"}]}
+    assert doc == R.Chat(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}))
     tok = build_tokenizer(["Hello Hi Be brief."] * 5, vocab_size=300)
     ids, w = D.encode(doc, tok)
     trained = tok.decode([t for t, x in zip(ids, w) if x])

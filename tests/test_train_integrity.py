@@ -365,9 +365,9 @@ def test_a_failed_resume_writes_nothing_and_the_right_one_then_works(stopped, re
 
 @pytest.mark.parametrize("records,extra,cause", [
     ([{"messages": [{"role": "human", "content": "hi there"}, {"role": "bot", "content": "hello"}]}] * 6, {},
-     "none of the 6 'messages' records has an 'assistant' turn (roles found: 'bot', 'human')"),
+     "none of the 6 chat records has an 'assistant' turn (roles found: 'bot', 'human')"),
     ([{"prompt": "a long prompt " * 20, "completion": "yes"}] * 6, {"data.packing": False},
-     "with data.packing=false each record is cut to data.seq_len + 1 = 33 tokens"),
+     "with data.packing=none each record is cut to data.seq_len + 1 = 33 tokens"),
 ])
 def test_zero_trained_tokens_is_an_error_naming_the_file_and_the_cause(tmp_path, capsys, records, extra, cause):
     data = tmp_path / "chat.jsonl"

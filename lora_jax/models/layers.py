@@ -35,7 +35,7 @@ __all__ = [
     "ACTIVATIONS", "REMAT_POLICIES", "ROPE_TYPES", "ATTENTION_IMPLS",
     "canon_dtype", "positive_int", "freeze", "thaw", "remat_policy", "check_remat_policy", "scan_layers",
     "rope_parameters", "check_rope", "rotary_dim", "rope_frequencies", "rope_tables", "apply_rope",
-    "RMSNorm", "LayerNorm", "dense", "attention_impl", "attention", "decoder_inputs", "decoder_mask", "causal_cache_mask", "init_cache",
+    "RMSNorm", "LayerNorm", "dense", "attention_impl", "attention", "decoder_inputs", "decoder_mask", "segment_mask", "causal_cache_mask", "init_cache",
     "MOE_IMPLS", "moe_impl", "route", "SparseMoe", "load_balancing_loss",
 ]
 
@@ -452,19 +452,40 @@ def decoder_inputs(who: str, input_ids, attention_mask=None, positions=None, cac
     return input_ids, attention_mask, positions, cache_index, m
 
 
+def segment_mask(attention_mask, t: int, m: int):
+    """Boolean ``(B, 1, t, m)`` mask of an ``attention_mask`` ``(B, m)`` for ``t`` queries.
+
+    ``attention_mask`` holds 0 on padding and, on real tokens, 1 or a document (segment) id:
+    rows packed with several documents number them ``1, 2, ...`` and a token attends only to
+    tokens of its own document (TRL's padding-free packing, axolotl's multipack). A plain 0/1
+    mask is one document: keys that are padding are masked, nothing else. Segments are compared
+    only when the queries are the mask's own tokens (``t == m``: no cache, or a prefill filling
+    the whole cache); with a cache the mask masks keys only. Padding queries see every real key
+    before them, as transformers computes them.
+    """
+    seg = jnp.asarray(attention_mask)
+    keys = (seg != 0)[:, None, :]
+    if t != m:
+        return keys[:, None]
+    same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, :, None] == 0)
+    return (same & keys)[:, None]
+
+
 def decoder_mask(attention_mask, cache, cache_index, t: int, m: int, window=None):
     """The boolean attention mask of a decoder call: with a cache `causal_cache_mask` (causality by
-    slot, the window, the padding); without one only the padding ``(B, 1, 1, T)`` (or None), the
-    attention core adding causality and the window itself (cuDNN's fast causal path)."""
+    slot, the window, the padding); without one only the padding and documents (`segment_mask`,
+    or None), the attention core adding causality and the window itself (cuDNN's fast causal
+    path when there is no mask)."""
     if cache is not None:
         return causal_cache_mask(cache_index, t, m, attention_mask, window)
-    return None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+    return None if attention_mask is None else segment_mask(attention_mask, t, m)
 
 
 def causal_cache_mask(cache_index, t: int, m: int, attention_mask=None, window=None):
     """Boolean ``(B or 1, 1, t, m)`` mask for ``t`` new tokens written at slot ``cache_index`` of an
     ``m``-slot cache: causal by slot, limited to the last ``window`` slots when given (an int or a
-    traced scalar), and ``attention_mask`` ``(B, m)`` (1 = real token) applied."""
+    traced scalar), and ``attention_mask`` ``(B, m)`` (0 = padding; document ids: `segment_mask`)
+    applied."""
     slots = jnp.arange(m, dtype=jnp.int32)
     q_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
     mask = slots[None, :] <= q_slots[:, None]
@@ -472,7 +493,7 @@ def causal_cache_mask(cache_index, t: int, m: int, attention_mask=None, window=N
         mask = mask & (slots[None, :] > q_slots[:, None] - window)
     mask = mask[None, None]
     if attention_mask is not None:
-        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+        mask = mask & segment_mask(attention_mask, t, m)
     return mask
 
 

@@ -417,7 +417,9 @@ class LlamaForCausalLM(nn.Module):
     ``model.apply({"params": params}, input_ids, attention_mask=None, positions=None)`` gives
     logits ``(B, T, V)`` in float32. ``attention_mask`` ``(B, T)`` (1 = token, 0 = padding) is
     combined with the causal mask; ``positions`` default to ``0..T-1`` (give ``cumsum(mask) - 1``
-    for left-padded rows, as transformers' ``generate`` does). For right-padded training batches
+    for left-padded rows, as transformers' ``generate`` does). Rows packed with several documents
+    give each its id ``1, 2, ...`` in the mask and positions restarting at 0 per document: no
+    token attends across a document (`lora_jax.models.layers.segment_mask`, every decoder family). For right-padded training batches
     the mask can be left out: causal attention never lets a real token see the padding after it,
     and the cuDNN kernel then runs its fastest causal path. With ``cache``/``cache_index`` (see
     `lora_jax.models.generate`) it returns ``(logits, new_cache)``.

@@ -9,7 +9,7 @@ Run it with ``lora_jax.train.run(cfg)`` or from the shell with ``lora-jax train 
 """
 
 from .config import Config, ConfigError, load_config, config_names, to_yaml
-from .data import Rows, Order, read_documents, encode, pack
+from .data import Rows, PackedRows, Order, read_documents, encode, pack
 from .trainer import (LoopSpec, Trainer, NonFiniteError, make_optimizer, make_train_step, jit_train_step, make_eval_step,
                       make_loss_fn)
 from .interrupts import TrainingInterrupted
@@ -19,7 +19,7 @@ from .pipeline import run, load_run, resolve_out_dir
 
 __all__ = [
     "Config", "ConfigError", "load_config", "config_names", "to_yaml",
-    "Rows", "Order", "read_documents", "encode", "pack",
+    "Rows", "PackedRows", "Order", "read_documents", "encode", "pack",
     "LoopSpec", "Trainer", "NonFiniteError", "TrainingInterrupted", "make_optimizer", "make_train_step", "jit_train_step",
     "make_eval_step", "make_loss_fn",
     "Checkpointer", "latest_step", "make_mesh", "param_shardings",

@@ -30,6 +30,9 @@ import numpy as np
 import yaml
 
 from ..weight import AdapterSettings
+from . import data as _data
+from . import readers as _readers
+from . import records as _records
 
 __all__ = [
     "Config", "ModelConfig", "PretrainConfig", "TokenizerConfig", "DataConfig", "LoraConfig", "TrainConfig",
@@ -161,10 +164,19 @@ class DataConfig:
     eval: Optional[Union[str, list]] = _f(None, "eval file(s); null: hold out data.eval_fraction of train",
                                           file=True)
     eval_fraction: float = _f(0.1, "share of train documents held out for eval (the last ones)", min=0.0, lt=1.0)
-    format: str = _f("auto", "auto picks by extension (.jsonl/.json: JSONL, else text)",
-                     choices=("auto", "text", "jsonl"))
+    format: str = _f("auto", "file format; auto picks by extension (.jsonl/.json JSONL, .parquet, .arrow; else "
+                     "text); directories (and datasets save_to_disk directories) are read file by file",
+                     choices=_readers.FORMATS)
+    columns: Optional[dict] = _f(None, "the dataset's field names for ours, e.g. {prompt: question, completion: "
+                                 "answer} (fields: " + ", ".join(_records.FIELDS) + ")")
     seq_len: int = _f(128, "tokens per training row", min=2)
-    packing: bool = _f(True, "concatenate documents (EOS between) into rows; false: one document per row")
+    packing: str = _f("documents", "documents: whole documents per row (best-fit decreasing), attention and positions "
+                      "per document; stream: concatenated and cut, attention across documents; none: one document "
+                      "per row, truncated", choices=_data.PACKING)
+    cache: Optional[str] = _f("auto", "the tokenized cache directory (auto: $LORA_JAX_CACHE/tokenized or "
+                              "~/.cache/lora_jax/tokenized); null: none kept (a temporary one for the run)")
+    workers: int = _f(0, "tokenizing processes on a cache miss; 0: one per core (data under 4 MB: in-process)",
+                      min=0)
 
 
 def _setting(name: str):
@@ -602,6 +614,10 @@ def _cross_checks(cfg: Config, problems: list):
     if sum(getattr(m, k) == -1 for k in ("data", "fsdp", "tensor")) > 1:
         problems.append("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     _check_file(cfg.data.train, "data.train", problems)
+    try:
+        _records.check_columns(cfg.data.columns)
+    except ValueError as e:
+        problems.append(f"data.{e}")
     if cfg.data.eval is not None:
         _check_file(cfg.data.eval, "data.eval", problems)
     if cfg.model.path is not None:
@@ -624,7 +640,8 @@ def _drop_removed_keys(data: dict, problems: list) -> None:
     """Keys of older configs: ``lora.layout`` no longer means anything (the kernels of lora_jax's
     models are always ``(in, out)``): its old default ``auto`` is dropped silently (a saved run's
     config.yaml), any other value is a problem, since it would now be ignored.
-    ``train.chunked_loss`` became ``train.loss``: true reads as ``chunked``, false as ``plain``."""
+    ``train.chunked_loss`` became ``train.loss``: true reads as ``chunked``, false as ``plain``.
+    ``data.packing`` true/false reads as ``documents``/``none``."""
     lora = data.get("lora")
     if isinstance(lora, dict) and "layout" in lora:
         lora = dict(lora)
@@ -634,6 +651,9 @@ def _drop_removed_keys(data: dict, problems: list) -> None:
             problems.append(f"lora.layout: {_short(value)} is no longer a setting: lora_jax's models store every "
                             "kernel (in, out) and their layer stacks are known, so the layout is never ambiguous; "
                             "remove the key")
+    d = data.get("data")
+    if isinstance(d, dict) and isinstance(d.get("packing"), bool):  # became documents | stream | none
+        data["data"] = {**d, "packing": "documents" if d["packing"] else "none"}
     train = data.get("train")
     if isinstance(train, dict) and "chunked_loss" in train:  # became train.loss (chunked | plain | auto)
         train = dict(train)

@@ -1,26 +1,26 @@
-"""Training data: read documents, tokenize with loss weights, pack into rows, order them by seed.
+"""Training rows: encoded documents packed into fixed-length rows, served by index; the row order.
 
-Documents come from
+Documents are tokenized records (`records`: ``(ids, weights)``, weight 1 on a token the loss
+predicts) stored flat: `Docs` holds every document's tokens back to back with their offsets, in
+memory or memory-mapped from the tokenized cache (`tokcache`). A row holds ``L + 1`` tokens
+(``L = seq_len``): the model reads the first ``L``, the targets are the last ``L``. Three layouts
+(``packing``):
 
-* text files: each blank-line-separated paragraph is one document;
-* a directory: each ``.txt``/``.md`` file is one document, each ``.jsonl`` file is read as JSONL;
-* JSONL files (``.jsonl``/``.json``), one record per line, all of one shape (`SHAPES`):
-  ``{"text": ...}`` (every token trained), ``{"prompt": ..., "completion": ...}`` (loss on the
-  completion only), ``{"messages": [{"role": ..., "content": ...}, ...]}`` (OpenAI; rendered with
-  the tokenizer's chat template, loss on the assistant turns only), Alpaca
-  ``{"instruction", "input"?, "output"}`` (a user turn and an assistant turn) or ShareGPT
-  ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}`` (messages).
+* ``"documents"`` (the default): whole documents packed into rows by best-fit decreasing (TRL's
+  ``bfd``); a document longer than a row is cut into pieces of ``L + 1`` tokens overlapping by
+  one (every token after the first a target exactly once). Each piece is a *segment*: the batch
+  carries its id (``mask``: 1, 2, ... per piece of the row, 0 on padding) and its own positions
+  (``positions``: 0, 1, ... from each piece's start), so attention never crosses a document and
+  RoPE restarts per document (`lora_jax.models.layers.segment_mask`). The first token of each
+  piece is never a target (its input would be the previous document's last token).
+* ``"stream"``: GPT-style: the documents concatenated and cut every ``L`` tokens (rows overlap by
+  one token); attention runs across documents inside a row. ``mask`` is 1 on tokens, 0 on padding.
+* ``"none"``: one document per row, cut to ``L + 1`` tokens.
 
-Each document becomes ``[bos] + tokens + [eos]`` (no BOS for chat messages: the template decides)
-with a per-token *weight*: 1 where the token is a training target, 0 on BOS, prompts, non-assistant
-turns and padding.
-
-Packing (``packing=True``) concatenates the documents into one stream and cuts it into rows of
-``seq_len + 1`` tokens that overlap by one: row ``k`` holds ``stream[k*L : k*L + L + 1]``, its inputs
-are the first ``L`` tokens and its targets the last ``L``, so every stream token after the first is
-a target exactly once. Attention runs across document boundaries inside a row (GPT-style packing).
-With ``packing=False`` each document is its own row, truncated to ``L + 1`` tokens. Short rows are
-padded with weight 0.
+A row source is anything with ``len()``, ``seq_len``, ``n_targets`` and ``batch(idx) -> dict``
+(`Rows`: materialized arrays; `PackedRows`: rows assembled from `Docs` on demand, so the training
+loop reads only the rows of each batch). A batch holds ``inputs``, ``targets``, ``weights``
+(float32), ``mask`` (int32) and, for ``"documents"``, ``positions``.
 
 The training order is a fresh permutation of the rows each epoch, drawn from ``(seed, epoch)``;
 the *position* (rows consumed so far) is all a checkpoint needs to continue exactly.
@@ -28,297 +28,248 @@ the *position* (rows consumed so far) is all a checkpoint needs to continue exac
 Example:
   >>> import numpy as np
   >>> from lora_jax.train.data import pack
-  >>> rows = pack([(np.array([0, 5, 6, 9]), np.array([0, 1, 1, 1.]))], seq_len=2, pad_id=0)
-  >>> rows.tokens.tolist(), rows.weights.tolist()
-  ([[0, 5, 6], [6, 9, 0]], [[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+  >>> rows = pack([(np.array([0, 5, 6]), np.array([0, 1, 1])), (np.array([0, 7, 8]), np.array([0, 1, 1]))],
+  ...             seq_len=5, pad_id=0)
+  >>> b = rows.batch(np.array([0]))
+  >>> b["inputs"].tolist(), b["mask"].tolist(), b["positions"].tolist(), b["weights"].tolist()
+  ([[0, 5, 6, 0, 7]], [[1, 1, 1, 2, 2]], [[0, 1, 2, 0, 1]], [[1.0, 1.0, 0.0, 1.0, 1.0]])
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import os
-import re
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["Rows", "Order", "read_documents", "encode", "pack", "batch", "eval_batches", "split_eval",
-           "why_no_targets", "TEXT_EXTS", "JSONL_EXTS"]
+from . import readers as _readers
+from . import records as _rec
 
-TEXT_EXTS = (".txt", ".md", ".text")
-JSONL_EXTS = (".jsonl", ".json")
-_PARAGRAPH = re.compile(r"\n\s*\n")
+__all__ = ["PACKING", "Docs", "Rows", "PackedRows", "Order", "read_documents", "to_record", "encode", "pack",
+           "plan_documents", "batch", "eval_batches", "split_count", "split_eval", "ShapeCheck", "why_no_targets"]
+
+PACKING = ("documents", "stream", "none")
+
+
+def packing_mode(packing) -> str:
+    """``packing`` as one of `PACKING` (True reads as ``"documents"``, False as ``"none"``)."""
+    if packing is True:
+        return "documents"
+    if packing is False:
+        return "none"
+    if packing not in PACKING:
+        raise ValueError(f"packing must be one of {', '.join(PACKING)}, got {packing!r}")
+    return packing
 
 
 # ------------------------------------------------------------------------------------------
-# reading
+# records
 # ------------------------------------------------------------------------------------------
 
 
-def _paragraphs(text: str) -> list[dict]:
-    return [{"text": p.strip()} for p in _PARAGRAPH.split(text.replace("\r\n", "\n")) if p.strip()]
-
-
-# ShareGPT's speaker names -> chat roles
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "model": "assistant", "chatgpt": "assistant", "system": "system"}
-SHAPES = ("text", "prompt/completion", "messages", "alpaca", "sharegpt")
-
-
-def _shape(rec: dict) -> str:
-    """Which record shape (one of `SHAPES`) a JSON object has, by its keys."""
-    if "messages" in rec:
-        return "messages"
-    if "conversations" in rec:
-        return "sharegpt"
-    if "instruction" in rec or "output" in rec:
-        return "alpaca"
-    if "prompt" in rec or "completion" in rec:
-        return "prompt/completion"
-    if "text" in rec:
-        return "text"
-    raise ValueError(f"a record needs 'text', 'prompt'+'completion', 'messages' (OpenAI), 'instruction'+'output' "
-                     f"(Alpaca) or 'conversations' (ShareGPT); got keys {sorted(rec)}")
-
-
-def _check_record(rec, where: str) -> tuple[dict, str]:
-    """``(the record in one of the three forms the encoder reads, its shape)``: Alpaca records
-    become a user turn (instruction, then the input after a blank line) and an assistant turn
-    (output); ShareGPT conversations become messages (human/user -> user, gpt/assistant -> assistant,
-    system -> system)."""
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    try:
-        shape = _shape(rec)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    if shape == "sharegpt":
-        conv = rec["conversations"]
-        if not isinstance(conv, list) or not conv or not all(
-                isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
-                for t in conv):
-            raise ValueError(f"{where}: 'conversations' must be a non-empty list of "
-                             "{\"from\": str, \"value\": str}")
-        unknown = sorted({t["from"] for t in conv if t["from"].lower() not in _SHAREGPT_ROLES})
-        if unknown:
-            raise ValueError(f"{where}: 'conversations' speaker {unknown[0]!r} is not one of "
-                             f"{sorted(_SHAREGPT_ROLES)}")
-        rec = {"messages": [{"role": _SHAREGPT_ROLES[t["from"].lower()], "content": t["value"]} for t in conv]}
-    elif shape == "alpaca":
-        ins, inp, out = rec.get("instruction"), rec.get("input", ""), rec.get("output")
-        if not isinstance(ins, str) or not isinstance(out, str) or not isinstance(inp, (str, type(None))):
-            raise ValueError(f"{where}: Alpaca records need 'instruction' and 'output' strings (and an optional "
-                             f"'input' string), got {type(ins).__name__}, {type(out).__name__} and "
-                             f"{type(inp).__name__}")
-        user = ins + (f"\n\n{inp}" if inp else "")
-        rec = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": out}]}
-    if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs):
-            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}, shape
-    if shape == "prompt/completion":
-        p, c = rec.get("prompt"), rec.get("completion")
-        if not isinstance(p, str) or not isinstance(c, str):
-            raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings, got "
-                             f"{type(p).__name__} and {type(c).__name__}")
-        return {"prompt": p, "completion": c}, shape
-    if not isinstance(rec["text"], str):
-        raise ValueError(f"{where}: 'text' must be a string, got {type(rec['text']).__name__}")
-    return {"text": rec["text"]}, shape
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    docs = []
-    first = None  # (shape, line) of the file's first record: one file holds one shape
-    for n, line in enumerate(io.StringIO(_read_text(path)), 1):
-        if not line.strip():
-            continue
+def to_record(where: str, payload, columns: Optional[Mapping[str, str]] = None):
+    """``(record, shape name)`` of a reader's payload (a JSON line, a row mapping, or a record)."""
+    if isinstance(payload, _rec.Record):
+        return payload, "text"
+    if isinstance(payload, str):
         try:
-            rec = json.loads(line.rstrip("\n"))
+            payload = json.loads(payload)
         except json.JSONDecodeError as e:  # some of json's messages end in "at" already
-            where = "column" if e.msg.endswith(" at") else "at column"
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} {where} {e.colno})") from None
-        doc, shape = _check_record(rec, f"{path}:{n}")
-        if first is None:
-            first = (shape, n)
-        elif shape != first[0]:
-            raise ValueError(f"{path}:{n}: a {shape} record, but line {first[1]} holds a {first[0]} record; a file "
-                             "holds records of one shape (split it, or convert the records)")
-        docs.append(doc)
-    return docs
+            at = "column" if e.msg.endswith(" at") else "at column"
+            raise ValueError(f"{where}: not valid JSON ({e.msg} {at} {e.colno})") from None
+    return _rec.parse(payload, where, columns)
 
 
-def _read_text(path: str) -> str:
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    try:
-        return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}: "
-                         f"{e.reason}); save the file as UTF-8") from None
+class ShapeCheck:
+    """One record shape per file: `see` raises on a record whose shape differs from the file's first."""
+
+    def __init__(self):
+        self.first: dict[str, tuple[str, str]] = {}
+
+    def see(self, where: str, shape: str) -> None:
+        file = where.rsplit(" row ", 1)[0] if " row " in where else where.rsplit(":", 1)[0]
+        got = self.first.setdefault(file, (shape, where))
+        if got[0] != shape:
+            raise ValueError(f"{where}: a {shape} record, but {got[1]} holds a {got[0]} record; a file holds records "
+                             "of one shape (split it, or convert the records)")
 
 
-def read_documents(paths: Union[str, Sequence[str]], fmt: str = "auto") -> list[dict]:
-    """The documents of one or more files or directories, in order.
-
-    Args:
-      paths: a path or a list of paths (files or directories).
-      fmt: ``"auto"`` (by extension: ``.jsonl``/``.json`` JSONL, anything else text), ``"text"``
-        or ``"jsonl"``.
-
-    Returns:
-      A list of records: ``{"text"}``, ``{"prompt", "completion"}`` or ``{"messages"}``.
+def read_documents(paths, fmt: str = "auto", columns: Optional[Mapping[str, str]] = None) -> list:
+    """The records of one or more files or directories, in order, in memory (small data: the
+    trainer streams large data through `tokcache` instead).
 
     Raises:
-      FileNotFoundError: for a path that does not exist.
-      ValueError: for a malformed JSONL line (file and line named) or an unknown ``fmt``.
+      FileNotFoundError: a path that does not exist.
+      ValueError: a malformed record (file and line/row named), a mix of shapes in one file, an
+        unknown ``fmt``.
     """
-    if fmt not in ("auto", "text", "jsonl"):
-        raise ValueError(f"fmt must be 'auto', 'text' or 'jsonl', got {fmt!r}")
-    docs: list[dict] = []
-    for p in [paths] if isinstance(paths, str) else list(paths):
-        if os.path.isdir(p):
-            names = sorted(n for n in os.listdir(p) if n.endswith(TEXT_EXTS + JSONL_EXTS))
-            if not names:
-                raise ValueError(f"{p}: directory holds no {'/'.join(TEXT_EXTS + JSONL_EXTS)} files")
-            for n in names:
-                f = os.path.join(p, n)
-                if n.endswith(JSONL_EXTS):
-                    docs.extend(_read_jsonl(f))
-                elif _read_text(f).strip():
-                    docs.append({"text": _read_text(f).strip()})
-        elif os.path.isfile(p):
-            jsonl = fmt == "jsonl" or (fmt == "auto" and p.endswith(JSONL_EXTS))
-            docs.extend(_read_jsonl(p) if jsonl else _paragraphs(_read_text(p)))
-        else:
-            raise FileNotFoundError(f"data file not found: {p!r}")
-    return docs
+    check, out = ShapeCheck(), []
+    for where, payload in _readers.read(paths, fmt):
+        rec, shape = to_record(where, payload, columns)
+        check.see(where, shape)
+        out.append(rec)
+    return out
 
 
-def split_eval(docs: list, fraction: float) -> tuple[list, list]:
-    """``(train, eval)``: the last ``ceil(fraction * n)`` documents are held out (none if 0)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"eval fraction must be in [0, 1), got {fraction!r}")
-    n_eval = int(np.ceil(fraction * len(docs))) if fraction > 0 else 0
-    if n_eval and n_eval >= len(docs):
-        raise ValueError(f"holding out {n_eval} of {len(docs)} documents for eval leaves none to train on")
-    return docs[: len(docs) - n_eval], docs[len(docs) - n_eval:]
+def encode(doc, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int32, weights uint8)`` of a record (or of a mapping in one of `records.SHAPES`)."""
+    if not isinstance(doc, _rec.Record):
+        doc, _ = _rec.parse(doc)
+    return doc.encode(tokenizer)
 
 
-# ------------------------------------------------------------------------------------------
-# tokenizing
-# ------------------------------------------------------------------------------------------
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
-
-
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except ValueError as e:
-        raise ValueError(f"'messages' records need a tokenizer with a chat template ({e})") from None
-
-
-def _encode_messages(messages, tokenizer) -> tuple[list[int], list[float]]:
-    """Render prefixes of the conversation; assistant contents (and their end marks) are trained."""
-    segments: list[tuple[str, float]] = []
-    done = ""
-    for k, m in enumerate(messages):
-        full = _render(tokenizer, messages[: k + 1])
-        if m["role"] == "assistant":
-            try:
-                head = _render(tokenizer, messages[:k], add_generation_prompt=True)
-            except Exception:  # some templates refuse an empty conversation: cut before the content
-                idx = full.rfind(m["content"])
-                head = full[:idx] if idx >= 0 else done
-            if not head.startswith(done) or not full.startswith(head):
-                raise ValueError("the chat template does not render a conversation's prefixes as prefixes of "
-                                 "its rendering; cannot tell which tokens are the assistant's")
-            segments += [(head[len(done):], 0.0), (full[len(head):], 1.0)]
-        else:
-            if not full.startswith(done):
-                raise ValueError("the chat template does not render a conversation's prefixes as prefixes of "
-                                 "its rendering; cannot tell which tokens are the assistant's")
-            segments.append((full[len(done):], 0.0))
-        done = full
-    ids: list[int] = []
-    w: list[float] = []
-    for text, weight in segments:
-        t = _ids(tokenizer, text)
-        ids += t
-        w += [weight] * len(t)
-    return ids, w
-
-
-def encode(doc: dict, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, weights)`` of one document; weight 1 marks a token the loss should predict.
-
-    ``{"text"}``: ``[bos] + text + [eos]``, all trained but BOS. ``{"prompt", "completion"}``:
-    ``[bos] + prompt + completion + [eos]`` with prompt and completion tokenized separately, loss
-    on completion and EOS. ``{"messages"}``: the chat template's rendering, loss on assistant turns;
-    EOS appended (trained when the last turn is the assistant's).
-    """
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token; documents could not be separated")
-    head = [bos] if bos is not None else []
-    if "messages" in doc:
-        ids, w = _encode_messages(doc["messages"], tokenizer)
-        if not ids or ids[-1] != eos:
-            ids, w = ids + [eos], w + [1.0 if doc["messages"][-1]["role"] == "assistant" else 0.0]
-    elif "prompt" in doc:
-        p, c = _ids(tokenizer, doc["prompt"]), _ids(tokenizer, doc["completion"])
-        ids = head + p + c + [eos]
-        w = [0.0] * (len(head) + len(p)) + [1.0] * (len(c) + 1)
-    elif "text" in doc:
-        t = _ids(tokenizer, doc["text"])
-        ids = head + t + [eos]
-        w = [0.0] * len(head) + [1.0] * (len(t) + 1)
-    else:
-        raise ValueError(f"unknown document kind with keys {sorted(doc)}")
-    return np.asarray(ids, np.int32), np.asarray(w, np.float32)
-
-
-def why_no_targets(docs: Sequence[dict], seq_len: int, packing: bool) -> str:
-    """Why documents that were read gave no trained token at all (for the error message)."""
-    chats = [d for d in docs if "messages" in d]
-    if chats:
-        roles = sorted({m["role"] for d in chats for m in d["messages"]})
-        if "assistant" not in roles:
-            return (f"none of the {len(chats)} 'messages' records has an 'assistant' turn (roles found: "
-                    f"{', '.join(map(repr, roles))}); only assistant turns are trained")
-    if not packing and any("prompt" in d or "messages" in d for d in docs):
-        return (f"with data.packing=false each record is cut to data.seq_len + 1 = {seq_len + 1} tokens, and every "
+def why_no_targets(stats: Mapping, seq_len: int, packing: str) -> str:
+    """Why documents that were read gave no trained token at all (for the error message);
+    ``stats`` is `tokcache.Stats`-like: ``chats``, ``roles`` (of chats without an assistant turn
+    when no chat has one), ``prompted`` (records with untrained prompts)."""
+    if stats.get("chats") and stats.get("chats_without_assistant") == stats.get("chats"):
+        roles = ", ".join(map(repr, stats.get("roles", [])))
+        return (f"none of the {stats['chats']} chat records has an 'assistant' turn (roles found: {roles}); only "
+                "assistant turns are trained")
+    if packing == "none" and stats.get("prompted"):
+        return (f"with data.packing=none each record is cut to data.seq_len + 1 = {seq_len + 1} tokens, and every "
                 "record's prompt (or non-assistant turns) fills them: no completion token is left")
     return "every token is masked (prompts, non-assistant turns) or cut off"
 
 
 # ------------------------------------------------------------------------------------------
-# packing
+# documents, flat
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Docs:
+    """Documents back to back: document ``d`` is ``tokens[offsets[d]:offsets[d + 1]]``.
+
+    Attributes:
+      tokens: ``(T,)`` int32 (a memory map when read from the cache).
+      weights: ``(T,)`` uint8, 1 on a token the loss predicts.
+      offsets: ``(n + 1,)`` int64.
+      targets: ``(n,)`` int64, each document's weight sum after its first token.
+    """
+
+    tokens: np.ndarray
+    weights: np.ndarray
+    offsets: np.ndarray
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_encoded(cls, encoded: Iterable[tuple[np.ndarray, np.ndarray]]) -> "Docs":
+        enc = [(np.asarray(i, np.int32).reshape(-1), np.asarray(w).reshape(-1)) for i, w in encoded]
+        for i, w in enc:
+            if i.shape != w.shape:
+                raise ValueError(f"a document's ids {i.shape} and weights {w.shape} differ in length")
+        offsets = np.zeros(len(enc) + 1, np.int64)
+        np.cumsum([i.size for i, _ in enc], out=offsets[1:])
+        tokens = np.concatenate([i for i, _ in enc]) if enc else np.zeros(0, np.int32)
+        weights = (np.concatenate([w for _, w in enc]) if enc else np.zeros(0)).astype(np.uint8)
+        targets = np.asarray([int(w[1:].astype(np.int64).sum()) for _, w in enc], np.int64)
+        return cls(tokens, weights, offsets, targets)
+
+
+def plan_documents(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Best-fit-decreasing packing of documents into rows of ``seq_len + 1`` tokens.
+
+    Documents longer than a row are cut into pieces of ``seq_len + 1`` overlapping by one (a last
+    piece of a single token, which holds no target, is dropped); documents of fewer than 2 tokens
+    are left out. Pieces are placed longest first, each into the open row it fills most tightly
+    (a segment tree over the rows' free space), a new row when none has room.
+
+    Returns:
+      ``(row_ptr, piece_doc, piece_off, piece_len)``: row ``r`` holds pieces
+      ``row_ptr[r]:row_ptr[r + 1]``, piece ``j`` is tokens ``piece_off[j] : piece_off[j] +
+      piece_len[j]`` of document ``piece_doc[j]``.
+
+    Example:
+      >>> ptr, doc, off, ln = plan_documents(np.array([3, 5, 2, 9]), seq_len=5)
+      >>> [[(int(doc[j]), int(ln[j])) for j in range(ptr[r], ptr[r + 1])] for r in range(len(ptr) - 1)]
+      [[(3, 6)], [(1, 5)], [(3, 4), (2, 2)], [(0, 3)]]
+    """
+    width = int(seq_len) + 1
+    lengths = np.asarray(lengths, np.int64)
+    pd, po, pl = [], [], []
+    for d in np.flatnonzero(lengths >= 2):  # pieces in document order
+        n = int(lengths[d])
+        for off in range(0, max(n - 1, 1), seq_len):
+            pd.append(d), po.append(off), pl.append(min(width, n - off))
+    pd, po, pl = np.asarray(pd, np.int64), np.asarray(po, np.int64), np.asarray(pl, np.int64)
+    order = np.argsort(-pl, kind="stable")
+    size = 1
+    while size < width + 1:
+        size *= 2
+    tree = [0] * (2 * size)  # open rows by free space: leaves size + free
+    open_at: list[list[int]] = [[] for _ in range(width + 1)]
+    rows: list[list[int]] = []
+
+    def add(free, delta):
+        i = free + size
+        while i:
+            tree[i] += delta
+            i //= 2
+
+    def tightest(n):  # the smallest free space >= n among open rows, or -1
+        i = n + size
+        if tree[i]:
+            return n
+        while i > 1:
+            if not i & 1 and tree[i + 1]:
+                i += 1
+                while i < size:
+                    i = 2 * i if tree[2 * i] else 2 * i + 1
+                return i - size
+            i //= 2
+        return -1
+
+    for j in order.tolist():
+        n = int(pl[j])
+        free = tightest(n)
+        if free < 0:
+            rows.append([j])
+            r, left = len(rows) - 1, width - n
+        else:
+            r = open_at[free].pop()
+            add(free, -1)
+            rows[r].append(j)
+            left = free - n
+        if left >= 2:  # a row with one free slot takes nothing more (a piece has 2 tokens at least)
+            open_at[left].append(r)
+            add(left, 1)
+    flat = [j for row in rows for j in row]
+    row_ptr = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum([len(row) for row in rows], out=row_ptr[1:])
+    return row_ptr, pd[flat], po[flat], pl[flat]
+
+
+# ------------------------------------------------------------------------------------------
+# row sources
 # ------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Rows:
-    """Fixed-length training rows of ``seq_len + 1`` tokens.
+    """Materialized rows of ``seq_len + 1`` tokens (a row source held in memory).
 
     Attributes:
       tokens: ``(n, seq_len + 1)`` int32.
       weights: ``(n, seq_len + 1)`` float32, 1 where the token is a loss target.
       valid: ``(n, seq_len + 1)`` bool, False on padding.
+      segments: ``(n, seq_len + 1)`` int32 segment ids (0 on padding) of ``"documents"`` rows, or None.
+      positions: ``(n, seq_len + 1)`` int32 positions within each segment, or None.
     """
 
     tokens: np.ndarray
     weights: np.ndarray
     valid: np.ndarray
+    segments: Optional[np.ndarray] = None
+    positions: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -332,48 +283,163 @@ class Rows:
         """Trained tokens over all rows (the first token of a row is never a target)."""
         return int(self.weights[:, 1:].sum())
 
+    @property
+    def n_tokens(self) -> int:
+        """Real (not padding) input tokens over all rows."""
+        return int(self.valid[:, :-1].sum())
+
+    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        t, w = self.tokens[idx], self.weights[idx]
+        m = self.valid[idx].astype(np.int32) if self.segments is None else self.segments[idx]
+        out = {"inputs": t[:, :-1], "targets": t[:, 1:], "weights": w[:, 1:].astype(np.float32),
+               "mask": m[:, :-1].astype(np.int32)}
+        if self.positions is not None:
+            out["positions"] = self.positions[idx][:, :-1].astype(np.int32)
+        return out
+
+
+class PackedRows:
+    """Rows assembled from `Docs` on demand (`batch`), in one of the `PACKING` layouts.
+
+    Args:
+      docs: the documents (memory-mapped or in memory).
+      seq_len: ``L``; rows hold ``L + 1`` tokens.
+      pad_id: the token written into padding (weight 0, mask 0).
+      packing: one of `PACKING`.
+      span: ``(first, end)``: only documents ``first .. end - 1`` (an eval split); all by default.
+      plan: a precomputed `plan_documents` result for ``"documents"`` (the cache stores them).
+
+    Raises:
+      ValueError: ``seq_len < 1``, or no document with 2 or more tokens.
+    """
+
+    def __init__(self, docs: Docs, seq_len: int, pad_id: int, packing: str = "documents",
+                 span: Optional[tuple[int, int]] = None, plan=None):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.docs, self._L, self.pad_id = docs, int(seq_len), int(pad_id)
+        self.packing = packing_mode(packing)
+        a, b = span if span is not None else (0, len(docs))
+        self.span = (int(a), int(b))
+        lengths = docs.lengths[a:b]
+        if not (lengths >= 2).any():
+            raise ValueError("no document has 2 or more tokens" if b > a else "no documents")
+        if self.packing == "stream":
+            self._start, self._end = int(docs.offsets[a]), int(docs.offsets[b])
+            self._n = -(-(self._end - self._start - 1) // self._L)
+            self.plan = None
+        else:
+            if plan is None:
+                plan = self.make_plan(lengths, seq_len, self.packing)
+            row_ptr, pdoc, poff, plen = plan
+            self.plan = (row_ptr, pdoc, poff, plen)
+            self._doc0 = a
+            self._n = len(row_ptr) - 1
+
+    @staticmethod
+    def make_plan(lengths, seq_len: int, packing: str):
+        """The rows of ``"documents"`` or ``"none"`` over documents of ``lengths`` (see `plan_documents`)."""
+        if packing_mode(packing) == "documents":
+            return plan_documents(lengths, seq_len)
+        keep = np.flatnonzero(np.asarray(lengths) >= 2)
+        return (np.arange(keep.size + 1, dtype=np.int64), keep.astype(np.int64), np.zeros(keep.size, np.int64),
+                np.minimum(np.asarray(lengths)[keep], seq_len + 1).astype(np.int64))
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def seq_len(self) -> int:
+        return self._L
+
+    @property
+    def n_targets(self) -> int:
+        """Trained tokens over all rows."""
+        if not hasattr(self, "_targets"):
+            w = self.docs.weights
+            if self.packing == "stream":
+                starts = np.arange(self._n, dtype=np.int64) * self._L + self._start
+                self._targets = int(w[self._start:self._end].sum(dtype=np.int64) - w[starts].sum(dtype=np.int64))
+            else:
+                _, pdoc, poff, plen = self.plan
+                d = pdoc + self._doc0
+                whole = (poff == 0) & (plen == self.docs.lengths[d])
+                t = int(self.docs.targets[d[whole]].sum())
+                for j in np.flatnonzero(~whole):  # pieces of documents longer than a row
+                    s = int(self.docs.offsets[d[j]] + poff[j])
+                    t += int(w[s + 1:s + int(plen[j])].sum(dtype=np.int64))
+                self._targets = t
+        return self._targets
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (not padding) input tokens over all rows."""
+        if self.packing == "stream":
+            return self._end - self._start - 1
+        return int(self.plan[3].sum()) - self._n
+
+    def _assemble(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(tokens, weights, segment ids, positions)``, each ``(len(idx), L + 1)``, of rows ``idx``."""
+        idx = np.asarray(idx, np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._n):
+            raise IndexError(f"row index out of range 0..{self._n - 1}")
+        W, k = self._L + 1, idx.size
+        tok = np.full((k, W), self.pad_id, np.int32)
+        wt = np.zeros((k, W), np.float32)
+        seg = np.zeros((k, W), np.int32)
+        pos = np.zeros((k, W), np.int32)
+        docs = self.docs
+        if self.packing == "stream":
+            for r, row in enumerate(idx.tolist()):
+                s = self._start + row * self._L
+                e = min(s + W, self._end)
+                tok[r, :e - s], wt[r, :e - s], seg[r, :e - s] = docs.tokens[s:e], docs.weights[s:e], 1
+                pos[r, :e - s] = np.arange(e - s)
+            return tok, wt, seg, pos
+        row_ptr, pdoc, poff, plen = self.plan
+        for r, row in enumerate(idx.tolist()):
+            at = 0
+            for n, j in enumerate(range(int(row_ptr[row]), int(row_ptr[row + 1])), 1):
+                s = int(docs.offsets[int(pdoc[j]) + self._doc0] + poff[j])
+                ln = int(plen[j])
+                tok[r, at:at + ln] = docs.tokens[s:s + ln]
+                wt[r, at + 1:at + ln] = docs.weights[s + 1:s + ln]  # a piece's first token: no target
+                seg[r, at:at + ln] = n
+                pos[r, at:at + ln] = np.arange(ln, dtype=np.int32)
+                at += ln
+        return tok, wt, seg, pos
+
+    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's view of rows ``idx`` (module docstring)."""
+        return self.materialize(idx).batch(slice(None))
+
+    def materialize(self, idx: Optional[np.ndarray] = None) -> Rows:
+        """Rows ``idx`` (all by default) as arrays in memory."""
+        tok, wt, seg, pos = self._assemble(np.arange(self._n) if idx is None else idx)
+        if self.packing == "documents":
+            return Rows(tok, wt, seg > 0, seg, pos)
+        return Rows(tok, wt, seg > 0)
+
 
 def pack(encoded: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int,
-         packing: bool = True) -> Rows:
-    """Cut encoded documents into rows (see the module docstring for the layout).
+         packing: Union[str, bool] = "documents") -> Rows:
+    """Encoded documents as materialized rows in one of the `PACKING` layouts (module docstring).
 
     Args:
       encoded: ``(ids, weights)`` per document, as `encode` returns.
       seq_len: ``L``: tokens fed to the model per row; rows hold ``L + 1``.
-      pad_id: the token written into padding (weight 0, ``valid`` False).
-      packing: concatenate documents (True) or one row per document, truncated (False).
+      pad_id: the token written into padding (weight 0, mask 0).
+      packing: ``"documents"``, ``"stream"`` or ``"none"`` (True/False: documents/none).
 
     Raises:
-      ValueError: if ``seq_len < 1`` or there are no tokens at all.
+      ValueError: if ``seq_len < 1`` or no document has 2 tokens.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    encoded = [(np.asarray(i, np.int32), np.asarray(w, np.float32)) for i, w in encoded]
-    width = seq_len + 1
-    if packing:
-        if not encoded:
-            raise ValueError("no documents to pack")
-        ids = np.concatenate([i for i, _ in encoded])
-        w = np.concatenate([w for _, w in encoded])
-        if ids.size < 2:
-            raise ValueError(f"only {ids.size} token(s) of data; need at least 2")
-        n = -(-(ids.size - 1) // seq_len)
-        need = n * seq_len + 1
-        pad = need - ids.size
-        ids = np.concatenate([ids, np.full(pad, pad_id, np.int32)])
-        valid = np.concatenate([np.ones(ids.size - pad, bool), np.zeros(pad, bool)])
-        w = np.concatenate([w, np.zeros(pad, np.float32)])
-        idx = np.arange(n)[:, None] * seq_len + np.arange(width)[None, :]
-        return Rows(ids[idx], w[idx], valid[idx])
-    rows = [(i[:width], w[:width]) for i, w in encoded if i.size >= 2]
-    if not rows:
-        raise ValueError("no document has 2 or more tokens")
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    weights = np.zeros((len(rows), width), np.float32)
-    valid = np.zeros((len(rows), width), bool)
-    for r, (i, w) in enumerate(rows):
-        tokens[r, : i.size], weights[r, : i.size], valid[r, : i.size] = i, w, True
-    return Rows(tokens, weights, valid)
+    docs = Docs.from_encoded(encoded)
+    if len(docs) == 0:
+        raise ValueError("no documents to pack")
+    if packing_mode(packing) == "stream" and int(docs.offsets[-1]) < 2:
+        raise ValueError(f"only {int(docs.offsets[-1])} token(s) of data; need at least 2")
+    return PackedRows(docs, seq_len, pad_id, packing).materialize()
 
 
 # ------------------------------------------------------------------------------------------
@@ -411,13 +477,12 @@ class Order:
         return out
 
 
-def batch(rows: Rows, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """The model's view of some rows: inputs, next-token targets, loss weights, attention mask."""
-    t, w, v = rows.tokens[idx], rows.weights[idx], rows.valid[idx]
-    return {"inputs": t[:, :-1], "targets": t[:, 1:], "weights": w[:, 1:], "mask": v[:, :-1].astype(np.int32)}
+def batch(rows, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's view of some rows of a row source: ``rows.batch(idx)`` (module docstring)."""
+    return rows.batch(np.asarray(idx))
 
 
-def eval_batches(rows: Rows, batch_size: int, max_batches: int = 0):
+def eval_batches(rows, batch_size: int, max_batches: int = 0):
     """Every eval row in order, in batches of ``batch_size`` (the last one padded with weight 0)."""
     n = len(rows)
     n_batches = -(-n // batch_size)
@@ -426,6 +491,22 @@ def eval_batches(rows: Rows, batch_size: int, max_batches: int = 0):
     for b in range(n_batches):
         idx = np.arange(b * batch_size, (b + 1) * batch_size)
         real = idx < n
-        out = batch(rows, np.where(real, idx, 0))
+        out = rows.batch(np.where(real, idx, 0))
         out["weights"] = out["weights"] * real[:, None]
         yield out
+
+
+def split_count(n: int, fraction: float) -> int:
+    """How many of ``n`` documents train when the last ``ceil(fraction * n)`` are held out for eval."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"eval fraction must be in [0, 1), got {fraction!r}")
+    n_eval = int(np.ceil(fraction * n)) if fraction > 0 else 0
+    if n_eval and n_eval >= n:
+        raise ValueError(f"holding out {n_eval} of {n} documents for eval leaves none to train on")
+    return n - n_eval
+
+
+def split_eval(docs: Sequence, fraction: float) -> tuple[list, list]:
+    """``(train, eval)``: the last ``ceil(fraction * n)`` documents are held out (none if 0)."""
+    k = split_count(len(docs), fraction)
+    return list(docs[:k]), list(docs[k:])

@@ -45,7 +45,7 @@ from ..io._files import atomic_directory, local_model_dir
 __all__ = ["SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "load_tokenizer", "new_model", "load_model",
            "save_model", "stacked_paths", "lora_rules", "make_apply", "forward", "lora_logits_fn", "full_logits_fn",
            "with_step_settings", "make_stats", "lora_loss_fn", "full_loss_fn", "export_peft", "load_peft", "base_only", "save_merged",
-           "to_host", "max_positions", "router_aux_coef", "router_aux_loss"]
+           "to_host", "model_inputs", "max_positions", "router_aux_coef", "router_aux_loss"]
 
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHAT_TEMPLATE = (
@@ -271,50 +271,53 @@ def _leaves(model):
 
 
 def make_apply(model) -> Callable:
-    """``apply(params, inputs, mask=None) -> float32 logits`` for a causal LM of `lora_jax.models`.
+    """``apply(params, inputs, mask=None, positions=None) -> float32 logits`` for a causal LM of
+    `lora_jax.models`: ``mask`` is its ``attention_mask`` (0 = padding; document ids of packed
+    rows, `lora_jax.models.layers.segment_mask`), ``positions`` its positions."""
 
-    ``mask`` (1 = token, 0 = padding) goes to the model as its ``attention_mask`` when given. The
-    trainer leaves it out (see `lora_logits_fn`).
-    """
-
-    def apply(params, inputs, mask=None):
-        return model.apply({"params": params}, inputs, attention_mask=mask)
+    def apply(params, inputs, mask=None, positions=None):
+        return model.apply({"params": params}, inputs, attention_mask=mask, positions=positions)
 
     return apply
 
 
-def forward(apply: Callable, lora_params, inputs, mask=None, *, rng=None):
+def forward(apply: Callable, lora_params, inputs, mask=None, positions=None, *, rng=None):
     """Logits of the LoRA model: ``lora.wrap(apply, rng=rng)`` (factorized ``x@W + s(x@A)@B``, no
     weight-sized gradient for the frozen base; LoRA dropout driven by ``rng``, none without it)."""
     from ..interpreter import wrap
 
-    return wrap(apply, rng=rng)(lora_params, inputs, mask)
+    return wrap(apply, rng=rng)(lora_params, inputs, mask, positions)
+
+
+def model_inputs(mask, positions) -> tuple:
+    """``(attention_mask, positions)`` the model gets for a training batch: both for rows packed
+    by documents (a batch with ``positions``: the mask holds document ids), neither otherwise.
+
+    Rows without documents (``"stream"``, ``"none"``) are right-padded, so the mask is left out:
+    in a causal model no real token attends to the padding after it, padded positions carry loss
+    weight 0, and the attention runs its plain causal path (cuDNN's fastest on a GPU).
+    """
+    return (None, None) if positions is None else (mask, positions)
 
 
 def lora_logits_fn(model) -> Callable:
-    """``logits_fn(trainable, frozen, inputs, mask, rng)`` of a LoRA step: the model through
-    ``lora.wrap`` on ``lora.combine(trainable, frozen)``.
-
-    The training rows are right-padded (`data.pack` pads only at the end of a row), so the mask
-    is not passed to the model: in a causal model no real token attends to the padding after it,
-    padded positions carry loss weight 0, and the attention runs its plain causal path (cuDNN's
-    fastest on a GPU). This is the step `benchmarks/train_step.py` times as ``lora_jax``.
-    """
+    """``logits_fn(trainable, frozen, inputs, mask, rng, positions=None)`` of a LoRA step: the
+    model through ``lora.wrap`` on ``lora.combine(trainable, frozen)`` (`model_inputs`)."""
     apply = make_apply(model)
 
-    def logits_fn(trainable, frozen, inputs, mask, rng):
-        return forward(apply, _tree.combine(trainable, frozen), inputs, None, rng=rng)
+    def logits_fn(trainable, frozen, inputs, mask, rng, positions=None):
+        return forward(apply, _tree.combine(trainable, frozen), inputs, *model_inputs(mask, positions), rng=rng)
 
     return logits_fn
 
 
 def full_logits_fn(model) -> Callable:
-    """``logits_fn(params, None, inputs, mask, rng)`` training every parameter (pretraining); the
-    mask is left out as in `lora_logits_fn`."""
+    """``logits_fn(params, None, inputs, mask, rng, positions=None)`` training every parameter
+    (pretraining), as `lora_logits_fn`."""
     apply = make_apply(model)
 
-    def logits_fn(trainable, frozen, inputs, mask, rng):
-        return apply(trainable, inputs)
+    def logits_fn(trainable, frozen, inputs, mask, rng, positions=None):
+        return apply(trainable, inputs, *model_inputs(mask, positions))
 
     return logits_fn
 
@@ -339,14 +342,15 @@ def with_step_settings(model, settings):
 
 
 def make_stats(model, *, chunked: bool = True, chunk: Optional[int] = None) -> Callable:
-    """``stats(params, inputs, targets, weights) -> (nll_sum, correct_sum)`` of a causal LM of
-    `lora_jax.models` on plain (or, under ``lora.wrap``, LoRA) parameters.
+    """``stats(params, inputs, targets, weights, mask=None, positions=None) -> (nll_sum,
+    correct_sum)`` of a causal LM of `lora_jax.models` on plain (or, under ``lora.wrap``, LoRA)
+    parameters; ``mask``/``positions`` go to the model as `model_inputs` says.
 
     With ``chunked`` (the trainer's default) the model runs up to its final hidden states
     (``method="hidden"``) and `loss.chunked_token_stats` applies its head (``method="logits"``:
     kernel or tied embedding, Gemma's soft-capping) ``chunk`` positions at a time (None: the
     `loss.auto_chunk` budget); otherwise `loss.token_stats` of the full logits. Both give the same
-    values and gradients. No attention mask is passed (right-padded rows; see `lora_logits_fn`).
+    values and gradients.
     A mixture-of-experts model whose config asks for it (``output_router_logits``) adds
     ``router_aux_loss_coef`` times the routers' load-balancing loss (`router_aux_loss`) per trained
     token to the NLL sum, so the mean loss is transformers' ``loss + coef * aux_loss``.
@@ -362,19 +366,22 @@ def make_stats(model, *, chunked: bool = True, chunk: Optional[int] = None) -> C
 
     coef = router_aux_coef(model)
 
-    def stats(params, inputs, targets, weights):
+    def stats(params, inputs, targets, weights, mask=None, positions=None):
         kw = {"mutable": ["intermediates"]} if coef else {}
+        mask, positions = model_inputs(mask, positions)
         if not chunked:
-            out = model.apply({"params": params}, inputs, **kw)
+            out = model.apply({"params": params}, inputs, attention_mask=mask, positions=positions, **kw)
             logits, state = out if coef else (out, None)
             nll, correct = token_stats(logits, targets, weights)
         else:
-            out = model.apply({"params": params}, inputs, method="hidden", **kw)
+            out = model.apply({"params": params}, inputs, attention_mask=mask, positions=positions, method="hidden",
+                              **kw)
             (h, _), state = out if coef else (out, None)
             head = lambda x: model.apply({"params": params}, x, method="logits")  # noqa: E731
             nll, correct = chunked_token_stats(h, head, targets, weights, chunk=chunk)
         if coef:
-            nll = nll + coef * router_aux_loss(model, state) * jnp.sum(weights.astype(jnp.float32))
+            real = None if mask is None else mask != 0
+            nll = nll + coef * router_aux_loss(model, state, real) * jnp.sum(weights.astype(jnp.float32))
         return nll, correct
 
     return stats
@@ -388,17 +395,17 @@ def router_aux_coef(model) -> float:
     return float(getattr(c, "router_aux_loss_coef", 0.0) or 0.0) if getattr(c, "output_router_logits", False) else 0.0
 
 
-def router_aux_loss(model, state) -> jax.Array:
+def router_aux_loss(model, state, mask=None) -> jax.Array:
     """transformers' ``load_balancing_loss_func`` of the router logits a forward pass sowed in
-    ``state["intermediates"]`` (`lora_jax.models.layers.load_balancing_loss`, over every token of
-    the batch, as transformers without an attention mask: training rows are packed or right-padded)."""
+    ``state["intermediates"]`` (`lora_jax.models.layers.load_balancing_loss`, over the tokens
+    ``mask`` marks, or every token of the batch as transformers without an attention mask)."""
     from ..models.layers import load_balancing_loss
 
     found = [v for kp, v in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
              if any(getattr(k, "key", None) == "router_logits" for k in kp)]
     if len(found) != 1:
         raise ValueError(f"router_aux_loss: expected the router logits of the scanned layers, found {len(found)}")
-    return load_balancing_loss(found[0], model.config.num_experts_per_tok)
+    return load_balancing_loss(found[0], model.config.num_experts_per_tok, mask)
 
 
 def lora_loss_fn(model, *, chunked: bool = True, chunk: Optional[int] = None) -> Callable:
@@ -414,7 +421,7 @@ def lora_loss_fn(model, *, chunked: bool = True, chunk: Optional[int] = None) ->
 
     def loss(trainable, frozen, batch, rng):
         return wrap(stats, rng=rng)(_tree.combine(trainable, frozen), batch["inputs"], batch["targets"],
-                                    batch["weights"])
+                                    batch["weights"], batch.get("mask"), batch.get("positions"))
 
     return loss
 
@@ -424,7 +431,8 @@ def full_loss_fn(model, *, chunked: bool = True, chunk: Optional[int] = None) ->
     stats = make_stats(model, chunked=chunked, chunk=chunk)
 
     def loss(trainable, frozen, batch, rng):
-        return stats(trainable, batch["inputs"], batch["targets"], batch["weights"])
+        return stats(trainable, batch["inputs"], batch["targets"], batch["weights"], batch.get("mask"),
+                     batch.get("positions"))
 
     return loss
 

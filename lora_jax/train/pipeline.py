@@ -184,30 +184,75 @@ def _files(paths) -> str:
     return ", ".join(repr(resolve_path(p)) for p in paths)
 
 
-def _rows(docs, tok, seq_len, packing, what, paths=None):
-    """Packed rows of ``docs``; ``paths`` (the config's files) are named in the errors.
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _cache_root(cfg):
+    """`tokcache.load`'s ``root`` for ``data.cache``: auto -> the default, null -> none kept."""
+    c = cfg.data.cache
+    return False if c is None else None if c == "auto" else os.path.expanduser(c)
+
+
+def _tokenized(cfg, tok, paths, what: str, say: Callable, fmt: Optional[str] = None):
+    """``(docs, info)`` of ``paths`` from the tokenized cache (`tokcache.load`, built on a miss)."""
+    from . import tokcache as _tokcache
+
+    paths = [resolve_path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    try:
+        return _tokcache.load(paths, tok, root=_cache_root(cfg), fmt=fmt or cfg.data.format,
+                              columns=cfg.data.columns, workers=cfg.data.workers, say=say)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{what}: {e}") from None
+
+
+def _rows(cfg, tok, docs, info, what: str, paths, span=None) -> _data.PackedRows:
+    """The rows of documents ``span`` (all by default) in the layout of ``data.packing``;
+    ``paths`` (the config's files) are named in the errors.
 
     Raises:
       ConfigError: no documents, or documents without a single trained token (names the cause).
     """
-    where = f" in {_files(paths)}" if paths is not None else ""
-    if not docs:
+    from . import tokcache as _tokcache
+
+    a, b = span if span is not None else (0, len(docs))
+    where = f" in {_files(paths)}"
+    if b <= a:
         raise ConfigError(f"{what}: no documents{where} (empty or blank files?)")
-    enc = [_data.encode(d, tok) for d in docs]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    rows = _data.pack(enc, seq_len, pad, packing)
+    seq_len, packing = cfg.data.seq_len, cfg.data.packing
+    try:
+        rows = _data.PackedRows(docs, seq_len, _pad_id(tok), packing, span=(a, b),
+                                plan=_tokcache.plan(docs, info["entry"], seq_len, packing, (a, b)))
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}{where}") from None
     if rows.n_targets == 0:
-        raise ConfigError(f"{what}: the {len(docs)} documents{where} give 0 trained tokens: "
-                          f"{_data.why_no_targets(docs, seq_len, packing)}")
+        raise ConfigError(f"{what}: the {b - a} documents{where} give 0 trained tokens: "
+                          f"{_data.why_no_targets(info['stats'], seq_len, packing)}")
     return rows
 
 
-def _documents(paths, fmt, what):
-    paths = [resolve_path(p) for p in (paths if isinstance(paths, list) else [paths])]
-    try:
-        return _data.read_documents(paths, fmt)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"{what}: {e}") from None
+def _data_rows(cfg, tok, say: Callable) -> tuple:
+    """``(train rows, eval rows or None, summary)`` of ``data.train`` / ``data.eval`` (or the
+    held-out share of ``data.train``)."""
+    docs, info = _tokenized(cfg, tok, cfg.data.train, "data.train", say)
+    if cfg.data.eval is not None:
+        n_train = len(docs)
+        edocs, einfo = _tokenized(cfg, tok, cfg.data.eval, "data.eval", say)
+        espan, epaths = (0, len(edocs)), cfg.data.eval
+    else:
+        try:
+            n_train = _data.split_count(len(docs), cfg.data.eval_fraction)
+        except ValueError as e:
+            raise ConfigError(f"data.eval_fraction: {e}") from None
+        edocs, einfo, espan, epaths = docs, info, (n_train, len(docs)), cfg.data.train
+    rows = _rows(cfg, tok, docs, info, "data.train", cfg.data.train, (0, n_train))
+    eval_rows = _rows(cfg, tok, edocs, einfo, "data.eval", epaths, espan) if espan[1] > espan[0] else None
+    padding = 1.0 - rows.n_tokens / max(len(rows) * rows.seq_len, 1)
+    summary = {"train_documents": n_train, "eval_documents": espan[1] - espan[0], "rows": len(rows),
+               "eval_rows": len(eval_rows) if eval_rows is not None else 0, "packing": rows.packing,
+               "padding": round(padding, 4), "trained_tokens": rows.n_targets, "cache": info["entry"],
+               "tokenized_now": info["built"]}
+    return rows, eval_rows, summary
 
 
 def _init_distributed():
@@ -245,9 +290,10 @@ class _Run:
     model: object = None
     params: object = None  # the base (pretrained, loaded or being pretrained)
     fresh: bool = False  # the base was built from model.init here (and is saved to base/)
-    pre_rows: Optional[_data.Rows] = None  # pretraining rows (a fresh base with pretraining steps)
-    rows: Optional[_data.Rows] = None
-    eval_rows: Optional[_data.Rows] = None
+    pre_rows: Optional[_data.PackedRows] = None  # pretraining rows (a fresh base with pretraining steps)
+    rows: Optional[_data.PackedRows] = None
+    eval_rows: Optional[_data.PackedRows] = None
+    data_summary: dict = dataclasses.field(default_factory=dict)
     rules: Optional[Rules] = None
     metrics: Optional[MetricsWriter] = None
     summary: dict = dataclasses.field(default_factory=dict)
@@ -402,11 +448,16 @@ def _load_base(r: _Run) -> None:
         r.tokenizer = _model.load_tokenizer(r.base_dir)
         r.model, r.params = _model.load_model(r.base_dir, **kw)
     else:
-        pre_docs = _documents(cfg.model.pretrain.data, "auto", "model.pretrain.data")
+        pre_paths = cfg.model.pretrain.data
         if cfg.tokenizer.path is not None:
             r.tokenizer = _model.load_tokenizer(cfg.tokenizer.path)
         else:
-            r.tokenizer = _model.build_tokenizer([d.get("text", "") for d in pre_docs], cfg.tokenizer.vocab_size)
+            try:
+                pre_docs = _data.read_documents([resolve_path(p) for p in (pre_paths if isinstance(pre_paths, list)
+                                                                           else [pre_paths])])
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"model.pretrain.data: {e}") from None
+            r.tokenizer = _model.build_tokenizer([getattr(d, "text", "") for d in pre_docs], cfg.tokenizer.vocab_size)
         tok = r.tokenizer
         ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         try:
@@ -416,8 +467,8 @@ def _load_base(r: _Run) -> None:
             raise ConfigError(f"model.init: cannot build the model ({type(e).__name__}: {e})") from None
         r.fresh = True
         if cfg.model.pretrain.steps:
-            r.pre_rows = _rows(pre_docs, tok, cfg.data.seq_len, cfg.data.packing, "model.pretrain.data",
-                               cfg.model.pretrain.data)
+            docs, info = _tokenized(cfg, tok, pre_paths, "model.pretrain.data", r.say, fmt="auto")
+            r.pre_rows = _rows(cfg, tok, docs, info, "model.pretrain.data", pre_paths)
     vocab = getattr(r.model.config, "vocab_size", None)
     if vocab is not None and len(r.tokenizer) > vocab:
         key = "tokenizer.path" if cfg.tokenizer.path is not None else "model.path"
@@ -432,32 +483,18 @@ def _load_base(r: _Run) -> None:
 def _load_data(r: _Run) -> None:
     """The fine-tuning data, tokenized and packed, and the LoRA rules resolved against the model."""
     cfg = r.cfg
-    docs = _documents(cfg.data.train, cfg.data.format, "data.train")
-    if cfg.data.eval is not None:
-        train_docs, eval_docs = docs, _documents(cfg.data.eval, cfg.data.format, "data.eval")
-    else:
-        try:
-            train_docs, eval_docs = _data.split_eval(docs, cfg.data.eval_fraction)
-        except ValueError as e:
-            raise ConfigError(f"data.eval_fraction: {e}") from None
-    try:
-        r.rows = _rows(train_docs, r.tokenizer, cfg.data.seq_len, cfg.data.packing, "data.train", cfg.data.train)
-        r.eval_rows = (_rows(eval_docs, r.tokenizer, cfg.data.seq_len, cfg.data.packing, "data.eval",
-                             cfg.data.eval if cfg.data.eval is not None else cfg.data.train)
-                       if eval_docs else None)
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(f"data: {e}") from None
+    r.rows, r.eval_rows, r.data_summary = _data_rows(cfg, r.tokenizer, r.say)
     r.rules = _lora_rules(cfg, r.model)
     try:
         _tree.init(r.params, r.rules, 0)  # resolves the targets against the model now, before any write
     except (ValueError, TypeError) as e:
         key = "lora.rank" if f"rank {cfg.lora.rank} is larger" in str(e) else "lora.targets"
         raise ConfigError(f"{key}: {e}") from None
-    r.say(f"# data: {len(train_docs)} train documents -> {len(r.rows)} rows of {cfg.data.seq_len + 1} tokens "
-          f"({r.rows.n_targets:,} trained tokens); {len(eval_docs)} eval documents"
-          + (f" -> {len(r.eval_rows)} rows" if r.eval_rows is not None else ""))
+    d = r.data_summary
+    r.say(f"# data: {d['train_documents']:,} train documents -> {len(r.rows):,} rows of {cfg.data.seq_len + 1} tokens "
+          f"(packing {d['packing']}, {100 * d['padding']:.1f}% padding, {r.rows.n_targets:,} trained tokens); "
+          f"{d['eval_documents']:,} eval documents" + (f" -> {len(r.eval_rows):,} rows" if r.eval_rows is not None
+                                                        else ""))
 
 
 def _start_writes(r: _Run) -> None:
@@ -485,7 +522,7 @@ def _start_writes(r: _Run) -> None:
         os.makedirs(r.out_dir, exist_ok=True)
         atomic_write_text(os.path.join(r.out_dir, "config.yaml"), to_yaml(r.cfg))
     r.metrics = MetricsWriter(os.path.join(r.out_dir, "metrics.jsonl"), resume_step=r.resume_step, restart=r.restart)
-    r.summary = {"out_dir": os.path.abspath(r.out_dir)}
+    r.summary = {"out_dir": os.path.abspath(r.out_dir), "data": r.data_summary}
 
 
 def _loss_kw(cfg: Config) -> dict:
@@ -784,16 +821,12 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
     raise ConfigError(f"{out_dir!r} holds neither a checkpoint nor an exported adapter")
 
 
-def eval_rows_of(handle: RunHandle) -> _data.Rows:
+def eval_rows_of(handle: RunHandle) -> _data.PackedRows:
     """The run's eval rows (``data.eval`` or the held-out share of ``data.train``)."""
-    cfg = handle.cfg
-    if cfg.data.eval is not None:
-        docs = _documents(cfg.data.eval, cfg.data.format, "data.eval")
-    else:
-        _, docs = _data.split_eval(_documents(cfg.data.train, cfg.data.format, "data.train"), cfg.data.eval_fraction)
-    if not docs:
+    _, rows, _ = _data_rows(handle.cfg, handle.tokenizer, lambda s: None)
+    if rows is None:
         raise ConfigError("data.eval: the run has no eval documents; pass data.eval=PATH")
-    return _rows(docs, handle.tokenizer, cfg.data.seq_len, cfg.data.packing, "data.eval")
+    return rows
 
 
 def evaluate(handle: RunHandle, rows: _data.Rows, batch_size: Optional[int] = None) -> dict:
@@ -806,7 +839,7 @@ def evaluate(handle: RunHandle, rows: _data.Rows, batch_size: Optional[int] = No
 
     @jax.jit
     def stats(lp, b):
-        nll, correct = token_sums(lp, b["inputs"], b["targets"], b["weights"])
+        nll, correct = token_sums(lp, b["inputs"], b["targets"], b["weights"], b.get("mask"), b.get("positions"))
         return nll, correct, b["weights"].sum()
 
     out = {"source": handle.adapter_source, "eval_rows": len(rows)}

@@ -161,12 +161,13 @@ def make_optimizer(spec: LoopSpec) -> tuple[optax.GradientTransformation, optax.
 
 def make_loss_fn(logits_fn: Callable) -> Callable:
     """``loss(trainable, frozen, batch, rng) -> (nll_sum, correct_sum)`` of
-    ``logits_fn(trainable, frozen, inputs, mask, rng)`` on a batch: the plain `token_stats` of
-    the full logits. (The runs of ``lora-jax train`` use the chunked loss of
+    ``logits_fn(trainable, frozen, inputs, mask, rng, positions=None)`` on a batch (``positions``
+    given only for rows packed by documents, `data`): the plain `token_stats` of the full logits. (The runs of ``lora-jax train`` use the chunked loss of
     `lora_jax.train.model.lora_loss_fn` instead, which never holds the full float32 logits.)"""
 
     def loss(trainable, frozen, batch, rng):
-        logits = logits_fn(trainable, frozen, batch["inputs"], batch["mask"], rng)
+        kw = {"positions": batch["positions"]} if "positions" in batch else {}
+        logits = logits_fn(trainable, frozen, batch["inputs"], batch["mask"], rng, **kw)
         return token_stats(logits, batch["targets"], batch["weights"])
 
     return loss
@@ -344,9 +345,8 @@ class Trainer:
         self._eval_sharding = shd.batch_sharding(mesh)
         L = rows.seq_len
         lead = (spec.grad_accum, spec.micro_batch) if accum else (spec.batch_size,)
-        ab = {k: jax.ShapeDtypeStruct(lead + (L,), dt, sharding=self._batch_sharding)
-              for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32),
-                            ("mask", jnp.int32))}
+        ab = {k: jax.ShapeDtypeStruct(lead + (L,), v.dtype, sharding=self._batch_sharding)
+              for k, v in rows.batch(np.zeros(1, np.int64)).items()}
         by_label = {}
 
         def compile_step(settings):
@@ -434,14 +434,40 @@ class Trainer:
     def _put(self, arrays: dict, sharding) -> dict:
         return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in arrays.items()}
 
+    def _lead(self) -> tuple:
+        return (self.spec.grad_accum, self.spec.micro_batch) if self.spec.grad_accum > 1 else (self.spec.batch_size,)
+
+    def _put_rows(self, idx: np.ndarray, sharding) -> dict:
+        """The batch of rows ``idx`` as global arrays, each process reading from the row source
+        only the rows its devices hold (`jax.make_array_from_callback`)."""
+        lead = self._lead()
+        shape = lead + (self.rows.seq_len,)
+        slots = np.arange(len(idx)).reshape(lead)
+        need = sorted({int(k) for index in sharding.addressable_devices_indices_map(shape).values()
+                       for k in np.ravel(slots[index[:len(lead)]])})
+        local = self.rows.batch(idx[need])
+        at = np.full(len(idx), -1, np.int64)
+        at[need] = np.arange(len(need))
+
+        def piece(v, index):
+            return v[at[slots[index[:len(lead)]]]][(Ellipsis,) + tuple(index[len(lead):])]
+
+        return {k: jax.make_array_from_callback(shape, sharding, lambda index, v=v: piece(v, index))
+                for k, v in local.items()}
+
     def next_batch(self) -> dict:
         """The next global batch (host arrays), advancing the data position."""
         idx = self.order.take(self.position, self.spec.batch_size)
         self.position += self.spec.batch_size
         b = _data.batch(self.rows, idx)
-        if self.spec.grad_accum > 1:
-            b = {k: v.reshape((self.spec.grad_accum, self.spec.micro_batch) + v.shape[1:]) for k, v in b.items()}
-        return b
+        return {k: v.reshape(self._lead() + v.shape[1:]) for k, v in b.items()}
+
+    def next_global_batch(self) -> dict:
+        """The next batch as arrays on the mesh (each process reads only its rows), advancing
+        the data position."""
+        idx = self.order.take(self.position, self.spec.batch_size)
+        self.position += self.spec.batch_size
+        return self._put_rows(idx, self._batch_sharding)
 
     # -- eval ---------------------------------------------------------------------------------
     def evaluate(self) -> Optional[dict]:
@@ -559,7 +585,7 @@ class Trainer:
         try:
             with StopSignals(spec.handle_signals) as stop:
                 for s in range(start + 1, end + 1):
-                    batch = self._put(self.next_batch(), self._batch_sharding)
+                    batch = self.next_global_batch()
                     self.state, m = self._step(self.state, self.frozen, batch)
                     pending.append((s, m))
                     save_now = ck is not None and ((spec.checkpoint_every and s % spec.checkpoint_every == 0)
