@@ -107,3 +107,13 @@ def test_merge_memory_small():
     (r,) = _json_lines("merge_memory.py", "--size-gb", "0.01", "--shards", "2", "--hidden", "128")
     assert r["shards"] == 2 and r["spot_check_bit_exact"]
     assert r["peak_rss_bytes"] >= r["baseline_rss_bytes"] > 0 and r["largest_shard_bytes"] > 0
+
+
+def test_data_prep_small():
+    """The data-phase benchmark on 400 chats: both pipelines encode every record, the warm start
+    opens the cache instead of rebuilding it, and packing by documents beats one document per row."""
+    build, warm, packing = _json_lines("data_prep.py", "--records", "400")
+    assert build["lora_jax"]["records"] == build["datasets"]["records"] == 400 and build["lora_jax"]["built"]
+    assert build["lora_jax"]["peak_rss_mib"] > 0 and build["speed_ratio"] > 0
+    assert warm["what"] == "warm_start" and warm["plan_and_batch_s"] < 1.0
+    assert packing["documents_padding"] < packing["none_padding"] and packing["documents_vs_none_tokens_per_step"] > 1

@@ -9,7 +9,7 @@ import pytest
 
 import lora_jax as lora
 from lora_jax.train import data as D
-from tests.helpers import _random_params, nonzero_b
+from helpers import _random_params, nonzero_b
 
 V = 97
 # one per decoder module (llama.py with a sliding window, moe.py, gemma.py with and without soft-capped

@@ -52,6 +52,8 @@ def test_resume_is_bit_identical(tmp_path, uninterrupted, capsys):
     out = capsys.readouterr().out
     assert f"# resuming from step 3 of {STEPS} (checkpoint {d / 'checkpoints' / '3'}, data position 24)" in out
     assert not s2["stopped"] and s2["step"] == STEPS
+    # the resume opened the tokenized cache the first start used, tokenizing nothing
+    assert s2["data"]["tokenized_now"] is False and s2["data"]["cache"] == s1["data"]["cache"]
 
     got, got_meta = _final(d)
     want, want_meta = _final(uninterrupted)

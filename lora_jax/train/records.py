@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-__all__ = ["Text", "Completion", "Chat", "Record", "SHAPES", "shape_of", "parse", "encode"]
+__all__ = ["Text", "Completion", "Chat", "Record", "SHAPES", "FIELDS", "shape_of", "parse", "rename", "check_columns"]
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -129,11 +129,6 @@ class Chat:
 
 
 Record = (Text, Completion, Chat)
-
-
-def encode(record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """``record.encode(tokenizer)``: ``(ids int32, weights uint8)``."""
-    return record.encode(tokenizer)
 
 
 # ------------------------------------------------------------------------------------------

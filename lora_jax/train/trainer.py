@@ -271,7 +271,8 @@ class Trainer:
       trainable: what the optimizer updates (a `lora.split` trainable half, or whole params); the
         trainer owns it from here (each step donates the state it replaces).
       frozen: everything else (None for full training).
-      rows: training rows (`data.pack`).
+      rows: a row source (`data.PackedRows` over the tokenized cache, `data.Rows` in memory): the loop
+        reads the rows of each batch by index, each process only those its devices hold.
       eval_rows: eval rows or None.
       seed: seeds the data order and the step rng.
       phase: a name written into metric records (``"lora"``, ``"pretrain"``).
