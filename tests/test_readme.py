@@ -88,7 +88,6 @@ def test_hugging_face_block_runs(tmp_path, monkeypatch):
 
 def test_gpu_table_is_the_committed_run():
     """The README's GPU table is `benchmarks/gpu_table.py` of the results file it cites, as committed."""
-    import glob
     import re
     import sys
 
@@ -98,7 +97,7 @@ def test_gpu_table_is_the_committed_run():
 
     text = open(README, encoding="utf-8").read()
     block = re.search(r"<!-- gpu-table -->\n(.*?)<!-- /gpu-table -->", text, re.S).group(1)
-    (path,) = [p for p in glob.glob(os.path.join(repo, "benchmarks", "results", "*.jsonl"))
-               if os.path.basename(p) in text]
+    (name,) = re.findall(r"benchmarks/gpu_table\.py benchmarks/results/(\S+\.jsonl)", text)
+    path = os.path.join(repo, "benchmarks", "results", name)
     assert block == gpu_table.table(path)
     assert "| 93,430 |" in block and "1.35x, 0.86x" in block

@@ -48,7 +48,7 @@ def base(tmp_path_factory):
     from lora_jax.train.data import read_documents
 
     d = tmp_path_factory.mktemp("base") / "base"
-    texts = [r["text"] for r in read_documents(resolve_path("builtin:pretrain.txt"))]
+    texts = [r.text for r in read_documents(resolve_path("builtin:pretrain.txt"))]
     tok = M.build_tokenizer(texts, 300)
     model, params = M.new_model(TINY_INIT, vocab_size=len(tok), seed=0)
     M.save_model(model, params, tok, str(d))
