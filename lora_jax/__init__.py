@@ -8,14 +8,20 @@
 >>> merged = lora.merge(lp)
 """
 
-from .weight import AdapterSettings, LoraWeight, Trainable, is_lora
-from .rules import Rule, Rules
-from .tree import init, merge, unmerge, trainable_mask, split, combine, count, summary, Count
-from .optim import freeze, labels
-from .interpreter import wrap, MaterializeWarning, register_rule
-from .adapters import add, select, delete, adapter_names, combine_adapters
-from .quant import QuantizedArray, quantize, dequantize
-from .io import save_adapter, load_adapter
+from ._lazy import exports as _exports
+
+_WHERE = {
+    **dict.fromkeys(["AdapterSettings", "LoraWeight", "Trainable", "is_lora"], "weight"),
+    **dict.fromkeys(["Rule", "Rules"], "rules"),
+    **dict.fromkeys(["init", "merge", "unmerge", "trainable_mask", "split", "combine", "count", "summary", "Count"],
+                    "tree"),
+    **dict.fromkeys(["freeze", "labels"], "optim"),
+    **dict.fromkeys(["wrap", "MaterializeWarning", "register_rule"], "interpreter"),
+    **dict.fromkeys(["add", "select", "delete", "adapter_names", "combine_adapters"], "adapters"),
+    **dict.fromkeys(["QuantizedArray", "quantize", "dequantize"], "quant"),
+    **dict.fromkeys(["save_adapter", "load_adapter"], "io"),
+}
+__getattr__, __dir__ = _exports(__name__, _WHERE)
 
 __version__ = "0.1.0"
 

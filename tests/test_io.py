@@ -294,13 +294,23 @@ def test_overwrite_sweeps_what_killed_writes_left_and_finishes_an_interrupted_sw
         return real_rmtree(p, *a, **k)
 
     monkeypatch.setattr(F.shutil, "rmtree", rmtree_interrupted)
-    with pytest.raises(F.InterruptedAfterWrite) as e:
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a shell's foreground
+    try:
+        with pytest.raises(F.InterruptedAfterWrite) as e:
+            with atomic_directory(out, overwrite=True) as tmp:
+                open(os.path.join(tmp, "config.json"), "w").write('{"new": 1}')
+        assert e.value.signum == signal.SIGINT and e.value.path == str(out)
+        assert os.listdir(out) == ["config.json"] and (out / "config.json").read_text() == '{"new": 1}'
+        assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name, other_host.name])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # a process that ignores SIGINT (started with `nohup ... &`) goes on ignoring it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with atomic_directory(out, overwrite=True) as tmp:
-            open(os.path.join(tmp, "new.txt"), "w").write("new")
-    assert e.value.signum == signal.SIGINT and e.value.path == str(out)
-    assert os.listdir(out) == ["new.txt"]
-    assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name, other_host.name])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            open(os.path.join(tmp, "config.json"), "w").write('{"newer": 1}')
+        assert (out / "config.json").read_text() == '{"newer": 1}'
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_save_adapter_refuses_joined_duplicates_and_misshapen_factors(tmp_path):

@@ -64,14 +64,14 @@ class InterruptedAfterWrite(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """Hold SIGINT/SIGTERM until the block ends (main thread only; elsewhere nothing is held):
-    yields the list the held signals are appended to."""
+    """Hold SIGINT/SIGTERM until the block ends (main thread only; elsewhere nothing is held; a
+    signal the process ignores stays ignored): yields the list the held signals are appended to."""
     held: list = []
     if threading.current_thread() is not threading.main_thread():
         yield held
         return
-    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT,
-                                                                                        signal.SIGTERM)}
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield held
     finally:

@@ -8,14 +8,19 @@
 Run it with ``lora_jax.train.run(cfg)`` or from the shell with ``lora-jax train train.steps=20``.
 """
 
-from .config import Config, ConfigError, load_config, config_names, to_yaml
-from .data import Rows, PackedRows, Order, read_documents, encode, pack
-from .trainer import (LoopSpec, Trainer, NonFiniteError, make_optimizer, make_train_step, jit_train_step, make_eval_step,
-                      make_loss_fn)
-from .interrupts import TrainingInterrupted
-from .checkpoint import Checkpointer, latest_step
-from .sharding import make_mesh, param_shardings
-from .pipeline import run, load_run, resolve_out_dir
+from .._lazy import exports as _exports
+
+_WHERE = {
+    **dict.fromkeys(["Config", "ConfigError", "load_config", "config_names", "to_yaml"], "config"),
+    **dict.fromkeys(["Rows", "PackedRows", "Order", "read_documents", "encode", "pack"], "data"),
+    **dict.fromkeys(["LoopSpec", "Trainer", "NonFiniteError", "make_optimizer", "make_train_step", "jit_train_step",
+                     "make_eval_step", "make_loss_fn"], "trainer"),
+    "TrainingInterrupted": "interrupts",
+    **dict.fromkeys(["Checkpointer", "latest_step"], "checkpoint"),
+    **dict.fromkeys(["make_mesh", "param_shardings"], "sharding"),
+    **dict.fromkeys(["run", "load_run", "resolve_out_dir"], "pipeline"),
+}
+__getattr__, __dir__ = _exports(__name__, _WHERE)
 
 __all__ = [
     "Config", "ConfigError", "load_config", "config_names", "to_yaml",
