@@ -25,13 +25,4 @@ __getattr__, __dir__ = _exports(__name__, _WHERE)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterSettings", "LoraWeight", "Trainable", "is_lora",
-    "Rule", "Rules",
-    "init", "merge", "unmerge", "trainable_mask", "split", "combine", "count", "summary", "Count",
-    "freeze", "labels",
-    "wrap", "MaterializeWarning", "register_rule",
-    "add", "select", "delete", "adapter_names", "combine_adapters",
-    "QuantizedArray", "quantize", "dequantize",
-    "save_adapter", "load_adapter",
-]
+__all__ = list(_WHERE)

@@ -22,11 +22,4 @@ _WHERE = {
 }
 __getattr__, __dir__ = _exports(__name__, _WHERE)
 
-__all__ = [
-    "Config", "ConfigError", "load_config", "config_names", "to_yaml",
-    "Rows", "PackedRows", "Order", "read_documents", "encode", "pack",
-    "LoopSpec", "Trainer", "NonFiniteError", "TrainingInterrupted", "make_optimizer", "make_train_step", "jit_train_step",
-    "make_eval_step", "make_loss_fn",
-    "Checkpointer", "latest_step", "make_mesh", "param_shardings",
-    "run", "load_run", "resolve_out_dir",
-]
+__all__ = list(_WHERE)
