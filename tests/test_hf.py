@@ -453,6 +453,33 @@ def test_load_peft_lists_every_problem(root, tmp_path):
         hf.load_peft(tmp_path / "ad", params, model)
 
 
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`")
+def test_a_config_that_selects_nothing_or_other_modules_is_refused(root, tmp_path, capsys):
+    """Issue 22.20: PEFT refuses a config whose target_modules / layers_to_transform select no
+    module, and never makes factors for a module they do not select; load_peft and the streaming
+    merge refuse both instead of loading every factor in the file."""
+    from lora_jax.cli import main
+
+    d = saved(root, "llama")
+    make_peft_adapter("llama", d, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    model, params = load(root, "llama")
+    cfg_file = tmp_path / "ad" / "adapter_config.json"
+    good = json.loads(cfg_file.read_text())
+    hf.load_peft(tmp_path / "ad", params, model)  # as written by PEFT: loads
+    for change, words in [({"target_modules": ["qq_proj"]}, "select no module"),
+                          ({"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [7]}, "select no module"),
+                          ({"target_modules": ["q_proj"]}, "'model.layers.0.self_attn.v_proj' is not selected"),
+                          ({"layers_to_transform": [1]}, "'model.layers.0.self_attn.q_proj' is not selected"),
+                          ({"exclude_modules": ["v_proj"]}, "is not selected")]:
+        cfg_file.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=re.escape(words)):
+            hf.load_peft(tmp_path / "ad", params, model, allow_missing=True)
+        if words != "select no module" or change.get("layers_to_transform"):
+            out = tmp_path / "merged"
+            assert main(["merge", "--base", d, "--adapter", str(tmp_path / "ad"), "--out", str(out)]) == 2
+            assert "do not select" in capsys.readouterr().err and not out.exists()
+
+
 # -- (c) lora_jax -> PEFT and merged checkpoints in PyTorch --------------------------------------------
 
 @pytest.mark.parametrize("name", list(SPECS))

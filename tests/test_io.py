@@ -327,3 +327,56 @@ def test_save_adapter_refuses_joined_duplicates_and_misshapen_factors(tmp_path):
                                          r"with layout 'io' at rank 2 needs a\(8, 2\), b\(2, 4\)"):
         save_adapter(tmp_path / "bad", bad)
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + data
+
+
+@pytest.mark.parametrize("header,data,message", [
+    # two names for one set of bytes (the reference library refuses overlaps)
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8), "overlaps the tensor before it"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8), "gap of 4 bytes"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(8), "4 bytes follow the last tensor"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4), "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [2 ** 70], "data_offsets": [0, 4]}}, bytes(4), "do not fit its size"),
+    ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4), "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, bytes(4), "malformed header entry"),
+    ({"__metadata__": json.loads("[" * 50 + "]" * 50), "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+     bytes(4), "__metadata__ must be an object"),
+])
+def test_safetensors_headers_that_do_not_describe_the_data_are_refused(tmp_path, header, data, message):
+    from lora_jax.io._files import read_safetensors
+
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(_safetensors_bytes(header, data))
+    with pytest.raises(ValueError, match=message) as e:
+        read_safetensors(f)
+    assert "x.safetensors" in str(e.value)
+    # the reference library agrees that each of these files is not a safetensors file
+    with pytest.raises(Exception):
+        load_file(str(f))
+
+
+def test_json_nesting_bombs_are_one_error_naming_the_file(tmp_path):
+    from lora_jax.io._files import read_json, read_safetensors
+    from lora_jax.models.family import read_hf_config
+
+    bomb = "[" * 200_000 + "]" * 200_000
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "x": ' + bomb + "}")
+    with pytest.raises(ValueError, match="config.json.*nest deeper than the parser allows"):
+        read_hf_config(tmp_path)
+    with pytest.raises(ValueError, match="a.json.*nest deeper"):
+        (tmp_path / "a.json").write_text(bomb)
+        read_json(str(tmp_path / "a.json"))
+    f = tmp_path / "x.safetensors"
+    h = ('{"__metadata__": {"k": ' + bomb + '}}').encode()
+    f.write_bytes(len(h).to_bytes(8, "little") + h)
+    with pytest.raises(ValueError, match="x.safetensors.*nest deeper"):
+        read_safetensors(f)
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter.json").write_text(bomb)
+    with pytest.raises(ValueError, match="adapter.json.*nest deeper"):
+        load_adapter(tmp_path / "ad", params_tree())

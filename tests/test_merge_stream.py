@@ -370,3 +370,52 @@ def test_a_sharded_model_in_the_hub_cache_loads_by_path_and_by_id(tmp_path, monk
     (snap / shard).symlink_to(victim)
     with pytest.raises(ValueError, match="outside"):
         hf.from_pretrained(str(snap))
+
+
+def test_merge_copies_no_file_from_outside_the_base_through_a_link(tmp_path, capsys):
+    """Issue 22.13: a base's non-weight file that links outside it (a token file) is refused, not
+    copied into the output as a readable file; nothing is written."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    _llama(base_dir)
+    _adapter(base_dir, adapter_dir, r=2, lora_alpha=4, target_modules=["q_proj"])
+    secret = tmp_path / "secret_token"
+    secret.write_text("hf_secret")
+    (base_dir / "notes.txt").symlink_to(secret)
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'notes.txt'" in err and "outside" in err and "Traceback" not in err
+    assert not out.exists() and [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+    (base_dir / "notes.txt").unlink()
+    (base_dir / "inner.txt").write_text("x")
+    (base_dir / "alias.txt").symlink_to("inner.txt")  # a link inside the base is fine
+    merge_checkpoint(base_dir, adapter_dir, out)
+    assert (out / "alias.txt").read_text() == "x" and not (out / "alias.txt").is_symlink()
+
+
+@pytest.mark.parametrize("damage", ["wrong shard", "in no shard", "missing"])
+def test_merge_refuses_an_index_that_does_not_match_its_shards(tmp_path, capsys, damage):
+    """Issue 22.23: the index is checked against the shards' own headers before anything is written
+    (it was copied verbatim, with rc 0)."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    _llama(base_dir)
+    _adapter(base_dir, adapter_dir, r=2, lora_alpha=4, target_modules=["q_proj"])
+    path = base_dir / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    wmap = index["weight_map"]
+    shards = sorted(set(wmap.values()))
+    assert len(shards) > 1
+    name = next(k for k, v in wmap.items() if v == shards[0])
+    if damage == "wrong shard":
+        wmap[name] = shards[1]
+    elif damage == "in no shard":
+        wmap["model.layers.9.mlp.up_proj.weight"] = shards[0]
+    else:
+        del wmap[name]
+    path.write_text(json.dumps(index))
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its shards" in err and "Traceback" not in err
+    assert ("model.layers.9.mlp.up_proj.weight" if damage == "in no shard" else name) in err
+    assert not out.exists()

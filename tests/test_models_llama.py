@@ -7,6 +7,7 @@ uniform, saved with ``save_pretrained(safe_serialization=True)`` and read back w
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,36 @@ def test_config_fields(saved):
                                                                        "rope_theta": 5e5}})
     v4 = M.config_from_hf({"model_type": "llama", "rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}})
     assert v5 == v4 and v5.rope == {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen3_moe"])
+@pytest.mark.parametrize("fields,names", [
+    ({"rope_parameters": "linear"}, "rope_parameters must be a mapping"),
+    ({"rope_scaling": [2.0]}, "rope_scaling must be a mapping"),
+    ({"rope_parameters": {"rope_type": "default", "rope_thetta": 5e5}}, "rope_thetta"),
+    ({"rope_parameters": {"rope_type": "default", "factr": 2.0}}, "factr"),
+    ({"rope_theta": -1.0}, "rope_theta"),
+    ({"rope_theta": float("nan")}, "rope_theta"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
+])
+def test_malformed_numbers_and_rope_fields_are_refused_not_defaulted(model_type, fields, names):
+    # each of these loaded before, falling back to theta 10000 or giving NaN logits; now one error naming the field
+    with pytest.raises(ValueError, match=re.escape(names)):
+        M.config_from_hf({"model_type": model_type, **fields})
+
+
+def test_rope_field_checks_name_the_problem():
+    with pytest.raises(ValueError, match="unknown key 'rope_thetta'; did you mean 'rope_theta'"):
+        layers.rope_parameters({"rope_parameters": {"rope_type": "default", "rope_thetta": 5e5}})
+    with pytest.raises(ValueError, match="factor must be a finite number > 0, got nan"):
+        layers.rope_parameters({"rope_scaling": {"rope_type": "linear", "factor": float("nan")}})
+    with pytest.raises(ValueError, match="rope_theta must be a finite number > 0, got -1.0"):
+        layers.rope_parameters({"rope_theta": -1.0})
+    with pytest.raises(ValueError, match="rms_norm_eps must be finite, got nan"):
+        M.config_from_hf({"model_type": "llama", "rms_norm_eps": float("nan")})
+    # a key that is no misspelling of a known field is kept, as transformers keeps it
+    assert layers.rope_parameters({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "note": 1}})["note"] == 1
 
 
 @pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 4.0},

@@ -30,6 +30,24 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert cfg.train.batch_size == Config().train.batch_size
 
 
+def test_text_settings_take_the_override_as_typed(tmp_path):
+    (tmp_path / "exp #2").mkdir()
+    cfg = load_config(None, ["out_dir=runs/exp #2", "name=a: b", "lora.exclude=lm_head #x"], check_files=False)
+    assert cfg.out_dir == "runs/exp #2" and cfg.name == "a: b" and cfg.lora.exclude == "lm_head #x"
+    assert load_config(None, ["out_dir=~"]).out_dir == os.path.expanduser("~")  # not null
+    assert load_config(None, ["out_dir=a\nb"]).out_dir == "a\nb"  # a newline is not folded to a space
+    assert load_config(None, ["out_dir=null"]).out_dir is None  # null, quoted and [lists] are still YAML
+    assert load_config(None, ["out_dir='x #1'"]).out_dir == "x #1"
+    assert load_config(None, ["lora.targets=[q_proj, v_proj]"]).lora.targets == ["q_proj", "v_proj"]
+    assert load_config(None, ["lora.targets=q_proj #c"]).lora.targets == "q_proj #c"
+    data = tmp_path / "d #1.txt"
+    data.write_text("hello")
+    assert load_config(None, [f"data.train={data}"]).data.train == str(data)
+    # other settings read YAML as before
+    cfg = load_config(None, ["train.unroll=4", "train.lr=1e-4", "lora.rslora=true", "model.init.hidden_size=32"])
+    assert (cfg.train.unroll, cfg.train.lr, cfg.lora.rslora, cfg.model.init["hidden_size"]) == (4, 1e-4, True, 32)
+
+
 @pytest.mark.parametrize("override,message", [
     ("trian.steps=3", "unknown key 'trian'; did you mean 'train'?"),
     ("train.step=3", "unknown key 'train.step'; did you mean 'train.steps'?"),

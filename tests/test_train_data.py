@@ -124,6 +124,40 @@ def test_bad_jsonl_names_file_and_line(tmp_path, line, msg):
         D.read_documents(str(j))
 
 
+def test_data_paths_that_are_not_regular_files_are_named(tmp_path):
+    import os
+
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "a.txt").write_text("one")
+    os.mkfifo(d / "b.txt")  # reading it would block forever
+    with pytest.raises(ValueError, match=r"b\.txt' is a FIFO \(named pipe\); expected a regular file"):
+        D.read_documents(str(d))
+    os.remove(d / "b.txt")
+    os.symlink("/dev/zero", d / "z.txt")  # reading it would never end
+    with pytest.raises(ValueError, match=r"z\.txt' is a device \(through a link\)"):
+        D.read_documents(str(d))
+    os.remove(d / "z.txt")
+    (d / "sub.txt").mkdir()
+    with pytest.raises(ValueError, match=r"sub\.txt' is a directory"):
+        D.read_documents(str(d))
+    os.rmdir(d / "sub.txt")
+    os.symlink(tmp_path / "gone.txt", d / "dangling.txt")
+    with pytest.raises(FileNotFoundError, match=r"dangling\.txt' is a link to .*gone\.txt', which does not exist"):
+        D.read_documents(str(d))
+    os.remove(d / "dangling.txt")
+    os.mkfifo(tmp_path / "direct.jsonl")
+    with pytest.raises(ValueError, match="direct.jsonl' is a FIFO"):  # given directly: not "not found"
+        D.read_documents(str(tmp_path / "direct.jsonl"))
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        D.read_documents(str(tmp_path / "nope.jsonl"))
+    assert D.read_documents(str(d)) == [R.Text("one")]
+    bomb = tmp_path / "bomb.jsonl"
+    bomb.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match="bomb.jsonl:1: not usable JSON"):
+        D.read_documents(str(bomb))
+
+
 def test_order_is_a_permutation_per_epoch_deterministic_and_seeded():
     o = D.Order(10, seed=3)
     first = o.take(0, 25)

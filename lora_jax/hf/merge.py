@@ -45,7 +45,7 @@ import numpy as np
 from ..io._files import atomic_directory, contained, local_model_dir, read_json, read_safetensors, refuse_overlap, write_safetensors
 from ..models.checkpoint import CONFIG, SAFETENSORS, SAFETENSORS_INDEX
 from ..tree import MERGE_MAGNITUDE_LIMIT
-from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, config_problems, pattern_value
+from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, config_problems, pattern_value, selects
 
 __all__ = ["merge_checkpoint"]
 
@@ -158,6 +158,12 @@ def _plan(cfg: dict, tensors: dict, base_tensors: dict, adapter: str, conv1d: Op
             problems.append(f"{PREFIX}{mod}: expected lora_A/lora_B (or lora_embedding_A/B), got "
                             f"{sorted(('lora_embedding_' if e else 'lora_') + f for f, e in fs)}")
             continue
+        if cfg.get("target_modules") is not None and not selects(cfg, mod):  # PEFT would not have made them
+            problems.append(f"{PREFIX}{mod}: factors of a module target_modules {cfg['target_modules']!r}"
+                            + (f" / layers_to_transform {cfg['layers_to_transform']!r}"
+                               if cfg.get("layers_to_transform") not in (None, []) else "")
+                            + " do not select")
+            continue
         emb = embedding.pop()
         a, b = fs[("A", emb)], fs[("B", emb)]
         name = f"{mod}.weight"
@@ -232,15 +238,31 @@ def _merged(w: np.ndarray, d: _Delta, name: str) -> np.ndarray:
     return out
 
 
-def _copy_other_files(base: str, out: str) -> list[str]:
-    copied = []
+def _other_files(base: str) -> list[tuple[str, str]]:
+    """``(name, resolved source)`` of the base's files that are not weights (config, tokenizer, ...).
+
+    A link is followed only where it stays inside the base (or, in a hub cache snapshot, its
+    repository's blobs): a link to a file elsewhere (a token file, a key) is refused, not copied
+    into the output as a readable file."""
+    out = []
     for name in sorted(os.listdir(base)):
         src = os.path.join(base, name)
         if name.startswith(".") or not os.path.isfile(src) or name.endswith(_WEIGHT_SUFFIXES):
             continue
-        shutil.copyfile(src, os.path.join(out, name))  # follows links (hub snapshots link to blobs)
-        copied.append(name)
-    return copied
+        out.append((name, contained(base, name, what="merge: the base's file")))
+    return out
+
+
+def _check_index(index: str, where: dict[str, str]) -> None:
+    """The index's weight_map names exactly the tensors the shards hold, each in its shard
+    (``where``: tensor name -> shard read from the shards themselves)."""
+    wmap = read_json(index, what="safetensors index").get("weight_map", {})
+    problems = [f"{k} is in {where[k]!r} but the index says {wmap[k]!r}" for k in where if k in wmap and wmap[k] != where[k]]
+    problems += [f"{k} (in {where[k]!r}) is missing from the index" for k in where if k not in wmap]
+    problems += [f"{k} is in the index (shard {wmap[k]!r}) but in no shard" for k in wmap if k not in where]
+    if problems:
+        raise ValueError(f"merge: {index!r} does not match its shards ({len(problems)} problem(s)): "
+                         + "; ".join(problems[:5]))
 
 
 def merge_checkpoint(base, adapter, out, *, overwrite: bool = False,
@@ -285,6 +307,9 @@ def merge_checkpoint(base, adapter, out, *, overwrite: bool = False,
     adapter_tensors, _ = read_safetensors(os.path.join(adapter, ADAPTER_WEIGHTS))
     files, index = _shards(base)
     base_tensors = _headers(base, files)
+    if index is not None:
+        _check_index(index, {k: v[0] for k, v in base_tensors.items()})
+    others = _other_files(base)
     deltas, replace = _plan(cfg, adapter_tensors, base_tensors, adapter, _conv1d_weights(base))
     say = echo or (lambda s: None)
     with atomic_directory(out, overwrite=overwrite, what="merge") as tmp:
@@ -308,10 +333,13 @@ def merge_checkpoint(base, adapter, out, *, overwrite: bool = False,
             del tensors, written, changed  # unmap the input, free the merged tensors, then read the output back
             _check_shard(dest, layout, sums)
             say(f"merge: shard {n}/{len(files)} {f}: {sum(k in deltas for k in names)} tensor(s) merged")
-        if index is not None:
+        if index is not None:  # copied, then read back against the shards written
             shutil.copyfile(index, os.path.join(tmp, SAFETENSORS_INDEX))
-        copied = _copy_other_files(base, tmp)
-    return {"shards": len(files), "merged": sorted(deltas), "replaced": sorted(replace), "copied": copied}
+            _check_index(os.path.join(tmp, SAFETENSORS_INDEX), {k: v[0] for k, v in _headers(tmp, files).items()})
+        for name, src in others:
+            shutil.copyfile(src, os.path.join(tmp, name))
+    return {"shards": len(files), "merged": sorted(deltas), "replaced": sorted(replace),
+            "copied": [name for name, _ in others]}
 
 
 def _new_tensor(src: str, name: str, delta: Optional[_Delta], full) -> np.ndarray:

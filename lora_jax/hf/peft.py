@@ -479,36 +479,57 @@ def _layer_index(module: str, layers_pattern) -> Optional[int]:
     return int(m.group("idx")) if m else None
 
 
-def _peft_targets(cfg: dict, view: _View) -> set[str]:
-    """The module names PEFT would put LoRA on for this config (PEFT's ``check_target_module_exists``)."""
+def selects(cfg: dict, name: str, default_targets=()) -> bool:
+    """Whether an adapter config puts LoRA on module ``name`` by its ``target_modules`` (``None``:
+    ``default_targets``, the model type's defaults), ``exclude_modules`` and ``layers_to_transform``
+    / ``layers_pattern`` (PEFT's ``check_target_module_exists``). ``"all-linear"`` selects every
+    name here; which modules are linear is the caller's to know.
+
+    Example:
+      >>> selects({"target_modules": ["q_proj"], "layers_to_transform": [1]}, "model.layers.1.self_attn.q_proj")
+      True
+      >>> selects({"target_modules": ["q_proj"], "layers_to_transform": [1]}, "model.layers.0.self_attn.q_proj")
+      False
+    """
     targets = cfg.get("target_modules")
     if targets is None:
-        targets = list(family_of(view.model).peft_targets[view.model.config.model_type])
+        targets = list(default_targets)
     exclude = cfg.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, name):
+        return False
+    if isinstance(exclude, list) and any(name == e or name.endswith("." + e) for e in exclude):
+        return False
+    if isinstance(targets, str):
+        return targets.lower() == "all-linear" or bool(re.fullmatch(targets, name))
+    if name in targets:  # as PEFT: a full name is not filtered by layer
+        return True
+    if not any(name.endswith("." + t) for t in targets):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and layers != []:
+        idx = _layer_index(name, cfg.get("layers_pattern"))
+        return idx is not None and idx in ([layers] if isinstance(layers, int) else list(layers))
+    return True
+
+
+def _default_targets(view: _View) -> list:
+    return list(family_of(view.model).peft_targets[view.model.config.model_type])
+
+
+def _peft_targets(cfg: dict, view: _View) -> set[str]:
+    """The module names PEFT would put LoRA on for this config (PEFT's ``check_target_module_exists``)."""
+    every = isinstance(cfg.get("target_modules"), str) and cfg["target_modules"].lower() == "all-linear"
     heads = [view.leaves[q].module(None) for q in view.leaves if view.in_head(q)]
     saved = list(cfg.get("modules_to_save") or []) + heads
-    layers, layers_pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    default = _default_targets(view)
     out = set()
     for name, (p, _) in view.modules().items():
-        if isinstance(exclude, str) and re.fullmatch(exclude, name):
-            continue
-        if isinstance(exclude, list) and any(name == e or name.endswith("." + e) for e in exclude):
-            continue
         if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
             continue
-        if isinstance(targets, str):
-            if targets.lower() == "all-linear":
-                hit = p.endswith("/kernel") and not name.startswith("lm_head") \
-                    and p.rpartition("/")[0].rpartition("/")[2] not in view.not_linear
-            else:
-                hit = bool(re.fullmatch(targets, name))
-        else:
-            hit = name in targets or any(name.endswith("." + t) for t in targets)
-            if hit and layers is not None and layers != []:
-                idx = _layer_index(name, layers_pattern)
-                want = [layers] if isinstance(layers, int) else list(layers)
-                hit = idx is not None and idx in want
-        if hit:
+        if every and (not p.endswith("/kernel") or name.startswith("lm_head")
+                      or p.rpartition("/")[0].rpartition("/")[2] in view.not_linear):
+            continue
+        if selects(cfg, name, default):
             out.add(name)
     return out
 
@@ -665,6 +686,12 @@ def _parse(cfg: dict, tensors: dict, view: _View) -> _Parsed:
             elif ("lora_embedding_" in rest) != modules[mod][0].endswith("/embedding") and role != "m":
                 kind = "embedding" if modules[mod][0].endswith("/embedding") else "linear"
                 out.problems.append(f"unexpected: {key} ({mod!r} is a {kind} module)")
+            elif not selects(cfg, mod, _default_targets(view)):  # PEFT would not have made them
+                out.problems.append(f"unexpected: {key} ({mod!r} is not selected by target_modules "
+                                    f"{cfg.get('target_modules')!r}" + (f", layers_to_transform {cfg['layers_to_transform']!r}"
+                                    if cfg.get("layers_to_transform") not in (None, []) else "")
+                                    + (f", exclude_modules {cfg['exclude_modules']!r}" if cfg.get("exclude_modules") else "")
+                                    + ")")
             else:
                 out.factors[mod][role] = np.asarray(arr)
             continue
@@ -889,6 +916,14 @@ def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
         if cfg.get("target_parameters") and not wanted_params:
             parsed.problems.append(f"target_parameters {cfg['target_parameters']!r} match no parameter of "
                                    f"{torch_class(model)}; some it has: {sorted(view.parameters())[:4]}")
+        default = _default_targets(view)
+        names = [*view.modules(), *view.expert_modules()]  # the latter: transformers 4's per-expert modules
+        if not cfg.get("target_parameters") and not any(selects(cfg, name, default) for name in names):
+            parsed.problems.append(f"target_modules {cfg.get('target_modules')!r}"
+                                   + (f" with layers_to_transform {cfg['layers_to_transform']!r}"
+                                      if cfg.get("layers_to_transform") not in (None, []) else "")
+                                   + f" select no module of {torch_class(model)} (PEFT refuses such a config); "
+                                   f"some it has: {sorted(view.modules())[:4]}")
         if not allow_missing:
             wanted = _peft_targets(cfg, view)
             parsed.problems += [f"missing: {PREFIX}{mod}.lora_A/lora_B (targeted by target_modules "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -387,10 +388,7 @@ def read_safetensors(file) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
             raise ValueError(f"{bad} header length {n} exceeds the file size {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{bad} header is not JSON ({e})") from None
+        header = parse_json(f.read(n), f"the header of {file!r}")
     if not isinstance(header, dict):
         raise ValueError(f"{bad} header is {type(header).__name__}, expected an object")
     meta = header.get("__metadata__") or {}
@@ -399,23 +397,36 @@ def read_safetensors(file) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     data_len = size - 8 - n
     mm = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_len,)) if data_len else \
         np.zeros((0,), np.uint8)
-    out = {}
+    out, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(v) for v in info["data_offsets"])
+            shape = tuple(_dim(d) for d in info["shape"])
+            begin, end = (_dim(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{bad} tensor {name!r} has an unsupported or malformed header entry {info!r} "
-                             f"(dtypes: {sorted(SAFETENSORS_DTYPES)})") from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if not 0 <= begin <= end <= data_len or end - begin != nbytes:
+                             "(dtypes: " + ", ".join(sorted(SAFETENSORS_DTYPES)) + "; shape and data_offsets: "
+                             "lists of integers >= 0)") from None
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow for any claimed shape
+        if not begin <= end <= data_len or end - begin != nbytes:
             raise ValueError(f"{bad} tensor {name!r} ({info['dtype']}{list(shape)}) has data offsets "
                              f"[{begin}, {end}) that do not fit its size {nbytes} or the data length {data_len} "
                              "(truncated or corrupt file?)")
+        spans.append((begin, end, name))
         out[name] = np.asarray(mm[begin:end].view(dtype).reshape(shape))
+    # As the reference library: the tensors tile the data exactly, in order of their offsets; an
+    # overlap (two names for one set of bytes), a gap or bytes after the last tensor are refused.
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at} bytes before it"
+            raise ValueError(f"{bad} tensor {name!r} at data offsets [{begin}, {end}) {what} "
+                             "(the tensors must tile the data exactly)")
+        at = end
+    if at != data_len:
+        raise ValueError(f"{bad} {data_len - at} bytes follow the last tensor (the tensors must tile the data exactly)")
     return out, {str(k): str(v) for k, v in meta.items()}
 
 
@@ -454,15 +465,35 @@ def write_safetensors(file: str, tensors: Mapping[str, Any], metadata: Optional[
     usual_mode(file)
 
 
+def _dim(v) -> int:
+    """A size or offset from a file's header: an integer >= 0 (not a bool, float or string)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(v)
+    return v
+
+
+def parse_json(text, where: str) -> Any:
+    """Parse JSON text (str or bytes) read from ``where``; malformed text, bad UTF-8 or nesting too
+    deep for the parser (a nesting bomb) raise one ``ValueError`` naming ``where``.
+
+    Example:
+      >>> parse_json('{"a": [1, 2]}', "config.json")
+      {'a': [1, 2]}
+    """
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{where} is not usable JSON: its values nest deeper than the parser allows") from None
+
+
 def read_json(file: str, *, what: str = "JSON file") -> Any:
     """Parse a JSON file; a missing or malformed file raises an error naming it."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no {what} at {file!r}")
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file!r} is not valid JSON ({what}): {e}") from None
+    with open(file, "rb") as f:
+        return parse_json(f.read(), f"{file!r} ({what})")
 
 
 def write_json(file: str, obj: Any) -> None:

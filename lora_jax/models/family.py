@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -157,11 +156,9 @@ def read_hf_config(source) -> dict:
             p = os.path.join(p, "config.json")
         if not os.path.isfile(p):
             raise FileNotFoundError(f"no config.json at {os.path.abspath(p)!r}")
-        try:
-            with open(p, encoding="utf-8") as f:
-                d = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{p!r} is not a JSON config: {e}") from None
+        from ..io._files import read_json
+
+        d = read_json(p, what="model config")
         if not isinstance(d, dict):
             raise ValueError(f"{p!r}: expected a JSON object, got {type(d).__name__}")
         return d
@@ -177,8 +174,29 @@ def config_from_hf(source, **overrides):
     d = read_hf_config(source)
     if "model_type" not in d:
         raise ValueError(f"the config has no model_type; supported: {list(SUPPORTED_MODEL_TYPES)}")
+    for key in ("rope_parameters", "rope_scaling"):  # every family reads them as mappings
+        if d.get(key) is not None and not isinstance(d[key], Mapping):
+            raise ValueError(f"{d['model_type']} config: {key} must be a mapping of rotary-embedding fields (or null), "
+                             f"got {type(d[key]).__name__} {d[key]!r}")
     cfg = family_for(d["model_type"]).config_from_hf(d)
+    _check_numbers(cfg, d["model_type"])
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def _check_numbers(cfg, model_type: str) -> None:
+    """Every float of a family config is finite, and epsilons and rotary bases are > 0: a NaN
+    ``rms_norm_eps`` or a negative ``rope_theta`` would load and give NaN logits."""
+    bad = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, bool) or not isinstance(v, (float, np.floating)):
+            continue
+        if not np.isfinite(v):
+            bad.append(f"{f.name} must be finite, got {v!r}")
+        elif any(t in f.name for t in ("eps", "theta", "base_freq")) and v <= 0:
+            bad.append(f"{f.name} must be > 0, got {v!r}")
+    if bad:
+        raise ValueError(f"{model_type} config: " + "; ".join(bad))
 
 
 def _head_for_class(fam: Family, model_type: str, cls_name: str) -> Optional[str]:

@@ -137,6 +137,10 @@ def rope_parameters(hf: Mapping[str, Any], layer_type: Optional[str] = None, *,
       >>> rope_parameters({"rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0}})["rope_type"]
       'linear'
     """
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
+            raise ValueError(f"{key} must be a mapping of rotary-embedding fields (or null), got "
+                             f"{type(hf[key]).__name__} {hf[key]!r}")
     rp = hf.get("rope_parameters")
     if isinstance(rp, Mapping) and rp:
         if layer_type is not None and isinstance(rp.get(layer_type), Mapping):
@@ -159,8 +163,32 @@ def rope_parameters(hf: Mapping[str, Any], layer_type: Optional[str] = None, *,
     return out
 
 
+# every field transformers reads from a rope dict; a key close to one of these is a misspelling
+_ROPE_FIELDS = ("rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
+                "high_freq_factor", "attention_factor", "beta_fast", "beta_slow", "short_factor", "long_factor",
+                "mscale", "mscale_all_dim", "partial_rotary_factor", "truncate")
+# the fields that must be finite numbers > 0 where given
+_ROPE_POSITIVE = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                  "attention_factor", "beta_fast", "beta_slow")
+
+
 def check_rope(rope: Mapping[str, Any], what: str) -> str:
-    """Validate a flat rope dict; return its type. Unknown types and missing fields are ValueErrors."""
+    """Validate a flat rope dict; return its type. Unknown types, missing fields, misspelled keys
+    (which would silently fall back to a default) and numbers that are not finite and > 0 are
+    ValueErrors."""
+    import difflib
+
+    for k in rope:
+        close = difflib.get_close_matches(str(k), _ROPE_FIELDS, n=1, cutoff=0.85)
+        if k not in _ROPE_FIELDS and close:
+            raise ValueError(f"{what}: unknown key {k!r}; did you mean {close[0]!r}?")
+    for k in _ROPE_POSITIVE:
+        v = rope.get(k)
+        if v is None:
+            continue
+        ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+        if not ok or not math.isfinite(float(v)) or float(v) <= 0:
+            raise ValueError(f"{what}: {k} must be a finite number > 0, got {v!r}")
     t = rope.get("rope_type", "default")
     if t not in ROPE_TYPES:
         raise ValueError(f"{what}: rope_type {t!r} is not supported; supported: {ROPE_TYPES}")

@@ -743,8 +743,41 @@ def _set_dotted(tree: dict, dotted: str, value, problems):
     node[parts[-1]] = value
 
 
+def _hint_of(dotted: str):
+    """The type of the setting ``dotted`` names (``train.lr`` -> float), or None when it names none
+    (a key inside ``model.init``, an unknown key: those are reported by `from_dict`)."""
+    cls, tp = Config, None
+    for part in dotted.split("."):
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return None
+        tp = _hints(cls).get(part)
+        if tp is None:
+            return None
+        cls = tp if dataclasses.is_dataclass(tp) else None
+    return tp
+
+
+def _override_value(key: str, raw: str):
+    """An override's value. A text setting (a path, a name: a string, or a list of them) takes it as
+    typed, so ``out_dir=runs/exp #2`` keeps its ``#2``, ``~`` stays the home directory and a newline
+    stays a newline; ``null``, a quoted string and a ``[list]`` are read as YAML there too. Every
+    other value is read as YAML (``train.lr=1e-4``, ``lora.rslora=true``); text that is not YAML
+    stays text."""
+    tp = _hint_of(key)
+    args = set(typing.get_args(tp)) if typing.get_origin(tp) is Union else {tp}
+    args.discard(type(None))
+    text = bool(args) and args <= {str, list} and str in args
+    s = raw.strip()
+    if text and s != "null" and not s.startswith(("'", '"')) and not (s.startswith("[") and list in args):
+        return raw
+    try:
+        return yaml.safe_load(raw) if s else None
+    except Exception:  # noqa: BLE001 - not YAML (PyYAML also raises ValueError, RecursionError): a string
+        return raw
+
+
 def parse_overrides(overrides) -> tuple[dict, list[str]]:
-    """``["a.b=1", ...]`` to a nested dict (values read as YAML), plus the problems found."""
+    """``["a.b=1", ...]`` to a nested dict (see `_override_value`), plus the problems found."""
     out: dict = {}
     problems = []
     for o in overrides or ():
@@ -753,10 +786,7 @@ def parse_overrides(overrides) -> tuple[dict, list[str]]:
         if not sep or not key:
             problems.append(f"override {o!r}: expected key=value, e.g. train.steps=20")
             continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except Exception:  # noqa: BLE001 - not YAML (PyYAML also raises ValueError, RecursionError): a string
-            value = raw
+        value = _override_value(key, raw)
         big = yaml_size_problem(value, f"override {key}")
         if big:
             problems.append(big)
@@ -780,7 +810,8 @@ def load_config(name_or_path: Optional[str] = None, overrides=(), *, check_files
     Args:
       name_or_path: a shipped config name (``default``), ``./conf/NAME.yaml``, or a YAML path;
         None is the default run.
-      overrides: dotted ``key=value`` strings, values parsed as YAML (``lora.targets=[q_proj,v_proj]``).
+      overrides: dotted ``key=value`` strings: text settings take the value as typed, others read
+        it as YAML (``lora.targets=[q_proj,v_proj]``, ``train.lr=1e-4``).
       check_files: check that data/model paths exist.
 
     Raises:

@@ -78,6 +78,8 @@ def to_record(where: str, payload, columns: Optional[Mapping[str, str]] = None):
         except json.JSONDecodeError as e:  # some of json's messages end in "at" already
             at = "column" if e.msg.endswith(" at") else "at column"
             raise ValueError(f"{where}: not valid JSON ({e.msg} {at} {e.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{where}: not usable JSON: its values nest deeper than the parser allows") from None
     return _rec.parse(payload, where, columns)
 
 

@@ -23,8 +23,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import stat
 from typing import Callable, Iterator, Optional
 
 from . import records as _rec
@@ -145,30 +145,52 @@ def reader_for(path: str, fmt: str = "auto") -> Reader:
 
 def _datasets_dir(path: str) -> Optional[list[str]]:
     """The Arrow files of a ``datasets`` ``save_to_disk`` directory, or None when it is not one."""
+    from ..io._files import contained, read_json
+
     state = os.path.join(path, "state.json")
     if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        with open(os.path.join(path, "dataset_dict.json")) as fh:
-            splits = json.load(fh).get("splits", [])
+        splits = read_json(os.path.join(path, "dataset_dict.json"), what="datasets DatasetDict")
+        splits = splits.get("splits", []) if isinstance(splits, dict) else []
+        splits = [str(x) for x in splits] if isinstance(splits, list) else []
         raise ValueError(f"{path}: a datasets DatasetDict with splits {splits}; point at one split's directory, e.g. "
                          f"{os.path.join(path, splits[0] if splits else 'train')}")
     if not os.path.isfile(state):
         return None
+    info = read_json(state, what="datasets state.json")
     try:
-        with open(state) as fh:
-            names = [f["filename"] for f in json.load(fh)["_data_files"]]
-    except (ValueError, KeyError, TypeError) as e:
+        names = [f["filename"] for f in info["_data_files"]]
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError("a filename is not a string")
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{state}: not a datasets state.json ({type(e).__name__}: {e})") from None
-    from ..io._files import contained
-
     return [contained(path, n, what="data file name") for n in names]
+
+
+def _regular(path: str) -> str:
+    """``path`` when it is (or links to) a regular file; otherwise an error naming what it is (a
+    FIFO would block the read forever, a device such as /dev/zero never ends)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise FileNotFoundError(f"data file {path!r} is a link to {os.readlink(path)!r}, which does not exist") from None
+        raise FileNotFoundError(f"data file not found: {path!r}") from None
+    if stat.S_ISREG(mode):
+        return path
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+    raise ValueError(f"data file {path!r} is {kind}{' (through a link)' if os.path.islink(path) else ''}; "
+                     "expected a regular file")
 
 
 def files(paths, fmt: str = "auto") -> list[tuple[str, Reader, bool]]:
     """``(file, reader, whole)`` for every file ``paths`` name, directories expanded in name order.
 
     Raises:
-      FileNotFoundError: a path that does not exist.
-      ValueError: a directory with no data file, or an unknown ``fmt``.
+      FileNotFoundError: a path that does not exist (or a link to nothing).
+      ValueError: a directory with no data file, an entry that is not a regular file (a FIFO, a
+        device, a directory named like a data file), or an unknown ``fmt``.
     """
     out = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
@@ -176,18 +198,16 @@ def files(paths, fmt: str = "auto") -> list[tuple[str, Reader, bool]]:
         if os.path.isdir(p):
             arrow = _datasets_dir(p)
             if arrow is not None:
-                out += [(f, _BY_NAME["arrow"], False) for f in arrow]
+                out += [(_regular(f), _BY_NAME["arrow"], False) for f in arrow]
                 continue
             names = sorted(n for n in os.listdir(p) if n.lower().endswith(_EXTS) and not n.startswith("."))
             if not names:
                 raise ValueError(f"{p}: directory holds no {'/'.join(_EXTS)} files")
             for n in names:
                 r = reader_for(n)
-                out.append((os.path.join(p, n), r, r.name == "text"))
-        elif os.path.isfile(p):
-            out.append((p, reader_for(p, fmt), False))
+                out.append((_regular(os.path.join(p, n)), r, r.name == "text"))
         else:
-            raise FileNotFoundError(f"data file not found: {p!r}")
+            out.append((_regular(p), reader_for(p, fmt), False))
     return out
 
 
