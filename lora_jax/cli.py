@@ -9,6 +9,7 @@
     lora-jax export [RUN] [--out DIR] [--overwrite]
     lora-jax generate [RUN] [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--seed S] [--base]
     lora-jax demo [...]
+    lora-jax launch --processes N [--cpu-devices K] [--port P] [--grace S] train ...
 
 ``CONFIG`` is a shipped config name (``default``), ``./conf/NAME.yaml`` or a path to a YAML file;
 ``key=value`` overrides use dotted keys (``train.steps=20 lora.rank=4``, values read as YAML).
@@ -17,7 +18,9 @@
 Every command returns an exit status: 0 on success, 2 for a configuration or usage error (one
 message naming the key and what is allowed; nothing is written), 1 for any other failure.
 ``train`` also returns 3 when the loss or gradients became NaN/infinite (``train.on_nonfinite``;
-the last good checkpoint is kept, nothing after it is written), and 130 / 143 when SIGINT /
+the last good checkpoint is kept, nothing after it is written), 4 when a process of a distributed
+run lost contact with another (the message names it; ``launch`` returns the status of the process
+that failed first), and 130 / 143 when SIGINT /
 SIGTERM stopped it (the current step was finished and checkpointed; the message says how to
 resume). A run directory in use by another live ``train`` (`lora_jax.train.lock`), a resume with
 no intact checkpoint, or data that gives no trained token return 2 and change nothing. ``merge``/``export`` write under a temporary name, read what they wrote back and check it
@@ -43,9 +46,10 @@ from typing import Optional, Sequence
 
 from .io._files import InterruptedAfterWrite
 
-__all__ = ["main", "EXIT_NONFINITE"]
+__all__ = ["main", "EXIT_NONFINITE", "EXIT_PEER_LOST"]
 
 EXIT_NONFINITE = 3
+EXIT_PEER_LOST = 4  # a process of a distributed run lost contact with another
 
 _USAGE = """lora-jax COMMAND ...
 
@@ -57,6 +61,7 @@ commands:
   export    write a run's adapter (newest checkpoint) in PEFT format
   generate  sample text from a run's base + adapter
   demo      the seed experiment (LoRA on an MLP, digits)
+  launch    several processes of one run on this machine: lora-jax launch --processes N [--cpu-devices K] train ...
 
 lora-jax COMMAND --help for a command's options."""
 
@@ -139,10 +144,64 @@ def _train(argv) -> int:
         print("lora-jax: interrupted (SIGINT) outside the training loop; no new checkpoint was written (finalized "
               "ones are kept: continue with --resume)", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a distributed run whose peer is gone ends here, named
+        if cfg.distributed and _peer_lost(e):
+            _exit_peer_lost(e)
+        raise
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A JAX runtime error of a multi-process run: a collective or the coordination service failed,
+    which in a run that was set up together means a peer is gone."""
+    import jax
+
+    return isinstance(e, jax.errors.JaxRuntimeError) and jax.process_count() > 1
+
+
+def _exit_peer_lost(e: BaseException) -> None:
+    """Say which process lost which peer and leave at once with `EXIT_PEER_LOST` (a normal exit
+    would wait in ``jax.distributed.shutdown`` for the lost peer)."""
+    import re
+
+    import jax
+
+    me, n = jax.process_index(), jax.process_count()
+    peers = sorted({int(t) for t in re.findall(r"task[:_ ](\d+)", str(e))} - {me})
+    who = ("process " + ", ".join(map(str, peers))) if peers else "another process"
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    print(f"lora-jax: error: process {me} of a distributed run of {n} lost contact with {who} ({first}); stopped "
+          "without a new checkpoint (finalized ones are kept: start every process again with --resume)",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_PEER_LOST)
+
+
+def _launch(argv) -> int:
+    from .train.launch import launch
+
+    ap = argparse.ArgumentParser(
+        prog="lora-jax launch", description="Run a command as several processes of one distributed run on this "
+        "machine (each with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID and distributed=true).")
+    ap.add_argument("--processes", type=int, required=True, help="how many processes")
+    ap.add_argument("--cpu-devices", type=int, default=0,
+                    help="run on the CPU with this many devices per process (gloo collectives)")
+    ap.add_argument("--port", type=int, default=None, help="the coordinator's port on localhost (default: a free one)")
+    ap.add_argument("--grace", type=float, default=30.0,
+                    help="seconds the others get to stop by themselves after one failed (default 30)")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="the lora-jax command, e.g. train CONFIG key=value")
+    a = ap.parse_args(argv)
+    if not a.command or a.command[0] != "train":
+        return _err(f"launch: the command must be train (e.g. lora-jax launch --processes 2 train), got "
+                    f"{' '.join(a.command) or 'nothing'!r}")
+    try:
+        return launch(a.command, a.processes, cpu_devices=a.cpu_devices, port=a.port, grace=a.grace,
+                      echo=lambda s: print(s, file=sys.stderr, flush=True))
+    except ValueError as e:
+        return _err(str(e))
 
 
 def _run_dir(pos) -> str:
@@ -319,7 +378,8 @@ def _demo(argv) -> int:
 
 
 _COMMANDS = {"train": _train, "eval": _eval, "merge": lambda a: _merge_or_export(a, "merge"),
-             "export": lambda a: _merge_or_export(a, "export"), "generate": _generate, "demo": _demo}
+             "export": lambda a: _merge_or_export(a, "export"), "generate": _generate, "demo": _demo,
+             "launch": _launch}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -369,6 +369,10 @@ class Checkpointer:
         if jax.process_index() == 0:
             for name in self.removed:  # what a killed run left: never finalized, never read
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        if remove_unfinished:  # no process opens the directory before they are gone
+            from .hosts import barrier
+
+            barrier("checkpointer: unfinished saves removed")
         self._json_save, self._json_restore = _json_args()
         self._m = _manager(self.directory, keep=keep, async_save=async_save)
 

@@ -265,6 +265,8 @@ class Config:
     seed: int = _f(0, "seeds the model init, adapter init, data order and dropout", min=0)
     out_dir: Optional[str] = _f(None, "run directory; null: runs/<config name>-<timestamp>")
     distributed: bool = _f(False, "call jax.distributed.initialize() first (multi-host)")
+    peer_timeout: int = _f(100, "distributed: seconds without a peer's heartbeat before the other processes stop "
+                           "(exit status 4, naming the lost peer)", min=5)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -2,7 +2,9 @@
 
 Order of work (nothing is written until everything that can be checked has been):
 
-1. ``jax.distributed.initialize()`` when ``distributed: true``; the mesh.
+1. ``jax.distributed.initialize()`` when ``distributed: true`` (a peer silent for ``peer_timeout``
+   seconds stops the others); the processes must hold the same config and code (`hosts.check_same`),
+   and every setup check below fails on all of them alike (`hosts.agree`); the mesh.
 2. The run directory is chosen (``out_dir``, or ``runs/<name>-<timestamp>``; with ``resume`` the
    newest run of that config holding a finalized checkpoint), locked for this run (`lock.RunLock`:
    a second run of it is refused, naming this one's pid) and checked.
@@ -58,6 +60,7 @@ from .. import tree as _tree
 from ..rules import Rules
 from . import data as _data
 from . import flops as _flops
+from . import hosts as _hosts
 from . import model as _model
 from . import sharding as shd
 from . import tuning as _tuning
@@ -72,7 +75,7 @@ __all__ = ["run", "resolve_out_dir", "load_run", "load_checkpoint", "latest_run"
            "generate_ids", "RunHandle", "compute_dtype", "RESUME_MAY_DIFFER"]
 
 # keys that may change between a run and its resumption
-RESUME_MAY_DIFFER = ("out_dir", "name", "distributed", "mesh.", "train.resume", "train.steps", "train.progress",
+RESUME_MAY_DIFFER = ("out_dir", "name", "distributed", "peer_timeout", "mesh.", "train.resume", "train.steps", "train.progress",
                      "train.eval_every", "train.eval_batches", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.async_checkpoint", "train.export", "train.plot",
                      "train.on_nonfinite", "train.max_skipped")
@@ -255,10 +258,15 @@ def _data_rows(cfg, tok, say: Callable) -> tuple:
     return rows, eval_rows, summary
 
 
-def _init_distributed():
+def _init_distributed(peer_timeout: int):
     """``jax.distributed.initialize()`` with its auto-detection (SLURM, Open MPI, TPU pods, or the
-    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables)."""
+    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables); a peer
+    silent for ``peer_timeout`` seconds stops the others."""
+    import inspect
+
     kw = {}
+    if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        kw["heartbeat_timeout_seconds"] = int(peer_timeout)
     for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
         if os.environ.get(var):  # jax reads JAX_COORDINATOR_ADDRESS itself, not these two
             try:
@@ -323,20 +331,36 @@ class _Run:
 def _prepare(cfg: Config, echo: Callable) -> _Run:
     """Distributed init, the mesh, the run directory and every check that needs no model."""
     if cfg.distributed:
-        _init_distributed()
+        _init_distributed(cfg.peer_timeout)
     main = jax.process_index() == 0
     say = echo if main else (lambda *a, **k: None)
+    # every process runs the same config and code, or none runs (the differences named)
+    _hosts.check_same({**{f"config {k}": v for k, v in _flat(to_dict(cfg)).items()},
+                       "lora_jax code": _hosts.code_version(), "jax": jax.__version__,
+                       "processes": jax.process_count()})
     try:
         mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
     if cfg.out_dir is None:  # a new runs/<name>-<time> or the newest run of this config
         cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir(cfg)[0])
-    lock = _lock(cfg.out_dir) if main else None
+    lock, error = None, None
+    if main:  # one lock per run, taken by process 0; the others learn its outcome
+        try:
+            lock = _lock(cfg.out_dir)
+        except ConfigError as e:
+            error = str(e)
+    _hosts.agree("the run directory's lock", error)
     try:
-        out_dir, resume_step = resolve_out_dir(cfg)  # again under the lock: no other run can change it now
-        if cfg.train.resume:
-            _check_resume_config(out_dir, cfg)
+        error = None
+        try:
+            out_dir, resume_step = resolve_out_dir(cfg)  # again under the lock: no other run can change it now
+            if cfg.train.resume:
+                _check_resume_config(out_dir, cfg)
+        except ConfigError as e:
+            error = str(e)
+        _hosts.agree("the run directory", error)
+        _hosts.check_same({"out_dir": os.path.abspath(out_dir), "resume step": resume_step})
     except BaseException:
         if lock is not None:
             lock.release(clean=True)
@@ -521,6 +545,7 @@ def _start_writes(r: _Run) -> None:
                   "first one): starting it over from step 0")
         os.makedirs(r.out_dir, exist_ok=True)
         atomic_write_text(os.path.join(r.out_dir, "config.yaml"), to_yaml(r.cfg))
+    _hosts.barrier("run directory ready")  # no process opens the checkpoints before they are in order
     r.metrics = MetricsWriter(os.path.join(r.out_dir, "metrics.jsonl"), resume_step=r.resume_step, restart=r.restart)
     r.summary = {"out_dir": os.path.abspath(r.out_dir), "data": r.data_summary}
 
@@ -651,6 +676,17 @@ def _export(r: _Run) -> None:
         r.summary["plot"] = os.path.abspath(png)
 
 
+def _together(phase: Callable, r: _Run) -> None:
+    """Run a setup phase on every process; a `ConfigError` on any of them is raised on all
+    (`hosts.agree`), so no process goes on to wait for one that stopped."""
+    error = None
+    try:
+        phase(r)
+    except ConfigError as e:
+        error = str(e)
+    _hosts.agree(phase.__name__.strip("_").replace("_", " "), error)
+
+
 def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print) -> dict:
     """Train as ``cfg`` says and return the run's summary (also written to ``summary.json``).
 
@@ -675,9 +711,10 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
     r = _prepare(cfg, echo)
     try:
         t0 = time.perf_counter()
-        _load_base(r)
-        _load_data(r)
-        _choose_checkpoint(r)
+        for phase in (_load_base, _load_data, _choose_checkpoint):
+            _together(phase, r)
+        # every process resumes the same step, having skipped the same damaged ones
+        _hosts.check_same({"resume step": r.resume_step, "damaged checkpoints": sorted(e.step for e in r.damaged)})
         r.say(f"# setup {time.perf_counter() - t0:.1f}s")
         _start_writes(r)
         try:
