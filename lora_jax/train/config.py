@@ -746,17 +746,18 @@ def _set_dotted(tree: dict, dotted: str, value, problems):
 
 
 def _hint_of(dotted: str):
-    """The type of the setting ``dotted`` names (``train.lr`` -> float), or None when it names none
+    """``(type, field metadata)`` of the setting ``dotted`` names (``train.lr`` -> float), or None when it names none
     (a key inside ``model.init``, an unknown key: those are reported by `from_dict`)."""
-    cls, tp = Config, None
+    cls, tp, meta = Config, None, {}
     for part in dotted.split("."):
         if cls is None or not dataclasses.is_dataclass(cls):
-            return None
+            return None, {}
         tp = _hints(cls).get(part)
         if tp is None:
-            return None
+            return None, {}
+        meta = next((dict(f.metadata) for f in dataclasses.fields(cls) if f.name == part), {})
         cls = tp if dataclasses.is_dataclass(tp) else None
-    return tp
+    return tp, meta
 
 
 def _override_value(key: str, raw: str):
@@ -765,10 +766,11 @@ def _override_value(key: str, raw: str):
     stays a newline; ``null``, a quoted string and a ``[list]`` are read as YAML there too. Every
     other value is read as YAML (``train.lr=1e-4``, ``lora.rslora=true``); text that is not YAML
     stays text."""
-    tp = _hint_of(key)
+    tp, meta = _hint_of(key)
     args = set(typing.get_args(tp)) if typing.get_origin(tp) is Union else {tp}
     args.discard(type(None))
-    text = bool(args) and args <= {str, list} and str in args
+    # a setting of fixed choices (data.packing=false, as before) is read as YAML
+    text = bool(args) and args <= {str, list} and str in args and not meta.get("choices")
     s = raw.strip()
     if text and s != "null" and not s.startswith(("'", '"')) and not (s.startswith("[") and list in args):
         return raw
