@@ -45,7 +45,7 @@ import numpy as np
 from ..io._files import atomic_directory, contained, local_model_dir, read_json, read_safetensors, refuse_overlap, write_safetensors
 from ..models.checkpoint import CONFIG, SAFETENSORS, SAFETENSORS_INDEX
 from ..tree import MERGE_MAGNITUDE_LIMIT
-from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, config_problems, pattern_value, selects
+from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, config_problems, pattern_value, selection_of, selects
 
 __all__ = ["merge_checkpoint"]
 
@@ -159,10 +159,7 @@ def _plan(cfg: dict, tensors: dict, base_tensors: dict, adapter: str, conv1d: Op
                             f"{sorted(('lora_embedding_' if e else 'lora_') + f for f, e in fs)}")
             continue
         if cfg.get("target_modules") is not None and not selects(cfg, mod):  # PEFT would not have made them
-            problems.append(f"{PREFIX}{mod}: factors of a module target_modules {cfg['target_modules']!r}"
-                            + (f" / layers_to_transform {cfg['layers_to_transform']!r}"
-                               if cfg.get("layers_to_transform") not in (None, []) else "")
-                            + " do not select")
+            problems.append(f"{PREFIX}{mod}: factors of a module that {selection_of(cfg)} do not select")
             continue
         emb = embedding.pop()
         a, b = fs[("A", emb)], fs[("B", emb)]
@@ -313,6 +310,7 @@ def merge_checkpoint(base, adapter, out, *, overwrite: bool = False,
     deltas, replace = _plan(cfg, adapter_tensors, base_tensors, adapter, _conv1d_weights(base))
     say = echo or (lambda s: None)
     with atomic_directory(out, overwrite=overwrite, what="merge") as tmp:
+        written_in = {}  # tensor name -> the shard it was written to (as read back by _check_shard)
         for n, f in enumerate(files, 1):
             # the shard's name comes from the base's index: checked again where it is written
             src, dest = os.path.join(base, f), contained(tmp, f, what=f"shard named in {SAFETENSORS_INDEX}")
@@ -332,10 +330,11 @@ def merge_checkpoint(base, adapter, out, *, overwrite: bool = False,
             sums = {k: _crc(v) for k, v in changed.items()}
             del tensors, written, changed  # unmap the input, free the merged tensors, then read the output back
             _check_shard(dest, layout, sums)
+            written_in.update(dict.fromkeys(layout, f))
             say(f"merge: shard {n}/{len(files)} {f}: {sum(k in deltas for k in names)} tensor(s) merged")
         if index is not None:  # copied, then read back against the shards written
             shutil.copyfile(index, os.path.join(tmp, SAFETENSORS_INDEX))
-            _check_index(os.path.join(tmp, SAFETENSORS_INDEX), {k: v[0] for k, v in _headers(tmp, files).items()})
+            _check_index(os.path.join(tmp, SAFETENSORS_INDEX), written_in)
         for name, src in others:
             shutil.copyfile(src, os.path.join(tmp, name))
     return {"shards": len(files), "merged": sorted(deltas), "replaced": sorted(replace),

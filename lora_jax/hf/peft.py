@@ -512,6 +512,17 @@ def selects(cfg: dict, name: str, default_targets=()) -> bool:
     return True
 
 
+def selection_of(cfg: dict) -> str:
+    """How an adapter config selects modules, for messages: ``target_modules ['q_proj'],
+    layers_to_transform [1]`` (the fields that narrow it only where set)."""
+    out = f"target_modules {cfg.get('target_modules')!r}"
+    if cfg.get("layers_to_transform") not in (None, []):
+        out += f", layers_to_transform {cfg['layers_to_transform']!r}"
+    if cfg.get("exclude_modules"):
+        out += f", exclude_modules {cfg['exclude_modules']!r}"
+    return out
+
+
 def _default_targets(view: _View) -> list:
     return list(family_of(view.model).peft_targets[view.model.config.model_type])
 
@@ -687,11 +698,7 @@ def _parse(cfg: dict, tensors: dict, view: _View) -> _Parsed:
                 kind = "embedding" if modules[mod][0].endswith("/embedding") else "linear"
                 out.problems.append(f"unexpected: {key} ({mod!r} is a {kind} module)")
             elif not selects(cfg, mod, _default_targets(view)):  # PEFT would not have made them
-                out.problems.append(f"unexpected: {key} ({mod!r} is not selected by target_modules "
-                                    f"{cfg.get('target_modules')!r}" + (f", layers_to_transform {cfg['layers_to_transform']!r}"
-                                    if cfg.get("layers_to_transform") not in (None, []) else "")
-                                    + (f", exclude_modules {cfg['exclude_modules']!r}" if cfg.get("exclude_modules") else "")
-                                    + ")")
+                out.problems.append(f"unexpected: {key} ({mod!r} is not selected by {selection_of(cfg)})")
             else:
                 out.factors[mod][role] = np.asarray(arr)
             continue
@@ -919,11 +926,8 @@ def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:
         default = _default_targets(view)
         names = [*view.modules(), *view.expert_modules()]  # the latter: transformers 4's per-expert modules
         if not cfg.get("target_parameters") and not any(selects(cfg, name, default) for name in names):
-            parsed.problems.append(f"target_modules {cfg.get('target_modules')!r}"
-                                   + (f" with layers_to_transform {cfg['layers_to_transform']!r}"
-                                      if cfg.get("layers_to_transform") not in (None, []) else "")
-                                   + f" select no module of {torch_class(model)} (PEFT refuses such a config); "
-                                   f"some it has: {sorted(view.modules())[:4]}")
+            parsed.problems.append(f"{selection_of(cfg)} select no module of {torch_class(model)} (PEFT refuses such "
+                                   f"a config); some it has: {sorted(view.modules())[:4]}")
         if not allow_missing:
             wanted = _peft_targets(cfg, view)
             parsed.problems += [f"missing: {PREFIX}{mod}.lora_A/lora_B (targeted by target_modules "

@@ -174,10 +174,9 @@ def config_from_hf(source, **overrides):
     d = read_hf_config(source)
     if "model_type" not in d:
         raise ValueError(f"the config has no model_type; supported: {list(SUPPORTED_MODEL_TYPES)}")
-    for key in ("rope_parameters", "rope_scaling"):  # every family reads them as mappings
-        if d.get(key) is not None and not isinstance(d[key], Mapping):
-            raise ValueError(f"{d['model_type']} config: {key} must be a mapping of rotary-embedding fields (or null), "
-                             f"got {type(d[key]).__name__} {d[key]!r}")
+    from .layers import check_rope_mappings
+
+    check_rope_mappings(d, f"{d['model_type']} config: ")
     cfg = family_for(d["model_type"]).config_from_hf(d)
     _check_numbers(cfg, d["model_type"])
     return dataclasses.replace(cfg, **overrides) if overrides else cfg

@@ -125,6 +125,15 @@ def remat_policy(spec):
 # -------------------------------------------------------------------------------------------
 # Rotary embeddings
 # -------------------------------------------------------------------------------------------
+def check_rope_mappings(hf: Mapping[str, Any], what: str = "") -> None:
+    """A HF config's ``rope_parameters`` and ``rope_scaling`` are mappings or null (every family
+    reads them as mappings; a string or list must not fall back to the default rotary base)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
+            raise ValueError(f"{what}{key} must be a mapping of rotary-embedding fields (or null), got "
+                             f"{type(hf[key]).__name__} {hf[key]!r}")
+
+
 def rope_parameters(hf: Mapping[str, Any], layer_type: Optional[str] = None, *,
                     default_theta: float = 10000.0) -> dict:
     """One flat rotary-embedding dict ``{"rope_type", "rope_theta", ...}`` from a HF config dict.
@@ -137,10 +146,7 @@ def rope_parameters(hf: Mapping[str, Any], layer_type: Optional[str] = None, *,
       >>> rope_parameters({"rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0}})["rope_type"]
       'linear'
     """
-    for key in ("rope_parameters", "rope_scaling"):
-        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
-            raise ValueError(f"{key} must be a mapping of rotary-embedding fields (or null), got "
-                             f"{type(hf[key]).__name__} {hf[key]!r}")
+    check_rope_mappings(hf)
     rp = hf.get("rope_parameters")
     if isinstance(rp, Mapping) and rp:
         if layer_type is not None and isinstance(rp.get(layer_type), Mapping):

@@ -19,14 +19,16 @@ Example:
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import jax
 import numpy as np
 
 from .config import ConfigError
 
-__all__ = ["gather_bytes", "agree", "check_same", "barrier", "code_version"]
+T = TypeVar("T")
+
+__all__ = ["gather_bytes", "agree", "together", "check_same", "barrier", "code_version"]
 
 
 def code_version() -> str:
@@ -74,6 +76,20 @@ def agree(what: str, error: Optional[str]) -> None:
     if failed:
         i, e = failed[0]
         raise ConfigError(f"{e} [{what}: process {i} of {len(outcomes)}]")
+
+
+def together(what: str, fn: Callable[[], T]) -> T:
+    """``fn()`` on every process, its `ConfigError` on any of them raised on all (`agree`); with
+    one process simply ``fn()``."""
+    if jax.process_count() == 1:
+        return fn()
+    error, out = None, None
+    try:
+        out = fn()
+    except ConfigError as e:
+        error = str(e)
+    agree(what, error)
+    return out
 
 
 def check_same(facts: Mapping[str, Any]) -> None:

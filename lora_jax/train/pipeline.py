@@ -344,22 +344,16 @@ def _prepare(cfg: Config, echo: Callable) -> _Run:
         raise ConfigError(f"mesh: {e}") from None
     if cfg.out_dir is None:  # a new runs/<name>-<time> or the newest run of this config
         cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir(cfg)[0])
-    lock, error = None, None
-    if main:  # one lock per run, taken by process 0; the others learn its outcome
-        try:
-            lock = _lock(cfg.out_dir)
-        except ConfigError as e:
-            error = str(e)
-    _hosts.agree("the run directory's lock", error)
+    # one lock per run, taken by process 0; the others learn its outcome
+    lock = _hosts.together("the run directory's lock", lambda: _lock(cfg.out_dir) if main else None)
     try:
-        error = None
-        try:
-            out_dir, resume_step = resolve_out_dir(cfg)  # again under the lock: no other run can change it now
+        def checked():
+            where = resolve_out_dir(cfg)  # again under the lock: no other run can change it now
             if cfg.train.resume:
-                _check_resume_config(out_dir, cfg)
-        except ConfigError as e:
-            error = str(e)
-        _hosts.agree("the run directory", error)
+                _check_resume_config(where[0], cfg)
+            return where
+
+        out_dir, resume_step = _hosts.together("the run directory", checked)
         _hosts.check_same({"out_dir": os.path.abspath(out_dir), "resume step": resume_step})
     except BaseException:
         if lock is not None:
@@ -676,17 +670,6 @@ def _export(r: _Run) -> None:
         r.summary["plot"] = os.path.abspath(png)
 
 
-def _together(phase: Callable, r: _Run) -> None:
-    """Run a setup phase on every process; a `ConfigError` on any of them is raised on all
-    (`hosts.agree`), so no process goes on to wait for one that stopped."""
-    error = None
-    try:
-        phase(r)
-    except ConfigError as e:
-        error = str(e)
-    _hosts.agree(phase.__name__.strip("_").replace("_", " "), error)
-
-
 def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print) -> dict:
     """Train as ``cfg`` says and return the run's summary (also written to ``summary.json``).
 
@@ -711,8 +694,8 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
     r = _prepare(cfg, echo)
     try:
         t0 = time.perf_counter()
-        for phase in (_load_base, _load_data, _choose_checkpoint):
-            _together(phase, r)
+        for phase in (_load_base, _load_data, _choose_checkpoint):  # a failure on one process stops all alike
+            _hosts.together(phase.__name__.strip("_").replace("_", " "), lambda: phase(r))
         # every process resumes the same step, having skipped the same damaged ones
         _hosts.check_same({"resume step": r.resume_step, "damaged checkpoints": sorted(e.step for e in r.damaged)})
         r.say(f"# setup {time.perf_counter() - t0:.1f}s")
