@@ -205,7 +205,7 @@ def _launch(argv) -> int:
 
 
 def _run_dir(pos) -> str:
-    from .train.pipeline import latest_run
+    from .train.runs import latest_run
 
     return pos[0] if pos else latest_run()
 
@@ -222,11 +222,11 @@ def _eval(argv) -> int:
         nested, problems = parse_overrides(over)
         if problems:
             raise ConfigError(problems)
-        from .train import pipeline
+        from .train import runs
 
-        h = pipeline.load_run(_run_dir(pos), adapter=a.adapter, overrides=nested)
-        rows = pipeline.eval_rows_of(h)
-        out = pipeline.evaluate(h, rows)
+        h = runs.load_run(_run_dir(pos), adapter=a.adapter, overrides=nested)
+        rows = runs.eval_rows_of(h)
+        out = runs.evaluate(h, rows)
     except (ConfigError, ValueError) as e:
         return _err(str(e))
     from .train.metrics import strict_json
@@ -311,7 +311,7 @@ def _merge_or_export_body(argv, which: str) -> int:
         from . import tree as _tree
         from .hf.verify import check_merged_files, check_probe
         from .io._files import atomic_directory, refuse_overlap
-        from .train import model as _model, pipeline
+        from .train import model as _model, runs
 
         run_dir = _run_dir([a.run] if a.run else [])
         own = os.path.join(run_dir, "merged" if merge else "adapter")
@@ -320,7 +320,7 @@ def _merge_or_export_body(argv, which: str) -> int:
         inside_ok = os.path.realpath(out) == os.path.realpath(own)  # the run's own export slot
         refuse_overlap(out, {"the run directory": None if inside_ok else run_dir, "the adapter": adapter}, what=which)
         _check_out(out, a.overwrite)
-        h = pipeline.load_run(run_dir, adapter=adapter)
+        h = runs.load_run(run_dir, adapter=adapter)
         base = h.cfg.model.path or os.path.join(run_dir, "base")
         refuse_overlap(out, {"the base model": base, "the tokenizer": h.cfg.tokenizer.path}, what=which)
         with atomic_directory(out, overwrite=a.overwrite, what=which) as tmp:
@@ -359,10 +359,10 @@ def _generate(argv) -> int:
     if a.temperature < 0:
         return _err(f"--temperature: expected a number >= 0, got {a.temperature}")
     try:
-        from .train import pipeline
+        from .train import runs
 
-        h = pipeline.load_run(_run_dir([a.run] if a.run else []), adapter=a.adapter)
-        text = pipeline.generate(h, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+        h = runs.load_run(_run_dir([a.run] if a.run else []), adapter=a.adapter)
+        text = runs.generate(h, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                  top_k=a.top_k, seed=a.seed, use_adapter=not a.base)
     except (ConfigError, ValueError) as e:
         return _err(str(e))

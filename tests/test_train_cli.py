@@ -17,7 +17,7 @@ from lora_jax.train import data as D
 from lora_jax.train.checkpoint import latest_step
 from lora_jax.train.metrics import read_metrics
 from lora_jax.train.model import forward, load_model, make_apply
-from lora_jax.train.pipeline import load_checkpoint, load_run
+from lora_jax.train.runs import load_checkpoint, load_run
 
 from train_helpers import tiny_overrides
 
@@ -114,7 +114,7 @@ def test_export_and_generate(trained, tmp_path, capsys):
     assert main(["generate", str(trained), "--adapter", str(out), "--max-new-tokens", "0"]) == 2
     # greedy decoding (with a KV cache): each new token is the argmax of the model's logits at the end of
     # the text so far (one causal forward over the whole sequence gives all of those logits)
-    from lora_jax.train.pipeline import generate_ids
+    from lora_jax.train.runs import generate_ids
 
     h = load_run(str(trained), adapter=str(out))
     ids = [h.tokenizer.bos_token_id] + h.tokenizer.encode("LOG, ALDER", add_special_tokens=False)

@@ -28,7 +28,7 @@ from lora_jax.train.checkpoint import Checkpointer, latest_step, unfinished_save
 from lora_jax.train.files import leftovers
 from lora_jax.train.interrupts import StopSignals, TrainingInterrupted
 from lora_jax.train.metrics import MetricsWriter, read_metrics
-from lora_jax.train.pipeline import load_checkpoint, load_run
+from lora_jax.train.runs import load_checkpoint, load_run
 from lora_jax.train.trainer import LoopSpec, Trainer
 
 from train_helpers import TINY_INIT, tiny_overrides, toy_logits, toy_params, toy_rows

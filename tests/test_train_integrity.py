@@ -23,7 +23,7 @@ import pytest
 from lora_jax.cli import main
 from lora_jax.train import load_config, run
 from lora_jax.train.checkpoint import Checkpointer, DamagedCheckpoint, checksums
-from lora_jax.train.pipeline import load_checkpoint, load_run
+from lora_jax.train.runs import load_checkpoint, load_run
 
 from train_helpers import tiny_overrides
 
@@ -381,11 +381,11 @@ def test_zero_trained_tokens_is_an_error_naming_the_file_and_the_cause(tmp_path,
 
 
 def test_eval_output_is_valid_json_even_for_nan_and_infinity(reference, capsys, monkeypatch):
-    from lora_jax.train import pipeline
+    from lora_jax.train import runs
 
-    monkeypatch.setattr(pipeline, "eval_rows_of", lambda h: None)
-    monkeypatch.setattr(pipeline, "evaluate", lambda h, rows: {"base": {"eval_loss": float("nan"),
-                                                                        "eval_ppl": float("inf")}})
+    monkeypatch.setattr(runs, "eval_rows_of", lambda h: None)
+    monkeypatch.setattr(runs, "evaluate", lambda h, rows: {"base": {"eval_loss": float("nan"),
+                                                                    "eval_ppl": float("inf")}})
     assert main(["eval", str(reference)]) == 0
     out = capsys.readouterr().out
     assert json.loads(out, parse_constant=lambda c: pytest.fail(f"bare {c} in {out}")) == \

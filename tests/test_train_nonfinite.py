@@ -263,7 +263,7 @@ def test_cli_stops_on_a_diverging_run_with_exit_3_and_keeps_the_last_good_checkp
     steps = sorted(int(x) for x in os.listdir(d / "checkpoints"))
     assert steps == list(range(1, k + 1))
     assert not (d / "adapter").exists() and not (d / "summary.json").exists()
-    from lora_jax.train.pipeline import load_checkpoint, load_run
+    from lora_jax.train.runs import load_checkpoint, load_run
 
     h = load_run(str(d))
     for s in steps:
@@ -282,7 +282,7 @@ def test_merge_refuses_a_nonfinite_adapter_and_writes_nothing(diverged, tmp_path
     # not finite): write a sane adapter of the run's model (B zero) as the good one
     import lora_jax as lora
     from lora_jax.train import model as M
-    from lora_jax.train.pipeline import load_run
+    from lora_jax.train.runs import load_run
 
     h = load_run(str(d))
     sane = jax.tree_util.tree_map(lambda x: x.replace(b=x.b * 0) if lora.is_lora(x) else x, h.lora_params,
@@ -308,7 +308,7 @@ def test_merge_refuses_a_nonfinite_adapter_and_writes_nothing(diverged, tmp_path
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad", "good"]  # no temporary left either
     # an adapter that went non-finite in memory: merge(safe=True) refuses it and writes nothing
     from lora_jax.train import model as M
-    from lora_jax.train.pipeline import load_run
+    from lora_jax.train.runs import load_run
 
     h = load_run(str(d), adapter=str(good))
     node = h.lora_params["model"]["layers"]["mlp"]["down_proj"]["kernel"]

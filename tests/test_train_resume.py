@@ -9,7 +9,7 @@ import pytest
 
 from lora_jax.train import load_config, run
 from lora_jax.train.checkpoint import latest_step
-from lora_jax.train.pipeline import load_run, load_checkpoint
+from lora_jax.train.runs import load_run, load_checkpoint
 
 from train_helpers import tiny_overrides
 

@@ -18,7 +18,8 @@ _WHERE = {
     "TrainingInterrupted": "interrupts",
     **dict.fromkeys(["Checkpointer", "latest_step"], "checkpoint"),
     **dict.fromkeys(["make_mesh", "param_shardings"], "sharding"),
-    **dict.fromkeys(["run", "load_run", "resolve_out_dir"], "pipeline"),
+    **dict.fromkeys(["run", "resolve_out_dir"], "pipeline"),
+    **dict.fromkeys(["load_run", "evaluate", "generate"], "runs"),
 }
 __getattr__, __dir__ = _exports(__name__, _WHERE)
 

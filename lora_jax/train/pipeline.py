@@ -24,7 +24,7 @@ Each step is one function over a small `_Run` state (`_prepare`, `_load_base`, `
 `_choose_checkpoint`, `_start_writes`, `_pretrain`, `_finetune`, `_export`). The train records and the summary report
 tokens/s and the model FLOPs utilization (`flops`). Pretraining and LoRA training run the step
 settings `tuning` picks (``train.remat``, ``train.loss``, ``train.unroll``: fastest within the
-device's memory, or as fixed in the config); `evaluate` uses the chunked cross-entropy of `loss`
+device's memory, or as fixed in the config); `runs.evaluate` uses the chunked cross-entropy of `loss`
 unless ``train.loss`` is ``plain`` (it never holds the full ``(batch, seq, vocab)`` float32 logits).
 
 Run directory::
@@ -47,7 +47,6 @@ would. SIGINT / SIGTERM checkpoint the current step first (see `trainer.Trainer.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import os
 import time
@@ -65,27 +64,21 @@ from . import model as _model
 from . import sharding as shd
 from . import tuning as _tuning
 from .checkpoint import Checkpointer, DamagedCheckpoint, latest_step
-from .config import Config, ConfigError, deep_update, from_dict, load_yaml, resolve_path, to_dict, to_yaml
+from .config import Config, ConfigError, load_yaml, resolve_path, to_dict, to_yaml
 from .files import atomic_write_text, remove_leftovers
 from .lock import LOCK_NAME, RunDirLocked, RunLock
 from .metrics import MetricsWriter, perplexity, plot_losses, read_metrics, strict_json
-from .trainer import LoopSpec, NonFiniteError, Trainer, TrainingInterrupted, make_optimizer
+from .parts import (base_remat, checkpoint_target, ckpt_dir, compute_dtype, data_rows, packed_rows, rules_of,
+                    tokenized)
+from .trainer import LoopSpec, NonFiniteError, Trainer, TrainingInterrupted
 
-__all__ = ["run", "resolve_out_dir", "load_run", "load_checkpoint", "latest_run", "evaluate", "generate",
-           "generate_ids", "RunHandle", "compute_dtype", "RESUME_MAY_DIFFER"]
+__all__ = ["run", "resolve_out_dir", "RESUME_MAY_DIFFER"]
 
 # keys that may change between a run and its resumption
 RESUME_MAY_DIFFER = ("out_dir", "name", "distributed", "peer_timeout", "mesh.", "train.resume", "train.steps", "train.progress",
                      "train.eval_every", "train.eval_batches", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.async_checkpoint", "train.export", "train.plot",
                      "train.on_nonfinite", "train.max_skipped")
-
-
-def compute_dtype(name: str) -> str:
-    """``auto``: bfloat16 on GPU/TPU, float32 on CPU."""
-    if name != "auto":
-        return name
-    return "bfloat16" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "float32"
 
 
 def _flat(d: dict, prefix="") -> dict:
@@ -96,10 +89,6 @@ def _flat(d: dict, prefix="") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _ckpt_dir(out_dir: str) -> str:
-    return os.path.join(out_dir, "checkpoints")
 
 
 def resolve_out_dir(cfg: Config) -> tuple[str, Optional[int]]:
@@ -117,12 +106,12 @@ def resolve_out_dir(cfg: Config) -> tuple[str, Optional[int]]:
             raise ConfigError("out_dir: must be set when distributed is true (all hosts must agree on it)")
         if cfg.train.resume:
             runs = [d for d in sorted(glob.glob(os.path.join("runs", f"{cfg.name}-*")))
-                    if latest_step(_ckpt_dir(d)) is not None]
+                    if latest_step(ckpt_dir(d)) is not None]
             if not runs:
                 raise ConfigError(f"train.resume: no run of config {cfg.name!r} with a finalized checkpoint under "
                                   f"{os.path.abspath('runs')}; set out_dir to the run to resume")
             d = max(runs, key=os.path.getmtime)
-            return d, latest_step(_ckpt_dir(d))
+            return d, latest_step(ckpt_dir(d))
         base = os.path.join("runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         d, k = base, 1
         while os.path.exists(d):
@@ -130,7 +119,7 @@ def resolve_out_dir(cfg: Config) -> tuple[str, Optional[int]]:
             d = f"{base}-{k}"
         return d, None
     d = cfg.out_dir
-    step = latest_step(_ckpt_dir(d))
+    step = latest_step(ckpt_dir(d))
     if cfg.train.resume:
         if step is None and not os.path.isfile(os.path.join(d, "config.yaml")):
             raise ConfigError(f"train.resume: no finalized checkpoint in {os.path.join(d, 'checkpoints')!r}; "
@@ -161,17 +150,6 @@ def _check_resume_config(out_dir: str, cfg: Config) -> None:
                            for d in diffs])
 
 
-def _lora_rules(cfg: Config, model) -> Rules:
-    lc = cfg.lora
-    return _model.lora_rules(model, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, init=lc.init,
-                             use_rslora=lc.rslora, exclude=lc.exclude, modules_to_save=lc.modules_to_save)
-
-
-def _remat(cfg: Config) -> Optional[str]:
-    """The base model's remat policy (``auto``: none; the train steps' candidates set their own)."""
-    return None if cfg.train.remat in ("none", _tuning.AUTO) else cfg.train.remat
-
-
 def _step_candidates(r: "_Run", make_loss: Callable) -> list:
     """``[(tuning.StepSettings, loss_fn)]`` for the Trainer, fastest first (`tuning.candidates` with the
     config's fixed choices); ``make_loss(model, chunked=, chunk=)`` is `lora_loss_fn` or `full_loss_fn`."""
@@ -180,82 +158,6 @@ def _step_candidates(r: "_Run", make_loss: Callable) -> list:
     cands = _tuning.candidates(jax.default_backend(), remat=t.remat, loss=t.loss, unroll=unroll)
     return [(c, make_loss(_model.with_step_settings(r.model, c), chunked=c.loss == "chunked",
                           chunk=t.loss_chunk or None)) for c in cands]
-
-
-def _files(paths) -> str:
-    paths = paths if isinstance(paths, list) else [paths]
-    return ", ".join(repr(resolve_path(p)) for p in paths)
-
-
-def _pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-def _cache_root(cfg):
-    """`tokcache.load`'s ``root`` for ``data.cache``: auto -> the default, null -> none kept."""
-    c = cfg.data.cache
-    return False if c is None else None if c == "auto" else os.path.expanduser(c)
-
-
-def _tokenized(cfg, tok, paths, what: str, say: Callable, fmt: Optional[str] = None):
-    """``(docs, info)`` of ``paths`` from the tokenized cache (`tokcache.load`, built on a miss)."""
-    from . import tokcache as _tokcache
-
-    paths = [resolve_path(p) for p in (paths if isinstance(paths, list) else [paths])]
-    try:
-        return _tokcache.load(paths, tok, root=_cache_root(cfg), fmt=fmt or cfg.data.format,
-                              columns=cfg.data.columns, workers=cfg.data.workers, say=say)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"{what}: {e}") from None
-
-
-def _rows(cfg, tok, docs, info, what: str, paths, span=None) -> _data.PackedRows:
-    """The rows of documents ``span`` (all by default) in the layout of ``data.packing``;
-    ``paths`` (the config's files) are named in the errors.
-
-    Raises:
-      ConfigError: no documents, or documents without a single trained token (names the cause).
-    """
-    from . import tokcache as _tokcache
-
-    a, b = span if span is not None else (0, len(docs))
-    where = f" in {_files(paths)}"
-    if b <= a:
-        raise ConfigError(f"{what}: no documents{where} (empty or blank files?)")
-    seq_len, packing = cfg.data.seq_len, cfg.data.packing
-    try:
-        rows = _data.PackedRows(docs, seq_len, _pad_id(tok), packing, span=(a, b),
-                                plan=_tokcache.plan(docs, info["entry"], seq_len, packing, (a, b)))
-    except ValueError as e:
-        raise ConfigError(f"{what}: {e}{where}") from None
-    if rows.n_targets == 0:
-        raise ConfigError(f"{what}: the {b - a} documents{where} give 0 trained tokens: "
-                          f"{_data.why_no_targets(info['stats'], seq_len, packing)}")
-    return rows
-
-
-def _data_rows(cfg, tok, say: Callable) -> tuple:
-    """``(train rows, eval rows or None, summary)`` of ``data.train`` / ``data.eval`` (or the
-    held-out share of ``data.train``)."""
-    docs, info = _tokenized(cfg, tok, cfg.data.train, "data.train", say)
-    if cfg.data.eval is not None:
-        n_train = len(docs)
-        edocs, einfo = _tokenized(cfg, tok, cfg.data.eval, "data.eval", say)
-        espan, epaths = (0, len(edocs)), cfg.data.eval
-    else:
-        try:
-            n_train = _data.split_count(len(docs), cfg.data.eval_fraction)
-        except ValueError as e:
-            raise ConfigError(f"data.eval_fraction: {e}") from None
-        edocs, einfo, espan, epaths = docs, info, (n_train, len(docs)), cfg.data.train
-    rows = _rows(cfg, tok, docs, info, "data.train", cfg.data.train, (0, n_train))
-    eval_rows = _rows(cfg, tok, edocs, einfo, "data.eval", epaths, espan) if espan[1] > espan[0] else None
-    padding = 1.0 - rows.n_tokens / max(len(rows) * rows.seq_len, 1)
-    summary = {"train_documents": n_train, "eval_documents": espan[1] - espan[0], "rows": len(rows),
-               "eval_rows": len(eval_rows) if eval_rows is not None else 0, "packing": rows.packing,
-               "padding": round(padding, 4), "trained_tokens": rows.n_targets, "cache": info["entry"],
-               "tokenized_now": info["built"]}
-    return rows, eval_rows, summary
 
 
 def _init_distributed(peer_timeout: int):
@@ -396,17 +298,6 @@ def _lock(out_dir: str) -> RunLock:
         raise ConfigError(f"out_dir: cannot create or lock {out_dir!r} ({e.strerror or e})") from None
 
 
-def _checkpoint_target(cfg: Config, trainable) -> dict:
-    """What a checkpoint of this config holds, as ``ShapeDtypeStruct`` on this process's first
-    device: ``adapter`` (the trainable half, concrete or abstract), ``opt_state`` and ``rng``."""
-    tx, _ = make_optimizer(LoopSpec.from_config(cfg.train))
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev)  # noqa: E731
-    return {"adapter": jax.tree_util.tree_map(sds, trainable),
-            "opt_state": jax.tree_util.tree_map(sds, jax.eval_shape(tx.init, trainable)),
-            "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=dev)}
-
-
 def _choose_checkpoint(r: _Run) -> None:
     """When resuming: the newest checkpoint that reads back intact (checksums verified), before
     anything is written. Newer damaged ones are reported, one line each, and moved aside later
@@ -421,8 +312,8 @@ def _choose_checkpoint(r: _Run) -> None:
     cfg = r.cfg
     key = jax.random.key(cfg.seed)
     trainable = jax.eval_shape(lambda p: _tree.split(_tree.init(p, r.rules, key))[0], r.params)
-    target = _checkpoint_target(cfg, trainable)
-    ck = Checkpointer(_ckpt_dir(r.out_dir), keep=cfg.train.keep_checkpoints, async_save=False)
+    target = checkpoint_target(cfg, trainable)
+    ck = Checkpointer(ckpt_dir(r.out_dir), keep=cfg.train.keep_checkpoints, async_save=False)
     chosen = None
     try:
         for step in sorted(ck.all_steps(), reverse=True):
@@ -438,14 +329,14 @@ def _choose_checkpoint(r: _Run) -> None:
     finally:
         ck.close()
     if chosen is None:
-        raise ConfigError(f"train.resume: no intact checkpoint in {_ckpt_dir(r.out_dir)!r} to resume from ("
+        raise ConfigError(f"train.resume: no intact checkpoint in {ckpt_dir(r.out_dir)!r} to resume from ("
                           + "; ".join(f"step {e.step}: {e.file}: {e.reason}" for e in r.damaged)
                           + "); nothing was changed")
     for e in r.damaged:
         r.say(f"# {e}; falling back to step {chosen}")
     if chosen > cfg.train.steps:
         raise ConfigError(f"train.steps: {cfg.train.steps} is below step {chosen} of the checkpoint to resume "
-                          f"({os.path.join(_ckpt_dir(r.out_dir), str(chosen))}); set train.steps={chosen} or more")
+                          f"({os.path.join(ckpt_dir(r.out_dir), str(chosen))}); set train.steps={chosen} or more")
     r.resume_step = chosen
 
 
@@ -455,7 +346,7 @@ def _load_base(r: _Run) -> None:
     pretraining text."""
     cfg = r.cfg
     kw = dict(compute_dtype=compute_dtype(cfg.model.compute_dtype), param_dtype=cfg.model.param_dtype,
-              remat=_remat(cfg))
+              remat=base_remat(cfg))
     if cfg.model.path is not None:
         try:
             r.tokenizer = _model.load_tokenizer(cfg.tokenizer.path or cfg.model.path)
@@ -485,8 +376,8 @@ def _load_base(r: _Run) -> None:
             raise ConfigError(f"model.init: cannot build the model ({type(e).__name__}: {e})") from None
         r.fresh = True
         if cfg.model.pretrain.steps:
-            docs, info = _tokenized(cfg, tok, pre_paths, "model.pretrain.data", r.say, fmt="auto")
-            r.pre_rows = _rows(cfg, tok, docs, info, "model.pretrain.data", pre_paths)
+            docs, info = tokenized(cfg, tok, pre_paths, "model.pretrain.data", r.say, fmt="auto")
+            r.pre_rows = packed_rows(cfg, tok, docs, info, "model.pretrain.data", pre_paths)
     vocab = getattr(r.model.config, "vocab_size", None)
     if vocab is not None and len(r.tokenizer) > vocab:
         key = "tokenizer.path" if cfg.tokenizer.path is not None else "model.path"
@@ -501,8 +392,8 @@ def _load_base(r: _Run) -> None:
 def _load_data(r: _Run) -> None:
     """The fine-tuning data, tokenized and packed, and the LoRA rules resolved against the model."""
     cfg = r.cfg
-    r.rows, r.eval_rows, r.data_summary = _data_rows(cfg, r.tokenizer, r.say)
-    r.rules = _lora_rules(cfg, r.model)
+    r.rows, r.eval_rows, r.data_summary = data_rows(cfg, r.tokenizer, r.say)
+    r.rules = rules_of(cfg, r.model)
     try:
         _tree.init(r.params, r.rules, 0)  # resolves the targets against the model now, before any write
     except (ValueError, TypeError) as e:
@@ -521,7 +412,7 @@ def _start_writes(r: _Run) -> None:
     r.writing = True
     if r.main:
         for e in r.damaged:  # never deleted: kept beside the run for a look, out of orbax's way
-            src = os.path.join(_ckpt_dir(r.out_dir), str(e.step))
+            src = os.path.join(ckpt_dir(r.out_dir), str(e.step))
             dst = os.path.join(r.out_dir, "damaged-checkpoints", str(e.step))
             k = 1
             while os.path.exists(dst):
@@ -535,19 +426,13 @@ def _start_writes(r: _Run) -> None:
             if gone:
                 r.say(f"# removed {len(gone)} unfinished write(s) of an interrupted run: {', '.join(gone)}")
         if r.restart:
-            r.say(f"# train.resume: no finalized checkpoint in {_ckpt_dir(r.out_dir)} (the run stopped before its "
+            r.say(f"# train.resume: no finalized checkpoint in {ckpt_dir(r.out_dir)} (the run stopped before its "
                   "first one): starting it over from step 0")
         os.makedirs(r.out_dir, exist_ok=True)
         atomic_write_text(os.path.join(r.out_dir, "config.yaml"), to_yaml(r.cfg))
     _hosts.barrier("run directory ready")  # no process opens the checkpoints before they are in order
     r.metrics = MetricsWriter(os.path.join(r.out_dir, "metrics.jsonl"), resume_step=r.resume_step, restart=r.restart)
     r.summary = {"out_dir": os.path.abspath(r.out_dir), "data": r.data_summary}
-
-
-def _loss_kw(cfg: Config) -> dict:
-    """The loss settings outside the train step (``train.loss``: ``auto`` is chunked there, which fits anywhere;
-    ``train.loss_chunk``)."""
-    return {"chunked": cfg.train.loss != "plain", "chunk": cfg.train.loss_chunk or None}
 
 
 def _pretrain(r: _Run) -> None:
@@ -593,7 +478,7 @@ def _finetune(r: _Run, stop_after: Optional[int]) -> None:
     trainable, frozen = _tree.split(lp)
     del lp  # the trainer owns (and donates) the trainable half
     flops, peak = r.flops(cfg.train.batch_size, r.rows.seq_len, n_lora=count.trainable)
-    ck = Checkpointer(_ckpt_dir(r.out_dir), keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoint,
+    ck = Checkpointer(ckpt_dir(r.out_dir), keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoint,
                       remove_unfinished=True)
     if ck.removed:
         r.say(f"# removed unfinished checkpoint save(s) of an interrupted run (never finalized, not used): "
@@ -614,7 +499,7 @@ def _finetune(r: _Run, stop_after: Optional[int]) -> None:
             except DamagedCheckpoint as e:  # verified moments ago in `_choose_checkpoint`: changed since
                 raise ConfigError(f"train.resume: {e}") from None
             r.say(f"# resuming from step {step} of {cfg.train.steps} (checkpoint "
-                  f"{os.path.join(_ckpt_dir(r.out_dir), str(step))}, data position {trainer.position})")
+                  f"{os.path.join(ckpt_dir(r.out_dir), str(step))}, data position {trainer.position})")
         try:
             res = trainer.fit(until=stop_after)
         except TrainingInterrupted as e:
@@ -717,201 +602,3 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
               f"{s['eval_loss_after']:.4f} after (perplexity {s['eval_ppl_before']:.2f} -> {s['eval_ppl_after']:.2f})")
     r.say(f"# run directory: {r.out_dir}")
     return s
-
-
-# ------------------------------------------------------------------------------------------
-# an existing run: eval / merge / export / generate
-# ------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RunHandle:
-    """A finished (or checkpointed) run loaded back: config, model, tokenizer, LoRA tree."""
-
-    cfg: Config
-    out_dir: str
-    model: object
-    tokenizer: object
-    lora_params: object
-    adapter_source: str
-
-    @property
-    def apply(self):
-        """``apply(params, inputs, mask=None) -> logits`` (`model.make_apply`)."""
-        return _model.make_apply(self.model)
-
-    @functools.cached_property
-    def decode_fn(self) -> Callable:
-        """``lora.wrap`` of the model's apply, as `lora_jax.models.generate` calls it (with a KV
-        cache); one function object per handle, so decoding compiles once per shape."""
-        from ..interpreter import wrap
-
-        model = self.model
-        return wrap(lambda p, ids, **kw: model.apply({"params": p}, ids, **kw))
-
-
-def load_checkpoint(out_dir: str, cfg: Config, lora_params, step: Optional[int] = None):
-    """``(state, meta)`` of a run's checkpoint (the newest finalized one unless ``step``), on the
-    default device: ``state`` holds ``adapter`` (the trainable half), ``opt_state`` and ``rng``
-    (key data). ``lora_params`` (the run's LoRA tree) gives the structure; returns ``(None, None)``
-    when the run has no checkpoint."""
-    step = latest_step(_ckpt_dir(out_dir)) if step is None else step
-    if step is None:
-        return None, None
-    target = _checkpoint_target(cfg, _tree.split(lora_params)[0])
-    ck = Checkpointer(_ckpt_dir(out_dir), keep=cfg.train.keep_checkpoints, async_save=False)
-    try:
-        return ck.restore(step, target)
-    finally:
-        ck.close()
-
-
-def _restore_adapter(out_dir: str, cfg: Config, lp):
-    """``(lp with the adapter of the newest intact checkpoint, where it came from)``; ``(None,
-    None)`` if there is no checkpoint. Damaged newer checkpoints are skipped and named in the
-    second item (a reader never moves or deletes anything).
-
-    Raises:
-      ConfigError: every checkpoint is damaged.
-    """
-    d = _ckpt_dir(out_dir)
-    if latest_step(d) is None:
-        return None, None
-    ck = Checkpointer(d, keep=cfg.train.keep_checkpoints, async_save=False)
-    try:
-        steps = sorted(ck.all_steps(), reverse=True)
-    finally:
-        ck.close()
-    damaged = []
-    for step in steps:
-        try:
-            saved, _ = load_checkpoint(out_dir, cfg, lp, step)
-        except DamagedCheckpoint as e:
-            damaged.append(e)
-            continue
-        note = "".join(f"; skipped damaged step {e.step}: {e.file}: {e.reason}" for e in damaged)
-        return _tree.combine(saved["adapter"], _tree.split(lp)[1]), f"checkpoint step {step}{note}"
-    raise ConfigError(f"{out_dir!r}: no intact checkpoint (" + "; ".join(str(e) for e in damaged) + ")")
-
-
-def latest_run(name: Optional[str] = None) -> str:
-    """The newest directory under ``runs/`` holding a ``config.yaml`` (of config ``name`` if given)."""
-    pat = os.path.join("runs", f"{name}-*" if name else "*")
-    runs = [d for d in glob.glob(pat) if os.path.isfile(os.path.join(d, "config.yaml"))]
-    if not runs:
-        raise ConfigError(f"no run found under {os.path.abspath('runs')}; give the run directory")
-    return max(runs, key=os.path.getmtime)
-
-
-def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional[dict] = None) -> RunHandle:
-    """Load a run directory back: its config, base model, tokenizer and adapter.
-
-    Args:
-      out_dir: the run directory.
-      adapter: a PEFT adapter directory to use instead of the run's own; by default the newest
-        checkpoint, else ``out_dir/adapter``.
-      overrides: nested config changes (e.g. ``{"data": {"eval": "other.jsonl"}}``).
-
-    Raises:
-      ConfigError: when the directory is not a run or holds no adapter.
-    """
-    path = os.path.join(out_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{out_dir!r} is not a lora-jax run directory (no config.yaml)")
-    with open(path, encoding="utf-8") as fh:
-        data = load_yaml(fh, path) or {}
-    if overrides:
-        data = deep_update(data, overrides)
-    cfg = from_dict(data)
-    cdt = compute_dtype(cfg.model.compute_dtype)
-    base = cfg.model.path or os.path.join(out_dir, "base")
-    if not os.path.isdir(base):
-        raise ConfigError(f"{out_dir!r}: base model {base!r} not found")
-    tok = _model.load_tokenizer(cfg.tokenizer.path or base)
-    model, params = _model.load_model(base, compute_dtype=cdt, param_dtype=cfg.model.param_dtype, remat=_remat(cfg))
-    lp = _tree.init(params, _lora_rules(cfg, model), jax.random.key(cfg.seed))
-    if adapter is not None:
-        return RunHandle(cfg, out_dir, model, tok, _model.load_peft(model, lp, adapter), f"adapter {adapter}")
-    restored, source = _restore_adapter(out_dir, cfg, lp)
-    if restored is not None:
-        return RunHandle(cfg, out_dir, model, tok, restored, source)
-    exported = os.path.join(out_dir, "adapter")
-    if os.path.isdir(exported):
-        return RunHandle(cfg, out_dir, model, tok, _model.load_peft(model, lp, exported), f"adapter {exported}")
-    raise ConfigError(f"{out_dir!r} holds neither a checkpoint nor an exported adapter")
-
-
-def eval_rows_of(handle: RunHandle) -> _data.PackedRows:
-    """The run's eval rows (``data.eval`` or the held-out share of ``data.train``)."""
-    _, rows, _ = _data_rows(handle.cfg, handle.tokenizer, lambda s: None)
-    if rows is None:
-        raise ConfigError("data.eval: the run has no eval documents; pass data.eval=PATH")
-    return rows
-
-
-def evaluate(handle: RunHandle, rows: _data.Rows, batch_size: Optional[int] = None) -> dict:
-    """Eval loss, perplexity and token accuracy of the base alone and of base + adapter on ``rows``
-    (the loss of training: `model.lora_loss_fn`, without dropout)."""
-    from ..interpreter import wrap
-
-    token_sums = wrap(_model.make_stats(handle.model, **_loss_kw(handle.cfg)))
-    mb = batch_size or max(handle.cfg.train.batch_size // handle.cfg.train.grad_accum, 1)
-
-    @jax.jit
-    def stats(lp, b):
-        nll, correct = token_sums(lp, b["inputs"], b["targets"], b["weights"], b.get("mask"), b.get("positions"))
-        return nll, correct, b["weights"].sum()
-
-    out = {"source": handle.adapter_source, "eval_rows": len(rows)}
-    for name, tree in (("base", _model.base_only(handle.lora_params)), ("adapter", handle.lora_params)):
-        nll = correct = n = 0.0
-        for b in _data.eval_batches(rows, mb):
-            r = jax.device_get(stats(tree, b))
-            nll, correct, n = nll + float(r[0]), correct + float(r[1]), n + float(r[2])
-        loss = nll / max(n, 1.0)
-        out[name] = {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_acc": correct / max(n, 1.0),
-                     "eval_tokens": int(n)}
-    return out
-
-
-def generate_ids(handle: RunHandle, ids, *, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
-                 seed: int = 0, use_adapter: bool = True) -> list[int]:
-    """Up to ``max_new_tokens`` token ids after ``ids`` from base + adapter (or the base alone),
-    decoded with a KV cache by `lora_jax.models.generate` through ``lora.wrap``; stops after the
-    tokenizer's EOS (included) and at the model's last position.
-
-    Raises:
-      ValueError: an empty prompt, or one that fills the model's positions.
-    """
-    from ..models import generate as _generate
-
-    ids = [int(i) for i in ids]
-    if not ids:
-        raise ValueError("generate: empty prompt")
-    max_pos = _model.max_positions(handle.model)
-    new = int(max_new_tokens) if max_pos is None else min(int(max_new_tokens), int(max_pos) - len(ids))
-    if new < 1:
-        raise ValueError(f"generate: the prompt has {len(ids)} tokens, the model only {max_pos} positions")
-    tok = handle.tokenizer
-    tree = handle.lora_params if use_adapter else _model.base_only(handle.lora_params)
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
-    out = _generate(handle.model, tree, np.asarray([ids], np.int32), new, temperature=float(temperature),
-                    top_k=int(top_k) or None, rng=jax.random.key(int(seed)),
-                    eos_token_id=() if eos is None else int(eos), pad_token_id=int(pad), apply_fn=handle.decode_fn)
-    out = np.asarray(jax.device_get(out))[0, len(ids):].tolist()
-    return out[: out.index(eos) + 1] if eos is not None and eos in out else out
-
-
-def generate(handle: RunHandle, prompt: str = "", *, max_new_tokens: int = 64, temperature: float = 0.8,
-             top_k: int = 0, seed: int = 0, use_adapter: bool = True) -> str:
-    """``prompt`` and a sampled continuation from base + adapter (or the base alone), as text
-    (`generate_ids`; greedy at ``temperature == 0``)."""
-    tok = handle.tokenizer
-    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(
-        tok.encode(prompt, add_special_tokens=False))
-    if not ids:
-        raise ValueError("generate: empty prompt and the tokenizer has no bos_token to start from")
-    new = generate_ids(handle, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                       use_adapter=use_adapter)
-    return tok.decode(ids + new, skip_special_tokens=True)
