@@ -9,7 +9,6 @@ loads with the same outputs.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import jax
