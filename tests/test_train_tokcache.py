@@ -132,6 +132,32 @@ def test_killed_build_is_not_trusted_and_is_swept(tmp_path, tok):
     _same(docs, _reference([f], tok))
 
 
+def test_a_dead_worker_is_an_error_not_a_hang(tmp_path, tok):
+    """A worker killed mid-build (the OOM killer, a script without a ``__main__`` guard whose spawned
+    workers cannot start) ends the build with an error that says so, within seconds, and leaves
+    nothing a later run trusts. (A `multiprocessing.Pool` waits forever for the lost chunk.)"""
+    f = _write_jsonl(tmp_path / "a.jsonl", _chats(2000))
+    root = str(tmp_path / "cache")
+    tok.save_pretrained(str(tmp_path / "tok"))
+    code = (f"import os, signal, threading, time, multiprocessing as mp\n"
+            f"from lora_jax.train import tokcache as C\nfrom lora_jax.train.model import load_tokenizer\n"
+            f"def kill_one():\n    while not mp.active_children(): time.sleep(0.02)\n"
+            f"    os.kill(mp.active_children()[0].pid, signal.SIGKILL)\n"
+            f"if __name__ == '__main__':\n    C.CHUNK = 8\n"
+            f"    threading.Thread(target=kill_one, daemon=True).start()\n"
+            f"    try:\n        C.load([{f!r}], load_tokenizer({str(tmp_path / 'tok')!r}), root={root!r}, workers=2)\n"
+            f"    except RuntimeError as e:\n        print('refused:', e)\n")
+    (tmp_path / "script.py").write_text(code)
+    p = subprocess.run([sys.executable, str(tmp_path / "script.py")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("refused: a tokenizing worker process died (killed, out of memory, or it could not "
+                               "start: a script that starts training must guard its entry"), p.stdout
+    assert [n for n in os.listdir(root) if n != "stat" and not n.endswith(".lock")] == []  # no entry, no temporary
+    docs, info = C.load([f], tok, root=root, say=lambda s: None)
+    assert info["built"]
+    _same(docs, _reference([f], tok))
+
+
 def test_damaged_entry_is_rebuilt(tmp_path, tok):
     f = _write_jsonl(tmp_path / "a.jsonl", _chats(40))
     root = str(tmp_path / "cache")

@@ -203,16 +203,26 @@ def _results(chunks, tokenizer, columns, workers: int):
             yield _encode_chunk(c, tokenizer, columns or {})
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, columns or {})) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=(tokenizer, columns or {}))
+    try:
         flight: collections.deque = collections.deque()
         for c in chunks:
-            flight.append(pool.apply_async(_encode_chunk, (c,)))
+            flight.append(pool.submit(_encode_chunk, c))
             if len(flight) >= 2 * workers:
-                yield flight.popleft().get()
+                yield flight.popleft().result()
         while flight:
-            yield flight.popleft().get()
+            yield flight.popleft().result()
+    except BrokenProcessPool:
+        raise RuntimeError(
+            "a tokenizing worker process died (killed, out of memory, or it could not start: a script that "
+            "starts training must guard its entry with `if __name__ == \"__main__\":`, since workers are "
+            "spawned and import the main module); nothing of this cache build is kept") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _build(tmp: str, fmt_files, tokenizer, columns, workers: int, say: Callable) -> dict:
