@@ -39,9 +39,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 from .io._files import InterruptedAfterWrite
@@ -117,15 +119,6 @@ def _train(argv) -> int:
     def echo(*args, **kw):  # flushed: under a scheduler stdout is a file, and a killed run keeps its log
         print(*args, **kw, flush=True)
 
-    def sigterm(signum, frame):  # noqa: ARG001 - outside the training loop (which checkpoints first)
-        raise TrainingInterrupted("SIGTERM received outside the training loop (setup, compiling, pretraining's "
-                                  "start or export): stopped without a new checkpoint (finalized ones are kept: "
-                                  "continue with --resume)", signum=signum)
-
-    import threading
-
-    main_thread = threading.current_thread() is threading.main_thread()  # handlers can be set only there
-    previous = signal.signal(signal.SIGTERM, sigterm) if main_thread else None
     try:
         run(cfg, stop_after=a.stop_after, echo=echo)
     except ConfigError as e:
@@ -140,17 +133,16 @@ def _train(argv) -> int:
         print(f"lora-jax: interrupted ({signal.Signals(e.signum).name}) just after {e.path!r} was completely "
               "written; it is kept, and the run's finalized checkpoints too", file=sys.stderr)
         return 143 if e.signum == signal.SIGTERM else 130
-    except KeyboardInterrupt:  # outside the training loop (setup, compile, export): no new checkpoint
-        print("lora-jax: interrupted (SIGINT) outside the training loop; no new checkpoint was written (finalized "
-              "ones are kept: continue with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # outside the training loop (setup, compile, export): no new checkpoint
+        sig = _signum(e)
+        print(f"lora-jax: interrupted ({signal.Signals(sig).name}) outside the training loop (setup, compiling, "
+              "pretraining's start or export); no new checkpoint was written (finalized ones are kept: continue "
+              "with --resume)", file=sys.stderr)
+        return 128 + sig
     except Exception as e:  # noqa: BLE001 - a distributed run whose peer is gone ends here, named
         if cfg.distributed and _peer_lost(e):
             _exit_peer_lost(e)
         raise
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -248,31 +240,17 @@ def _check_out(out: str, overwrite: bool) -> None:
         raise ValueError(f"{out!r} exists and is not a directory")
 
 
-class _Stopped(Exception):
-    """SIGTERM during merge/export, raised where the signal lands so the temporary directory is removed."""
-
-
 def _merge_or_export(argv, which: str) -> int:
-    import threading
-
-    def sigterm(signum, frame):  # noqa: ARG001
-        raise _Stopped()
-
-    main_thread = threading.current_thread() is threading.main_thread()  # handlers can be set only there
-    previous = signal.signal(signal.SIGTERM, sigterm) if main_thread else None
     try:
         return _merge_or_export_body(argv, which)
     except InterruptedAfterWrite as e:
         print(f"lora-jax: {which} interrupted ({signal.Signals(e.signum).name}) after the output was complete: "
               f"{e.path!r} is written and checked, and kept", file=sys.stderr)
-        return 143 if e.signum == signal.SIGTERM else 130
-    except (KeyboardInterrupt, _Stopped) as e:
-        sig = "SIGTERM" if isinstance(e, _Stopped) else "SIGINT"
-        print(f"lora-jax: {which} interrupted ({sig}); nothing was written", file=sys.stderr)
-        return 143 if sig == "SIGTERM" else 130
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        return 128 + e.signum
+    except KeyboardInterrupt as e:  # the temporary directory is gone with the exception
+        sig = _signum(e)
+        print(f"lora-jax: {which} interrupted ({signal.Signals(sig).name}); nothing was written", file=sys.stderr)
+        return 128 + sig
 
 
 def _merge_or_export_body(argv, which: str) -> int:
@@ -382,8 +360,50 @@ _COMMANDS = {"train": _train, "eval": _eval, "merge": lambda a: _merge_or_export
              "launch": _launch}
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM while a command runs, raised where it lands (the training loop replaces this
+    with its own handling, which finishes the step and checkpoints first)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def _signum(e: BaseException) -> int:
+    return getattr(e, "signum", signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signals_raised():
+    """SIGINT and SIGTERM raise `_Signalled` where they land (main thread only; a signal the process
+    ignores stays ignored) and are recorded in the yielded list, so one that lands where it is
+    caught and not raised again (a JAX callback turns it into a runtime error) is still seen."""
+    got: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def raised(signum, frame):  # noqa: ARG001 - the signal module's signature
+        got.append(signum)
+        raise _Signalled(signum)
+
+    previous = {s: signal.signal(s, raised) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield got
+    finally:
+        for s, p in previous.items():
+            signal.signal(s, p)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``lora-jax`` console script; returns the exit status."""
+    """Entry point of the ``lora-jax`` console script; returns the exit status.
+
+    SIGINT / SIGTERM end every command with one line and 130 / 143: where they land before a
+    command has anything to lose (importing, reading the config), nothing was written; a signal
+    that lands where it cannot stop the command (inside a JAX callback) is reported when the
+    command ends, and its status is the signal's.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_USAGE)
@@ -395,8 +415,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = difflib.get_close_matches(cmd, list(_COMMANDS), n=1)
         return _err(f"unknown command {cmd!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
                     + f" (commands: {', '.join(_COMMANDS)})")
-    return _COMMANDS[cmd](rest)
+    with _signals_raised() as got:
+        try:
+            rc = _COMMANDS[cmd](rest)
+        except KeyboardInterrupt as e:  # landed before the command's own handling began
+            sig = _signum(e)
+            print(f"lora-jax: {cmd} interrupted ({signal.Signals(sig).name}) while starting; nothing was written",
+                  file=sys.stderr)
+            return 128 + sig
+        except Exception as e:  # noqa: BLE001 - after a signal the failure is its consequence: one line
+            if not got:
+                raise
+            rc = 1
+            print(f"lora-jax: error: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
+    if got and rc in (0, 1):
+        name = signal.Signals(got[0]).name
+        print(f"lora-jax: {cmd}: {name} arrived where it could not stop the command (inside a callback); "
+              + ("the command then finished, and what it wrote is complete" if rc == 0 else
+                 "the failure above followed it"), file=sys.stderr)
+        return 128 + got[0]
+    return rc
+
+
+def console() -> None:
+    """The ``lora-jax`` script: `main`, then exit. A signal after the command has finished ends the
+    process at once (default action) instead of raising inside the interpreter's shutdown, where
+    JAX's runtime is being torn down."""
+    rc = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                signal.signal(s, signal.SIG_DFL)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

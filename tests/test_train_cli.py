@@ -249,6 +249,84 @@ def test_merge_refuses_an_adapter_with_implausible_magnitudes(trained, tmp_path,
     assert not (tmp_path / "merged").exists() and not [e for e in os.listdir(tmp_path) if e.startswith(".")]
 
 
+def test_a_signal_while_a_command_starts_is_one_line_and_its_status(tmp_path, capsys, monkeypatch):
+    """SIGINT / SIGTERM landing before a command's own handling (here while the config is read, as
+    during the imports) end it with one line naming the signal and 128 + its number, no traceback."""
+    import signal
+
+    import lora_jax.train.config as config
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        def interrupted(*a, **k):
+            os.kill(os.getpid(), sig)
+            raise AssertionError("the signal did not stop the command")
+
+        monkeypatch.setattr(config, "load_config", interrupted)
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        assert main(["train", f"out_dir={tmp_path / 'r'}"]) == 128 + sig
+        name = signal.Signals(sig).name
+        assert capsys.readouterr().err == f"lora-jax: train interrupted ({name}) while starting; nothing was written\n"
+        assert {s: signal.getsignal(s) for s in before} == before
+        assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("swallowed", [True, False])
+def test_sigterm_inside_a_jax_callback_is_not_lost(trained, tmp_path, capsys, monkeypatch, swallowed):
+    """A signal raised inside a JAX callback reaches the caller as a runtime error, which code may
+    catch. The export then either finishes (the output is complete and kept) or fails (nothing is
+    written), and in both cases the status is the signal's, 143, not 0."""
+    import signal
+
+    import jax.numpy as jnp
+    import lora_jax.io._files as files
+
+    real = files.write_json
+
+    def in_callback(*a, **k):
+        def cb(x):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return x
+
+        try:
+            jax.pure_callback(cb, jax.ShapeDtypeStruct((), jnp.float32), jnp.float32(1)).block_until_ready()
+        except Exception:
+            if not swallowed:
+                raise
+        return real(*a, **k)
+
+    monkeypatch.setattr("lora_jax.hf.peft.write_json", in_callback)
+    out = tmp_path / "o"
+    assert main(["export", str(trained), "--out", str(out)]) == 143
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("lora-jax: export: SIGTERM arrived where it could not stop the command (inside a "
+                              "callback); ")
+    if swallowed:
+        assert err[-1].endswith("the command then finished, and what it wrote is complete")
+        assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    else:
+        assert err[-1].endswith("the failure above followed it") and len(err) == 2
+        assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_the_console_script_leaves_late_signals_their_default_action(monkeypatch):
+    """After the command, a signal kills the process at once instead of raising inside the
+    interpreter's shutdown."""
+    import signal
+
+    import lora_jax.cli as cli
+
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.console()
+        assert e.value.code == 0
+        assert [signal.getsignal(s) for s in before] == [signal.SIG_DFL, signal.SIG_DFL]
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
 @pytest.mark.parametrize("cmd", ["export", "merge"])
 def test_export_and_merge_stopped_by_sigterm_leave_nothing(trained, tmp_path, capsys, monkeypatch, cmd):
     import signal
