@@ -13,8 +13,15 @@ its children (every 20 ms, from /proc), so the numbers include the worker proces
 * ``warm``: a fresh process opening the cache built above, planning rows and reading the first
   batch: what ``lora-jax train --resume`` spends on data before its first step.
 
+With ``--long-record-mib N`` it measures one record of N MiB of text instead (``long_record``):
+the cache build's peak RSS for that one JSONL record, for the same text as one record per line,
+and for the tokenizer encoding the whole text at once (what the build did before it cut long texts
+into checked pieces), with the token counts (the one-record build and the whole encoding must
+agree).
+
 One JSON line per measurement. Usage:
   python benchmarks/data_prep.py [--records 200000 20000] [--skip-datasets]
+  python benchmarks/data_prep.py --long-record-mib 50
 """
 
 from __future__ import annotations
@@ -139,6 +146,45 @@ print(json.dumps({{"records": len(out), "tokenize_s": round(t1 - t0, 3)}}))
 """
 
 
+LONG = """
+import json, time
+from lora_jax.train import tokcache
+from lora_jax.train.model import load_tokenizer
+tok = load_tokenizer({tok!r})
+t0 = time.perf_counter()
+if {whole!r}:
+    text = json.loads(open({data!r}).readline())["text"]
+    n = len(tok.encode(text, add_special_tokens=False)) + 2  # + bos, eos as the record adds
+else:
+    docs, info = tokcache.load([{data!r}], tok, root={cache!r}, workers=1, say=lambda s: None)
+    n = int(docs.offsets[-1])
+print(json.dumps({{"tokens": n, "s": round(time.perf_counter() - t0, 2)}}))
+"""
+
+
+def long_record(mib: float, tok_dir: str, work: str, env: dict) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines, size = [], 0
+    while size < mib * 2**20:
+        lines.append(" ".join(rng.choice(WORDS, int(rng.integers(4, 20)))))
+        size += len(lines[-1]) + 1
+    one, many = os.path.join(work, "one.jsonl"), os.path.join(work, "lines.jsonl")
+    with open(one, "w") as fh:
+        fh.write(json.dumps({"text": "\n".join(lines)}) + "\n")
+    with open(many, "w") as fh:
+        fh.writelines(json.dumps({"text": ln}) + "\n" for ln in lines)
+    got = {}
+    for name, data, whole in (("one_record", one, False), ("lines", many, False), ("whole_encode", one, True)):
+        got[name] = measured(LONG.format(tok=tok_dir, data=data, cache=os.path.join(work, f"c-{name}"),
+                                         whole=whole), env)
+    return {"what": "long_record", "text_mib": round(size / 2**20, 1), "n_lines": len(lines), **got,
+            "one_record_vs_lines_rss": round(got["one_record"]["peak_rss_mib"] / got["lines"]["peak_rss_mib"], 2),
+            "whole_encode_vs_lines_rss": round(got["whole_encode"]["peak_rss_mib"] / got["lines"]["peak_rss_mib"],
+                                               2)}
+
+
 def packing_gain(cache_root: str, tok_dir: str, seq_len: int) -> dict:
     """Padding of each layout over the cached documents, and the real tokens per row of
     ``documents`` packing over one document per row: the trained-tokens/s gain at the same step."""
@@ -162,6 +208,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, nargs="+", default=[200_000, 20_000])
     ap.add_argument("--workers", type=int, default=0, help="0: one per core")
     ap.add_argument("--skip-datasets", action="store_true")
+    ap.add_argument("--long-record-mib", type=float, default=0, help="measure one record of this many MiB instead")
     args = ap.parse_args()
     workers = args.workers or len(os.sched_getaffinity(0))
     work = tempfile.mkdtemp(prefix="lora_jax-data-prep-")
@@ -173,6 +220,11 @@ def main() -> None:
 
         tok_dir = os.path.join(work, "tok")
         build_tokenizer([" ".join(WORDS)] * 20, vocab_size=1024).save_pretrained(tok_dir)
+        if args.long_record_mib:
+            line = long_record(args.long_record_mib, tok_dir, work, env)
+            assert line["one_record"]["tokens"] == line["whole_encode"]["tokens"], line
+            print(json.dumps({**line, **machine}), flush=True)
+            return
         for n in args.records:
             data = os.path.join(work, f"chats-{n}.jsonl")
             write_chats(data, n)

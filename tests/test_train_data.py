@@ -212,3 +212,55 @@ def test_alpaca_and_sharegpt_records_read_as_chats(tmp_path):
     ids, w = D.encode(doc, tok)
     trained = tok.decode([t for t, x in zip(ids, w) if x])
     assert trained.startswith("Hello") and "Hi" not in trained and "brief" not in trained
+
+
+# ---- long texts are tokenized in checked pieces (issue 22.15) --------------------------------
+
+
+def _metaspace_tokenizer(texts):
+    """A SentencePiece-style tokenizer (Metaspace, "▁" prepended to the text's start only): a text's
+    pieces tokenized apart would each get the mark, so no cut is safe."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<eos>"],
+                                                       show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+@pytest.mark.parametrize("layout", ["lines", "one line", "no spaces", "ragged"])
+def test_a_long_text_gives_the_tokens_of_the_whole(monkeypatch, kind, layout):
+    """`Text.encode` of a text longer than two pieces equals the tokenizer's encoding of the whole
+    text, token for token, on tokenizers where cuts are safe (byte-level BPE) and where none is
+    (Metaspace marks a text's start), whatever the text's line and space layout."""
+    from lora_jax.train.model import build_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over lazy dogs hello world 42 naïve café".split()
+    lines = [" ".join(rng.choice(words, int(rng.integers(1, 9)))) for _ in range(400)]
+    text = {"lines": "\n".join(lines), "one line": " ".join(lines), "no spaces": "".join(lines).replace(" ", ""),
+            "ragged": "\n\n".join("  " * int(rng.integers(0, 3)) + ln + " " * int(rng.integers(0, 2)) for ln in lines)}[layout]
+    tok = build_tokenizer(lines, vocab_size=300) if kind == "byte-level" else _metaspace_tokenizer(lines)
+    monkeypatch.setattr(R, "PIECE", 300)
+    monkeypatch.setattr(R, "_WINDOW", 40)
+    whole = tok.encode(text, add_special_tokens=False)
+    cuts = []
+    real = R._encode
+    monkeypatch.setattr(R, "_encode", lambda t, s: cuts.append(len(s)) or real(t, s))
+    ids, w = R.Text(text).encode(tok)
+    head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    assert ids.tolist() == head + list(whole) + [tok.eos_token_id]
+    assert w.tolist() == [0] * len(head) + [1] * (len(whole) + 1)
+    assert len(text) > 10 * R.PIECE
+    pieces = [n for n in cuts if n > 2 * R._WINDOW]  # what was tokenized beside the checks
+    if layout == "no spaces":
+        assert max(pieces) > len(text) - 2 * R.PIECE  # no candidate cut: the whole rest at once
+    elif kind == "byte-level":
+        assert max(pieces) <= 2 * R.PIECE  # cut all along
+    if kind == "metaspace" and layout == "lines":  # where the check refuses cuts, they would differ
+        monkeypatch.setattr(R, "_safe", lambda *a: True)
+        assert R.Text(text).encode(tok)[0].tolist() != ids.tolist()

@@ -34,8 +34,68 @@ import numpy as np
 __all__ = ["Text", "Completion", "Chat", "Record", "SHAPES", "FIELDS", "shape_of", "parse", "rename", "check_columns"]
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+PIECE = 1 << 16  # characters: a longer text is tokenized in pieces of about this size (see `_ids`)
+_WINDOW = 1024  # characters each side of a cut that are tokenized to check it
+_TRIES = 16  # cuts tried per piece before the rest is tokenized whole
+
+
+def _encode(tokenizer, text: str) -> np.ndarray:
+    return np.asarray(tokenizer.encode(text, add_special_tokens=False) if text else [], np.int32)
+
+
+def _cuts(text: str, lo: int, hi: int):
+    """Candidate cuts in ``[lo, hi)``, where pre-tokenizers split: just after a line break that a
+    non-space follows, then just before a space between two word characters."""
+    i = text.find("\n", lo - 1, hi - 1)
+    while i != -1:
+        if not text[i + 1].isspace():
+            yield i + 1
+        i = text.find("\n", i + 1, hi - 1)
+    i = text.find(" ", lo, hi)
+    while i != -1:
+        if text[i - 1].isalnum() and text[i + 1:i + 2].isalnum():
+            yield i
+        i = text.find(" ", i + 1, hi)
+
+
+def _safe(tokenizer, text: str, cut: int) -> bool:
+    """Whether tokenizing the two sides of ``cut`` apart gives the tokens of the whole, checked on
+    `_WINDOW` characters each side."""
+    left, right = text[max(0, cut - _WINDOW):cut], text[cut:cut + _WINDOW]
+    return np.array_equal(_encode(tokenizer, left + right),
+                          np.concatenate([_encode(tokenizer, left), _encode(tokenizer, right)]))
+
+
+def _ids(tokenizer, text: str) -> np.ndarray:
+    """The tokens of ``text`` (no special tokens) as int32.
+
+    A fast tokenizer holds hundreds of bytes per token while it encodes (offsets, strings,
+    alignments), and one 30 MB text took 3.3 GB; so a text longer than ``2 * PIECE`` characters is
+    tokenized in pieces, cut only where tokenizing the two sides apart gives the same tokens as
+    tokenizing across the cut (checked on the text around each cut: a tokenizer that merges across
+    line breaks or spaces, or marks a text's start, has no such cut there). Where no checked cut is
+    found, the rest of the text is tokenized whole: the tokens are always those of the whole text.
+    """
+    if len(text) <= 2 * PIECE:
+        return _encode(tokenizer, text)
+    pieces, start = [], 0
+    while len(text) - start > 2 * PIECE:
+        tried = 0
+        for cut in _cuts(text, start + PIECE, start + 2 * PIECE):
+            if _safe(tokenizer, text, cut):
+                break
+            tried += 1
+            if tried == _TRIES:
+                cut = None
+                break
+        else:
+            cut = None
+        if cut is None:
+            break
+        pieces.append(_encode(tokenizer, text[start:cut]))
+        start = cut
+    pieces.append(_encode(tokenizer, text[start:]))
+    return np.concatenate(pieces)
 
 
 def _ends(tokenizer) -> tuple[list[int], int]:
@@ -45,8 +105,12 @@ def _ends(tokenizer) -> tuple[list[int], int]:
     return ([bos] if bos is not None else []), eos
 
 
-def _out(ids, w) -> tuple[np.ndarray, np.ndarray]:
-    return np.asarray(ids, np.int32), np.asarray(w, np.uint8)
+def _out(parts) -> tuple[np.ndarray, np.ndarray]:
+    """``[(ids, weight)]`` -> ``(ids int32, weights uint8)``."""
+    ids = [np.asarray(i, np.int32) for i, _ in parts]
+    return (np.concatenate(ids) if ids else np.zeros(0, np.int32),
+            np.concatenate([np.full(i.size, w, np.uint8) for i, (_, w) in zip(ids, parts)]) if ids
+            else np.zeros(0, np.uint8))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +121,7 @@ class Text:
 
     def encode(self, tokenizer) -> tuple[np.ndarray, np.ndarray]:
         head, eos = _ends(tokenizer)
-        t = _ids(tokenizer, self.text)
-        return _out(head + t + [eos], [0] * len(head) + [1] * (len(t) + 1))
+        return _out([(head, 0), (_ids(tokenizer, self.text), 1), ([eos], 1)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +133,8 @@ class Completion:
 
     def encode(self, tokenizer) -> tuple[np.ndarray, np.ndarray]:
         head, eos = _ends(tokenizer)
-        p, c = _ids(tokenizer, self.prompt), _ids(tokenizer, self.completion)
-        return _out(head + p + c + [eos], [0] * (len(head) + len(p)) + [1] * (len(c) + 1))
+        return _out([(head, 0), (_ids(tokenizer, self.prompt), 0), (_ids(tokenizer, self.completion), 1),
+                     ([eos], 1)])
 
 
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:
@@ -117,15 +180,11 @@ class Chat:
                     raise ValueError(_NOT_PREFIX)
                 segments.append((full[len(done):], 0))
             done = full
-        ids: list[int] = []
-        w: list[int] = []
-        for text, weight in segments:
-            t = _ids(tokenizer, text)
-            ids += t
-            w += [weight] * len(t)
-        if not ids or ids[-1] != eos:
-            ids, w = ids + [eos], w + [1 if msgs[-1]["role"] == "assistant" else 0]
-        return _out(ids, w)
+        parts = [(_ids(tokenizer, text), weight) for text, weight in segments]
+        last = next((i[-1] for i, _ in reversed(parts) if i.size), None)
+        if last != eos:
+            parts.append(([eos], 1 if msgs[-1]["role"] == "assistant" else 0))
+        return _out(parts)
 
 
 Record = (Text, Completion, Chat)
