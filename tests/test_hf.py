@@ -101,6 +101,7 @@ SPECS = {
     "mistral": Spec("MistralConfig", "MistralForCausalLM", dict(_DEC, sliding_window=6), "causal_lm", *_LLAMA_NAMES),
     "qwen2": Spec("Qwen2Config", "Qwen2ForCausalLM", _DEC, "causal_lm", *_LLAMA_NAMES),
     "qwen3": Spec("Qwen3Config", "Qwen3ForCausalLM", dict(_DEC, head_dim=8), "causal_lm", *_LLAMA_NAMES),
+    "olmo2": Spec("Olmo2Config", "Olmo2ForCausalLM", dict(_DEC, attention_bias=True), "causal_lm", *_LLAMA_NAMES),
     "gemma2": Spec("Gemma2Config", "Gemma2ForCausalLM",
                    dict(_GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=3.0), "causal_lm",
                    *_LLAMA_NAMES, gemma_norms=True),

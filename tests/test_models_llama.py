@@ -1,4 +1,4 @@
-"""lora_jax.models.llama against transformers 5's PyTorch Llama / Qwen2 / Qwen3 / Mistral on the same weights.
+"""lora_jax.models.llama against transformers 5's PyTorch Llama / Qwen2 / Qwen3 / Mistral / OLMo 2 on the same weights.
 
 Tiny random models (hidden 32, 2 layers, 4 heads / 2 KV heads, vocab 97) are built in PyTorch,
 their weights spread out (std 0.2, norms around 1) so logits are O(1) and attention is far from
@@ -39,6 +39,8 @@ VARIANTS = {
     "mistral_window": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=5, head_dim=8)),
     # Qwen3: q/k RMSNorm, head_dim not hidden / heads, tied embeddings
     "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True)),
+    # OLMo 2: RMSNorm after attention and MLP (none before), q/k RMSNorm over all heads, biases
+    "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, dict(attention_bias=True, rope_theta=500000.0)),
     # dynamic NTK scaling: sequences (16) longer than max_position_embeddings (8) change the frequencies
     "llama_dynamic": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(
         max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
@@ -286,7 +288,7 @@ def _argmax_loop(model, params, ids, mask, n):
     return buf
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen3", "olmo2"])
 def test_greedy_generation(saved, variant):
     model, params = M.load(saved[variant])
     rs = np.random.RandomState(1)

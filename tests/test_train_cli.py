@@ -249,6 +249,27 @@ def test_merge_refuses_an_adapter_with_implausible_magnitudes(trained, tmp_path,
     assert not (tmp_path / "merged").exists() and not [e for e in os.listdir(tmp_path) if e.startswith(".")]
 
 
+def test_train_a_fresh_olmo2_and_its_base_loads_in_transformers(tmp_path):
+    """``model.init.arch=olmo2`` (post-norm layers, q/k norm over all heads) trains, exports (the
+    export checks factorized vs merged logits itself), and the base it wrote is PyTorch's OLMo 2
+    with our logits."""
+    import torch
+    import transformers as tf
+
+    d = tmp_path / "run"
+    assert main(["train"] + tiny_overrides(d, **{"model.init.arch": "olmo2", "train.eval_batches": 0,
+                                                 "train.plot": False})) == 0
+    assert json.loads((d / "base" / "config.json").read_text())["model_type"] == "olmo2"
+    model, params = lora.models.load(str(d / "base"))
+    ids = np.random.default_rng(0).integers(3, 100, (2, 12))
+    ours = np.asarray(model.apply({"params": params}, ids))
+    theirs = tf.AutoModelForCausalLM.from_pretrained(str(d / "base")).eval()
+    assert type(theirs).__name__ == "Olmo2ForCausalLM"
+    with torch.no_grad():
+        ref = theirs(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_a_signal_while_a_command_starts_is_one_line_and_its_status(tmp_path, capsys, monkeypatch):
     """SIGINT / SIGTERM landing before a command's own handling (here while the config is read, as
     during the imports) end it with one line naming the signal and 128 + its number, no traceback."""

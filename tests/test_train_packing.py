@@ -24,6 +24,8 @@ FAMILIES = {
     "gemma3": {"model_type": "gemma3_text", "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 48,
                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "head_dim": 8,
                "sliding_window": 4, "query_pre_attn_scalar": 8},
+    "olmo2": {"model_type": "olmo2", "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 48,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
     "phi3": {"model_type": "phi3", "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 48,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
     "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, "n_positions": 64},

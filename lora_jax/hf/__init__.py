@@ -11,7 +11,7 @@ Example::
     lp = hf.load_peft("adapter_from_pytorch", params, model)
     hf.merge_checkpoint("path/to/Llama-3.1-8B", "adapter", "merged-8b")  # any PEFT adapter, shard by shard
 
-Supported ``model_type`` values: `SUPPORTED` (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, Qwen3-MoE, Mixtral, Gemma 2,
+Supported ``model_type`` values: `SUPPORTED` (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, OLMo 2, Qwen3-MoE, Mixtral, Gemma 2,
 Gemma 3 text, Phi-3, GPT-2, BERT); see `lora_jax.models`.
 """
 

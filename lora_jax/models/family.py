@@ -38,7 +38,7 @@ __all__ = ["param_count", "Leaf", "Family", "SUPPORTED_MODEL_TYPES", "HEADS", "T
 
 # model_type -> the module of lora_jax.models that implements it
 _FAMILY_MODULES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "olmo2": "llama",
     "gemma2": "gemma", "gemma3_text": "gemma",
     "qwen3_moe": "moe", "mixtral": "moe",
     "phi3": "phi3",

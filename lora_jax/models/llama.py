@@ -1,4 +1,4 @@
-"""The Llama-style decoder family: Llama 2 / 3 / 3.1–3.3, Mistral, Qwen2 / Qwen2.5, Qwen3.
+"""The Llama-style decoder family: Llama 2 / 3 / 3.1–3.3, Mistral, Qwen2 / Qwen2.5, Qwen3, OLMo 2.
 
 Built for LoRA training through ``lora.wrap(model.apply)``: the model code knows nothing of LoRA,
 its layers run under ``nn.scan`` (one compiled layer, weights stacked on a leading layer axis),
@@ -11,14 +11,15 @@ size ``H``, ``V`` vocab); every projection kernel is a plain 2-D Flax Dense kern
 per layer, stacked to ``(L, in, out)``::
 
     model/embed_tokens/embedding             (V, D)
-    model/layers/input_layernorm/scale       (L, D)
+    model/layers/input_layernorm/scale       (L, D)        (pre-norm; OLMo 2 has none)
     model/layers/self_attn/q_proj/kernel     (L, D, N*H)   (+ bias (L, N*H): Qwen2, attention_bias)
     model/layers/self_attn/k_proj/kernel     (L, D, K*H)   (+ bias)
     model/layers/self_attn/v_proj/kernel     (L, D, K*H)   (+ bias)
     model/layers/self_attn/o_proj/kernel     (L, N*H, D)   (+ bias with attention_bias)
-    model/layers/self_attn/q_norm/scale      (L, H)        (Qwen3)
-    model/layers/self_attn/k_norm/scale      (L, H)        (Qwen3)
-    model/layers/post_attention_layernorm/scale  (L, D)
+    model/layers/self_attn/q_norm/scale      (L, H)        (Qwen3; OLMo 2: (L, N*H))
+    model/layers/self_attn/k_norm/scale      (L, H)        (Qwen3; OLMo 2: (L, K*H))
+    model/layers/post_attention_layernorm/scale  (L, D)    (OLMo 2: of the attention's output)
+    model/layers/post_feedforward_layernorm/scale  (L, D)  (OLMo 2: of the MLP's output)
     model/layers/mlp/gate_proj/kernel        (L, D, F)     (+ bias with mlp_bias)
     model/layers/mlp/up_proj/kernel          (L, D, F)
     model/layers/mlp/down_proj/kernel        (L, F, D)
@@ -58,8 +59,10 @@ __all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Att
            "decoder_leaves", "ignored_keys", "decoder_config_kwargs",
            "FAMILY", "MODEL_TYPES"]
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
+_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "olmo2": "Olmo2"}
+NORM_PLACEMENTS = ("pre", "post")  # RMSNorm of each block's input (Llama) or of its output (OLMo 2)
+QK_NORMS = (False, True, "all")  # q/k RMSNorm: none, per head (Qwen3), over all heads (OLMo 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +70,10 @@ class LlamaConfig:
     """Hyper-parameters of a Llama-style decoder (hashable: usable as a static ``jit`` argument).
 
     Field names follow transformers' configs; the additions are ``qkv_bias``/``o_bias`` (Qwen2 has
-    q/k/v biases only, Llama's ``attention_bias`` sets both), ``qk_norm`` (Qwen3's per-head RMSNorm
-    of queries and keys before RoPE), ``dtype`` (compute), ``param_dtype``, ``attention_impl``
+    q/k/v biases only, Llama's ``attention_bias`` sets both), ``qk_norm`` (RMSNorm of queries and
+    keys before RoPE: True per head as Qwen3, ``"all"`` over all heads' projection as OLMo 2),
+    ``norm_placement`` (``"pre"``: each block normalizes its input; ``"post"``: its output, before
+    the residual add, as OLMo 2), ``dtype`` (compute), ``param_dtype``, ``attention_impl``
     (None = cuDNN on a GPU in bf16/fp16 where it applies, XLA otherwise; ``"xla"``; ``"cudnn"``)
     ``remat_policy`` (a name from `layers.REMAT_POLICIES`, a ``jax.checkpoint_policies``
     callable, or None) and ``scan_unroll`` (decoder layers per iteration of the layer scan; the
@@ -101,7 +106,8 @@ class LlamaConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: Any = False
+    norm_placement: str = "pre"
     hidden_act: str = "silu"
     sliding_window: Optional[int] = None
     initializer_range: float = 0.02
@@ -145,6 +151,10 @@ class LlamaConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"LlamaConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
                              f"got {self.attention_impl!r}")
+        if not any(self.qk_norm is q or (isinstance(q, str) and self.qk_norm == q) for q in QK_NORMS):
+            raise ValueError(f"LlamaConfig.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"LlamaConfig.norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"LlamaConfig.hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
         check_remat_policy(self.remat_policy, "LlamaConfig.remat_policy")
@@ -200,6 +210,8 @@ class LlamaConfig:
             d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         elif self.model_type == "mistral":
             d.update(sliding_window=self.sliding_window)
+        elif self.model_type == "olmo2":
+            d.update(attention_bias=self.qkv_bias)
         else:  # qwen2, qwen3
             if self.model_type == "qwen3":
                 d.update(attention_bias=self.qkv_bias)
@@ -238,7 +250,7 @@ def decoder_config_kwargs(d: Mapping[str, Any], model_type: str, problems: list)
 
 def from_hf_config(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
     """A `LlamaConfig` from a transformers ``config.json`` dict (``model_type`` llama, mistral,
-    qwen2 or qwen3), ``overrides`` applied.
+    qwen2, qwen3 or olmo2), ``overrides`` applied.
 
     Reads transformers 5's ``rope_parameters`` as well as the older ``rope_theta`` +
     ``rope_scaling``. Every config field whose feature this model does not implement is named in
@@ -265,6 +277,9 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
     elif mt == "mistral":
         if d.get("sliding_window"):
             kw.update(sliding_window=int(d["sliding_window"]))
+    elif mt == "olmo2":
+        bias = bool(d.get("attention_bias", False))
+        kw.update(qkv_bias=bias, o_bias=bias, qk_norm="all", norm_placement="post")
     else:  # qwen2 (q/k/v biases), qwen3 (attention_bias on q/k/v/o, q/k norm)
         if mt == "qwen2":
             kw.update(qkv_bias=True)
@@ -318,7 +333,10 @@ class Attention(nn.Module):
         q = _dense(c, n * h, c.qkv_bias, "q_proj")(x).reshape(b, t, n, h)
         kk = _dense(c, k * h, c.qkv_bias, "k_proj")(x).reshape(b, t, k, h)
         v = _dense(c, k * h, c.qkv_bias, "v_proj")(x).reshape(b, t, k, h)
-        if c.qk_norm:
+        if c.qk_norm == "all":
+            q = rms_norm(c, "q_norm")(q.reshape(b, t, n * h)).reshape(b, t, n, h)
+            kk = rms_norm(c, "k_norm")(kk.reshape(b, t, k * h)).reshape(b, t, k, h)
+        elif c.qk_norm:
             q, kk = rms_norm(c, "q_norm")(q), rms_norm(c, "k_norm")(kk)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         if cache is None:
@@ -350,7 +368,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm decoder layer, shaped for ``nn.scan``: ``(h, cache, *broadcast) -> (h, cache)``."""
+    """One decoder layer, shaped for ``nn.scan``: ``(h, cache, *broadcast) -> (h, cache)``; pre-norm
+    ``h + f(norm(h))``, or post-norm ``h + norm(f(h))`` (``norm_placement="post"``)."""
 
     config: LlamaConfig
 
@@ -361,6 +380,10 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h, cache, cos, sin, mask, cache_index):
         c = self.config
+        if c.norm_placement == "post":
+            a, new_cache = Attention(c, name="self_attn")(h, cos, sin, mask, cache, cache_index)
+            h = h + rms_norm(c, "post_attention_layernorm")(a)
+            return h + rms_norm(c, "post_feedforward_layernorm")(self.mlp()(h)), new_cache
         a, new_cache = Attention(c, name="self_attn")(rms_norm(c, "input_layernorm")(h), cos, sin, mask,
                                                       cache, cache_index)
         h = h + a
@@ -476,17 +499,19 @@ def decoder_leaves(c: LlamaConfig, head: str, mlp_leaves: Callable = _mlp_leaves
     d = c.hidden_size
     nh, kh, hd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.head_dim
     p, t = "model/layers/", "model.layers.{i}."
-    out = [Leaf("model/embed_tokens/embedding", "model.embed_tokens.weight", (c.vocab_size, d)),
-           Leaf(p + "input_layernorm/scale", t + "input_layernorm.weight", (d,)),
-           Leaf(p + "post_attention_layernorm/scale", t + "post_attention_layernorm.weight", (d,))]
+    norms = ("post_attention_layernorm", "post_feedforward_layernorm") if c.norm_placement == "post" else \
+        ("input_layernorm", "post_attention_layernorm")
+    out = [Leaf("model/embed_tokens/embedding", "model.embed_tokens.weight", (c.vocab_size, d))]
+    out += [Leaf(f"{p}{n}/scale", f"{t}{n}.weight", (d,)) for n in norms]
     for name, shape, bias in (("q_proj", (d, nh), c.qkv_bias), ("k_proj", (d, kh), c.qkv_bias),
                               ("v_proj", (d, kh), c.qkv_bias), ("o_proj", (nh, d), c.o_bias)):
         out.append(Leaf(f"{p}self_attn/{name}/kernel", f"{t}self_attn.{name}.weight", shape, transpose=True))
         if bias:
             out.append(Leaf(f"{p}self_attn/{name}/bias", f"{t}self_attn.{name}.bias", shape[1:]))
     if c.qk_norm:
-        out += [Leaf(p + "self_attn/q_norm/scale", t + "self_attn.q_norm.weight", (hd,)),
-                Leaf(p + "self_attn/k_norm/scale", t + "self_attn.k_norm.weight", (hd,))]
+        qs, ks = (nh, kh) if c.qk_norm == "all" else (hd, hd)
+        out += [Leaf(p + "self_attn/q_norm/scale", t + "self_attn.q_norm.weight", (qs,)),
+                Leaf(p + "self_attn/k_norm/scale", t + "self_attn.k_norm.weight", (ks,))]
     out += mlp_leaves(c, p, t)
     out.append(Leaf("model/norm/scale", "model.norm.weight", (d,)))
     if not c.tie_word_embeddings:
@@ -506,7 +531,7 @@ FAMILY = Family(
     config_from_hf=from_hf_config,
     modules={"causal_lm": LlamaForCausalLM, "base": LlamaModel},
     leaves=decoder_leaves,
-    peft_targets={mt: ("q_proj", "v_proj") for mt in MODEL_TYPES},
+    peft_targets={**{mt: ("q_proj", "v_proj") for mt in MODEL_TYPES}, "olmo2": ()},  # PEFT has no olmo2 default
     attention=("q_proj", "k_proj", "v_proj", "o_proj"),
     ignore=ignored_keys,
 )
