@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lora
+from lora_jax.models.family import roles_of
 from lora_jax.train import sharding as shd
 from lora_jax.train.model import lora_logits_fn, lora_rules, stacked_paths
 from lora_jax.train.trainer import LoopSpec, Trainer
@@ -49,7 +50,8 @@ def _run(data, fsdp, tensor, grad_accum=1, evals=False, remat="none", dtype="flo
                     log_every=1, progress=False)
     tr = Trainer(spec, mesh=shd.make_mesh(data, fsdp, tensor), trainable=trainable, frozen=frozen,
                  rows=synthetic_rows(), eval_rows=synthetic_rows(6, seed=1) if evals else None,
-                 logits_fn=lora_logits_fn(model), seed=0, echo=lambda *a: None, stacked=stacked_paths(model))
+                 logits_fn=lora_logits_fn(model), seed=0, echo=lambda *a: None, stacked=stacked_paths(model),
+                 roles=roles_of(model))
     tr.fit()
     _RUNS[key] = tr, [l for _, l in tr.history], [e["eval_loss"] for e in tr.evals]
     return _RUNS[key]
@@ -173,3 +175,52 @@ def test_kernel_spec_rules():
         shd.make_mesh(4, 4, 1)
     with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
         shd.make_mesh(-1, -1, 1)
+
+
+def test_roles_pick_the_tensor_parallel_axis_and_a_missing_role_is_named():
+    """The tensor axis follows the declared role, never the name: a column projection splits its
+    output, a row projection its input, an embedding its rows, a router or experts nothing; a
+    kernel without a role on a tensor-parallel mesh is an error naming it (a name the old regex
+    did not know got no split, without a word)."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 2}
+    assert shd.kernel_spec("x/my_proj/kernel", (8, 4), sizes, role="column") == (None, "tensor")
+    assert shd.kernel_spec("x/my_proj/kernel", (8, 4), sizes, role="row") == ("tensor", None)
+    assert shd.kernel_spec("x/my_proj/kernel", (2, 8, 4), sizes, layout="sio", role="row") == (None, "tensor", None)
+    assert shd.kernel_spec("e/embedding", (10, 4), sizes, role="embedding") == ("tensor", None)
+    assert shd.kernel_spec("lm_head/kernel", (4, 10), sizes, role="head") == (None, "tensor")
+    for role in ("router", "expert", None):
+        assert shd.kernel_spec("q_proj/kernel", (8, 4), sizes, role=role) == (None, None)
+    mesh = shd.make_mesh(1, 1, 2)
+    tree = {"blk": {"wq": {"kernel": np.zeros((8, 4), np.float32)}, "ln": {"scale": np.zeros(8, np.float32)}}}
+    with pytest.raises(ValueError, match=r"splits each kernel by its role .* 1 have none: \['blk/wq/kernel'\]"):
+        shd.param_shardings(tree, mesh)
+    got = shd.param_shardings(tree, mesh, roles={"blk/wq/kernel": "row"})
+    assert tuple(got["blk"]["wq"]["kernel"].spec) == ("tensor", None) and tuple(got["blk"]["ln"]["scale"].spec) == (None,)
+    assert tuple(shd.param_shardings(tree, shd.make_mesh(2, 1, 1))["blk"]["wq"]["kernel"].spec) == (None, None)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "olmo2", "gemma2", "phi3", "qwen3_moe", "gpt2", "bert"])
+def test_every_kernel_of_every_family_declares_its_role(model_type):
+    """Each family's table gives every kernel and embedding a role, and the roles are the
+    Megatron split: q/k/v, gate/up, fused qkv/gate_up, c_attn, c_fc, BERT's query/key/value and
+    intermediate are column; o, down, c_proj, BERT's output denses (and pooler) are row."""
+    import lora_jax.models as M
+    from lora_jax.models.family import leaves_of
+
+    small = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 97, "head_dim": 8, "n_layer": 2, "n_embd": 32, "n_head": 4,
+             "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
+    head = {"bert": "seq_cls"}.get(model_type, "causal_lm")
+    model = M.build(M.config_from_hf({"model_type": model_type, **small}), head)
+    column = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj", "c_attn", "c_fc",
+              "query", "key", "value"}
+    for lf in leaves_of(model):
+        *_, module, leaf = lf.path.split("/")
+        if len(lf.shape) < 2:
+            assert lf.role is None, lf
+            continue
+        want = ("embedding" if leaf == "embedding" else "head" if module in ("lm_head", "classifier")
+                else "router" if module == "gate" else "expert" if module == "experts"
+                else "column" if module in column or lf.path.endswith("intermediate/dense/kernel")
+                else "row")
+        assert lf.role == want, (lf.path, lf.role, want)

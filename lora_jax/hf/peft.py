@@ -151,7 +151,7 @@ class _View:
 
 
 def _is_expert(lf: Leaf) -> bool:
-    return len(lf.shape) == 3 and lf.hf.rpartition(".")[2] not in ("weight", "bias")
+    return lf.role == "expert"
 
 
 def _param_keys(targeted: set, view: _View) -> dict[str, str]:

@@ -28,7 +28,6 @@ from ..rules import Rule, Rules
 __all__ = ["rules_for", "PRESETS", "peft_default_targets", "kernel_paths", "expert_paths"]
 
 PRESETS = ("all-linear", "attention", "peft", "experts")
-_HEAD_MODULES = ("lm_head", "classifier", "score")
 
 
 def peft_default_targets(model_type: str) -> tuple:
@@ -62,8 +61,7 @@ def kernel_paths(model) -> dict[str, bool]:
 
 def expert_paths(model) -> list[str]:
     """The leaf paths of ``model``'s mixture-of-experts tensors (``(L, E, in, out)``), if any."""
-    return [lf.path for lf in leaves_of(model)
-            if len(lf.shape) == 3 and lf.hf.rpartition(".")[2] not in ("weight", "bias")]
+    return [lf.path for lf in leaves_of(model) if lf.role == "expert"]
 
 
 _EXPERT_NAMES = ["experts/gate_up_proj", "experts/down_proj"]
@@ -128,10 +126,8 @@ def rules_for(model_or_config: Any, preset: str = "all-linear", **kw) -> Rules:
                          **kw)
         return Rules([Rule(names, stack_axes=1)], **kw)
     modules = kernel_paths(model)
-    if names is None:
-        names = [m for m in modules if not m.endswith(("embed_tokens", "embedding", "embeddings", "wte", "wpe"))
-                 and not any(c in _HEAD_MODULES or c.endswith("_embeddings") for c in m.split("/"))
-                 and m.rpartition("/")[2] not in fam.not_linear]
+    if names is None:  # the projections (not the embeddings, the head, a router or the experts)
+        names = [lf.path.rpartition("/")[0] for lf in leaves_of(model) if lf.role in ("column", "row")]
     rules = _split_rules(modules, names)
     if preset == "all-linear" and experts:
         rules.append(Rule(experts, stack_axes=2))

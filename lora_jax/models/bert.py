@@ -419,9 +419,9 @@ class BertForSequenceClassification(nn.Module):
 def _leaves(c: BertConfig, head: str) -> list[Leaf]:
     d, f = c.hidden_size, c.intermediate_size
 
-    def linear(path, hf, shape, layered=True):
+    def linear(path, hf, shape, role, layered=True):
         p, t = ("bert/encoder/layer/", "bert.encoder.layer.{i}.") if layered else ("", "")
-        return [Leaf(f"{p}{path}/kernel", f"{t}{hf}.weight", shape, transpose=True),
+        return [Leaf(f"{p}{path}/kernel", f"{t}{hf}.weight", shape, transpose=True, role=role),
                 Leaf(f"{p}{path}/bias", f"{t}{hf}.bias", shape[1:])]
 
     def norm(path, hf, layered=True):
@@ -429,23 +429,23 @@ def _leaves(c: BertConfig, head: str) -> list[Leaf]:
         return [Leaf(f"{p}{path}/scale", f"{t}{hf}.weight", (d,)), Leaf(f"{p}{path}/bias", f"{t}{hf}.bias", (d,))]
 
     out = [Leaf("bert/embeddings/word_embeddings/embedding", "bert.embeddings.word_embeddings.weight",
-                (c.vocab_size, d)),
+                (c.vocab_size, d), role="embedding"),
            Leaf("bert/embeddings/position_embeddings/embedding", "bert.embeddings.position_embeddings.weight",
-                (c.max_position_embeddings, d)),
+                (c.max_position_embeddings, d), role="embedding"),
            Leaf("bert/embeddings/token_type_embeddings/embedding", "bert.embeddings.token_type_embeddings.weight",
-                (c.type_vocab_size, d))]
+                (c.type_vocab_size, d), role="embedding")]
     out += norm("bert/embeddings/LayerNorm", "bert.embeddings.LayerNorm", layered=False)
     for name in ("query", "key", "value"):
-        out += linear(f"attention/self/{name}", f"attention.self.{name}", (d, d))
-    out += linear("attention/output/dense", "attention.output.dense", (d, d))
+        out += linear(f"attention/self/{name}", f"attention.self.{name}", (d, d), "column")
+    out += linear("attention/output/dense", "attention.output.dense", (d, d), "row")
     out += norm("attention/output/LayerNorm", "attention.output.LayerNorm")
-    out += linear("intermediate/dense", "intermediate.dense", (d, f))
-    out += linear("output/dense", "output.dense", (f, d))
+    out += linear("intermediate/dense", "intermediate.dense", (d, f), "column")
+    out += linear("output/dense", "output.dense", (f, d), "row")
     out += norm("output/LayerNorm", "output.LayerNorm")
     if c.add_pooling_layer or head == "seq_cls":
-        out += linear("bert/pooler/dense", "bert.pooler.dense", (d, d), layered=False)
+        out += linear("bert/pooler/dense", "bert.pooler.dense", (d, d), "row", layered=False)
     if head == "seq_cls":
-        return out + linear("classifier", "classifier", (d, c.num_labels), layered=False)
+        return out + linear("classifier", "classifier", (d, c.num_labels), "head", layered=False)
     return strip_prefix(out, "bert/", "bert.")
 
 

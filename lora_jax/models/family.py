@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-__all__ = ["param_count", "Leaf", "Family", "SUPPORTED_MODEL_TYPES", "HEADS", "TASK_TYPES", "family_for", "read_hf_config",
+__all__ = ["param_count", "Leaf", "ROLES", "roles_of", "Family", "SUPPORTED_MODEL_TYPES", "HEADS", "TASK_TYPES", "family_for", "read_hf_config",
            "config_from_hf", "build", "head_of", "family_of", "torch_class", "hf_config_dict", "leaves_of",
            "params_from_state", "state_from_params", "from_disk", "to_disk", "flax_msgpack_state", "init_params",
            "strip_prefix", "base_prefix", "resolve_head"]
@@ -47,6 +47,7 @@ _FAMILY_MODULES = {
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILY_MODULES)
 HEADS = ("causal_lm", "base", "seq_cls")
+ROLES = ("column", "row", "embedding", "head", "router", "expert")  # see `Leaf.role`
 # PEFT task_type of each head
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "base": "FEATURE_EXTRACTION", "seq_cls": "SEQ_CLS"}
 
@@ -66,6 +67,13 @@ class Leaf:
         converts them on load): one name is a rename (Mixtral's ``block_sparse_moe.gate``); names
         with ``{j}`` are per-expert tensors ``(out_part, in)`` of the fused ``(E, out, in)``
         parameter, concatenated on the output axis in the order given (``gate_proj``, ``up_proj``).
+      role: what the parameter is, for everything that treats parameters by kind (the
+        ``all-linear`` preset, expert detection, tensor-parallel specs), so that nothing matches
+        names: ``"column"`` (a projection whose output axis splits over a tensor-parallel group:
+        q/k/v, gate/up), ``"row"`` (one whose input axis splits: o, down), ``"embedding"``
+        (rows split), ``"head"`` (the output head: not ``all-linear``; vocab axis split),
+        ``"router"`` (a mixture-of-experts router: not ``all-linear``, never split),
+        ``"expert"`` (per-expert tensors ``(E, in, out)``); None for norms and biases.
     """
 
     path: str
@@ -73,6 +81,11 @@ class Leaf:
     shape: tuple
     transpose: bool = False
     disk: tuple = ()
+    role: Optional[str] = None
+
+    def __post_init__(self):
+        if self.role not in ROLES + (None,):
+            raise ValueError(f"Leaf {self.path!r}: role must be one of {ROLES} or None, got {self.role!r}")
 
     @property
     def layered(self) -> bool:
@@ -260,6 +273,11 @@ def hf_config_dict(model) -> dict:
 def leaves_of(model) -> list[Leaf]:
     """The checkpoint table of one of our modules."""
     return list(family_of(model).leaves(model.config, head_of(model)))
+
+
+def roles_of(model) -> dict[str, str]:
+    """``{leaf path: role}`` of one of our modules (`Leaf.role`; norms and biases have none)."""
+    return {lf.path: lf.role for lf in leaves_of(model) if lf.role is not None}
 
 
 def strip_prefix(leaves: Sequence[Leaf], path_prefix: str, hf_prefix: str) -> list[Leaf]:

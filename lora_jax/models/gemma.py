@@ -567,13 +567,14 @@ def leaves(config: GemmaConfig, head: str) -> list[Leaf]:
     nh, kh = config.num_attention_heads * h, config.num_key_value_heads * h
     bias = config.attention_bias
 
-    def layer(path, hf, shape, transpose=False):
-        return Leaf(f"model/layers/{path}", f"model.layers.{{i}}.{hf}", shape, transpose)
+    def layer(path, hf, shape, transpose=False, role=None):
+        return Leaf(f"model/layers/{path}", f"model.layers.{{i}}.{hf}", shape, transpose, role=role)
 
-    out = [Leaf("model/embed_tokens/embedding", "model.embed_tokens.weight", (config.vocab_size, d))]
+    out = [Leaf("model/embed_tokens/embedding", "model.embed_tokens.weight", (config.vocab_size, d), role="embedding")]
     out.append(layer("input_layernorm/scale", "input_layernorm.weight", (d,)))
     for name, (fin, fout) in (("q_proj", (d, nh)), ("k_proj", (d, kh)), ("v_proj", (d, kh)), ("o_proj", (nh, d))):
-        out.append(layer(f"self_attn/{name}/kernel", f"self_attn.{name}.weight", (fin, fout), True))
+        out.append(layer(f"self_attn/{name}/kernel", f"self_attn.{name}.weight", (fin, fout), True,
+                         "row" if name == "o_proj" else "column"))
         if bias:
             out.append(layer(f"self_attn/{name}/bias", f"self_attn.{name}.bias", (fout,)))
     if config.model_type == "gemma3_text":
@@ -581,13 +582,13 @@ def leaves(config: GemmaConfig, head: str) -> list[Leaf]:
                 layer("self_attn/k_norm/scale", "self_attn.k_norm.weight", (h,))]
     out += [layer("post_attention_layernorm/scale", "post_attention_layernorm.weight", (d,)),
             layer("pre_feedforward_layernorm/scale", "pre_feedforward_layernorm.weight", (d,)),
-            layer("mlp/gate_proj/kernel", "mlp.gate_proj.weight", (d, f), True),
-            layer("mlp/up_proj/kernel", "mlp.up_proj.weight", (d, f), True),
-            layer("mlp/down_proj/kernel", "mlp.down_proj.weight", (f, d), True),
+            layer("mlp/gate_proj/kernel", "mlp.gate_proj.weight", (d, f), True, "column"),
+            layer("mlp/up_proj/kernel", "mlp.up_proj.weight", (d, f), True, "column"),
+            layer("mlp/down_proj/kernel", "mlp.down_proj.weight", (f, d), True, "row"),
             layer("post_feedforward_layernorm/scale", "post_feedforward_layernorm.weight", (d,)),
             Leaf("model/norm/scale", "model.norm.weight", (d,))]
     if not config.tie_word_embeddings:
-        out.append(Leaf("lm_head/kernel", "lm_head.weight", (d, config.vocab_size), True))
+        out.append(Leaf("lm_head/kernel", "lm_head.weight", (d, config.vocab_size), True, role="head"))
     return out if head == "causal_lm" else strip_prefix(out, "model/", "model.")
 
 

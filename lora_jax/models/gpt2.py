@@ -398,15 +398,15 @@ class GPT2LMHeadModel(nn.Module):
 def _leaves(c: GPT2Config, head: str) -> list[Leaf]:
     d, f = c.n_embd, c.intermediate_size
     p, t = "transformer/h/", "transformer.h.{i}."
-    out = [Leaf("transformer/wte/embedding", "transformer.wte.weight", (c.vocab_size, d)),
-           Leaf("transformer/wpe/embedding", "transformer.wpe.weight", (c.n_positions, d))]
+    out = [Leaf("transformer/wte/embedding", "transformer.wte.weight", (c.vocab_size, d), role="embedding"),
+           Leaf("transformer/wpe/embedding", "transformer.wpe.weight", (c.n_positions, d), role="embedding")]
     for norm in ("ln_1", "ln_2"):
         out += [Leaf(f"{p}{norm}/scale", f"{t}{norm}.weight", (d,)), Leaf(f"{p}{norm}/bias", f"{t}{norm}.bias", (d,))]
     # Conv1D weights are (in, out) like our kernels: no transpose
-    for mod, shape in (("attn/c_attn", (d, 3 * d)), ("attn/c_proj", (d, d)), ("mlp/c_fc", (d, f)),
-                       ("mlp/c_proj", (f, d))):
+    for mod, shape, role in (("attn/c_attn", (d, 3 * d), "column"), ("attn/c_proj", (d, d), "row"),
+                             ("mlp/c_fc", (d, f), "column"), ("mlp/c_proj", (f, d), "row")):
         torch_mod = mod.replace("/", ".")
-        out += [Leaf(f"{p}{mod}/kernel", f"{t}{torch_mod}.weight", shape),
+        out += [Leaf(f"{p}{mod}/kernel", f"{t}{torch_mod}.weight", shape, role=role),
                 Leaf(f"{p}{mod}/bias", f"{t}{torch_mod}.bias", shape[1:])]
     out += [Leaf("transformer/ln_f/scale", "transformer.ln_f.weight", (d,)),
             Leaf("transformer/ln_f/bias", "transformer.ln_f.bias", (d,))]

@@ -485,7 +485,8 @@ def _mlp_leaves(c: LlamaConfig, p: str, t: str) -> list[Leaf]:
     d, f = c.hidden_size, c.intermediate_size
     out = []
     for name, shape in (("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d))):
-        out.append(Leaf(f"{p}mlp/{name}/kernel", f"{t}mlp.{name}.weight", shape, transpose=True))
+        out.append(Leaf(f"{p}mlp/{name}/kernel", f"{t}mlp.{name}.weight", shape, transpose=True,
+                        role="row" if name == "down_proj" else "column"))
         if c.mlp_bias:
             out.append(Leaf(f"{p}mlp/{name}/bias", f"{t}mlp.{name}.bias", shape[1:]))
     return out
@@ -501,11 +502,12 @@ def decoder_leaves(c: LlamaConfig, head: str, mlp_leaves: Callable = _mlp_leaves
     p, t = "model/layers/", "model.layers.{i}."
     norms = ("post_attention_layernorm", "post_feedforward_layernorm") if c.norm_placement == "post" else \
         ("input_layernorm", "post_attention_layernorm")
-    out = [Leaf("model/embed_tokens/embedding", "model.embed_tokens.weight", (c.vocab_size, d))]
+    out = [Leaf("model/embed_tokens/embedding", "model.embed_tokens.weight", (c.vocab_size, d), role="embedding")]
     out += [Leaf(f"{p}{n}/scale", f"{t}{n}.weight", (d,)) for n in norms]
     for name, shape, bias in (("q_proj", (d, nh), c.qkv_bias), ("k_proj", (d, kh), c.qkv_bias),
                               ("v_proj", (d, kh), c.qkv_bias), ("o_proj", (nh, d), c.o_bias)):
-        out.append(Leaf(f"{p}self_attn/{name}/kernel", f"{t}self_attn.{name}.weight", shape, transpose=True))
+        out.append(Leaf(f"{p}self_attn/{name}/kernel", f"{t}self_attn.{name}.weight", shape, transpose=True,
+                        role="row" if name == "o_proj" else "column"))
         if bias:
             out.append(Leaf(f"{p}self_attn/{name}/bias", f"{t}self_attn.{name}.bias", shape[1:]))
     if c.qk_norm:
@@ -515,7 +517,7 @@ def decoder_leaves(c: LlamaConfig, head: str, mlp_leaves: Callable = _mlp_leaves
     out += mlp_leaves(c, p, t)
     out.append(Leaf("model/norm/scale", "model.norm.weight", (d,)))
     if not c.tie_word_embeddings:
-        out.append(Leaf("lm_head/kernel", "lm_head.weight", (d, c.vocab_size), transpose=True))
+        out.append(Leaf("lm_head/kernel", "lm_head.weight", (d, c.vocab_size), transpose=True, role="head"))
     return out if head == "causal_lm" else strip_prefix(out, "model/", "model.")
 
 

@@ -210,11 +210,12 @@ def _expert_leaves(c: MoeConfig, p: str, t: str) -> list[Leaf]:
     # target_parameters wrappers in that order
     d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
     disk = {k: tuple(t + n for n in v) for k, v in _DISK[c.model_type].items()}
-    return [Leaf(p + "mlp/gate/kernel", t + "mlp.gate.weight", (d, e), transpose=True, disk=disk["gate"]),
+    return [Leaf(p + "mlp/gate/kernel", t + "mlp.gate.weight", (d, e), transpose=True, disk=disk["gate"],
+                 role="router"),
             Leaf(p + "mlp/experts/gate_up_proj", t + "mlp.experts.gate_up_proj", (e, d, 2 * f), transpose=True,
-                 disk=disk["gate_up_proj"]),
+                 disk=disk["gate_up_proj"], role="expert"),
             Leaf(p + "mlp/experts/down_proj", t + "mlp.experts.down_proj", (e, f, d), transpose=True,
-                 disk=disk["down_proj"])]
+                 disk=disk["down_proj"], role="expert")]
 
 
 def _leaves(c: MoeConfig, head: str) -> list[Leaf]:

@@ -427,17 +427,17 @@ def _leaves(config: Phi3Config, head: str) -> list[Leaf]:
     kh = config.num_key_value_heads * config.head_dim
     lay, hf = "model/layers/", "model.layers.{i}."
     out = [
-        Leaf("model/embed_tokens/embedding", "model.embed_tokens.weight", (v, d)),
+        Leaf("model/embed_tokens/embedding", "model.embed_tokens.weight", (v, d), role="embedding"),
         Leaf(lay + "input_layernorm/scale", hf + "input_layernorm.weight", (d,)),
-        Leaf(lay + "self_attn/qkv_proj/kernel", hf + "self_attn.qkv_proj.weight", (d, nh + 2 * kh), True),
-        Leaf(lay + "self_attn/o_proj/kernel", hf + "self_attn.o_proj.weight", (nh, d), True),
+        Leaf(lay + "self_attn/qkv_proj/kernel", hf + "self_attn.qkv_proj.weight", (d, nh + 2 * kh), True, role="column"),
+        Leaf(lay + "self_attn/o_proj/kernel", hf + "self_attn.o_proj.weight", (nh, d), True, role="row"),
         Leaf(lay + "post_attention_layernorm/scale", hf + "post_attention_layernorm.weight", (d,)),
-        Leaf(lay + "mlp/gate_up_proj/kernel", hf + "mlp.gate_up_proj.weight", (d, 2 * f), True),
-        Leaf(lay + "mlp/down_proj/kernel", hf + "mlp.down_proj.weight", (f, d), True),
+        Leaf(lay + "mlp/gate_up_proj/kernel", hf + "mlp.gate_up_proj.weight", (d, 2 * f), True, role="column"),
+        Leaf(lay + "mlp/down_proj/kernel", hf + "mlp.down_proj.weight", (f, d), True, role="row"),
         Leaf("model/norm/scale", "model.norm.weight", (d,)),
     ]
     if not config.tie_word_embeddings:
-        out.append(Leaf("lm_head/kernel", "lm_head.weight", (d, v), True))
+        out.append(Leaf("lm_head/kernel", "lm_head.weight", (d, v), True, role="head"))
     if head == "base":
         return strip_prefix(out, "model/", "model.")
     if head != "causal_lm":

@@ -237,7 +237,6 @@ def lora_rules(model, targets="all-linear", **kw) -> Rules:
       'sio'
     """
     from ..hf.presets import expert_paths
-    from ..models.family import family_of
 
     stacked = stacked_paths(model)
     flat = [lf.path for lf in _leaves(model)]
@@ -247,8 +246,7 @@ def lora_rules(model, targets="all-linear", **kw) -> Rules:
         return Rules(targets, stack_axes=1, **kw)
     rules = []
     if experts:
-        routers = [lf.path for lf in _leaves(model)
-                   if lf.path.rpartition("/")[0].rpartition("/")[2] in family_of(model).not_linear]
+        routers = [lf.path for lf in _leaves(model) if lf.role == "router"]
         only_experts = "(?!(" + "|".join(re.escape(p) for p in experts) + ")$).*"
         rules.append(Rule(experts, stack_axes=2) if targets == "all-linear"
                      else Rule(targets, stack_axes=2, exclude=only_experts))

@@ -56,6 +56,7 @@ import jax
 import numpy as np
 
 from .. import tree as _tree
+from ..models.family import roles_of
 from ..rules import Rules
 from . import data as _data
 from . import flops as _flops
@@ -447,7 +448,8 @@ def _pretrain(r: _Run) -> None:
         flops, peak = r.flops(pc.batch_size, r.pre_rows.seq_len, full=True)
         pre = Trainer(spec, mesh=r.mesh, loss_fn=_step_candidates(r, _model.full_loss_fn), trainable=r.params,
                       rows=r.pre_rows, seed=cfg.seed, phase="pretrain", metrics=r.metrics, echo=r.say,
-                      stacked=_model.stacked_paths(r.model), flops_per_step=flops, peak_flops=peak)
+                      stacked=_model.stacked_paths(r.model), roles=roles_of(r.model), flops_per_step=flops,
+                      peak_flops=peak)
         try:
             res = pre.fit()
         except TrainingInterrupted as e:
@@ -488,7 +490,8 @@ def _finetune(r: _Run, stop_after: Optional[int]) -> None:
                           loss_fn=_step_candidates(r, _model.lora_loss_fn),
                           trainable=trainable, frozen=frozen, rows=r.rows, eval_rows=r.eval_rows, seed=cfg.seed,
                           phase="lora", metrics=r.metrics, checkpointer=ck, echo=r.say,
-                          stacked=_model.stacked_paths(r.model), flops_per_step=flops, peak_flops=peak)
+                          stacked=_model.stacked_paths(r.model), roles=roles_of(r.model), flops_per_step=flops,
+                          peak_flops=peak)
         r.say(f"# compiled the train/eval steps in {trainer.compile_s:.1f}s ({trainer.settings.label}"
               + (f"; tried {', '.join(t['settings'] for t in trainer.settings_tried)}"
                  if len(trainer.settings_tried) > 1 else "") + ")")

@@ -26,8 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
-import re
-from typing import Collection, Optional
+from typing import Collection, Mapping, Optional
 
 import jax
 import numpy as np
@@ -41,9 +40,7 @@ __all__ = ["AXES", "BATCH_AXES", "make_mesh", "kernel_spec", "lora_factor_specs"
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-_COLUMN = re.compile(r"^(q_proj|k_proj|v_proj|gate_proj|up_proj|c_attn|c_fc|fc_in|fc1|query|key|value|wi|wi_0|"
-                     r"wi_1|w1|w3|qkv_proj|gate_up_proj|lm_head)$")
-_ROW = re.compile(r"^(o_proj|down_proj|c_proj|out_proj|fc_out|fc2|wo|w2|dense)$")
+_SPLIT = {"embedding": "rows", "column": "o", "head": "o", "row": "i"}  # tensor-parallel axis by `Leaf.role`
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -98,16 +95,22 @@ def _axis_kinds(ndim: int, layout: Optional[str], stack: int) -> str:
 
 
 def kernel_spec(path: str, shape, mesh_sizes: dict[str, int], layout: Optional[str] = None,
-                stack: int = 0) -> tuple:
+                stack: int = 0, role: Optional[str] = None) -> tuple:
     """The partition spec (a tuple, one entry per axis) of a base parameter.
 
+    Over ``"tensor"``, the role picks the axis: a ``column`` projection or the ``head`` splits its
+    output, a ``row`` projection its input, an ``embedding`` its rows; other roles (router,
+    experts) and None are not split. Over ``"fsdp"``, the largest remaining axis that divides
+    (never a layer axis).
+
     Args:
-      path: the leaf's ``/``-joined path (its module name picks column/row parallel).
+      path: the leaf's ``/``-joined path (for messages).
       shape: its shape.
       mesh_sizes: ``{"fsdp": n, "tensor": m, ...}``.
       layout: the ``s``/``i``/``o`` letters of a LoRA kernel; plain kernels are taken as
         ``(*stack, in, out)``.
       stack: the number of leading layer axes of a plain leaf (ignored when ``layout`` is given).
+      role: the leaf's `lora_jax.models.family.Leaf.role`.
     """
     shape = tuple(int(d) for d in shape)
     spec: list = [None] * len(shape)
@@ -115,18 +118,9 @@ def kernel_spec(path: str, shape, mesh_sizes: dict[str, int], layout: Optional[s
     if len(shape) - stack < 2:
         return tuple(spec)
     kinds = _axis_kinds(len(shape), layout, stack)
-    parts = path.split("/")
-    module = parts[-2] if len(parts) >= 2 else ""
-    leaf = parts[-1]
     tp = mesh_sizes.get("tensor", 1)
-    if tp > 1 and leaf in ("kernel", "weight", "embedding"):
-        want = None
-        if leaf == "embedding":
-            want = [0]  # (vocab, hidden): vocab-parallel
-        elif _COLUMN.match(module):
-            want = [j for j, k in enumerate(kinds) if k == "o"]
-        elif _ROW.match(module):
-            want = [j for j, k in enumerate(kinds) if k == "i"]
+    if tp > 1 and role in _SPLIT:
+        want = [stack] if _SPLIT[role] == "rows" else [j for j, k in enumerate(kinds) if k == _SPLIT[role]]
         if want:
             j = max(want, key=lambda a: shape[a])
             if shape[j] % tp == 0:
@@ -149,22 +143,34 @@ def lora_factor_specs(w_spec: tuple, layout: str) -> tuple[tuple, tuple]:
     return tuple(stack + ins + [None]), tuple(stack + [None] + outs)
 
 
-def param_shardings(tree, mesh: Mesh, stacked: Collection[str] = ()):
+def param_shardings(tree, mesh: Mesh, stacked: Collection[str] = (), roles: Optional[Mapping[str, str]] = None):
     """A tree of `NamedSharding` for a parameter tree, a LoRA tree, or either `lora.split` half.
 
     `LoraWeight` nodes get a `LoraWeight` of shardings (None where the child is None), so the
     result can be passed to ``jax.device_put`` and ``jax.jit`` as is. ``stacked`` names the
     ``/``-joined paths of plain leaves that carry a leading layer axis (`train.model.stacked_paths`);
-    LoRA nodes say it with their layout.
+    LoRA nodes say it with their layout. ``roles`` maps paths to `Leaf.role` (a model of
+    `lora_jax.models`: `lora_jax.models.family.roles_of`); on a mesh with a ``tensor`` axis over
+    one device, every kernel (two or more axes besides the layer axes) needs one.
+
+    Raises:
+      ValueError: a ``tensor`` axis, and kernels without a role (named).
     """
     sizes = mesh_shape(mesh)
     stacked = frozenset(stacked)
+    roles = dict(roles or {})
+    missing: list[str] = []
+
+    def role(path, ndim, stack):
+        if path not in roles and sizes.get("tensor", 1) > 1 and ndim - stack >= 2:
+            missing.append(path)
+        return roles.get(path)
 
     def leaf(kp, x):
         path = path_str(kp)
         if is_lora(x):
             shape = x.w.shape if x.w is not None else _w_shape(x)
-            ws = kernel_spec(path, shape, sizes, x.layout)
+            ws = kernel_spec(path, shape, sizes, x.layout, role=role(path, len(shape), x.layout.count("s")))
             a_s, b_s = lora_factor_specs(ws, x.layout)
             ns = lambda s: NamedSharding(mesh, P(*s))  # noqa: E731
             return x.replace(w=None if x.w is None else ns(ws), a=None if x.a is None else ns(a_s),
@@ -172,9 +178,17 @@ def param_shardings(tree, mesh: Mesh, stacked: Collection[str] = ()):
                              m=None if x.m is None else NamedSharding(mesh, P()))
         if x is None:
             return None
-        return NamedSharding(mesh, P(*kernel_spec(path, np.shape(x), sizes, stack=int(path in stacked))))
+        stack = int(path in stacked)
+        return NamedSharding(mesh, P(*kernel_spec(path, np.shape(x), sizes, stack=stack,
+                                                  role=role(path, np.ndim(x), stack))))
 
-    return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=lambda x: is_lora(x) or x is None)
+    out = jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=lambda x: is_lora(x) or x is None)
+    if missing:
+        raise ValueError(f"a tensor-parallel mesh (tensor={sizes['tensor']}) splits each kernel by its role "
+                         f"(column, row, embedding, head, router, expert), and {len(missing)} have none: "
+                         f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; pass roles={{path: role}} (a model of "
+                         "lora_jax.models declares them: lora_jax.models.family.roles_of(model))")
+    return out
 
 
 def _w_shape(lw: LoraWeight):

@@ -280,6 +280,8 @@ class Trainer:
       checkpointer: a `checkpoint.Checkpointer` (None: no checkpoints).
       echo: prints a line (the progress bar's ``write`` is used while it is open).
       stacked: paths of plain leaves with a leading layer axis (`sharding.param_shardings`).
+      roles: ``{path: role}`` of the kernels (`sharding.param_shardings`; needed on a mesh with a
+        tensor axis; `lora_jax.models.family.roles_of` for a model of `lora_jax.models`).
       flops_per_step: the model FLOPs of one step (`flops.step_flops`); with it the train records
         report the achieved ``tflops`` and, when ``peak_flops`` (per device) is known, ``mfu``.
       peak_flops: the peak FLOP/s of one device (`flops.peak_flops`), None when unknown.
@@ -294,7 +296,7 @@ class Trainer:
                  rows: _data.Rows, loss_fn: Optional[Callable] = None,
                  eval_rows: Optional[_data.Rows] = None, seed: int = 0, phase: str = "lora",
                  metrics: Optional[MetricsWriter] = None, checkpointer=None, echo: Callable = print,
-                 stacked=(), flops_per_step: Optional[float] = None, peak_flops: Optional[float] = None,
+                 stacked=(), roles=None, flops_per_step: Optional[float] = None, peak_flops: Optional[float] = None,
                  memory_limit: Optional[int] = None):
         self.spec, self.mesh, self.phase, self.seed = spec, mesh, phase, int(seed)
         self.rows, self.eval_rows = rows, eval_rows
@@ -316,8 +318,8 @@ class Trainer:
             raise TypeError(f"Trainer: loss_fn must be a callable or a sequence of (StepSettings, loss_fn) pairs, "
                             f"got {type(loss_fn).__name__}")
 
-        self.trainable_shardings = shd.param_shardings(trainable, mesh, stacked)
-        self.frozen_shardings = shd.param_shardings(frozen, mesh, stacked) if frozen is not None else None
+        self.trainable_shardings = shd.param_shardings(trainable, mesh, stacked, roles)
+        self.frozen_shardings = shd.param_shardings(frozen, mesh, stacked, roles) if frozen is not None else None
         trainable = shd.place(trainable, self.trainable_shardings)
         self.frozen = shd.place(frozen, self.frozen_shardings) if frozen is not None else None
         opt_abstract = jax.eval_shape(self.tx.init, trainable)
