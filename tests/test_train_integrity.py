@@ -470,7 +470,9 @@ def test_sigterm_before_pretraining_starts_exits_143_with_a_message(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                        env=_env(tmp_path / "cache"), timeout=300)
     assert p.returncode == 143, (p.returncode, p.stderr[-2000:])
-    assert p.stderr.startswith("lora-jax: SIGTERM received outside the training loop"), p.stderr[-2000:]
+    assert p.stderr == ("lora-jax: interrupted (SIGTERM) outside the training loop (setup, compiling, pretraining's "
+                        "start or export); no new checkpoint was written (finalized ones are kept: continue with "
+                        "--resume)\n"), p.stderr[-2000:]
     assert (tmp_path / "run" / ".lock").read_text() == ""  # released on the way out
 
 
