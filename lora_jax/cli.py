@@ -163,6 +163,8 @@ def _exit_peer_lost(e: BaseException) -> None:
 
     me, n = jax.process_index(), jax.process_count()
     peers = sorted({int(t) for t in re.findall(r"task[:_ ](\d+)", str(e))} - {me})
+    if not peers and n == 2:  # a transport error names an address, not a task: of two, it is the other
+        peers = [1 - me]
     who = ("process " + ", ".join(map(str, peers))) if peers else "another process"
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     print(f"lora-jax: error: process {me} of a distributed run of {n} lost contact with {who} ({first}); stopped "
