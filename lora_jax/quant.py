@@ -69,14 +69,6 @@ class QuantizedArray(StoredArray):
                      ("block", int(self.block)), ("stack", int(self.stack))):
             object.__setattr__(self, k, v)
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
     def unstacked(self) -> "QuantizedArray":
         """The same children viewed as one slice of the leading stack axis (``scan`` slices them)."""
         if self.stack < 1:

@@ -144,7 +144,8 @@ def _merge_leaf(x, requantize: bool):
         return dense_base(x)
     merged = x.merge()
     if requantize and is_stored(x.base):
-        warnings.warn(f"merge(requantize=True): the merged kernel {x.base.shape} is rounded to {x.base.scheme} again; "
+        form = getattr(x.base, "scheme", type(x.base).__name__)
+        warnings.warn(f"merge(requantize=True): the merged kernel {x.base.shape} is rounded to {form} again; "
                       "the adapter's effect is only kept to that precision", stacklevel=3)
         return x.base.requantize(merged)
     return merged

@@ -153,12 +153,21 @@ class StoredArray:
     """A frozen base kept in another form than a dense array (`lora.QuantizedArray`).
 
     Its ``shape`` and ``dtype`` describe the dense array it stands for. The rest of the package
-    meets such a base only through `dense_base`, `unstacked` and `is_stored`, so a new storage form
-    (another quantization scheme) is one subclass that implements the two methods below.
+    meets such a base only through `dense_base`, `unstacked`, `requantize` and `is_stored`, so a
+    new storage form (another quantization scheme) is one pytree subclass that implements the
+    methods below (public as `lora_jax.extend.StoredArray`).
     """
 
     shape: tuple
     dtype: Any
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
 
     def dequantize(self, dtype=None) -> jax.Array:
         """The dense array (in its own dtype, or ``dtype``)."""
@@ -167,6 +176,11 @@ class StoredArray:
     def unstacked(self) -> "StoredArray":
         """The same children viewed as one slice of the leading stack axis (``scan`` slices them)."""
         raise NotImplementedError
+
+    def requantize(self, x) -> "StoredArray":
+        """A dense array ``x`` of this shape stored the same way (``lora.merge(requantize=True)``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement requantize: merge with "
+                                  "requantize=False for full-precision merged kernels")
 
 
 def is_stored(x: Any) -> bool:
