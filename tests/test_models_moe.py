@@ -1,9 +1,11 @@
-"""lora_jax's mixture-of-experts families (Qwen3-MoE, Mixtral) against PyTorch transformers 5 and PEFT.
+"""lora_jax's mixture-of-experts families (Qwen3-MoE, Mixtral, GPT-OSS) against PyTorch transformers 5 and PEFT.
 
 Tiny random models (hidden 32, 2 layers, 4 experts, top-2, vocab 97), weights spread to std 0.2
 (norms 1 +- 0.2) so logits are O(1) and the router's choices are far from ties, saved with
 ``save_pretrained`` (which writes the experts per expert: ``mlp.experts.{j}.gate_proj.weight``,
-Mixtral's ``block_sparse_moe.experts.{j}.w1.weight``) and read back through the real files. Both
+Mixtral's ``block_sparse_moe.experts.{j}.w1.weight``; GPT-OSS's fused ``(E, in, out)`` with biases)
+and read back through the real files. GPT-OSS's GLU limit is 0.5 (its 7.0 would never clamp values
+this small), its window 4 on every other layer, and its sinks spread like every weight. Both
 expert computations (``ragged``: ``jax.lax.ragged_dot`` over tokens sorted by expert; ``dense``)
 are checked; float32, rtol = atol = 1e-5 on the real tokens.
 """
@@ -40,6 +42,11 @@ VARIANTS = {
     "qwen3_moe_norm": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
                        dict(num_experts=4, moe_intermediate_size=16, norm_topk_prob=True, tie_word_embeddings=True)),
     "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, dict(num_local_experts=4, sliding_window=6)),
+    # sinks, biases everywhere, clamped interleaved GLU, sliding (window 4) / full layers, yarn rope
+    "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
+                dict(num_local_experts=4, intermediate_size=16, head_dim=8, sliding_window=4, swiglu_limit=0.5,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})),
 }
 IMPLS = ("ragged", "dense")
 
@@ -79,7 +86,7 @@ def _load(d, impl="dense"):
 
 
 @pytest.mark.parametrize("variant,impl", [("qwen3_moe", "ragged"), ("qwen3_moe_norm", "dense"), ("mixtral", "ragged"),
-                                          ("mixtral", "dense")])
+                                          ("mixtral", "dense"), ("gpt_oss", "ragged"), ("gpt_oss", "dense")])
 def test_logits_match_transformers(saved, variant, impl):
     model, params = _load(saved[variant], impl)
     ids, mask, pos = _batch()
@@ -94,17 +101,19 @@ def test_logits_match_transformers(saved, variant, impl):
     np.testing.assert_allclose(out[keep], ref[keep], **TOL)
 
 
-def test_router_logits_and_load_balancing_loss_match_transformers(saved):
-    """The sown router logits are PyTorch's ``output_router_logits``; the auxiliary loss is
-    transformers' ``load_balancing_loss_func``, with and without a padding mask."""
+@pytest.mark.parametrize("variant", ["qwen3_moe", "gpt_oss"])
+def test_router_logits_and_load_balancing_loss_match_transformers(saved, variant):
+    """The sown router logits are PyTorch's ``output_router_logits`` (GPT-OSS's with the router's
+    bias); the auxiliary loss is transformers' ``load_balancing_loss_func``, with and without a
+    padding mask."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-    model, params = _load(saved["qwen3_moe"])
+    model, params = _load(saved[variant])
     ids, mask, pos = _batch()
     _, state = model.apply({"params": params}, ids, mutable=["intermediates"])
     ours = np.asarray(state["intermediates"]["model"]["layers"]["mlp"]["router_logits"][0])
     with torch.no_grad():
-        out = _torch_model("qwen3_moe")(torch.tensor(ids), output_router_logits=True)
+        out = _torch_model(variant)(torch.tensor(ids), output_router_logits=True)
     theirs = np.stack([r.numpy() for r in out.router_logits])
     np.testing.assert_allclose(ours, theirs, **TOL)
     for m in (None, mask):
@@ -155,15 +164,22 @@ def test_config_fields_and_refusals(saved):
             M.config_from_hf({"model_type": mt, "num_hidden_layers": 2, field: value})
     with pytest.raises(ValueError, match="moe_impl"):
         M.config_from_hf(saved["mixtral"], moe_impl="sparse")
+    g = M.config_from_hf(saved["gpt_oss"])
+    assert (g.layer_types, g.layer_windows, g.attention_sinks, g.moe_bias, g.swiglu_limit, g.qkv_bias, g.o_bias) == \
+        (("sliding_attention", "full_attention"), (4, 0), True, True, 0.5, True, True)
+    with pytest.raises(ValueError, match="quantization_config"):
+        M.config_from_hf({"model_type": "gpt_oss", "num_hidden_layers": 2, "quantization_config": {"quant_method": "mxfp4"}})
+    with pytest.raises(ValueError, match="layer_types must list one of"):
+        M.config_from_hf(saved["gpt_oss"], layer_types=("sliding_attention",))
     # the exported config round-trips through transformers
-    for v in ("qwen3_moe", "mixtral"):
+    for v in ("qwen3_moe", "mixtral", "gpt_oss"):
         model, _ = _load(saved[v])
         d = M.hf_config_dict(model)
         back = M.config_from_hf(tf.AutoConfig.for_model(**d).to_dict())
         assert back == model.config.replace(moe_impl=None) or back.replace(moe_impl="dense") == model.config
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_greedy_generation_matches_transformers(saved, variant):
     model, params = _load(saved[variant])
     ids = np.random.RandomState(1).randint(3, V, (2, 5))
@@ -238,7 +254,7 @@ def _perturb(pm, seed=1, scale=0.1):
     return pm
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_peft_target_parameters_both_ways(saved, tmp_path, variant):
     """(1) PEFT's adapter on the experts (target_parameters, a per-layer rank_pattern) and attention
     loads with PeftModel's logits through lora.wrap; (2) save_peft of it loads in PeftModel with

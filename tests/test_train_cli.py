@@ -249,22 +249,27 @@ def test_merge_refuses_an_adapter_with_implausible_magnitudes(trained, tmp_path,
     assert not (tmp_path / "merged").exists() and not [e for e in os.listdir(tmp_path) if e.startswith(".")]
 
 
-def test_train_a_fresh_olmo2_and_its_base_loads_in_transformers(tmp_path):
-    """``model.init.arch=olmo2`` (post-norm layers, q/k norm over all heads) trains, exports (the
-    export checks factorized vs merged logits itself), and the base it wrote is PyTorch's OLMo 2
+@pytest.mark.parametrize("arch,extra,cls", [
+    ("olmo2", {}, "Olmo2ForCausalLM"),
+    ("gpt_oss", {"model.init.num_local_experts": 4, "model.init.num_experts_per_tok": 2, "model.init.head_dim": 16,
+                 "model.init.sliding_window": 8}, "GptOssForCausalLM")])
+def test_train_a_fresh_model_and_its_base_loads_in_transformers(tmp_path, arch, extra, cls):
+    """``model.init.arch=olmo2`` (post-norm layers, q/k norm over all heads) and ``gpt_oss``
+    (experts with biases through target_parameters, sinks, alternating windows) train, export (the
+    export checks factorized vs merged logits itself), and the base each wrote is PyTorch's model
     with our logits."""
     import torch
     import transformers as tf
 
     d = tmp_path / "run"
-    assert main(["train"] + tiny_overrides(d, **{"model.init.arch": "olmo2", "train.eval_batches": 0,
-                                                 "train.plot": False})) == 0
-    assert json.loads((d / "base" / "config.json").read_text())["model_type"] == "olmo2"
+    assert main(["train"] + tiny_overrides(d, **{"model.init.arch": arch, "train.eval_batches": 0,
+                                                 "train.plot": False, **extra})) == 0
+    assert json.loads((d / "base" / "config.json").read_text())["model_type"] == arch
     model, params = lora.models.load(str(d / "base"))
     ids = np.random.default_rng(0).integers(3, 100, (2, 12))
     ours = np.asarray(model.apply({"params": params}, ids))
     theirs = tf.AutoModelForCausalLM.from_pretrained(str(d / "base")).eval()
-    assert type(theirs).__name__ == "Olmo2ForCausalLM"
+    assert type(theirs).__name__ == cls
     with torch.no_grad():
         ref = theirs(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)

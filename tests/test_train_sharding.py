@@ -199,7 +199,7 @@ def test_roles_pick_the_tensor_parallel_axis_and_a_missing_role_is_named():
     assert tuple(shd.param_shardings(tree, shd.make_mesh(2, 1, 1))["blk"]["wq"]["kernel"].spec) == (None, None)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "olmo2", "gemma2", "phi3", "qwen3_moe", "gpt2", "bert"])
+@pytest.mark.parametrize("model_type", ["llama", "olmo2", "gemma2", "phi3", "qwen3_moe", "gpt_oss", "gpt2", "bert"])
 def test_every_kernel_of_every_family_declares_its_role(model_type):
     """Each family's table gives every kernel and embedding a role, and the roles are the
     Megatron split: q/k/v, gate/up, fused qkv/gate_up, c_attn, c_fc, BERT's query/key/value and
@@ -209,18 +209,21 @@ def test_every_kernel_of_every_family_declares_its_role(model_type):
 
     small = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 97, "head_dim": 8, "n_layer": 2, "n_embd": 32, "n_head": 4,
-             "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
+             "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "num_local_experts": 4}
     head = {"bert": "seq_cls"}.get(model_type, "causal_lm")
     model = M.build(M.config_from_hf({"model_type": model_type, **small}), head)
     column = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj", "c_attn", "c_fc",
               "query", "key", "value"}
     for lf in leaves_of(model):
         *_, module, leaf = lf.path.split("/")
-        if len(lf.shape) < 2:
+        if len(lf.shape) < 2 or leaf.endswith("_bias"):  # GPT-OSS's expert biases (E, out): no role
             assert lf.role is None, lf
             continue
         want = ("embedding" if leaf == "embedding" else "head" if module in ("lm_head", "classifier")
-                else "router" if module == "gate" else "expert" if module == "experts"
+                else "router" if module in ("gate", "router") else "expert" if module == "experts"
                 else "column" if module in column or lf.path.endswith("intermediate/dense/kernel")
                 else "row")
         assert lf.role == want, (lf.path, lf.role, want)
+    # every leaf has a declared role (or none): a tensor-parallel mesh shards the whole tree
+    shapes = jax.eval_shape(lambda: M.init_params(model, jax.random.key(0)))
+    shd.param_shardings(shapes, shd.make_mesh(1, 1, 2), roles=roles_of(model))

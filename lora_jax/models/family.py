@@ -40,7 +40,7 @@ __all__ = ["param_count", "Leaf", "ROLES", "roles_of", "Family", "SUPPORTED_MODE
 _FAMILY_MODULES = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "olmo2": "llama",
     "gemma2": "gemma", "gemma3_text": "gemma",
-    "qwen3_moe": "moe", "mixtral": "moe",
+    "qwen3_moe": "moe", "mixtral": "moe", "gpt_oss": "moe",
     "phi3": "phi3",
     "gpt2": "gpt2",
     "bert": "bert",
@@ -275,9 +275,10 @@ def leaves_of(model) -> list[Leaf]:
     return list(family_of(model).leaves(model.config, head_of(model)))
 
 
-def roles_of(model) -> dict[str, str]:
-    """``{leaf path: role}`` of one of our modules (`Leaf.role`; norms and biases have none)."""
-    return {lf.path: lf.role for lf in leaves_of(model) if lf.role is not None}
+def roles_of(model) -> dict[str, Optional[str]]:
+    """``{leaf path: role}`` of every leaf of one of our modules (`Leaf.role`; None for norms and
+    biases, GPT-OSS's per-expert ``(E, out)`` biases among them: split by no role)."""
+    return {lf.path: lf.role for lf in leaves_of(model)}
 
 
 def strip_prefix(leaves: Sequence[Leaf], path_prefix: str, hf_prefix: str) -> list[Leaf]:

@@ -414,19 +414,21 @@ def attention_impl(impl: Optional[str], dtype, head_dim: int) -> str:
 
 
 def attention(q, k, v, *, mask=None, causal: bool = True, window: Optional[int] = None,
-              scale: Optional[float] = None, softcap: Optional[float] = None, impl: str = "xla"):
+              scale: Optional[float] = None, softcap: Optional[float] = None, sinks=None, impl: str = "xla"):
     """Grouped-query attention ``softmax(q k^T * scale [+ mask]) v`` over ``(B, T, heads, H)`` arrays.
 
     ``k``/``v`` may have fewer heads than ``q`` (a divisor). ``mask`` is boolean, broadcastable to
     ``(B, 1, T, S)`` (True = attend). ``causal`` adds the causal mask (for ``T == S``); ``window``
     keeps only the last ``window`` keys of each query (transformers' ``sliding_window``).
-    ``softcap`` applies ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2), which
-    runs in XLA; everything else goes through ``jax.nn.dot_product_attention`` with ``impl``.
+    ``softcap`` applies ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2);
+    ``sinks`` ``(heads,)`` are attention sinks (GPT-OSS): one more logit per head in the softmax's
+    denominator, attending to nothing (``p_j = e^{l_j} / (e^{sink} + sum_i e^{l_i})``). Both run
+    in XLA; everything else goes through ``jax.nn.dot_product_attention`` with ``impl``.
     """
     b, t, n, h = q.shape
     s = k.shape[1]
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-    if softcap is None:
+    if softcap is None and sinks is None:
         local = (window - 1, 0) if window is not None and window < max(t, s) else None
         if mask is not None and impl == "cudnn":
             mask = jnp.broadcast_to(mask, (b, 1, t, s))
@@ -435,7 +437,8 @@ def attention(q, k, v, *, mask=None, causal: bool = True, window: Optional[int] 
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    logits = softcap * jnp.tanh(logits / softcap)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
     allowed = jnp.ones((t, s), bool)
     if causal:
         allowed = jnp.tril(allowed, s - t)
@@ -445,7 +448,12 @@ def attention(q, k, v, *, mask=None, causal: bool = True, window: Optional[int] 
     if mask is not None:
         allowed = allowed & jnp.broadcast_to(mask, (b, 1, t, s))
     logits = jnp.where(allowed[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kh, n // kh, 1, 1), logits.shape[:-1] + (1,))
+        probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
+    probs = probs.astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
 
@@ -606,6 +614,12 @@ class SparseMoe(nn.Module):
     their weight (no sort or gather, ``E/k`` times the FLOPs); None picks by backend (`moe_impl`).
     Both keep LoRA factorized under ``lora.wrap`` and give the same outputs. The router's logits are sown
     in the ``"intermediates"`` collection as ``router_logits`` ``(N, E)`` (the auxiliary loss).
+
+    GPT-OSS's form: ``router`` names the router module (``"router"``), ``bias`` gives the router
+    and the experts biases (``experts/gate_up_proj_bias`` ``(E, 2F)``, ``experts/down_proj_bias``
+    ``(E, D)``), and ``clamp=(alpha, limit)`` is its GLU over gate and up interleaved on the fused
+    axis (``g = min(h[::2], limit)``, ``u = clip(h[1::2], -limit, limit)``,
+    ``(u + 1) * g * sigmoid(alpha * g)``) instead of ``act(gate) * up`` over its two halves.
     """
 
     num_experts: int
@@ -617,22 +631,36 @@ class SparseMoe(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     std: float = 0.02
+    router: str = "gate"
+    bias: bool = False
+    clamp: Optional[tuple] = None
+
+    def glu(self, h):
+        """The experts' gated unit of the fused gate/up output ``h`` ``(..., 2F)``."""
+        f = self.intermediate_size
+        if self.clamp is None:
+            return ACTIVATIONS[self.hidden_act](h[..., :f]) * h[..., f:]
+        alpha, limit = self.clamp
+        g = jnp.minimum(h[..., ::2], limit)
+        u = jnp.clip(h[..., 1::2], -limit, limit)
+        return (u + 1) * (g * jax.nn.sigmoid(g * alpha))
 
     @nn.compact
     def __call__(self, x):
         e, f, k = self.num_experts, self.intermediate_size, self.top_k
         shape, d = x.shape, x.shape[-1]
         xf = x.reshape(-1, d)
-        logits = dense(e, use_bias=False, name="gate", dtype=self.dtype, param_dtype=self.param_dtype,
+        logits = dense(e, use_bias=self.bias, name=self.router, dtype=self.dtype, param_dtype=self.param_dtype,
                        std=self.std)(xf)
         self.sow("intermediates", "router_logits", logits)
         weights, experts = route(logits, k, self.normalize)
-        gate_up, down = _Experts(e, d, f, self.param_dtype, self.std, name="experts")()
-        gate_up, down = gate_up.astype(self.dtype), down.astype(self.dtype)
-        act = ACTIVATIONS[self.hidden_act]
+        ws = _Experts(e, d, f, self.param_dtype, self.std, self.bias, name="experts")()
+        gate_up, down, b_gate_up, b_down = (None if w is None else w.astype(self.dtype) for w in ws)
         if moe_impl(self.impl) == "dense":
             h = jnp.einsum("nd,edf->enf", xf, gate_up)
-            y = jnp.einsum("enf,efd->end", act(h[..., :f]) * h[..., f:], down)
+            h = h if b_gate_up is None else h + b_gate_up[:, None]
+            y = jnp.einsum("enf,efd->end", self.glu(h), down)
+            y = y if b_down is None else y + b_down[:, None]
             dense_w = jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32) * weights[..., None], axis=-2)
             out = jnp.einsum("end,ne->nd", y.astype(jnp.float32), dense_w)
         else:
@@ -642,7 +670,9 @@ class SparseMoe(nn.Module):
             rows = xf[order // k]
             sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
             h = jax.lax.ragged_dot(rows, gate_up, sizes)
-            y = jax.lax.ragged_dot(act(h[:, :f]) * h[:, f:], down, sizes)
+            h = h if b_gate_up is None else h + b_gate_up[flat[order]]
+            y = jax.lax.ragged_dot(self.glu(h), down, sizes)
+            y = y if b_down is None else y + b_down[flat[order]]
             y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
             out = y[jnp.argsort(order)].reshape(n, k, d).sum(axis=1)
         return out.astype(self.dtype).reshape(shape)
@@ -654,10 +684,16 @@ class _Experts(nn.Module):
     intermediate: int
     param_dtype: Any
     std: float
+    bias: bool = False
 
     @nn.compact
     def __call__(self):
         init = nn.initializers.normal(self.std)
         e, d, f = self.num_experts, self.hidden, self.intermediate
-        return (self.param("gate_up_proj", init, (e, d, 2 * f), self.param_dtype),
-                self.param("down_proj", init, (e, f, d), self.param_dtype))
+        out = [self.param("gate_up_proj", init, (e, d, 2 * f), self.param_dtype)]
+        if self.bias:
+            out.append(self.param("gate_up_proj_bias", nn.initializers.zeros, (e, 2 * f), self.param_dtype))
+        out.append(self.param("down_proj", init, (e, f, d), self.param_dtype))
+        if self.bias:
+            out.append(self.param("down_proj_bias", nn.initializers.zeros, (e, d), self.param_dtype))
+        return (out[0], out[2], out[1], out[3]) if self.bias else (out[0], out[1], None, None)

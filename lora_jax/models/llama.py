@@ -52,7 +52,7 @@ import numpy as np
 
 from .family import Family, Leaf, strip_prefix
 from .layers import (ACTIVATIONS, ATTENTION_IMPLS, RMSNorm, apply_rope, attention, attention_impl, canon_dtype,
-                     check_remat_policy, decoder_inputs, decoder_mask, check_rope, dense, freeze, positive_int, scan_layers,
+                     causal_cache_mask, check_remat_policy, decoder_inputs, decoder_mask, check_rope, dense, freeze, positive_int, scan_layers,
                      rope_parameters, rope_tables, thaw)
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "from_hf_config", "config_problem", "rms_norm",
@@ -63,6 +63,7 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
 _CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "olmo2": "Olmo2"}
 NORM_PLACEMENTS = ("pre", "post")  # RMSNorm of each block's input (Llama) or of its output (OLMo 2)
 QK_NORMS = (False, True, "all")  # q/k RMSNorm: none, per head (Qwen3), over all heads (OLMo 2)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,9 @@ class LlamaConfig:
     ``rope_scaling`` is a dict as in transformers (``{"rope_type": "llama3", "factor": 8, ...}``;
     types: default, linear, dynamic, llama3, yarn, longrope), stored as sorted item tuples so the
     config stays hashable. ``sliding_window`` limits attention to the last ``sliding_window``
-    positions on every layer (Mistral; Qwen with ``use_sliding_window``).
+    positions on every layer (Mistral; Qwen with ``use_sliding_window``), or only on the layers
+    ``layer_types`` names ``"sliding_attention"`` (a tuple, one per layer; GPT-OSS alternates).
+    ``attention_sinks`` gives each head a learned sink logit (GPT-OSS; `layers.attention`).
 
     Example:
       >>> cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, dtype="bfloat16")
@@ -110,6 +113,8 @@ class LlamaConfig:
     norm_placement: str = "pre"
     hidden_act: str = "silu"
     sliding_window: Optional[int] = None
+    layer_types: Any = None
+    attention_sinks: bool = False
     initializer_range: float = 0.02
     model_type: str = "llama"
     bos_token_id: Optional[int] = None
@@ -162,6 +167,15 @@ class LlamaConfig:
         if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or int(self.sliding_window) <= 0):
             raise ValueError(f"LlamaConfig.sliding_window must be None or a positive integer, "
                              f"got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            types = self.layer_types
+            if isinstance(types, str) or not isinstance(types, (list, tuple)) or len(types) != \
+                    self.num_hidden_layers or any(t not in LAYER_TYPES for t in types):
+                raise ValueError(f"LlamaConfig.layer_types must list one of {LAYER_TYPES} for each of the "
+                                 f"{self.num_hidden_layers} layers, got {types!r}")
+            if "sliding_attention" in types and self.sliding_window is None:
+                raise ValueError("LlamaConfig: layer_types has sliding_attention layers but sliding_window is None")
+            set_("layer_types", tuple(types))
         if isinstance(self.eos_token_id, (list, tuple)):
             set_("eos_token_id", tuple(int(t) for t in self.eos_token_id))
         rs = self.rope_scaling
@@ -181,6 +195,14 @@ class LlamaConfig:
     def rope_scaling_dict(self) -> Optional[dict]:
         """``rope_scaling`` as the dict transformers uses (None when absent)."""
         return thaw(self.rope_scaling)
+
+    @property
+    def layer_windows(self) -> Optional[tuple]:
+        """Each layer's window (0: full attention) when ``layer_types`` is given, else None (every
+        layer as ``sliding_window`` says)."""
+        if self.layer_types is None:
+            return None
+        return tuple(self.sliding_window if t == "sliding_attention" else 0 for t in self.layer_types)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -326,7 +348,9 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache, cache_index):
+    def __call__(self, x, cos, sin, mask, cache, cache_index, window=None):
+        """``window``: this layer's window (a traced scalar, 0 = full; `LlamaConfig.layer_windows`),
+        when the layers differ; ``mask`` is then the attention mask ``(B, M)``, not yet combined."""
         c = self.config
         b, t, _ = x.shape
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -339,8 +363,16 @@ class Attention(nn.Module):
         elif c.qk_norm:
             q, kk = rms_norm(c, "q_norm")(q), rms_norm(c, "k_norm")(kk)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+        sinks = self.param("sinks", nn.initializers.normal(c.initializer_range), (n,), c.param_dtype) \
+            if c.attention_sinks else None
+        fixed = c.sliding_window
+        if window is not None:  # this layer's own mask: causal by slot, its window, the padding/documents
+            m = t if cache is None else cache["k"].shape[1]
+            mask = causal_cache_mask(0 if cache is None else cache_index, t, m, mask,
+                                     jnp.where(window > 0, window, m + t + 1))
+            fixed = None
         if cache is None:
-            out = attention(q, kk, v, mask=mask, causal=True, window=c.sliding_window,
+            out = attention(q, kk, v, mask=mask, causal=True, window=fixed, sinks=sinks,
                             impl=attention_impl(c.attention_impl, c.dtype, h))
             new_cache = None
         else:
@@ -348,7 +380,8 @@ class Attention(nn.Module):
             kc = jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), idx)
             vc = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
             # the mask (causal by cache slot, padding, window) was built once by the caller
-            out = attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask=mask, causal=False, impl="xla")
+            out = attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask=mask, causal=False, sinks=sinks,
+                            impl="xla")
             new_cache = {"k": kc, "v": vc}
         out = _dense(c, c.hidden_size, c.o_bias, "o_proj")(out.reshape(b, t, n * h))
         return out, new_cache
@@ -378,14 +411,14 @@ class DecoderLayer(nn.Module):
         return MLP(self.config, name="mlp")
 
     @nn.compact
-    def __call__(self, h, cache, cos, sin, mask, cache_index):
+    def __call__(self, h, cache, window, cos, sin, mask, cache_index):
         c = self.config
         if c.norm_placement == "post":
-            a, new_cache = Attention(c, name="self_attn")(h, cos, sin, mask, cache, cache_index)
+            a, new_cache = Attention(c, name="self_attn")(h, cos, sin, mask, cache, cache_index, window)
             h = h + rms_norm(c, "post_attention_layernorm")(a)
             return h + rms_norm(c, "post_feedforward_layernorm")(self.mlp()(h)), new_cache
         a, new_cache = Attention(c, name="self_attn")(rms_norm(c, "input_layernorm")(h), cos, sin, mask,
-                                                      cache, cache_index)
+                                                      cache, cache_index, window)
         h = h + a
         h = h + self.mlp()(rms_norm(c, "post_attention_layernorm")(h))
         return h, new_cache
@@ -409,7 +442,7 @@ class LlamaModel(nn.Module):
                                      embedding_init=nn.initializers.normal(c.initializer_range))
         # "intermediates" (sown per layer, e.g. MoE router logits) stack on the layer axis like params
         self.layers = scan_layers(self.decoder_layer, c, length=c.num_hidden_layers,
-                                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                                  in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                                   variable_axes={"params": 0, "intermediates": 0})(c)
         self.norm = rms_norm(c, "norm")
 
@@ -418,10 +451,14 @@ class LlamaModel(nn.Module):
         c = self.config
         input_ids, attention_mask, positions, cache_index, m = decoder_inputs(
             type(self).__name__, input_ids, attention_mask, positions, cache, cache_index)
-        mask = decoder_mask(attention_mask, cache, cache_index, input_ids.shape[1], m, c.sliding_window)
+        windows = c.layer_windows
+        if windows is None:  # one mask for every layer
+            mask = decoder_mask(attention_mask, cache, cache_index, input_ids.shape[1], m, c.sliding_window)
+        else:  # each layer combines the attention mask with its own window
+            mask, windows = attention_mask, jnp.asarray(windows, jnp.int32)
         cos, sin = rope_tables(c.rope, c.head_dim, c.max_position_embeddings, positions, c.dtype)
         h = self.embed_tokens(input_ids)
-        h, new_cache = self.layers(h, cache, cos, sin, mask, cache_index)
+        h, new_cache = self.layers(h, cache, windows, cos, sin, mask, cache_index)
         return self.norm(h), new_cache
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
@@ -510,6 +547,8 @@ def decoder_leaves(c: LlamaConfig, head: str, mlp_leaves: Callable = _mlp_leaves
                         role="row" if name == "o_proj" else "column"))
         if bias:
             out.append(Leaf(f"{p}self_attn/{name}/bias", f"{t}self_attn.{name}.bias", shape[1:]))
+    if c.attention_sinks:
+        out.append(Leaf(p + "self_attn/sinks", t + "self_attn.sinks", (c.num_attention_heads,)))
     if c.qk_norm:
         qs, ks = (nh, kh) if c.qk_norm == "all" else (hd, hd)
         out += [Leaf(p + "self_attn/q_norm/scale", t + "self_attn.q_norm.weight", (qs,)),

@@ -1,10 +1,15 @@
-"""The mixture-of-experts decoders: Qwen3-MoE (``qwen3_moe``) and Mixtral (``mixtral``).
+"""The mixture-of-experts decoders: Qwen3-MoE (``qwen3_moe``), Mixtral (``mixtral``), GPT-OSS (``gpt_oss``).
 
 The Llama-style decoder (`lora_jax.models.llama`: its attention, norms, scanned layers, KV cache
 and output head) with the MLP replaced by a sparse mixture of SwiGLU experts
 (`layers.SparseMoe`): a router ``gate`` picks ``num_experts_per_tok`` of ``num_experts`` experts
-per token from ``softmax(x @ gate)`` (float32), their weights renormalized to sum to 1 for Mixtral
-and for Qwen3-MoE with ``norm_topk_prob``.
+per token from ``softmax(x @ gate)`` (float32), their weights renormalized to sum to 1 for Mixtral,
+GPT-OSS and for Qwen3-MoE with ``norm_topk_prob``. GPT-OSS is the same decoder with options:
+biases on the attention, the router (``mlp/router``) and the experts, its clamped GLU over
+interleaved gate/up columns (`layers.SparseMoe`), attention sinks and sliding-window layers
+alternating with full ones (`llama.LlamaConfig`); its experts are stored ``(E, in, out)`` in
+PyTorch already (no transpose). MXFP4-quantized GPT-OSS files (``*_blocks``/``*_scales``) are
+not read: dequantize them to bf16 first (transformers' ``Mxfp4Config(dequantize=True)``).
 
 Parameter tree (``L`` layers, ``E`` experts, ``F`` expert intermediate size; the rest as in
 `llama`)::
@@ -48,8 +53,13 @@ from .llama import (DecoderLayer, LlamaConfig, LlamaForCausalLM, LlamaModel, con
 
 __all__ = ["MoeConfig", "MoeForCausalLM", "MoeModel", "from_hf_config", "FAMILY", "MODEL_TYPES"]
 
-MODEL_TYPES = ("qwen3_moe", "mixtral")
-_CLASSES = {"qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral"}
+MODEL_TYPES = ("qwen3_moe", "mixtral", "gpt_oss")
+_GPT_OSS_DEFAULTS = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+                         num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128,
+                         num_experts_per_tok=4, rms_norm_eps=1e-5, max_position_embeddings=131072, sliding_window=128)
+_GPT_OSS_ROPE = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                 "truncate": False, "original_max_position_embeddings": 4096}
+_CLASSES = {"qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral", "gpt_oss": "GptOss"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +70,8 @@ class MoeConfig(LlamaConfig):
     ``moe_intermediate_size`` (each expert's; None = ``intermediate_size``, as in Mixtral),
     ``norm_topk_prob`` (renormalize the chosen weights; always on for Mixtral),
     ``router_aux_loss_coef`` and ``output_router_logits`` (the load-balancing loss the trainer adds
-    when ``output_router_logits`` is set), and ``moe_impl``: ``"ragged"`` (tokens sorted by expert,
+    when ``output_router_logits`` is set), ``moe_bias`` (router and expert biases, GPT-OSS),
+    ``swiglu_limit``/``swiglu_alpha`` (GPT-OSS's clamped GLU when the limit is set), and ``moe_impl``: ``"ragged"`` (tokens sorted by expert,
     ``jax.lax.ragged_dot``), ``"dense"`` (every expert on every token) or None (ragged on a GPU/TPU,
     dense on a CPU; see `layers.SparseMoe`).
 
@@ -78,6 +89,9 @@ class MoeConfig(LlamaConfig):
     router_aux_loss_coef: float = 0.001
     output_router_logits: bool = False
     moe_impl: Optional[str] = None
+    moe_bias: bool = False
+    swiglu_limit: Optional[float] = None
+    swiglu_alpha: float = 1.702
     model_types = MODEL_TYPES
 
     def __post_init__(self):
@@ -93,6 +107,10 @@ class MoeConfig(LlamaConfig):
         set_("moe_intermediate_size", positive_int(self.moe_intermediate_size, "MoeConfig.moe_intermediate_size"))
         if self.model_type == "mixtral" and not self.norm_topk_prob:
             raise ValueError("MoeConfig: Mixtral always renormalizes the chosen experts' weights (norm_topk_prob=True)")
+        if self.model_type == "gpt_oss" and (not self.norm_topk_prob or self.swiglu_limit is None or
+                                             not self.moe_bias):
+            raise ValueError("MoeConfig: GPT-OSS renormalizes the chosen weights, clamps its GLU and has "
+                             "expert biases (norm_topk_prob=True, swiglu_limit set, moe_bias=True)")
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"MoeConfig.moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
 
@@ -102,7 +120,11 @@ class MoeConfig(LlamaConfig):
             d.pop(k, None)
         d.update(num_experts_per_tok=self.num_experts_per_tok, router_aux_loss_coef=self.router_aux_loss_coef,
                  output_router_logits=self.output_router_logits, sliding_window=self.sliding_window)
-        if self.model_type == "qwen3_moe":
+        if self.model_type == "gpt_oss":
+            d.update(attention_bias=self.qkv_bias, num_local_experts=self.num_experts,
+                     intermediate_size=self.moe_intermediate_size, swiglu_limit=self.swiglu_limit,
+                     swiglu_alpha=self.swiglu_alpha, layer_types=list(self.layer_types))
+        elif self.model_type == "qwen3_moe":
             d.update(attention_bias=self.qkv_bias, num_experts=self.num_experts,
                      moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
                      decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=self.sliding_window is not None)
@@ -127,13 +149,29 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> MoeConfig:
     if mt not in MODEL_TYPES:
         raise ValueError(f"from_hf_config: model_type {mt!r} is not a mixture-of-experts decoder; supported: "
                          f"{MODEL_TYPES}")
+    if mt == "gpt_oss":  # transformers' defaults where the file is silent (yarn rope among them)
+        rope = {} if any(d.get(k) is not None for k in ("rope_parameters", "rope_scaling", "rope_theta")) else \
+            {"rope_parameters": dict(_GPT_OSS_ROPE)}
+        d = {**_GPT_OSS_DEFAULTS, **rope, **d}
     problems = []
     experts = d.get("num_experts", d.get("num_local_experts"))
     kw = decoder_config_kwargs(d, mt, problems)
     kw.update(num_experts_per_tok=d.get("num_experts_per_tok", 2),
               router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
               output_router_logits=bool(d.get("output_router_logits", False)))
-    if mt == "qwen3_moe":
+    if mt == "gpt_oss":
+        bias = bool(d.get("attention_bias", True))
+        n = kw["num_hidden_layers"]
+        types = d.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+        kw.update(intermediate_size=d["intermediate_size"], moe_intermediate_size=d["intermediate_size"],
+                  num_experts=experts, qkv_bias=bias, o_bias=bias, norm_topk_prob=True, moe_bias=True,
+                  attention_sinks=True, swiglu_limit=float(d.get("swiglu_limit", 7.0)),
+                  swiglu_alpha=float(d.get("swiglu_alpha", 1.702)), sliding_window=d["sliding_window"],
+                  layer_types=tuple(types))
+        if d.get("quantization_config"):
+            problems.append(config_problem("quantization_config", d["quantization_config"],
+                                           "quantized (MXFP4) experts are not read; dequantize them to bf16 first"))
+    elif mt == "qwen3_moe":
         bias = bool(d.get("attention_bias", False))
         kw.update(intermediate_size=d.get("intermediate_size", 6144), qkv_bias=bias, o_bias=bias, qk_norm=True,
                   num_experts=128 if experts is None else experts,
@@ -173,8 +211,11 @@ class MoeDecoderLayer(DecoderLayer):
 
     def mlp(self) -> nn.Module:
         c = self.config
+        gpt_oss = c.model_type == "gpt_oss"
         return SparseMoe(c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob,
-                         c.hidden_act, c.moe_impl, c.dtype, c.param_dtype, c.initializer_range, name="mlp")
+                         c.hidden_act, c.moe_impl, c.dtype, c.param_dtype, c.initializer_range,
+                         router="router" if gpt_oss else "gate", bias=c.moe_bias,
+                         clamp=None if c.swiglu_limit is None else (c.swiglu_alpha, c.swiglu_limit), name="mlp")
 
 
 class MoeModel(LlamaModel):
@@ -209,6 +250,14 @@ def _expert_leaves(c: MoeConfig, p: str, t: str) -> list[Leaf]:
     # the experts in PyTorch's parameter order (gate_up_proj, then down_proj): PEFT nests its
     # target_parameters wrappers in that order
     d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
+    if c.model_type == "gpt_oss":  # written as held (fused, (E, in, out)), with biases
+        ex, ext = p + "mlp/experts/", t + "mlp.experts."
+        return [Leaf(p + "mlp/router/kernel", t + "mlp.router.weight", (d, e), transpose=True, role="router"),
+                Leaf(p + "mlp/router/bias", t + "mlp.router.bias", (e,)),
+                Leaf(ex + "gate_up_proj", ext + "gate_up_proj", (e, d, 2 * f), role="expert"),
+                Leaf(ex + "gate_up_proj_bias", ext + "gate_up_proj_bias", (e, 2 * f)),
+                Leaf(ex + "down_proj", ext + "down_proj", (e, f, d), role="expert"),
+                Leaf(ex + "down_proj_bias", ext + "down_proj_bias", (e, d))]
     disk = {k: tuple(t + n for n in v) for k, v in _DISK[c.model_type].items()}
     return [Leaf(p + "mlp/gate/kernel", t + "mlp.gate.weight", (d, e), transpose=True, disk=disk["gate"],
                  role="router"),
@@ -228,8 +277,8 @@ FAMILY = Family(
     config_from_hf=from_hf_config,
     modules={"causal_lm": MoeForCausalLM, "base": MoeModel},
     leaves=_leaves,
-    peft_targets={"qwen3_moe": (), "mixtral": ("q_proj", "v_proj")},
+    peft_targets={"qwen3_moe": (), "mixtral": ("q_proj", "v_proj"), "gpt_oss": ()},
     attention=("q_proj", "k_proj", "v_proj", "o_proj"),
     ignore=ignored_keys,
-    not_linear=("gate",),
+    not_linear=("gate", "router"),
 )
