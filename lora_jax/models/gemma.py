@@ -62,7 +62,7 @@ import copy
 import dataclasses
 import functools
 import math
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import layers as ly
+from .decoder import DecoderForCausalLM, DecoderModel
 from .family import Family, Leaf, strip_prefix
 
 __all__ = ["GemmaConfig", "GemmaModel", "GemmaForCausalLM", "from_hf_config", "FAMILY", "MODEL_TYPES",
@@ -453,13 +454,10 @@ class GemmaDecoderLayer(nn.Module):
         return h + _norm(c, "post_feedforward_layernorm")(f), new_cache
 
 
-class GemmaModel(nn.Module):
-    """The Gemma decoder without a head (``Gemma2Model`` / ``Gemma3TextModel``): scaled embedding,
-    the scanned layers and the final norm.
-
-    ``__call__(input_ids, attention_mask=None, positions=None, cache=None, cache_index=None)``
-    returns the final hidden states ``(B, T, D)`` in float32 (with a cache: ``(hidden, new_cache)``).
-    ``attention_mask`` is ``(B, T)`` without a cache and ``(B, cache length)`` with one (1 = token).
+class GemmaModel(DecoderModel):
+    """The Gemma decoder without a head (``Gemma2Model`` / ``Gemma3TextModel``; called as
+    `decoder.DecoderModel`): the embedding scaled by ``sqrt(hidden_size)``, the scanned layers
+    (each told whether it slides, with both rotary tables) and the final ``1 + w`` RMSNorm.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -471,50 +469,32 @@ class GemmaModel(nn.Module):
     """
 
     config: GemmaConfig
-    head: ClassVar[str] = "base"
+    decoder_layer = GemmaDecoderLayer
+    layer_in_axes = (0, 0) + (nn.broadcast,) * 6
 
-    def setup(self):
+    def final_norm(self) -> nn.Module:
         c = self.config
-        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
-                                     embedding_init=nn.initializers.normal(c.initializer_range))
-        self.layers = ly.scan_layers(GemmaDecoderLayer, c, length=c.num_hidden_layers,
-                                     in_axes=(0, 0) + (nn.broadcast,) * 6)(c)
-        self.norm = ly.RMSNorm(c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, gemma=True)
+        return ly.RMSNorm(c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, gemma=True)
 
-    def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        """The final hidden states in the compute dtype, and the new cache (None without one)."""
+    def embed(self, input_ids):
+        h = self.embed_tokens(input_ids)
+        return h * jnp.asarray(math.sqrt(self.config.hidden_size), jnp.float32).astype(h.dtype)
+
+    def layer_args(self, attention_mask, positions, cache, cache_index, t, m):
         c = self.config
-        input_ids, attention_mask, positions, cache_index, _ = ly.decoder_inputs(
-            type(self).__name__, input_ids, attention_mask, positions, cache, cache_index)
         full, slide = c.rope_for("full_attention"), c.rope_for("sliding_attention")
         tables = {"full_attention": ly.rope_tables(full, c.head_dim, c.max_position_embeddings, positions, c.dtype)}
         tables["sliding_attention"] = tables["full_attention"] if slide == full else ly.rope_tables(
             slide, c.head_dim, c.max_position_embeddings, positions, c.dtype)
-        h = self.embed_tokens(input_ids)
-        h = h * jnp.asarray(math.sqrt(c.hidden_size), jnp.float32).astype(h.dtype)
         is_sliding = jnp.asarray([lt == "sliding_attention" for lt in c.layer_types])
-        h, new_cache = self.layers(h, is_sliding, cache, *tables["full_attention"], *tables["sliding_attention"],
-                                   attention_mask, cache_index)
-        return self.norm(h), new_cache
-
-    def attend(self, h):
-        """Tied output head: ``h @ embedding.T``."""
-        return self.embed_tokens.attend(h)
-
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        h, new_cache = self.hidden(input_ids, attention_mask, positions, cache, cache_index)
-        h = h.astype(jnp.float32)
-        return h if cache is None else (h, new_cache)
+        return (is_sliding, cache, *tables["full_attention"], *tables["sliding_attention"], attention_mask,
+                cache_index)
 
 
-class GemmaForCausalLM(nn.Module):
-    """`GemmaModel` and the language-model head (``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``).
-
-    ``__call__(input_ids, attention_mask=None, positions=None, cache=None, cache_index=None)``
-    returns float32 logits ``(B, T, V)``, soft-capped with ``final_logit_softcapping`` when set
-    (with a cache: ``(logits, new_cache)``). Its two halves are public methods (for a loss that
-    runs the head in chunks, `lora_jax.train.loss.chunked_token_stats`): ``method="hidden"`` (same
-    arguments; ``(hidden states, new cache or None)``) and ``method="logits"`` (the head).
+class GemmaForCausalLM(DecoderForCausalLM):
+    """`GemmaModel` and the language-model head (``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``;
+    called as `decoder.DecoderForCausalLM`), logits soft-capped with ``final_logit_softcapping``
+    when set.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -527,33 +507,7 @@ class GemmaForCausalLM(nn.Module):
     """
 
     config: GemmaConfig
-    head: ClassVar[str] = "causal_lm"
-
-    def setup(self):
-        c = self.config
-        self.model = GemmaModel(c)
-        if not c.tie_word_embeddings:
-            self.lm_head = ly.dense(c.vocab_size, use_bias=False, name="lm_head", dtype=c.dtype,
-                                    param_dtype=c.param_dtype, std=c.initializer_range)
-
-    def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        """``(final hidden states (B, T, D) in the compute dtype, new cache or None)`` (`GemmaModel.hidden`)."""
-        return self.model.hidden(input_ids, attention_mask, positions, cache, cache_index)
-
-    def logits(self, h):
-        """The output head: float32 logits ``(..., V)`` of hidden states ``h``, soft-capped with
-        ``final_logit_softcapping`` when set."""
-        c = self.config
-        logits = self.model.attend(h) if c.tie_word_embeddings else self.lm_head(h)
-        cap = c.final_logit_softcapping
-        if cap is not None:  # in the compute dtype, as transformers does
-            logits = jnp.tanh(logits / jnp.asarray(cap, logits.dtype)) * jnp.asarray(cap, logits.dtype)
-        return logits.astype(jnp.float32)
-
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        h, new_cache = self.hidden(input_ids, attention_mask, positions, cache, cache_index)
-        logits = self.logits(h)
-        return logits if cache is None else (logits, new_cache)
+    base_model = GemmaModel
 
 
 # -------------------------------------------------------------------------------------------

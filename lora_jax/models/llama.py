@@ -50,9 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .decoder import DecoderForCausalLM, DecoderModel
 from .family import Family, Leaf, strip_prefix
 from .layers import (ACTIVATIONS, ATTENTION_IMPLS, RMSNorm, apply_rope, attention, attention_impl, canon_dtype,
-                     causal_cache_mask, check_remat_policy, decoder_inputs, decoder_mask, check_rope, dense, freeze, positive_int, scan_layers,
+                     causal_cache_mask, check_remat_policy, decoder_mask, check_rope, dense, freeze, positive_int,
                      rope_parameters, rope_tables, thaw)
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "from_hf_config", "config_problem", "rms_norm",
@@ -424,95 +425,36 @@ class DecoderLayer(nn.Module):
         return h, new_cache
 
 
-class LlamaModel(nn.Module):
-    """Embedding, the scanned decoder layers and the final norm (the ``"base"`` head).
-
-    ``apply({"params": p}, input_ids, attention_mask=None, positions=None)`` returns the last
-    hidden states ``(B, T, D)`` in float32 (with a cache: ``(hidden, new_cache)``), as every
-    family's base head does; ``method="hidden"`` gives them in the compute dtype.
-    """
+class LlamaModel(DecoderModel):
+    """Embedding, the scanned decoder layers and the final norm (the ``"base"`` head; called as
+    `decoder.DecoderModel`). A config with ``layer_types`` gives each layer its own window."""
 
     config: LlamaConfig
-    head = "base"
     decoder_layer = DecoderLayer  # the scanned layer (a mixture-of-experts family swaps in its own)
+    layer_in_axes = (0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast)
 
-    def setup(self):
+    def layer_args(self, attention_mask, positions, cache, cache_index, t, m):
         c = self.config
-        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
-                                     embedding_init=nn.initializers.normal(c.initializer_range))
-        # "intermediates" (sown per layer, e.g. MoE router logits) stack on the layer axis like params
-        self.layers = scan_layers(self.decoder_layer, c, length=c.num_hidden_layers,
-                                  in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                                  variable_axes={"params": 0, "intermediates": 0})(c)
-        self.norm = rms_norm(c, "norm")
-
-    def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        """``(final hidden states in the compute dtype, new cache or None)``."""
-        c = self.config
-        input_ids, attention_mask, positions, cache_index, m = decoder_inputs(
-            type(self).__name__, input_ids, attention_mask, positions, cache, cache_index)
         windows = c.layer_windows
         if windows is None:  # one mask for every layer
-            mask = decoder_mask(attention_mask, cache, cache_index, input_ids.shape[1], m, c.sliding_window)
+            mask = decoder_mask(attention_mask, cache, cache_index, t, m, c.sliding_window)
         else:  # each layer combines the attention mask with its own window
             mask, windows = attention_mask, jnp.asarray(windows, jnp.int32)
         cos, sin = rope_tables(c.rope, c.head_dim, c.max_position_embeddings, positions, c.dtype)
-        h = self.embed_tokens(input_ids)
-        h, new_cache = self.layers(h, cache, windows, cos, sin, mask, cache_index)
-        return self.norm(h), new_cache
-
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        h, new_cache = self.hidden(input_ids, attention_mask, positions, cache, cache_index)
-        h = h.astype(jnp.float32)
-        return h if cache is None else (h, new_cache)
-
-    def attend(self, h):
-        """Tied output head: ``h @ embedding.T``."""
-        return self.embed_tokens.attend(h)
+        return cache, windows, cos, sin, mask, cache_index
 
 
-class LlamaForCausalLM(nn.Module):
-    """The decoder with its output head (the ``"causal_lm"`` head).
+class LlamaForCausalLM(DecoderForCausalLM):
+    """The decoder with its output head (the ``"causal_lm"`` head; called as
+    `decoder.DecoderForCausalLM`: logits, ``method="hidden"``/``"logits"``, a KV cache).
 
-    ``model.apply({"params": params}, input_ids, attention_mask=None, positions=None)`` gives
-    logits ``(B, T, V)`` in float32. ``attention_mask`` ``(B, T)`` (1 = token, 0 = padding) is
-    combined with the causal mask; ``positions`` default to ``0..T-1`` (give ``cumsum(mask) - 1``
-    for left-padded rows, as transformers' ``generate`` does). Rows packed with several documents
-    give each its id ``1, 2, ...`` in the mask and positions restarting at 0 per document: no
-    token attends across a document (`lora_jax.models.layers.segment_mask`, every decoder family). For right-padded training batches
-    the mask can be left out: causal attention never lets a real token see the padding after it,
-    and the cuDNN kernel then runs its fastest causal path. With ``cache``/``cache_index`` (see
-    `lora_jax.models.generate`) it returns ``(logits, new_cache)``.
-
-    The two halves are public methods, so a loss can run the head itself (in chunks,
-    `lora_jax.train.loss.chunked_token_stats`): ``apply(..., method="hidden")`` takes the same
-    arguments and returns ``(final hidden states in the compute dtype, new cache or None)``;
-    ``apply(..., h, method="logits")`` is the head (``lm_head``, or the tied embedding).
+    ``attention_mask`` ``(B, T)`` (1 = token, 0 = padding; document ids ``1, 2, ...`` in packed
+    rows) is combined with the causal mask; ``positions`` default to ``0..T-1`` (give
+    ``cumsum(mask) - 1`` for left-padded rows, as transformers' ``generate`` does).
     """
 
     config: LlamaConfig
-    head = "causal_lm"
     base_model = LlamaModel  # the "base" head inside (a mixture-of-experts family swaps in its own)
-
-    def setup(self):
-        c = self.config
-        self.model = self.base_model(c)
-        if not c.tie_word_embeddings:
-            self.lm_head = _dense(c, c.vocab_size, False, "lm_head")
-
-    def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        """``(final hidden states (B, T, D) in the compute dtype, new cache or None)``."""
-        return self.model.hidden(input_ids, attention_mask, positions, cache, cache_index)
-
-    def logits(self, h):
-        """The output head: float32 logits ``(..., V)`` of hidden states ``h`` ``(..., D)``."""
-        logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
-        return logits.astype(jnp.float32)
-
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        h, new_cache = self.hidden(input_ids, attention_mask, positions, cache, cache_index)
-        logits = self.logits(h)
-        return logits if cache is None else (logits, new_cache)
 
 
 # -------------------------------------------------------------------------------------------

@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from . import layers
+from .decoder import DecoderForCausalLM, DecoderModel
 from .family import Family, Leaf, strip_prefix
 
 __all__ = ["Phi3Config", "from_hf_config", "Phi3Model", "Phi3ForCausalLM", "FAMILY"]
@@ -328,7 +329,7 @@ class Phi3DecoderLayer(nn.Module):
         return h, new_cache
 
 
-class Phi3Model(nn.Module):
+class Phi3Model(DecoderModel):
     """Embedding, the scanned layers and the final norm (PyTorch ``Phi3Model``; head ``"base"``).
 
     ``apply({"params": p}, input_ids, attention_mask=None, positions=None, cache=None,
@@ -346,43 +347,17 @@ class Phi3Model(nn.Module):
     """
 
     config: Phi3Config
-    head: ClassVar[str] = "base"
+    decoder_layer = Phi3DecoderLayer
+    layer_in_axes = (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast)
 
-    def setup(self):
+    def layer_args(self, attention_mask, positions, cache, cache_index, t, m):
         c = self.config
-        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
-                                     embedding_init=nn.initializers.normal(c.initializer_range))
-        self.layers = layers.scan_layers(Phi3DecoderLayer, c, length=c.num_hidden_layers,
-                                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))(c)
-        self.norm = layers.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
-
-    def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        """The final-norm hidden states in the compute dtype, and the new cache (or None)."""
-        c = self.config
-        name = type(self).__name__
-        input_ids, attention_mask, positions, cache_index, m = layers.decoder_inputs(
-            name, input_ids, attention_mask, positions, cache, cache_index)
-        if cache is not None:
-            want = (c.num_hidden_layers, input_ids.shape[0], cache["k"].shape[2], c.num_key_value_heads, c.head_dim)
-            if tuple(cache["k"].shape) != want or tuple(cache["v"].shape) != want:
-                raise ValueError(f"{name}: the cache must be (layers, batch, max_len, kv_heads, head_dim) = {want}, "
-                                 f"got k {tuple(cache['k'].shape)}, v {tuple(cache['v'].shape)}")
-        mask = layers.decoder_mask(attention_mask, cache, cache_index, input_ids.shape[1], m, c.sliding_window)
+        mask = layers.decoder_mask(attention_mask, cache, cache_index, t, m, c.sliding_window)
         cos, sin = layers.rope_tables(c.rope, c.head_dim, c.max_position_embeddings, positions, c.dtype)
-        h, new_cache = self.layers(self.embed_tokens(input_ids), cache, cos, sin, mask, cache_index)
-        return self.norm(h), new_cache
-
-    def attend(self, h):
-        """The tied output head: ``h @ embedding.T``."""
-        return self.embed_tokens.attend(h)
-
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        h, new_cache = self.hidden(input_ids, attention_mask, positions, cache, cache_index)
-        h = h.astype(jnp.float32)
-        return h if cache is None else (h, new_cache)
+        return cache, cos, sin, mask, cache_index
 
 
-class Phi3ForCausalLM(nn.Module):
+class Phi3ForCausalLM(DecoderForCausalLM):
     """`Phi3Model` and the output head (PyTorch ``Phi3ForCausalLM``; head ``"causal_lm"``).
 
     ``apply({"params": p}, input_ids, attention_mask=None, positions=None, cache=None,
@@ -395,27 +370,7 @@ class Phi3ForCausalLM(nn.Module):
     """
 
     config: Phi3Config
-    head: ClassVar[str] = "causal_lm"
-
-    def setup(self):
-        c = self.config
-        self.model = Phi3Model(c)
-        if not c.tie_word_embeddings:
-            self.lm_head = _dense(c, c.vocab_size, "lm_head")
-
-    def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        """``(final hidden states (B, T, D) in the compute dtype, new cache or None)`` (`Phi3Model.hidden`)."""
-        return self.model.hidden(input_ids, attention_mask, positions, cache, cache_index)
-
-    def logits(self, h):
-        """The output head: float32 logits ``(..., V)`` of hidden states ``h`` ``(..., D)``."""
-        logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
-        return logits.astype(jnp.float32)
-
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-        h, new_cache = self.hidden(input_ids, attention_mask, positions, cache, cache_index)
-        logits = self.logits(h)
-        return logits if cache is None else (logits, new_cache)
+    base_model = Phi3Model
 
 
 # -------------------------------------------------------------------------------------------
