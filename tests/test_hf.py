@@ -12,7 +12,14 @@ outputs are O(1)) saved with ``save_pretrained`` and read back through the real 
 (c) an adapter written by `hf.save_peft` loads in ``PeftModel.from_pretrained`` with lora_jax's
     logits (and back into lora_jax exactly), and `hf.save_merged` loads in transformers with the
     merged logits;
-(d) greedy `lora_jax.models.generate` equals transformers' ``generate`` (decoders).
+(d) greedy `lora_jax.models.generate` equals transformers' ``generate`` (decoders);
+(e) the checkpoint table is PyTorch's state dict and our parameter tree, with `init_params`'
+    shapes, and saving gives back exactly the tensors ``save_pretrained`` wrote.
+
+This is the conformance suite every model type runs (SPECS: each supported ``model_type`` at
+least once, its notable configurations as further cases); the per-family test files keep only
+what is particular to a family (config parsing and refusals, rope variants, fused kernels,
+expert layouts on disk).
 
 The rest are the edge cases: strict loading, sharded and corrupt files, refusals, DoRA, biases and
 ``modules_to_save``, several adapters in one tree. Outputs are compared in float32 with rtol=atol=1e-5
@@ -92,12 +99,19 @@ class Spec:
 
 
 _LLAMA_NAMES = ("model.layers.1.self_attn.q_proj", "down_proj", "q_proj")
+_MOE_NAMES = ("model.layers.1.self_attn.q_proj", "o_proj", "q_proj")
+_GPT2 = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=64, bos_token_id=1, eos_token_id=2)
 SPECS = {
     "llama": Spec("LlamaConfig", "LlamaForCausalLM", _DEC, "causal_lm", *_LLAMA_NAMES),
     # Llama 3.x: tied embeddings, rope_theta 500000, llama3 rope scaling, a list of eos ids
     "llama3_tied": Spec("LlamaConfig", "LlamaForCausalLM",
                         dict(_DEC, tie_word_embeddings=True, rope_parameters=_LLAMA3_ROPE, eos_token_id=[2, 5]),
                         "causal_lm", *_LLAMA_NAMES),
+    # biases on attention and MLP, linear rope scaling
+    "llama_bias_linear": Spec("LlamaConfig", "LlamaForCausalLM",
+                              dict(_DEC, attention_bias=True, mlp_bias=True,
+                                   rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+                              "causal_lm", *_LLAMA_NAMES),
     "mistral": Spec("MistralConfig", "MistralForCausalLM", dict(_DEC, sliding_window=6), "causal_lm", *_LLAMA_NAMES),
     "qwen2": Spec("Qwen2Config", "Qwen2ForCausalLM", _DEC, "causal_lm", *_LLAMA_NAMES),
     "qwen3": Spec("Qwen3Config", "Qwen3ForCausalLM", dict(_DEC, head_dim=8), "causal_lm", *_LLAMA_NAMES),
@@ -110,9 +124,26 @@ SPECS = {
                              final_logit_softcapping=5.0), "causal_lm", *_LLAMA_NAMES, gemma_norms=True),
     "phi3": Spec("Phi3Config", "Phi3ForCausalLM", _DEC, "causal_lm", "model.layers.1.self_attn.qkv_proj",
                  "gate_up_proj", "qkv_proj"),
-    "gpt2": Spec("GPT2Config", "GPT2LMHeadModel",
-                 dict(n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=64, bos_token_id=1, eos_token_id=2),
-                 "causal_lm", "transformer.h.1.attn.c_attn", "c_fc", "c_attn"),
+    # Phi-4-mini's shape: partial rotary, tied embeddings, a sliding window
+    "phi3_partial_tied": Spec("Phi3Config", "Phi3ForCausalLM",
+                              dict(_DEC, partial_rotary_factor=0.5, tie_word_embeddings=True, sliding_window=5,
+                                   rope_theta=250000.0), "causal_lm", "model.layers.1.self_attn.qkv_proj",
+                              "gate_up_proj", "qkv_proj"),
+    # mixtures of experts: the experts are PEFT target_parameters (save_peft), not all-linear modules (PEFT's)
+    "qwen3_moe": Spec("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                      dict(_DEC, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+                      "causal_lm", *_MOE_NAMES),
+    "mixtral": Spec("MixtralConfig", "MixtralForCausalLM", dict(_DEC, num_local_experts=4, num_experts_per_tok=2,
+                                                                sliding_window=6), "causal_lm", *_MOE_NAMES),
+    "gpt_oss": Spec("GptOssConfig", "GptOssForCausalLM",
+                    dict(_DEC, head_dim=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
+                         sliding_window=4, swiglu_limit=0.5), "causal_lm", *_MOE_NAMES),
+    "gpt2": Spec("GPT2Config", "GPT2LMHeadModel", _GPT2, "causal_lm", "transformer.h.1.attn.c_attn", "c_fc", "c_attn"),
+    # per-layer 1/(i+1) scaling (a scanned input), the reordered float32 path, another MLP width and activation
+    "gpt2_layer_scaled": Spec("GPT2Config", "GPT2LMHeadModel",
+                              dict(_GPT2, scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True, n_inner=48,
+                                   activation_function="gelu"), "causal_lm", "transformer.h.1.attn.c_attn", "c_fc",
+                              "c_attn"),
     "bert_cls": Spec("BertConfig", "BertForSequenceClassification", _BERT, "seq_cls",
                      "bert.encoder.layer.1.attention.self.query", "intermediate.dense", "query"),
     "bert_base": Spec("BertConfig", "BertModel", _BERT, "base", "encoder.layer.1.attention.self.query",
@@ -320,12 +351,14 @@ def test_load_peft_all_linear_matches_peft(root, tmp_path, name):
     assert_close(name, jax_out(model, tree, name), want)
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, params)  # params untouched
     # exactly the modules PEFT adapted, each layer's rank and alpha kept
-    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert module_names(model, tree) == set(cfg["target_modules"])
+    # (PEFT's all-linear on a mixture of experts adds the experts and the router as target_parameters)
+    keys = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert module_names(model, tree) == {re.sub(r"(\.base_layer)*\.lora_[AB]\.weight$", "", k)[len("base_model.model."):]
+                                         for k in keys if ".lora_A." in k or ".lora_B." in k}
     items = dict(lora_items(tree))
     table = {lf.path: lf for lf in fam.leaves_of(model)}
-    assert all(lw.rslora and lw.layer_mask is None and lw.layout == ("sio" if table[p].layered else "io")
-               for p, lw in items.items())
+    assert all(lw.rslora and lw.layer_mask is None
+               and lw.layout == "s" * (table[p].layered + len(table[p].shape) - 2) + "io" for p, lw in items.items())
     attn = next(p for p in items if p.endswith(f"/{spec.layer_key.rpartition('.')[2]}/kernel"))
     lw = items[attn]
     assert lw.rank == 6 and lw.a.shape[0] == 2  # layer 1's rank 6; layer 0's rank 4 zero-padded
@@ -546,6 +579,48 @@ def test_greedy_generate_matches_transformers(root, name):
     got = np.asarray(generate(model, params, PROMPT, 8, attention_mask=PROMPT_MASK))
     np.testing.assert_array_equal(got, want)
     assert len(set(want[:, PROMPT.shape[1]:].ravel().tolist())) > 1  # not one repeated token
+
+
+# -- (e) the checkpoint table ----------------------------------------------------------------------
+
+def test_every_supported_model_type_is_a_case():
+    types = {json.loads(getattr(tf, s.config)(**s.kwargs).to_json_string())["model_type"] for s in SPECS.values()}
+    assert types == set(fam.SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_table_is_the_state_dict_and_save_writes_what_save_pretrained_wrote(root, tmp_path, name):
+    import lora_jax.models as M
+
+    d = saved(root, name)
+    model, params = load(root, name)
+    cfg = model.config
+    n_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    table = fam.leaves_of(model)
+    # our parameter tree is the table's, with init_params' shapes and the table's (stacked) shapes
+    flat = {lora.rules.path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    fresh = {lora.rules.path_str(kp): v.shape for kp, v in
+             jax.tree_util.tree_flatten_with_path(jax.eval_shape(lambda: fam.init_params(model, jax.random.key(0))))[0]}
+    assert set(flat) == set(fresh) == {lf.path for lf in table}
+    for lf in table:
+        want = ((n_layers,) if lf.layered else ()) + tuple(lf.shape)
+        assert flat[lf.path].shape == fresh[lf.path] == want, lf.path
+    # the table's names are PyTorch's in-memory state dict (a tied head aside)
+    names = {lf.hf_name(i) for lf in table for i in (range(n_layers) if lf.layered else [None])}
+    state = set(load_torch(name, d).state_dict())
+    tied = {k for k in state if k.endswith("lm_head.weight")} if getattr(cfg, "tie_word_embeddings", False) else set()
+    assert names == state - tied - {k for k in state if k.endswith(".masked_bias") or k.endswith(".attn.bias")}
+    lf = next(lf for lf in table if lf.layered)
+    assert lf.module(1).count(".1.") == 1
+    with pytest.raises(ValueError, match="layer index"):
+        lf.module()
+    # saving writes back exactly the tensors save_pretrained wrote (names, dtypes, values)
+    M.save(tmp_path / "again", model, params)
+    x, back = load_file(os.path.join(d, "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert set(back) == set(x)
+    for k in x:
+        assert back[k].dtype == x[k].dtype and back[k].shape == x[k].shape, k
+        np.testing.assert_array_equal(back[k], x[k], err_msg=k)
 
 
 # -- checkpoints: formats, strictness, refusals ------------------------------------------------------
