@@ -77,7 +77,7 @@ __all__ = ["GemmaConfig", "GemmaModel", "GemmaForCausalLM", "from_hf_config", "F
            "LAYER_TYPES"]
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ly.LAYER_TYPES
 
 # transformers' defaults where the two configs differ (the dataclass defaults are Gemma 3's)
 _DEFAULTS = {
@@ -90,11 +90,6 @@ _DEFAULTS = {
 _DEFAULT_PATTERN = {"gemma2": 2, "gemma3_text": 6}
 _DEFAULT_THETA = {"gemma2": {"full_attention": 10000.0, "sliding_attention": 10000.0},
                   "gemma3_text": {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}}
-
-
-def _layer_types_by_pattern(n: int, pattern: int) -> tuple[str, ...]:
-    """transformers' rule: layer ``i`` slides unless ``(i + 1) % pattern == 0``."""
-    return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n))
 
 
 def _check_rope_entry(rope: Mapping[str, Any], what: str) -> dict:
@@ -204,19 +199,11 @@ class GemmaConfig:
 
         types = self.layer_types
         if types is None:
-            types = _layer_types_by_pattern(self.num_hidden_layers, _DEFAULT_PATTERN[self.model_type])
-        if isinstance(types, str) or not isinstance(types, (list, tuple)):
-            raise ValueError(f"{name}.layer_types must be a list of layer types, got {types!r}")
-        types = tuple(types)
-        if len(types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in types):
-            raise ValueError(f"{name}.layer_types must list one of {LAYER_TYPES} for each of the "
-                             f"{self.num_hidden_layers} layers, got {list(types)}")
-        set_("layer_types", types)
+            types = ly.layer_types_by_pattern(self.num_hidden_layers, _DEFAULT_PATTERN[self.model_type])
         sw = self.sliding_window
         if sw is not None and (isinstance(sw, bool) or not isinstance(sw, (int, np.integer)) or sw <= 0):
             raise ValueError(f"{name}.sliding_window must be None or a positive integer, got {sw!r}")
-        if sw is None and "sliding_attention" in types:
-            raise ValueError(f"{name}: layer_types has sliding_attention layers but sliding_window is None")
+        set_("layer_types", ly.check_layer_types(types, self.num_hidden_layers, sw, name))
         set_("sliding_window", None if sw is None else int(sw))
 
         rp = self.rope_parameters
@@ -338,7 +325,7 @@ def from_hf_config(d: Mapping[str, Any]) -> GemmaConfig:
         pattern = d.get("sliding_window_pattern", _DEFAULT_PATTERN[mt]) if mt == "gemma3_text" else 2
         if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern <= 0:
             raise ValueError(f"{mt}: sliding_window_pattern must be a positive integer, got {pattern!r}")
-        types = _layer_types_by_pattern(n if isinstance(n, int) else 0, pattern)
+        types = ly.layer_types_by_pattern(n if isinstance(n, int) else 0, pattern)
     kw["layer_types"] = types
     prf = d.get("partial_rotary_factor")
     if prf is not None and float(prf) != 1.0:
@@ -441,12 +428,7 @@ class GemmaDecoderLayer(nn.Module):
         t = h.shape[1]
         cos = jnp.where(is_sliding, cos_slide, cos_full)
         sin = jnp.where(is_sliding, sin_slide, sin_full)
-        start = jnp.int32(0) if cache is None else cache_index
-        m = t if cache is None else cache["k"].shape[1]  # one layer's (B, M, K, H)
-        window = None
-        if c.sliding_window is not None:  # a window past every slot leaves the global layers unlimited
-            window = jnp.where(is_sliding, jnp.int32(c.sliding_window), jnp.int32(m + t + 1))
-        mask = ly.causal_cache_mask(start, t, m, kv_mask, window)
+        mask = ly.layer_mask(kv_mask, cache, cache_index, t, jnp.where(is_sliding, c.sliding_window or 0, 0))
         a, new_cache = GemmaAttention(c, name="self_attn")(_norm(c, "input_layernorm")(h), cos, sin, mask, cache,
                                                            cache_index)
         h = h + _norm(c, "post_attention_layernorm")(a)

@@ -458,6 +458,37 @@ def attention(q, k, v, *, mask=None, causal: bool = True, window: Optional[int] 
     return out.reshape(b, t, n, h)
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_types_by_pattern(n: int, pattern: int) -> tuple[str, ...]:
+    """transformers' rule: layer ``i`` slides unless ``(i + 1) % pattern == 0`` (Gemma 2 and
+    GPT-OSS: pattern 2; Gemma 3: 6)."""
+    return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n))
+
+
+def check_layer_types(types, n: int, sliding_window, what: str) -> tuple[str, ...]:
+    """``types`` as a tuple after checking it names one of `LAYER_TYPES` per layer, and that
+    sliding layers have a window; a ValueError naming ``what`` otherwise."""
+    if isinstance(types, str) or not isinstance(types, (list, tuple)) or len(types) != n \
+            or any(t not in LAYER_TYPES for t in types):
+        raise ValueError(f"{what}.layer_types must list one of {LAYER_TYPES} for each of the {n} layers, "
+                         f"got {types!r}")
+    if "sliding_attention" in types and sliding_window is None:
+        raise ValueError(f"{what}: layer_types has sliding_attention layers but sliding_window is None")
+    return tuple(types)
+
+
+def layer_mask(attention_mask, cache, cache_index, t: int, window):
+    """The mask of one layer of a scanned stack whose layers differ in window: ``window`` is that
+    layer's (a traced scalar; 0 = full attention), combined with causality by slot and
+    ``attention_mask`` (padding, documents) by `causal_cache_mask`. ``cache`` is the layer's own
+    ``(B, M, K, H)`` slice."""
+    m = t if cache is None else cache["k"].shape[1]
+    start = 0 if cache is None else cache_index
+    return causal_cache_mask(start, t, m, attention_mask, jnp.where(window > 0, window, m + t + 1))
+
+
 def decoder_inputs(who: str, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
     """Check and complete the inputs of a decoder call; return ``(input_ids, attention_mask,
     positions, cache_index, kv_len)``.
@@ -690,10 +721,9 @@ class _Experts(nn.Module):
     def __call__(self):
         init = nn.initializers.normal(self.std)
         e, d, f = self.num_experts, self.hidden, self.intermediate
-        out = [self.param("gate_up_proj", init, (e, d, 2 * f), self.param_dtype)]
-        if self.bias:
-            out.append(self.param("gate_up_proj_bias", nn.initializers.zeros, (e, 2 * f), self.param_dtype))
-        out.append(self.param("down_proj", init, (e, f, d), self.param_dtype))
-        if self.bias:
-            out.append(self.param("down_proj_bias", nn.initializers.zeros, (e, d), self.param_dtype))
-        return (out[0], out[2], out[1], out[3]) if self.bias else (out[0], out[1], None, None)
+        zeros = nn.initializers.zeros
+        gate_up = self.param("gate_up_proj", init, (e, d, 2 * f), self.param_dtype)
+        b_gate_up = self.param("gate_up_proj_bias", zeros, (e, 2 * f), self.param_dtype) if self.bias else None
+        down = self.param("down_proj", init, (e, f, d), self.param_dtype)
+        b_down = self.param("down_proj_bias", zeros, (e, d), self.param_dtype) if self.bias else None
+        return gate_up, down, b_gate_up, b_down

@@ -53,7 +53,7 @@ import numpy as np
 from .decoder import DecoderForCausalLM, DecoderModel
 from .family import Family, Leaf, strip_prefix
 from .layers import (ACTIVATIONS, ATTENTION_IMPLS, RMSNorm, apply_rope, attention, attention_impl, canon_dtype,
-                     causal_cache_mask, check_remat_policy, decoder_mask, check_rope, dense, freeze, positive_int,
+                     check_layer_types, check_remat_policy, decoder_mask, layer_mask, check_rope, dense, freeze, positive_int,
                      rope_parameters, rope_tables, thaw)
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "from_hf_config", "config_problem", "rms_norm",
@@ -64,7 +64,6 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
 _CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "olmo2": "Olmo2"}
 NORM_PLACEMENTS = ("pre", "post")  # RMSNorm of each block's input (Llama) or of its output (OLMo 2)
 QK_NORMS = (False, True, "all")  # q/k RMSNorm: none, per head (Qwen3), over all heads (OLMo 2)
-LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,14 +168,8 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.sliding_window must be None or a positive integer, "
                              f"got {self.sliding_window!r}")
         if self.layer_types is not None:
-            types = self.layer_types
-            if isinstance(types, str) or not isinstance(types, (list, tuple)) or len(types) != \
-                    self.num_hidden_layers or any(t not in LAYER_TYPES for t in types):
-                raise ValueError(f"LlamaConfig.layer_types must list one of {LAYER_TYPES} for each of the "
-                                 f"{self.num_hidden_layers} layers, got {types!r}")
-            if "sliding_attention" in types and self.sliding_window is None:
-                raise ValueError("LlamaConfig: layer_types has sliding_attention layers but sliding_window is None")
-            set_("layer_types", tuple(types))
+            set_("layer_types", check_layer_types(self.layer_types, self.num_hidden_layers, self.sliding_window,
+                                                  "LlamaConfig"))
         if isinstance(self.eos_token_id, (list, tuple)):
             set_("eos_token_id", tuple(int(t) for t in self.eos_token_id))
         rs = self.rope_scaling
@@ -368,10 +361,7 @@ class Attention(nn.Module):
             if c.attention_sinks else None
         fixed = c.sliding_window
         if window is not None:  # this layer's own mask: causal by slot, its window, the padding/documents
-            m = t if cache is None else cache["k"].shape[1]
-            mask = causal_cache_mask(0 if cache is None else cache_index, t, m, mask,
-                                     jnp.where(window > 0, window, m + t + 1))
-            fixed = None
+            mask, fixed = layer_mask(mask, cache, cache_index, t, window), None
         if cache is None:
             out = attention(q, kk, v, mask=mask, causal=True, window=fixed, sinks=sinks,
                             impl=attention_impl(c.attention_impl, c.dtype, h))

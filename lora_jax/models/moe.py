@@ -47,7 +47,7 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 
 from .family import Family, Leaf
-from .layers import MOE_IMPLS, SparseMoe, positive_int
+from .layers import MOE_IMPLS, SparseMoe, layer_types_by_pattern, positive_int
 from .llama import (DecoderLayer, LlamaConfig, LlamaForCausalLM, LlamaModel, config_problem, decoder_config_kwargs,
                     decoder_leaves, ignored_keys)
 
@@ -162,7 +162,7 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> MoeConfig:
     if mt == "gpt_oss":
         bias = bool(d.get("attention_bias", True))
         n = kw["num_hidden_layers"]
-        types = d.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+        types = d.get("layer_types") or layer_types_by_pattern(n, 2)
         kw.update(intermediate_size=d["intermediate_size"], moe_intermediate_size=d["intermediate_size"],
                   num_experts=experts, qkv_bias=bias, o_bias=bias, norm_topk_prob=True, moe_bias=True,
                   attention_sinks=True, swiglu_limit=float(d.get("swiglu_limit", 7.0)),
