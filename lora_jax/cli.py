@@ -425,6 +425,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"lora-jax: {cmd} interrupted ({signal.Signals(sig).name}) while starting; nothing was written",
                   file=sys.stderr)
             return 128 + sig
+        except ModuleNotFoundError as e:
+            if (e.name or "").partition(".")[0] == "lora_jax":
+                raise
+            return _err(f"{cmd}: {(str(e).splitlines() or [''])[0]}")  # a light install: it names the extra
         except Exception as e:  # noqa: BLE001 - after a signal the failure is its consequence: one line
             if not got:
                 raise

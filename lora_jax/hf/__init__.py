@@ -15,6 +15,10 @@ Supported ``model_type`` values: `SUPPORTED` (Llama 2/3.x, Mistral, Qwen2/2.5, Q
 Gemma 3 text, Phi-3, GPT-2, BERT); see `lora_jax.models`.
 """
 
+from .._lazy import require as _require
+
+_require("lora_jax.hf", "hf")
+
 from ..models.family import SUPPORTED_MODEL_TYPES as SUPPORTED
 from .checkpoint import from_pretrained, save_merged
 from .merge import merge_checkpoint

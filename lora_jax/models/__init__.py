@@ -14,6 +14,10 @@ Example:
   (1, 5, 97)
 """
 
+from .._lazy import require as _require
+
+_require("lora_jax.models", "hf")
+
 from .checkpoint import load, read_weights, save
 from .family import (HEADS, SUPPORTED_MODEL_TYPES, Family, Leaf, build, config_from_hf, family_for, head_of,
                      hf_config_dict, init_params, leaves_of, params_from_state, state_from_params, torch_class)

@@ -8,6 +8,10 @@
 Run it with ``lora_jax.train.run(cfg)`` or from the shell with ``lora-jax train train.steps=20``.
 """
 
+from .._lazy import require as _require
+
+_require("lora_jax.train", "train")
+
 from .._lazy import exports as _exports
 
 _WHERE = {
