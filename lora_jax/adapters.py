@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from .rules import Rules, Target, path_str
 from .tree import as_key, is_array, make_weight, path_key
-from .weight import AdapterSettings, LoraWeight, is_lora, is_node, map_chain, to_matrix
+from .layout import to_matrix
+from .weight import AdapterSettings, LoraWeight, is_lora, is_node, map_chain
 
 __all__ = ["add", "select", "delete", "adapter_names", "combine_adapters"]
 
@@ -75,8 +76,6 @@ def add(tree, name: str, rules: Union[Rules, Any], key, *, active: bool = True):
             if t.layout != leaf.layout:
                 raise ValueError(f"{p}: the new adapter's layout {t.layout!r} differs from the layout {leaf.layout!r} of "
                                  f"the adapters already on this kernel")
-            if any(n.m is not None for n in leaf.chain()):
-                raise ValueError(f"{p}: holds a DoRA adapter, which cannot share a kernel with other adapters")
             out.append(make_weight(leaf.base, t, path_key(jax.random.fold_in(key, 1), p), inner=leaf))
         else:
             out.append(make_weight(leaf, t, path_key(key, p)))
@@ -131,7 +130,7 @@ def combine_adapters(tree, names: Sequence[str], weights: Sequence[float], metho
     Like PEFT, the new adapter is added inactive; `select` it to use it.
 
     Raises:
-      ValueError: on unknown names, mismatched lengths, an unknown method, DoRA adapters, or
+      ValueError: on unknown names, mismatched lengths, an unknown method, variants that do not combine (DoRA), or
         different ranks with ``"linear"``.
     """
     names = _name_list(names)
@@ -151,8 +150,9 @@ def combine_adapters(tree, names: Sequence[str], weights: Sequence[float], metho
         parts = [(nodes[n], w) for n, w in zip(names, weights) if n in nodes]
         if not parts:
             return x
-        if any(n.m is not None for n, _ in parts):
-            raise ValueError("combine_adapters: DoRA adapters cannot be combined")
+        odd = sorted({n.variant for n, _ in parts if not n.kind.combines})
+        if odd:
+            raise ValueError(f"combine_adapters: {', '.join(odd)} adapters cannot be combined")
         layout = parts[0][0].layout
         ns = layout.count("s")
         if method == "cat":

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
-from .weight import delta_from_factors, dense_base, in_w_layout
+from .layout import delta_from_factors, in_w_layout
+from .weight import dense_base
 
 __all__ = ["MaterializeWarning", "Lazy", "Ctx", "Rule", "bind", "dense", "is_lazy", "eval_jaxpr", "fallback",
            "finish", "register_rule", "layout_rule", "primitive", "rule_table"]

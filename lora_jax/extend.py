@@ -8,7 +8,10 @@ which stay stable while the modules they come from are internal:
   `layout_rule` (a primitive that only rearranges the weight, in one line), `fallback` (give up:
   merge for this use, exact), `bind`, `primitive`, the lazy weight `Lazy` (``w + a @ b`` in a
   layout), `is_lazy`, `dense`, `Ctx`, `MaterializeWarning`;
-* adapter variants: `Variant` (the interface; `Dora` is the one built in);
+* adapter variants: `Variant` (the interface: its own array ``m``, init, merge, unmerge, its PEFT
+  names, whether it combines, and optionally its factorized form inside `lora.wrap`), and
+  `register_variant` (then ``lora.Rules(..., variant=name)``, adapter files and the trainer's
+  ``lora.variant`` accept it); `Lora` and `Dora` are the built-in ones, `get_variant` finds one;
 * storage forms: `StoredArray` (a frozen base kept in another form: ``shape``, ``dtype``,
   ``dequantize``, ``unstacked``, ``requantize``), `is_stored`, `dense_base`.
 
@@ -26,8 +29,9 @@ Example (a primitive that only rearranges the weight: ``2 (w + a b) = 2 w + (2 a
 
 from .evaluator import (Ctx, Lazy, MaterializeWarning, bind, dense, fallback, is_lazy, layout_rule, primitive,
                         register_rule)
-from .variants import Dora, Variant
+from .variants import Dora, Lora, Variant, get_variant, register_variant
 from .weight import StoredArray, dense_base, is_stored
 
 __all__ = ["register_rule", "layout_rule", "fallback", "bind", "primitive", "Lazy", "is_lazy", "dense", "Ctx",
-           "MaterializeWarning", "Variant", "Dora", "StoredArray", "is_stored", "dense_base"]
+           "MaterializeWarning", "Variant", "Lora", "Dora", "register_variant", "get_variant", "StoredArray",
+           "is_stored", "dense_base"]

@@ -1,11 +1,11 @@
 """Adapter initializers: how ``a`` and ``b`` start (and, for PiSSA-like inits, what ``w`` becomes).
 
 Every initializer has the signature ``(key, w, layout, rank, dtype, scale) -> (a, b, w)`` where the
-shapes follow `lora_jax.weight.factor_shapes`, ``scale`` is the adapter's ``alpha / r`` (or rsLoRA's
+shapes follow `lora_jax.layout.factor_shapes`, ``scale`` is the adapter's ``alpha / r`` (or rsLoRA's
 ``alpha / sqrt(r)``), and the returned ``w`` is the (possibly rewritten) frozen base. Identity at
 init means ``merge`` returns the original ``w`` (to the base dtype's rounding for the
 SVD/QR inits, which rewrite ``w``). ``M`` below is the kernel as the matrix ``x @ M`` multiplies,
-``(in, out)`` (`lora_jax.weight.to_matrix`), one per stack index:
+``(in, out)`` (`lora_jax.layout.to_matrix`), one per stack index:
 
 * ``kaiming`` (PEFT's default): ``a ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` — Kaiming-uniform with
   a=sqrt(5), fan-in = the product of the input axes — and ``b = 0``.
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .weight import factor_shapes, from_matrix, to_matrix
+from .layout import factor_shapes, from_matrix, to_matrix
 
 __all__ = ["kaiming", "gaussian", "embedding", "random_both", "pissa", "olora", "get", "INITIALIZERS"]
 

@@ -81,6 +81,8 @@ def _lazy_from(v: LoraWeight, n: int, t, rng_key, route_names=None, r_block=0):
     if not nodes:
         return base
     variant = variant_of(nodes, routed=routed)
+    if variant is not None and not variant.factorized:
+        return _merged_in(v, nodes, t, rng_key)
     if not routed:
         a_parts = [node.effective_a() * jnp.asarray(node.scale, node.a.dtype) for node in nodes]
         b_parts = [node.effective_b() for node in nodes]
@@ -108,6 +110,21 @@ def _lazy_from(v: LoraWeight, n: int, t, rng_key, route_names=None, r_block=0):
     dropout = max(node.dropout for node in nodes)
     key = jax.random.fold_in(rng_key, n) if rng_key is not None and dropout > 0 else None
     return Lazy(base, a * t, b, key, v.layout, dropout, state=state, variant=variant, routed=routed)
+
+
+def _merged_in(v: LoraWeight, nodes, t, rng_key):
+    """A variant without a factorized form: its kernel ``w + t * (merged - w)``, computed from the
+    factors inside the function (so gradients reach them)."""
+    if rng_key is not None and any(node.dropout > 0 for node in nodes):
+        raise ValueError(f"lora.wrap: the {variant_of(nodes, routed=False).name} variant has no factorized form, "
+                         "so its LoRA dropout cannot be applied; set dropout=0 or call without rng")
+    w = dense_base(v.base)
+    ct = jnp.promote_types(w.dtype, jnp.float32)
+    merged = w.astype(ct)
+    for node in v.chain():
+        if node.active:
+            merged = node.kind.apply(node, merged, ct)
+    return (w.astype(ct) + jnp.asarray(t, ct) * (merged - w.astype(ct))).astype(w.dtype)
 
 
 def wrap(fn: Callable, argnums: Union[int, Sequence[int]] = 0, *, rng=None, scale=1.0, adapter_ids=None) -> Callable:

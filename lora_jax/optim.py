@@ -15,7 +15,7 @@ FROZEN = "frozen"
 
 
 def labels(tree):
-    """`lora.trainable_mask` as optax labels: ``"lora"`` on each ``a``, ``b`` (and DoRA ``m``) of
+    """`lora.trainable_mask` as optax labels: ``"lora"`` on each ``a``, ``b`` (and a variant's ``m``, DoRA's magnitude) of
     every active adapter and on each `lora.Trainable` value, ``"frozen"`` on every other leaf.
     Works on full trees, `lora.split` halves and gradient trees."""
     return jax.tree_util.tree_map(lambda on: TRAIN if on else FROZEN, trainable_mask(tree))

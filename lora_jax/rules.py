@@ -176,19 +176,19 @@ _RULE_FREE = ("layer_mask", "name", "active")  # settings that rules do not set:
 
 def _rule_settings(settings: Mapping[str, Any], what: str) -> tuple[tuple[str, Any], ...]:
     """Adapter settings given to a `Rule` or `Rules` by name (or alias), validated; canonical items."""
-    unknown = [k for k in settings if AdapterSettings.ALIASES.get(k, k) not in AdapterSettings.names()]
+    unknown = [k for k in settings if AdapterSettings.field_of(k) not in AdapterSettings.names()]
     if unknown:
         raise TypeError(f"{what}: unknown option(s) {unknown}; adapter settings are "
                         f"{[n for n in AdapterSettings.names() if n not in _RULE_FREE]} (or "
-                        f"{sorted(AdapterSettings.ALIASES)})")
-    bad = [k for k in settings if AdapterSettings.ALIASES.get(k, k) in _RULE_FREE]
+                        f"{sorted(AdapterSettings.ALIASES) + sorted(AdapterSettings.FLAGS)})")
+    bad = [k for k in settings if AdapterSettings.field_of(k) in _RULE_FREE]
     if bad:
         raise TypeError(f"{what}: {bad} cannot be given to rules (layers=... selects layers; lora.add names "
                         "adapters and sets active)")
     parsed, problems = AdapterSettings.parse(settings, where=what)
     if problems:
         raise ValueError("; ".join(problems))
-    return tuple((AdapterSettings.ALIASES.get(k, k), getattr(parsed, AdapterSettings.ALIASES.get(k, k)))
+    return tuple((AdapterSettings.field_of(k), getattr(parsed, AdapterSettings.field_of(k)))
                  for k in settings)
 
 
@@ -198,7 +198,7 @@ class Rule:
 
     Args:
       targets: module names (suffix match), a regex (full match) or ``"all-linear"``.
-      init, use_dora: as in `Rules`.
+      init: as in `Rules`.
       layout: ``"in_out"`` (Flax: ``(in, out)``; N-d: every axis but the last is input),
         ``"out_in"`` (transformers' Flax GPT-2 kernels and PyTorch/Equinox weights: ``(out, in)``),
         or explicit letters ``i``/``o`` per unstacked axis (``"ioo"`` for a ``DenseGeneral`` kernel
@@ -221,14 +221,13 @@ class Rule:
     in_axes: Optional[tuple[int, ...]] = None
     stack_axes: Optional[int] = None
     exclude: Any = None
-    use_dora: Optional[bool] = None
 
     def __init__(self, targets, *, init=None, layout=None, in_axes=None, stack_axes=None, exclude=None,
-                 use_dora=None, settings=(), **more):
+                 settings=(), **more):
         values = {**dict(settings), **more}
         for k, v in (("targets", targets), ("settings", _rule_settings(values, f"Rule({targets!r})")),
                      ("init", init), ("layout", layout), ("in_axes", None if in_axes is None else tuple(in_axes)),
-                     ("stack_axes", stack_axes), ("exclude", exclude), ("use_dora", use_dora)):
+                     ("stack_axes", stack_axes), ("exclude", exclude)):
             object.__setattr__(self, k, v)
 
 
@@ -241,7 +240,6 @@ class Target:
     layout: str
     init: Any = "kaiming"
     a_dtype: Any = "float32"
-    use_dora: bool = False
 
 
 def _check_init(init, what):
@@ -260,8 +258,6 @@ class Rules:
         ``"gaussian"`` (``a`` normal with std ``1/r``), ``False`` (both random: a non-identity
         start, for tests), ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, or a callable
         ``(key, w, layout, rank, dtype, scale) -> (a, b, w)`` (see `lora_jax.initializers`).
-      use_dora: DoRA: a trainable magnitude ``m`` per output feature beside ``a``, ``b``
-        (initialised to the kernel's norm over its input axes, so the model starts unchanged).
       exclude: names or a regex never to match.
       rank_pattern, alpha_pattern: ``{name_or_regex: value}`` overrides, first match wins.
       layers: only these layer indices (an int or a list). The index is read from the path
@@ -282,7 +278,11 @@ class Rules:
         * ``dropout``: LoRA dropout on the adapter's input (applied by `lora.wrap` given an rng);
         * ``out_slices`` (or loralib's ``enable_lora``): split the output features into equal
           slices and give a delta only to the True ones (``[True, False, True]``: q and v of a
-          fused q|k|v).
+          fused q|k|v);
+        * ``variant``: ``"lora"`` (plain), ``"dora"`` (or PEFT's ``use_dora=True``: a trainable
+          magnitude ``m`` per output feature, initialised to the kernel's norm over its input
+          axes, so the model starts unchanged) or a variant added with
+          `lora_jax.extend.register_variant`.
 
     Example:
       >>> import lora_jax as lora
@@ -295,11 +295,10 @@ class Rules:
                  rank_pattern: Optional[Mapping[str, int]] = None, alpha_pattern: Optional[Mapping[str, float]] = None,
                  layers: Union[int, Sequence[int], None] = None, layers_pattern: Union[str, Sequence[str], None] = None,
                  layout: str = "in_out", in_axes: Optional[Sequence[int]] = None, stack_axes: int = 0,
-                 a_dtype: Any = "float32", include_head: bool = False, use_dora: bool = False, bias: str = "none",
+                 a_dtype: Any = "float32", include_head: bool = False, bias: str = "none",
                  modules_to_save: Any = None, **settings):
         self.settings = AdapterSettings(**dict(_rule_settings(settings, "Rules")))
         self.init = _check_init(init, "Rules")
-        self.use_dora = bool(use_dora)
         if bias not in ("none", "all", "lora_only"):
             raise ValueError(f"Rules: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
         self.bias = bias
@@ -454,7 +453,7 @@ class Rules:
                              f"output features (shape {shape}, layout {layout!r}), which they do not divide")
         return Target(path=path, settings=settings, layout=layout,
                       init=self._init_for(path, self.init if rule.init is None else rule.init),
-                      a_dtype=self.a_dtype, use_dora=self.use_dora if rule.use_dora is None else bool(rule.use_dora))
+                      a_dtype=self.a_dtype)
 
     @staticmethod
     def _init_for(path, init):

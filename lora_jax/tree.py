@@ -17,8 +17,8 @@ import numpy as np
 
 from . import initializers
 from .rules import Rules, Target, path_str
-from .weight import (LoraWeight, Trainable, column_norm, dense_base, factor_shapes, is_lora, is_node, is_stored,
-                     is_trainable, is_unit, map_chain)
+from .layout import factor_shapes
+from .weight import LoraWeight, Trainable, dense_base, is_lora, is_node, is_stored, is_trainable, is_unit, map_chain
 
 __all__ = ["init", "make_weight", "merge", "unmerge", "trainable_mask", "split", "combine", "count", "summary",
            "lora_items", "Count", "as_key", "path_key", "is_array", "MERGE_MAGNITUDE_LIMIT"]
@@ -129,11 +129,14 @@ def make_weight(leaf, t: Target, key, *, inner=None):
         raise ValueError(f"{t.path}: init {t.init!r} rewrites the base kernel, which the adapters already on it "
                          f"({[n.name for n in inner.chain()]}) were trained against; use it on a kernel without adapters")
     lw = LoraWeight(w if inner is None else inner, a, b, layout=t.layout, settings=s)
-    if t.use_dora:  # magnitude = ||w + s a@b|| per output feature: the adapted kernel starts as w
-        if inner is not None:
-            raise ValueError(f"{t.path}: DoRA adapters cannot share a kernel with other adapters")
-        m = column_norm(w, lw.scale * lw.effective_a(), lw.effective_b(), t.layout).astype(a.dtype)
-        lw = lw.replace(m=m)
+    kind = lw.kind
+    if inner is not None and not kind.combines:
+        raise ValueError(f"{t.path}: {kind.name} adapters cannot share a kernel with other adapters "
+                         f"({[n.name for n in inner.chain()]})")
+    if inner is not None and not inner.kind.combines:
+        raise ValueError(f"{t.path}: holds a {inner.kind.name} adapter, which cannot share a kernel with other adapters")
+    if kind.has_m:
+        lw = lw.replace(m=kind.init_m(lw))
     return lw
 
 
@@ -216,7 +219,7 @@ def unmerge(merged, tree):
 def trainable_mask(tree):
     """What trains: the one definition `split`, `combine`, `lora.labels` and `lora.freeze` share.
 
-    The same tree with ``True`` on each ``a``, ``b`` (and DoRA ``m``) of every *active* adapter and
+    The same tree with ``True`` on each ``a``, ``b`` (and a variant's ``m``) of every *active* adapter and
     on each `Trainable` value, ``False`` on every other leaf (bases, inactive adapters' factors,
     plain leaves; a `lora.quantize`-d base is one ``False``), None where the tree holds None. It
     works on full trees, `split` halves and gradient trees; as a mask it suits ``optax.masked``.

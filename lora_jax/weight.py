@@ -1,23 +1,7 @@
 """`LoraWeight`: one frozen kernel with its low-rank adapter, as a pytree node.
 
-The math, stated once for the whole package. A kernel ``w`` has each axis labelled by a *layout*
-string, one letter per axis:
-
-* ``i`` an input axis (contracted with the activation in ``x @ w``),
-* ``o`` an output axis,
-* ``s`` a stack axis (layers stacked by ``nn.scan``: one independent adapter per index).
-
-The adapter factors keep the stack axes first and the input/output axes in the kernel's order::
-
-    a: (*stack, *in, r)        b: (*stack, r, *out)
-    delta[s, i, o] = scale * sum_r a[s, i, r] * b[s, r, o]     (transposed into w's axis order)
-    scale = alpha / r          (rsLoRA: alpha / sqrt(r))
-
-so for a Flax ``Dense`` kernel ``(in, out)`` (layout ``"io"``) ``a`` is ``(in, r)``, ``b`` is
-``(r, out)`` and ``y = x @ w + scale * (x @ a) @ b``. PEFT stores the same factors transposed:
-``lora_A.weight = a.T`` ``(r, in)`` and ``lora_B.weight = b.T`` ``(out, r)``.
-
-This module knows nothing of rules or trees; it only defines one weight.
+The math (layouts, factor shapes, ``w + scale * a @ b``) is stated once in `lora_jax.layout`; this
+module knows nothing of rules or trees, it only defines one weight and its settings.
 """
 
 from __future__ import annotations
@@ -25,124 +9,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import string
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .layout import delta_from_factors
+from .variants import Variant, get_variant
+
 __all__ = ["AdapterSettings", "LoraWeight", "Trainable", "StoredArray", "is_lora", "is_trainable", "is_node",
-           "is_unit", "is_stored", "dense_base", "unstacked", "map_chain", "static_field", "check_layout", "factor_shapes", "to_matrix",
-           "from_matrix", "delta_from_factors", "column_norm", "in_w_layout"]
-
-_KINDS = frozenset("sio")
-
-
-def check_layout(layout: str, shape: Sequence[int], *, where: str = "kernel") -> str:
-    """Validate a layout string against a kernel shape and return it.
-
-    Args:
-      layout: one letter per axis, each of ``s`` (stack), ``i`` (input), ``o`` (output); stack
-        axes may appear anywhere, at least one ``i`` and one ``o`` are required.
-      shape: the kernel's shape.
-      where: a name for the kernel, used in error messages.
-
-    Raises:
-      ValueError: when the layout does not fit the shape.
-    """
-    if not isinstance(layout, str) or set(layout) - _KINDS:
-        raise ValueError(f"{where}: layout must be letters 's'/'i'/'o', one per axis, got {layout!r}")
-    if len(layout) != len(shape):
-        raise ValueError(
-            f"{where}: layout {layout!r} has {len(layout)} axes but the kernel has shape {tuple(shape)} "
-            f"({len(shape)} axes)"
-        )
-    if "i" not in layout or "o" not in layout:
-        raise ValueError(f"{where}: layout {layout!r} needs at least one input ('i') and one output ('o') axis")
-    return layout
-
-
-def _parts(shape: Sequence[int], layout: str, kind: str) -> tuple[int, ...]:
-    return tuple(int(d) for d, k in zip(shape, layout) if k == kind)
-
-
-def factor_shapes(shape: Sequence[int], layout: str, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of ``(a, b)`` for a kernel of ``shape`` and ``layout`` at ``rank``.
-
-    >>> factor_shapes((3, 16, 32), "sio", 4)
-    ((3, 16, 4), (3, 4, 32))
-    """
-    s, i, o = (_parts(shape, layout, k) for k in "sio")
-    return s + i + (rank,), s + (rank,) + o
-
-
-def to_matrix(w: jax.Array, layout: str) -> jax.Array:
-    """View a kernel as ``(*stack, prod(in), prod(out))`` (axes reordered, then flattened).
-
-    >>> import jax.numpy as jnp
-    >>> to_matrix(jnp.zeros((5, 3, 2)), "oii").shape
-    (6, 5)
-    """
-    order = [j for k in "sio" for j, c in enumerate(layout) if c == k]
-    s, i, o = (_parts(w.shape, layout, k) for k in "sio")
-    return jnp.transpose(w, order).reshape(s + (int(np.prod(i)), int(np.prod(o))))
-
-
-def from_matrix(m: jax.Array, shape: Sequence[int], layout: str) -> jax.Array:
-    """Inverse of `to_matrix`: a ``(*stack, in, out)`` matrix back to the kernel's shape and layout."""
-    order = [j for k in "sio" for j, c in enumerate(layout) if c == k]
-    s, i, o = (_parts(shape, layout, k) for k in "sio")
-    return jnp.transpose(m.reshape(s + i + o), np.argsort(order))
-
-
-def _einsum_specs(layout: str) -> tuple[str, str, str]:
-    letters = string.ascii_letters[: len(layout)]
-    r = "Z" if "Z" not in letters else "z"
-    s = "".join(c for c, k in zip(letters, layout) if k == "s")
-    i = "".join(c for c, k in zip(letters, layout) if k == "i")
-    o = "".join(c for c, k in zip(letters, layout) if k == "o")
-    return s + i + r, s + r + o, letters
-
-
-def delta_from_factors(a: jax.Array, b: jax.Array, layout: str, *, precision=None,
-                       preferred_element_type=None) -> jax.Array:
-    """``sum_r a[s, i, r] b[s, r, o]`` arranged in the kernel's axis order (no scale applied)."""
-    sa, sb, out = _einsum_specs(layout)
-    return jnp.einsum(f"{sa},{sb}->{out}", a, b, precision=precision,
-                      preferred_element_type=preferred_element_type)
-
-
-def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, layout: str) -> jax.Array:
-    """``||w + a @ b||`` over the input axes: one norm per (stack, output) index, shape ``(*s, *o)``.
-
-    Computed without forming ``a @ b``: ``||w||^2 + 2 <w, a b> + ||a b||^2`` with ``a^T w`` (``r`` x
-    out) and ``a^T a`` (``r`` x ``r``). This is DoRA's weight norm (PEFT: ``||W + s B A||`` per output
-    row of the ``(out, in)`` weight); pass ``a`` already scaled.
-    """
-    letters = string.ascii_letters[: len(layout)]
-    s = "".join(c for c, k in zip(letters, layout) if k == "s")
-    i = "".join(c for c, k in zip(letters, layout) if k == "i")
-    o = "".join(c for c, k in zip(letters, layout) if k == "o")
-    ct = jnp.promote_types(w.dtype, jnp.float32)
-    w, a, b = w.astype(ct), a.astype(ct), b.astype(ct)
-    hp = jax.lax.Precision.HIGHEST
-    ww = jnp.einsum(f"{letters},{letters}->{s}{o}", w, w, precision=hp)
-    aw = jnp.einsum(f"{s}{i}Y,{letters}->{s}Y{o}", a, w, precision=hp)
-    cross = jnp.einsum(f"{s}Y{o},{s}Y{o}->{s}{o}", b, aw, precision=hp)
-    gram = jnp.einsum(f"{s}{i}Y,{s}{i}Z->{s}YZ", a, a, precision=hp)
-    quad = jnp.einsum(f"{s}Y{o},{s}YZ,{s}Z{o}->{s}{o}", b, gram, b, precision=hp)
-    return jnp.sqrt(jnp.maximum(ww + 2.0 * cross + quad, 0.0))
-
-
-def in_w_layout(v: jax.Array, shape: Sequence[int], layout: str) -> jax.Array:
-    """A ``(*s, *o)`` per-output vector arranged to broadcast against a kernel of ``shape``."""
-    order = [j for j, k in enumerate(layout) if k == "s"] + [j for j, k in enumerate(layout) if k == "o"]
-    target = [1] * len(shape)
-    for j in order:
-        target[j] = shape[j]
-    return jnp.transpose(v, np.argsort(np.argsort(order))).reshape(target)
-
+           "is_unit", "is_stored", "dense_base", "unstacked", "map_chain", "static_field"]
 
 # ------------------------------------------------------------------------------------------
 # A base that is not a plain array
@@ -324,6 +201,11 @@ def _name(v):
     return v
 
 
+def _variant(v):
+    get_variant(v)  # raises naming the registered variants
+    return v
+
+
 def _setting(default, check, doc, **bounds):
     """A field of `AdapterSettings`: its default, its check, a line of help, and numeric bounds
     (``min``/``gt``/``lt``, what the run config's schema reads)."""
@@ -359,9 +241,12 @@ class AdapterSettings:
         None, _slices, "the output features split in equal slices; only the True ones get a delta")
     name: str = _setting("default", _name, "the adapter's name")
     active: bool = _setting(True, _flag, "applied by lora.wrap / lora.merge and trained by lora.freeze")
+    variant: str = _setting("lora", _variant, "the adapter variant: 'lora' (plain), 'dora', or a registered one")
 
     #: older keyword names, still accepted by `parse` (and so by `lora.Rules`): PEFT's spellings
     ALIASES: ClassVar[Mapping[str, str]] = {"use_rslora": "rslora", "enable_lora": "out_slices"}
+    #: PEFT's flag for a variant: ``use_dora=True`` is ``variant="dora"`` (False: ``"lora"``)
+    FLAGS: ClassVar[Mapping[str, str]] = {"use_dora": "dora"}
 
     def __post_init__(self):
         values, problems = _checked({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -374,6 +259,16 @@ class AdapterSettings:
     def scale(self) -> float:
         """``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA)."""
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def kind(self) -> Variant:
+        """The registered `lora_jax.variants.Variant` named by ``variant``."""
+        return get_variant(self.variant)
+
+    @classmethod
+    def field_of(cls, key: str) -> str:
+        """The field a keyword sets: itself, the field of an alias, or ``variant`` for a PEFT flag."""
+        return "variant" if key in cls.FLAGS else cls.ALIASES.get(key, key)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -388,7 +283,12 @@ class AdapterSettings:
         prefix = f"{where}: " if where else ""
         kw, given, problems = {}, {}, []
         for k, v in values.items():
-            key = cls.ALIASES.get(k, k)
+            key = cls.field_of(k)
+            if k in cls.FLAGS:
+                if not isinstance(v, (bool, np.bool_)):
+                    problems.append(f"{prefix}{k} must be True or False, got {v!r}")
+                    continue
+                v = cls.FLAGS[k] if v else "lora"
             if key not in cls.names():
                 problems.append(f"{prefix}unknown adapter setting {k!r}; expected one of {list(cls.names())}")
             elif key in kw:
@@ -410,8 +310,12 @@ class AdapterSettings:
         return settings
 
     def to_json(self) -> dict:
-        """The fields as JSON values (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The fields as JSON values (tuples become lists); ``variant`` only when it is not plain
+        LoRA, so files of plain adapters read as they did before variants had a name."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if out["variant"] == "lora":
+            del out["variant"]
+        return out
 
 
 def _checked(values: Mapping[str, Any], given: Mapping[str, str] = {}) -> tuple[dict, list[str]]:  # noqa: B006
@@ -437,12 +341,12 @@ def _checked(values: Mapping[str, Any], given: Mapping[str, str] = {}) -> tuple[
 class LoraWeight:
     """A frozen kernel ``w`` with its adapter factors ``a``, ``b``.
 
-    Children (pytree leaves): ``w``, ``a``, ``b`` and, for DoRA, the magnitude ``m`` (None
-    otherwise; shape ``(*stack, *out)``: the adapted kernel is ``m / ||w + scale a@b|| * (w + scale
-    a@b)`` with the norm taken over the input axes, as in the DoRA paper and PEFT).
+    Children (pytree leaves): ``w``, ``a``, ``b`` and the variant's own array ``m`` (None for plain
+    LoRA; DoRA's magnitude, shape ``(*stack, *out)``). The variant (``settings.variant``, see
+    `lora_jax.variants`) says what the adapter makes of the kernel: plain LoRA ``w + scale a@b``.
 
     Static data: the ``layout`` and the adapter's `AdapterSettings` (``settings``), whose fields
-    read as attributes too: ``rank``, ``alpha``, ``rslora``, ``dropout``, an optional per-layer
+    read as attributes too: ``rank``, ``alpha``, ``rslora``, ``dropout``, ``variant``, an optional per-layer
     ``layer_mask`` for stacked kernels (layers where it is False get no delta), optional
     ``out_slices`` (loralib's ``enable_lora``: the flattened output split in equal slices, only the
     True ones get a delta, e.g. q and v of a fused q|k|v kernel), the adapter's ``name`` and whether
@@ -548,57 +452,40 @@ class LoraWeight:
         return (self.scale * delta_from_factors(a, self.effective_b().astype(dtype), self.layout,
                                                 precision=jax.lax.Precision.HIGHEST)).astype(dtype)
 
-    def _inner(self):
+    @property
+    def kind(self) -> Variant:
+        """The registered `lora_jax.variants.Variant` named by ``settings.variant``."""
+        return self.settings.kind
+
+    def inner(self):
         """The kernel this adapter applies to: the base (dequantized if stored quantized), or the
         merge of the adapters before it."""
         if isinstance(self.w, LoraWeight):
             return self.w.merge()
         return dense_base(self.w)
 
-    def dora_factor(self, dtype=jnp.float32, w=None) -> jax.Array:
-        """DoRA's ``m / ||w + scale a@b||`` per output feature, arranged to broadcast against ``w``."""
-        w = self._inner() if w is None else w
-        norm = column_norm(w.astype(dtype), self.scale * self.effective_a().astype(dtype),
-                           self.effective_b().astype(dtype), self.layout)
-        norm = jax.lax.stop_gradient(norm)  # a constant, as in the DoRA paper (sec. 4.3) and PEFT
-        return in_w_layout(self.m.astype(dtype) / norm, w.shape, self.layout)
-
-    def _apply(self, w, ct):
-        """This adapter on the kernel ``w`` (computed in ``ct``)."""
-        d = self.lora_delta(ct)
-        if self.m is None:
-            return w.astype(ct) + d
-        return self.dora_factor(ct, w) * (w.astype(ct) + d)
-
     def delta(self, dtype=jnp.float32) -> jax.Array:
-        """What this adapter adds to the kernel below it: ``scale * a @ b``, or for DoRA
-        ``m / ||w + scale a@b|| * (w + scale a@b) - w``; computed and returned in ``dtype``."""
-        if self.m is None:
-            return self.lora_delta(dtype)
-        w = self._inner().astype(dtype)
-        return self._apply(w, dtype) - w
+        """What this adapter adds to the kernel below it (``scale * a @ b`` for plain LoRA; for a
+        variant, what its kernel differs by), computed and returned in ``dtype``."""
+        return self.kind.delta(self, dtype)
 
     def merge(self) -> jax.Array:
         """The adapted kernel in the base dtype, computed in float32 (or wider): every active adapter
         of the chain applied in order."""
-        inner = self._inner()
+        inner = self.inner()
         if not self.active:
             return inner
         ct = jnp.promote_types(inner.dtype, jnp.float32)
-        return self._apply(inner, ct).astype(inner.dtype)
+        return self.kind.apply(self, inner, ct).astype(inner.dtype)
 
     def unmerge(self, merged: jax.Array) -> jax.Array:
-        """The base weight back from a merged one (every active adapter removed, last first; a
-        DoRA norm is taken from the kernel below the adapter), in ``merged``'s dtype."""
+        """The base weight back from a merged one (every active adapter removed, last first), in
+        ``merged``'s dtype."""
         ct = jnp.promote_types(merged.dtype, jnp.float32)
         w = merged.astype(ct)
         for node in reversed(self.chain()):
-            if not node.active:
-                continue
-            if node.m is not None:
-                w = w / node.dora_factor(ct) - node.lora_delta(ct)
-            else:
-                w = w - node.lora_delta(ct)
+            if node.active:
+                w = node.kind.remove(node, w, ct)
         return w.astype(merged.dtype)
 
     # -- not an array -----------------------------------------------------------------------
@@ -610,7 +497,8 @@ class LoraWeight:
             if isinstance(x, LoraWeight):
                 return repr(x)
             return None if x is None else f"{getattr(x, 'dtype', '?')}{list(getattr(x, 'shape', ()))}"
-        extra = f", m={sh(self.m)}" if self.m is not None else ""
+        extra = f", variant={self.variant!r}" if self.variant != "lora" else ""
+        extra += f", m={sh(self.m)}" if self.m is not None else ""
         for f in ("layer_mask", "out_slices"):
             if getattr(self, f) is not None:
                 extra += f", {f}={getattr(self, f)}"

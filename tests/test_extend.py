@@ -44,7 +44,7 @@ class Int8Rows(extend.StoredArray):
 
 def test_every_name_of_the_public_line_resolves():
     assert set(extend.__all__) == {"register_rule", "layout_rule", "fallback", "bind", "primitive", "Lazy", "is_lazy",
-                                   "dense", "Ctx", "MaterializeWarning", "Variant", "Dora", "StoredArray",
+                                   "dense", "Ctx", "MaterializeWarning", "Variant", "Lora", "Dora", "register_variant", "get_variant", "StoredArray",
                                    "is_stored", "dense_base"}
     assert all(getattr(extend, n) is not None for n in extend.__all__)
 

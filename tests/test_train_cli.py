@@ -151,21 +151,30 @@ def test_train_as_a_subprocess(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def _ours_and_peft(run, text):
+    """Logits of the run's base + adapter by lora_jax, by PyTorch PEFT (loading the run's saved base
+    and exported adapter), and by PEFT with the adapter disabled; and the run's handle."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    h = load_run(str(run), adapter=str(run / "adapter"))
+    x = np.asarray([[h.tokenizer.bos_token_id] + h.tokenizer.encode(text, add_special_tokens=False)])
+    ours = np.asarray(forward(h.apply, h.lora_params, x, np.ones_like(x)))
+    base = AutoModelForCausalLM.from_pretrained(str(run / "base"), torch_dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    with torch.no_grad():
+        theirs = pm(torch.from_numpy(x)).logits.numpy()
+        with pm.disable_adapter():
+            plain = pm(torch.from_numpy(x)).logits.numpy()
+    return ours, theirs, plain, h
+
+
 def test_run_base_and_adapter_load_in_pytorch_peft(trained, tmp_path):
     """The run's saved base (safetensors) and exported adapter are what PyTorch transformers + PEFT
     load, and they compute the logits lora_jax computes."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
-
-    h = load_run(str(trained), adapter=str(trained / "adapter"))
-    x = np.asarray([[h.tokenizer.bos_token_id] + h.tokenizer.encode("LOG. Day 3. Wind W.", add_special_tokens=False)])
-    want = np.asarray(forward(h.apply, h.lora_params, x, np.ones_like(x)))
-    base = AutoModelForCausalLM.from_pretrained(str(trained / "base"), torch_dtype=torch.float32)
-    pm = peft.PeftModel.from_pretrained(base, str(trained / "adapter")).eval()
-    with torch.no_grad():
-        got = pm(torch.from_numpy(x)).logits.numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    ours, theirs, _, _ = _ours_and_peft(trained, "LOG. Day 3. Wind W.")
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
 def test_export_refuses_a_non_empty_directory_without_overwrite(trained, tmp_path, capsys):
@@ -373,3 +382,17 @@ def test_export_and_merge_stopped_by_sigterm_leave_nothing(trained, tmp_path, ca
     assert capsys.readouterr().err == f"lora-jax: {cmd} interrupted (SIGTERM); nothing was written\n"
     assert os.listdir(tmp_path / "outs") == []
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is only installed while exporting
+
+
+def test_train_a_dora_adapter_from_the_config_and_peft_loads_it(tmp_path):
+    """``lora.variant=dora`` trains DoRA (a magnitude per output feature) through the trainer, and
+    the adapter it writes is PyTorch PEFT's DoRA with our logits."""
+    d = tmp_path / "run"
+    assert main(["train"] + tiny_overrides(d, **{"lora.variant": "dora", "train.eval_batches": 0, "train.plot": False,
+                                                 "train.checkpoint_every": 0})) == 0
+    assert json.loads((d / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    ours, theirs, plain, h = _ours_and_peft(d, "LOG. Day 3.")
+    nodes = [x for x in jax.tree_util.tree_leaves(h.lora_params, is_leaf=lora.is_lora) if lora.is_lora(x)]
+    assert nodes and all(n.variant == "dora" and n.m is not None for n in nodes)
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert np.abs(theirs - plain).max() > 1e-4  # the trained DoRA adapter changes the logits

@@ -131,3 +131,127 @@ def test_rslora_scale_matches_peft():
     x = rand(1, (3, 16))
     np.testing.assert_allclose(np.asarray(lora.wrap(lambda p, x: x @ p["lin"]["kernel"])(lp, x)),
                                layer(torch.tensor(np.asarray(x))).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+# -- a new variant is one class and one registration ---------------------------------------------------------
+
+from lora_jax import extend  # noqa: E402
+from lora_jax.layout import in_w_layout  # noqa: E402
+
+
+class Gate(extend.Variant):
+    """A test variant: a trainable gate ``g`` per output feature on the delta, ``w + g * s a@b``
+    (starts at 1: plain LoRA). No factorized form: `lora.wrap` merges it inside the function."""
+
+    name = "gate"
+    has_m = True
+    combines = False
+
+    def init_m(self, node):
+        return jnp.ones(node.b.shape[:node.layout.count("s")] + node.b.shape[node.layout.count("s") + 1:],
+                        node.a.dtype)
+
+    def apply(self, node, w, ct):
+        return w.astype(ct) + in_w_layout(node.m.astype(ct), w.shape, node.layout) * node.lora_delta(ct)
+
+    def remove(self, node, merged, ct):
+        return merged - in_w_layout(node.m.astype(ct), merged.shape, node.layout) * node.lora_delta(ct)
+
+
+@pytest.fixture
+def gate():
+    from lora_jax import variants
+
+    v = extend.register_variant(Gate())
+    yield v
+    variants._VARIANTS.pop("gate")
+
+
+def _gated(lp, seed=5):
+    lp = nonzero_b(lp, seed=seed, scale=0.3)
+    return jax.tree_util.tree_map(
+        lambda x: x.replace(m=x.m * (1 + 0.5 * rand(seed, x.m.shape))) if lora.is_lora(x) else x, lp,
+        is_leaf=lora.is_lora)
+
+
+def test_new_variant_merge_wrap_grads_and_file(gate, tmp_path):
+    params = {"layers": {"w": rand(0, (3, 6, 6)) / 3}, "head": {"kernel": rand(1, (6, 4))}}
+    rules = lora.Rules([lora.Rule(["layers"], stack_axes=1), lora.Rule(["head"])], rank=2, alpha=4, variant="gate")
+    lp = lora.init(params, rules, 0)
+    assert lp["layers"]["w"].m.shape == (3, 6) and lp["head"]["kernel"].m.shape == (4,)
+    assert lp["head"]["kernel"].kind is gate and "variant='gate'" in repr(lp["head"]["kernel"])
+    np.testing.assert_array_equal(lora.merge(lp)["head"]["kernel"], params["head"]["kernel"])  # b = 0 at init
+    lp = _gated(lp)
+    kernels = (("layers", "w"), ("head", "kernel"))
+
+    def net(p, x):
+        h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["layers"]["w"])[0]
+        return h @ p["head"]["kernel"]
+
+    def reference(lp, xp):  # the variant's definition, w + g * s a@b, with xp = numpy (float64) or jnp
+        out = {}
+        for k, leaf in kernels:
+            lw = lp[k][leaf]
+            d = xp.einsum("...ir,...ro->...io", lw.a, lw.b) * lw.scale
+            out[k] = {leaf: lw.w + lw.m[..., None, :] * d}
+        return out
+
+    merged = lora.merge(lp)
+    ref = reference(jax.tree_util.tree_map(f64, lp), np)
+    for k, leaf in kernels:
+        np.testing.assert_allclose(f64(merged[k][leaf]), ref[k][leaf], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(f64(lp[k][leaf].unmerge(merged[k][leaf])), f64(params[k][leaf]), atol=1e-6)
+    # lora.wrap: value and gradients (to a, b and the variant's m) equal those of the formula
+    x = rand(2, (5, 6))
+    wy, wg = jax.value_and_grad(lambda lp: jnp.sum(lora.wrap(net)(lp, x) ** 2))(lp)
+    ry, rg = jax.value_and_grad(lambda lp: jnp.sum(net(reference(lp, jnp), x) ** 2))(lp)
+    np.testing.assert_allclose(wy, ry, rtol=1e-6)
+    for k, leaf in kernels:
+        for part in ("a", "b", "m"):
+            got, want = getattr(wg[k][leaf], part), getattr(rg[k][leaf], part)
+            assert np.abs(np.asarray(want)).max() > 0
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # the file keeps the variant's name and its array, bit for bit
+    lora.save_adapter(tmp_path / "gate", lp)
+    back = lora.load_adapter(tmp_path / "gate", params)
+    assert back["head"]["kernel"].variant == "gate"
+    np.testing.assert_array_equal(back["layers"]["w"].m, lp["layers"]["w"].m)
+    np.testing.assert_array_equal(lora.merge(back)["head"]["kernel"], merged["head"]["kernel"])
+
+
+def test_new_variant_refusals(gate):
+    params = {"w": rand(0, (8, 6))}
+    lp = _gated(lora.init(params, lora.Rules("w", rank=2, variant="gate", dropout=0.1), 0))
+    fn = lambda p, x: x @ p["w"]  # noqa: E731
+    lora.wrap(fn)(lp, jnp.ones((1, 8)))  # no rng: no dropout, fine
+    with pytest.raises(ValueError, match="gate variant has no factorized form"):
+        lora.wrap(fn, rng=jax.random.key(0))(lp, jnp.ones((1, 8)))
+    with pytest.raises(ValueError, match="holds a gate adapter, which cannot share a kernel"):
+        lora.add(lp, "second", lora.Rules("w", rank=2), 0)
+    with pytest.raises(ValueError, match="unknown adapter variant 'nope'.*'lora', 'dora'"):
+        lora.Rules("w", variant="nope")
+    with pytest.raises(ValueError, match="routing does not support gate"):
+        lora.wrap(fn, adapter_ids=jnp.zeros((1,), jnp.int32))(lp, jnp.ones((1, 8)))
+
+
+def test_use_dora_is_the_dora_variant_and_old_files_read(tmp_path):
+    import json
+
+    params = {"w": rand(0, (8, 6))}
+    a = lora.init(params, lora.Rules("w", rank=2, use_dora=True), 0)
+    b = lora.init(params, lora.Rules("w", rank=2, variant="dora"), 0)
+    assert a["w"].variant == b["w"].variant == "dora" and a["w"].settings == b["w"].settings
+    with pytest.raises(ValueError, match="variant is given twice"):
+        lora.Rules("w", use_dora=True, variant="dora")
+    lp = perturb(a)
+    lora.save_adapter(tmp_path / "d", lp)
+    meta = json.loads((tmp_path / "d" / "adapter.json").read_text())
+    assert meta["weights"]["w"]["variant"] == "dora"
+    del meta["weights"]["w"]["variant"]  # a file written before variants had names: its m says DoRA
+    (tmp_path / "d" / "adapter.json").write_text(json.dumps(meta))
+    back = lora.load_adapter(tmp_path / "d", params)
+    assert back["w"].variant == "dora"
+    np.testing.assert_array_equal(lora.merge(back)["w"], lora.merge(lp)["w"])
+    plain = lora.init(params, lora.Rules("w", rank=2), 0)
+    lora.save_adapter(tmp_path / "p", plain)
+    assert "variant" not in json.loads((tmp_path / "p" / "adapter.json").read_text())["weights"]["w"]

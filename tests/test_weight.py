@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lora
-from lora_jax.weight import check_layout, delta_from_factors, factor_shapes, from_matrix, to_matrix
+from lora_jax.layout import check_layout, delta_from_factors, factor_shapes, from_matrix, to_matrix
 
 from helpers import f64, rand
 

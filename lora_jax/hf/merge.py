@@ -45,7 +45,8 @@ import numpy as np
 from ..io._files import atomic_directory, contained, local_model_dir, read_json, read_safetensors, refuse_overlap, write_safetensors
 from ..models.checkpoint import CONFIG, SAFETENSORS, SAFETENSORS_INDEX
 from ..tree import MERGE_MAGNITUDE_LIMIT
-from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, config_problems, pattern_value, selection_of, selects
+from .peft import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, config_problems, pattern_value, peft_variants, selection_of,
+                   selects)
 
 __all__ = ["merge_checkpoint"]
 
@@ -124,9 +125,10 @@ def _plan(cfg: dict, tensors: dict, base_tensors: dict, adapter: str, conv1d: Op
     problems = list(config_problems(cfg))
     if not isinstance(cfg, dict):
         raise ValueError(f"merge: {os.path.join(adapter, ADAPTER_CONFIG)!r}: " + "; ".join(problems))
-    if cfg.get("use_dora"):
-        problems.append("use_dora=true: DoRA is not merged by the streaming merge (merge it with PEFT, or load it "
-                        "with lora_jax.hf.load_peft and save_merged)")
+    for v in peft_variants():
+        if v.peft[0] and cfg.get(v.peft[0]) is True:
+            problems.append(f"{v.peft[0]}=true: {v.label} is not merged by the streaming merge (merge it with PEFT, "
+                            "or load it with lora_jax.hf.load_peft and save_merged)")
     if cfg.get("target_parameters"):
         problems.append(f"target_parameters={cfg['target_parameters']!r}: LoRA on parameters is not merged by the "
                         "streaming merge")
@@ -144,8 +146,9 @@ def _plan(cfg: dict, tensors: dict, base_tensors: dict, adapter: str, conv1d: Op
         m = _FACTOR.fullmatch(rest)
         if m:
             factors.setdefault(m.group("mod"), {})[(m.group("f") or m.group("e"), m.group("e") is not None)] = arr
-        elif re.fullmatch(r".+\.lora_magnitude_vector(\.weight)?", rest):
-            problems.append(f"{key}: DoRA magnitude vectors are not merged by the streaming merge")
+        elif any(re.fullmatch(rf".+\.{re.escape(v.peft[1])}(\.weight)?", rest) for v in peft_variants() if v.has_m):
+            problems.append(f"{key}: a variant's own tensor (DoRA's magnitude vector) is not merged by the streaming "
+                            "merge")
         elif ".lora_" in rest or rest.startswith("lora_"):
             problems.append(f"{key}: an adapter tensor the streaming merge does not know (lora_bias, trainable "
                             "tokens, ... are not supported)")

@@ -53,6 +53,7 @@ import numpy as np
 from ..io._files import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
 from ..models.family import TASK_TYPES, Leaf, family_of, head_of, leaves_of, torch_class
 from ..rules import path_str
+from ..variants import get_variant, variant_names
 from ..weight import LoraWeight, Trainable, is_lora, is_node, is_trainable
 from .verify import check_peft_files
 
@@ -233,6 +234,28 @@ def _target_names(targeted: list[str], all_modules: list[str]) -> list[str]:
     return sorted(out)
 
 
+def peft_variants() -> list:
+    """The registered variants that PEFT has a flag for (DoRA: ``use_dora``)."""
+    return [v for v in map(get_variant, variant_names()) if v.peft]
+
+
+def _m_suffixes() -> str:
+    """A regex alternative of the PEFT tensor suffixes of variants' own arrays."""
+    return "|".join(re.escape(v.peft[1]) for v in peft_variants() if v.has_m) or "(?!)"
+
+
+def peft_variant(cfg: dict):
+    """The variant an ``adapter_config`` selects by its flags (plain LoRA when none is set).
+
+    Raises:
+      ValueError: when two variants' flags are set.
+    """
+    on = [v for v in peft_variants() if cfg.get(v.peft[0])]
+    if len(on) > 1:
+        raise ValueError(f"adapter_config sets {[v.peft[0] for v in on]}: PEFT adapters have one variant")
+    return on[0] if on else get_variant("lora")
+
+
 def _lora_problems(view: _View, items) -> list[str]:
     problems = []
     for p, lw in items:
@@ -241,9 +264,11 @@ def _lora_problems(view: _View, items) -> list[str]:
         if leaf not in _FACTOR_LEAVES and not param:
             problems.append(f"{p}: PEFT adapts kernels, embeddings and expert parameters only, not a {leaf!r} leaf")
             continue
-        if param and lw.m is not None:
-            problems.append(f"{p}: DoRA on a PEFT target parameter has no PEFT form (its ParamWrapper refuses "
-                            "use_dora)")
+        if lw.kind.peft is None:
+            problems.append(f"{p}: the {lw.variant!r} variant has no PEFT form")
+        elif param and lw.kind.has_m:
+            problems.append(f"{p}: {lw.kind.label} on a PEFT target parameter has no PEFT form (its ParamWrapper "
+                            f"refuses {lw.kind.peft[0]})")
         if param and lw.dropout:
             problems.append(f"{p}: LoRA dropout {lw.dropout} on a PEFT target parameter has no PEFT form (its "
                             "ParamWrapper refuses lora_dropout != 0)")
@@ -252,13 +277,14 @@ def _lora_problems(view: _View, items) -> list[str]:
                             "need stack_axes=1); use lora_jax.hf.rules_for")
         if lw.out_slices is not None:
             problems.append(f"{p}: enable_lora output slices have no PEFT LoRA form")
-        if lw.m is not None and leaf == "embedding":
-            problems.append(f"{p}: DoRA on an embedding is not exported (PEFT's embedding magnitude has another shape)")
+        if lw.kind.has_m and leaf == "embedding":
+            problems.append(f"{p}: {lw.kind.label} on an embedding is not exported (PEFT's embedding "
+                            f"{lw.kind.peft and lw.kind.peft[1]} has another shape)")
         tied = _tied_problem(view, p)
         if tied:
             problems.append(tied)
     for field, values in (("use_rslora", {lw.rslora for _, lw in items}),
-                          ("use_dora", {lw.m is not None for _, lw in items})):
+                          ("the variant (use_dora, ...)", {lw.variant for _, lw in items})):
         if len(values) > 1:
             problems.append(f"{field} differs between targets; PEFT has one {field} per adapter")
     return problems
@@ -333,7 +359,7 @@ def _peft_files(view: _View, flat: dict, items: list, full: set, whole: list, bi
             else:
                 tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = ai.T, bi.T
             if mi is not None:
-                tensors[key + ".lora_magnitude_vector"] = mi
+                tensors[key + "." + lw.kind.peft[1]] = mi
     lora_modules = {p.rpartition("/")[0] for p, _ in items}
     for p, v in flat.items():
         if view.in_head(p) or p in full:
@@ -358,7 +384,7 @@ def _peft_files(view: _View, flat: dict, items: list, full: set, whole: list, bi
         "rank_pattern": {name: lw.rank for name, lw in adapters.items() if lw.rank != r},
         "alpha_pattern": {name: _number(lw.alpha) for name, lw in adapters.items() if lw.alpha != alpha},
         "use_rslora": items[0][1].rslora,
-        "use_dora": items[0][1].m is not None,
+        **{v.peft[0]: items[0][1].kind is v for v in peft_variants()},
         "fan_in_fan_out": False,
         "lora_dropout": dropout,
         "bias": bias_mode,
@@ -581,9 +607,12 @@ def config_problems(cfg) -> list[str]:
     d = cfg.get("lora_dropout", 0.0)
     if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1):
         out.append(f"lora_dropout must be a number in [0, 1), got {d!r}")
-    for field in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
+    for field in ("use_rslora", *(v.peft[0] for v in peft_variants()), "fan_in_fan_out", "inference_mode"):
         if cfg.get(field) is not None and not isinstance(cfg[field], bool):
             out.append(f"{field} must be true or false, got {cfg[field]!r}")
+    flags = [v.peft[0] for v in peft_variants() if cfg.get(v.peft[0]) is True]
+    if len(flags) > 1:
+        out.append(f"{' and '.join(flags)} are all true; a PEFT adapter has one variant")
     for field, what in (("rank_pattern", "rank"), ("alpha_pattern", "alpha")):
         pat = cfg.get(field)
         if pat is None:
@@ -684,7 +713,7 @@ def _parse(cfg: dict, tensors: dict, view: _View) -> _Parsed:
         rest = key[len(PREFIX):]
         m = (re.fullmatch(r"(?P<mod>.+)\.lora_(?P<f>A|B)\.weight", rest)
              or re.fullmatch(r"(?P<mod>.+)\.lora_embedding_(?P<f>A|B)", rest)
-             or re.fullmatch(r"(?P<mod>.+)\.lora_magnitude_vector(\.weight)?", rest))
+             or re.fullmatch(rf"(?P<mod>.+)\.(?:{_m_suffixes()})(\.weight)?", rest))
         if m:
             mod, role = m.group("mod"), m.groupdict().get("f") or "m"
             if mod in param_keys and "lora_embedding_" not in rest:
@@ -734,7 +763,8 @@ def _check_factors(cfg: dict, parsed: _Parsed, view: _View) -> dict:
     modules = {**view.modules(), **view.parameters()}
     r0, alpha0 = cfg["r"], cfg["lora_alpha"]
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    dora = bool(cfg.get("use_dora", False))
+    variant = peft_variant(cfg)
+    m_name = variant.peft[1] if variant.has_m else "m"
     good = collections.defaultdict(dict)
     _fuse_per_expert(cfg, parsed, view, good)
     for mod, fs in sorted(parsed.factors.items()):
@@ -749,7 +779,7 @@ def _check_factors(cfg: dict, parsed: _Parsed, view: _View) -> dict:
         n_exp = lf.shape[0] if _is_expert(lf) else 1
         bad = False
         if view.is_parameter(p) and fs.get("m") is not None:
-            parsed.problems.append(f"unexpected: {PREFIX}{mod}.lora_magnitude_vector (PEFT has no DoRA on parameters)")
+            parsed.problems.append(f"unexpected: {PREFIX}{mod}.{m_name} (PEFT has no {variant.label} on parameters)")
             bad = True
         for name, got, want in (("A", fs["A"].shape, (n_exp * rank, n_in)),
                                 ("B", fs["B"].shape, (n_out, n_exp * rank))):
@@ -758,17 +788,18 @@ def _check_factors(cfg: dict, parsed: _Parsed, view: _View) -> dict:
                                        f"(rank {rank}, {p} of one layer {tuple(lf.shape)})")
                 bad = True
         mvec = fs.get("m")
-        if dora and p.endswith("/embedding"):
-            parsed.problems.append(f"unsupported: DoRA on embedding {mod}")
+        if variant.has_m and p.endswith("/embedding"):
+            parsed.problems.append(f"unsupported: {variant.label} on embedding {mod}")
             bad = True
-        elif dora and mvec is None:
-            parsed.problems.append(f"missing: {PREFIX}{mod}.lora_magnitude_vector (use_dora is true)")
+        elif variant.has_m and mvec is None:
+            parsed.problems.append(f"missing: {PREFIX}{mod}.{m_name} ({variant.peft[0]} is true)")
             bad = True
-        elif not dora and mvec is not None:
-            parsed.problems.append(f"unexpected: {PREFIX}{mod}.lora_magnitude_vector (use_dora is false)")
+        elif not variant.has_m and mvec is not None:
+            parsed.problems.append(f"unexpected: {PREFIX}{mod}'s {_m_suffixes()} tensor (no variant that has one is "
+                                   "set in adapter_config: use_dora is false)")
             bad = True
         elif mvec is not None and tuple(mvec.shape) != (n_out,):
-            parsed.problems.append(f"shape mismatch: {mod} lora_magnitude_vector is {tuple(mvec.shape)}, "
+            parsed.problems.append(f"shape mismatch: {mod} {m_name} is {tuple(mvec.shape)}, "
                                    f"expected {(n_out,)}")
             bad = True
         tied = _tied_problem(view, p)
@@ -788,8 +819,8 @@ def _check_factors(cfg: dict, parsed: _Parsed, view: _View) -> dict:
         else:
             good[p][layer] = (fs["A"].T, fs["B"].T, mvec, rank, alpha)
     for p, layers in good.items():
-        if dora and view.leaves[p].layered and len(layers) != view.n_layers:
-            parsed.problems.append(f"unsupported: DoRA on some layers only of {p} ({sorted(layers)})")
+        if variant.has_m and view.leaves[p].layered and len(layers) != view.n_layers:
+            parsed.problems.append(f"unsupported: {variant.label} on some layers only of {p} ({sorted(layers)})")
     return good
 
 
@@ -842,12 +873,13 @@ def _build_weight(view: _View, p: str, w, layers: dict, cfg: dict) -> LoraWeight
     Each layer's ``a`` is ``(*experts, in, r_i)`` and ``b`` ``(*experts, r_i, out)``."""
     rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout") or 0.0)
+    variant = peft_variant(cfg).name
     lf = view.leaves[p]
     if not lf.layered:
         a, b, m, rank, alpha = layers[None]
         return LoraWeight(w, jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
                           m=None if m is None else jnp.asarray(m, jnp.float32), layout=view.layout(p), rank=rank,
-                          alpha=alpha, rslora=rslora, dropout=dropout)
+                          alpha=alpha, rslora=rslora, dropout=dropout, variant=variant)
     *pre, n_in, n_out = lf.shape
     r_max = max(v[3] for v in layers.values())
     first = layers[min(layers)]
@@ -866,7 +898,7 @@ def _build_weight(view: _View, p: str, w, layers: dict, cfg: dict) -> LoraWeight
     mask = None if len(layers) == view.n_layers else tuple(i in layers for i in range(view.n_layers))
     return LoraWeight(w, jnp.asarray(a), jnp.asarray(b), m=None if m is None else jnp.asarray(m),
                       layout=view.layout(p), rank=r_max, alpha=_number(alpha), rslora=rslora, dropout=dropout,
-                      layer_mask=mask)
+                      layer_mask=mask, variant=variant)
 
 
 def load_peft(path, params, model, *, allow_missing: bool = False) -> Any:

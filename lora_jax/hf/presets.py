@@ -88,7 +88,7 @@ def rules_for(model_or_config: Any, preset: str = "all-linear", **kw) -> Rules:
         they fit the decoder layers of that family.
       preset: ``"all-linear"``, ``"attention"``, ``"peft"`` (PEFT's default targets) or
         ``"experts"`` (mixture-of-experts tensors; an error on a model without them).
-      **kw: `lora.Rules` options (``rank``, ``alpha``, ``rank_pattern``, ``rslora``, ``use_dora``,
+      **kw: `lora.Rules` options (``rank``, ``alpha``, ``rank_pattern``, ``rslora``, ``variant`` (or ``use_dora``),
         ``layers``, ``dropout``, ``init``...).
 
     Raises:

@@ -3,7 +3,7 @@
 An adapter directory holds two files:
 
 * ``adapter.safetensors``: each `LoraWeight`'s factors keyed by its tree path, ``<path>.lora_a``,
-  ``<path>.lora_b`` (and ``<path>.m`` for DoRA), stored bit for bit in their own dtype;
+  ``<path>.lora_b`` (and ``<path>.m``, a variant's own array: DoRA's magnitude), stored bit for bit in their own dtype;
 * ``adapter.json``: the static data per path (name, active, layout, rank, alpha, rslora, dropout,
   layer_mask, out_slices) and the kernel shape the adapter was made for; a kernel with several
   adapters has a ``chain`` of such entries (tensors ``<path>.<name>.lora_a`` ...), and a
@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -33,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..layout import check_layout, factor_shapes
 from ..rules import path_str
-from ..weight import AdapterSettings, LoraWeight, Trainable, check_layout, factor_shapes, is_node, is_trainable, is_unit
+from ..weight import AdapterSettings, LoraWeight, Trainable, is_node, is_trainable, is_unit
 from ._files import atomic_directory, nonfinite, read_json, read_safetensors, to_numpy, write_json, write_safetensors
 
 __all__ = ["save_adapter", "load_adapter", "TENSORS", "META", "FORMAT"]
@@ -180,6 +182,11 @@ def _node_plan(p, e, w_shape, tensors, problems) -> Optional[tuple]:
     except ValueError as err:
         problems.append(str(err))
     names = {role: e[role] for role in ("a", "b", "m") if e.get(role) is not None}
+    if settings is not None and "m" in names and "variant" not in e:
+        settings = dataclasses.replace(settings, variant="dora")  # written before variants had names
+    if settings is not None and settings.kind.has_m != ("m" in names):
+        problems.append(f"{p}: the {settings.variant} variant " + (f"needs its m tensor, which the entry does not name"
+                        if settings.kind.has_m else f"has no m tensor, but the entry names {names['m']!r}"))
     arrays = {role: tensors[name] for role, name in names.items() if name in tensors}
     problems += [f"{p}: tensor {names[role]!r} ({role}) is missing from {TENSORS}" for role in names if role not in arrays]
     if len(problems) > n:

@@ -29,6 +29,7 @@ from typing import Optional, Union
 import numpy as np
 import yaml
 
+from ..variants import variant_names
 from ..weight import AdapterSettings
 from . import data as _data
 from . import readers as _readers
@@ -179,11 +180,12 @@ class DataConfig:
                       min=0)
 
 
-def _setting(name: str):
+def _setting(name: str, **kw):
     """A ``lora`` key that is a `lora_jax.AdapterSettings` field: its default, help line and bounds
-    come from there (the one place they are spelled)."""
+    come from there (the one place they are spelled); ``kw``: more of `_meta` (``choices``)."""
     f = next(f for f in dataclasses.fields(AdapterSettings) if f.name == name)
-    return _f(f.default, f.metadata["doc"], **{k: f.metadata[k] for k in ("min", "max", "gt", "lt") if k in f.metadata})
+    return _f(f.default, f.metadata["doc"], **{k: f.metadata[k] for k in ("min", "max", "gt", "lt") if k in f.metadata},
+              **kw)
 
 
 @dataclass
@@ -195,6 +197,7 @@ class LoraConfig:
     alpha: float = _setting("alpha")
     dropout: float = _setting("dropout")
     rslora: bool = _setting("rslora")
+    variant: str = _setting("variant", choices=variant_names)
     init: str = _f("kaiming", "adapter init", choices=("kaiming", "gaussian"))
     exclude: Optional[Union[str, list]] = _f(None, "names/regex never adapted")
     modules_to_save: Optional[Union[str, list]] = _f(
@@ -352,6 +355,8 @@ def _check_range(value, meta, key, problems):
     if value is None or value is _BAD:
         return
     choices = meta.get("choices")
+    if callable(choices):  # known when checked (adapter variants are registered at run time)
+        choices = choices()
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if choices is not None and value not in choices and not (numeric and meta.get("numbers_too")):
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)

@@ -37,7 +37,7 @@ def ckpt_dir(out_dir: str) -> str:
 def rules_of(cfg: Config, model) -> Rules:
     lc = cfg.lora
     return _model.lora_rules(model, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, init=lc.init,
-                             use_rslora=lc.rslora, exclude=lc.exclude, modules_to_save=lc.modules_to_save)
+                             use_rslora=lc.rslora, variant=lc.variant, exclude=lc.exclude, modules_to_save=lc.modules_to_save)
 
 
 def base_remat(cfg: Config) -> Optional[str]:
