@@ -20,6 +20,7 @@ _WHERE = {
     **dict.fromkeys(["add", "select", "delete", "adapter_names", "combine_adapters"], "adapters"),
     **dict.fromkeys(["QuantizedArray", "quantize", "dequantize"], "quant"),
     **dict.fromkeys(["save_adapter", "load_adapter"], "io"),
+    **dict.fromkeys(["AdapterBank", "Slot"], "bank"),
 }
 __getattr__, __dir__ = _exports(__name__, _WHERE)
 

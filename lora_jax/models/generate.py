@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..interpreter import wrap
 from .layers import init_cache
 
 __all__ = ["generate"]
@@ -40,11 +41,13 @@ def _sample(logits, key, temperature, top_k):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "eos", "pad",
                                              "apply_fn"))
-def _generate(params, prompt_ids, prompt_mask, key, *, model, max_new_tokens, temperature, top_k, eos, pad,
-              apply_fn):
+def _generate(params, prompt_ids, prompt_mask, key, adapter_ids, *, model, max_new_tokens, temperature, top_k, eos,
+              pad, apply_fn):
     if apply_fn is None:
         def apply_fn(p, ids, **kw):
             return model.apply({"params": p}, ids, **kw)
+    if adapter_ids is not None:  # each row with its adapter (an AdapterBank's slot), in one batch
+        apply_fn = wrap(apply_fn, adapter_ids=adapter_ids)
 
     c = model.config
     b, p_len = prompt_ids.shape
@@ -85,7 +88,7 @@ def _eos_ids(value) -> tuple[int, ...]:
 
 def generate(model, params, prompt_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
              top_k: Optional[int] = None, rng=None, eos_token_id: Any = None, pad_token_id: Optional[int] = None,
-             apply_fn: Optional[Callable] = None) -> jax.Array:
+             apply_fn: Optional[Callable] = None, adapter_ids=None) -> jax.Array:
     """Decode ``max_new_tokens`` tokens after each prompt.
 
     Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding); positions
@@ -107,6 +110,10 @@ def generate(model, params, prompt_ids, max_new_tokens: int, *, attention_mask=N
       pad_token_id: written after the end (default: the config's, else the first eos id).
       apply_fn: ``apply_fn(params, ids, **kw)`` instead of ``model.apply``. Pass the same
         function object each call to avoid recompiling.
+      adapter_ids: int ``(B,)``: each row's adapter, an index into ``lora.adapter_names(params)``
+        (a `lora.AdapterBank`'s slot; ``-1`` the base), for ``params`` a LoRA tree: every row
+        decodes with its own adapter in one batch (``lora.wrap(adapter_ids=...)`` around the
+        model). Swapping the bank's adapters does not recompile.
 
     Returns:
       int32 ``(B, P + max_new_tokens)``: the prompt followed by the generated tokens.
@@ -147,8 +154,14 @@ def generate(model, params, prompt_ids, max_new_tokens: int, *, attention_mask=N
     pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
     if eos and pad is None:
         pad = eos[0]
+    if adapter_ids is not None:
+        adapter_ids = jnp.asarray(adapter_ids)
+        if adapter_ids.shape != prompt_ids.shape[:1] or not jnp.issubdtype(adapter_ids.dtype, jnp.integer):
+            raise ValueError(f"generate: adapter_ids must be an integer array of one id per row, shape "
+                             f"({prompt_ids.shape[0]},), got {adapter_ids.dtype}{list(adapter_ids.shape)}")
+        adapter_ids = adapter_ids.astype(jnp.int32)
     key = rng if rng is not None else jax.random.key(0)
-    return _generate(params, prompt_ids.astype(jnp.int32), attention_mask, key, model=model,
+    return _generate(params, prompt_ids.astype(jnp.int32), attention_mask, key, adapter_ids, model=model,
                      max_new_tokens=int(max_new_tokens), temperature=temperature,
                      top_k=None if top_k is None else int(top_k), eos=eos,
                      pad=None if pad is None else int(pad), apply_fn=apply_fn)
