@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Mapping, Union
+
 import jax
 import optax
 
+from .adapters import adapter_names
 from .tree import trainable_mask
-from .weight import is_node
+from .weight import is_lora, is_node, is_trainable, is_unit, map_chain
 
-__all__ = ["freeze", "labels", "TRAIN", "FROZEN"]
+__all__ = ["freeze", "labels", "adapter_labels", "TRAIN", "FROZEN"]
 
 TRAIN = "lora"
 FROZEN = "frozen"
@@ -21,8 +24,36 @@ def labels(tree):
     return jax.tree_util.tree_map(lambda on: TRAIN if on else FROZEN, trainable_mask(tree))
 
 
-def freeze(tx: optax.GradientTransformation, tree=None) -> optax.GradientTransformation:
+def adapter_labels(tree):
+    """Optax labels by adapter: each active adapter's ``a``, ``b`` (and ``m``) carry its name, every
+    other leaf ``"frozen"``. The labels of `freeze` with one optimizer per adapter.
+
+    Raises:
+      ValueError: for `lora.Trainable` leaves (they belong to no one adapter).
+    """
+    def lab(x, n):
+        return None if x is None else (n.name if n.active else FROZEN)
+
+    def one(x):
+        if is_lora(x):
+            return map_chain(x, lambda n, w: n.replace(w=w, a=lab(n.a, n), b=lab(n.b, n), m=lab(n.m, n)),
+                             lambda base: None if base is None else FROZEN)
+        if is_trainable(x):
+            raise ValueError("freeze: fully trained leaves (lora.Trainable, modules_to_save) belong to no one adapter; "
+                             "train them with a single optimizer")
+        return FROZEN
+
+    return jax.tree_util.tree_map(one, tree, is_leaf=is_unit)
+
+
+def freeze(tx: Union[optax.GradientTransformation, Mapping[str, optax.GradientTransformation]],
+           tree=None) -> optax.GradientTransformation:
     """``tx`` on the adapters only; everything else gets a zero update and no optimizer state.
+
+    With a mapping ``{adapter name: tx}`` each adapter (`lora.add`) trains with its own optimizer,
+    learning rate and state, as if alone: K adapters on one frozen base in one step, each example
+    routed to its adapter with ``lora.wrap(fn, adapter_ids=...)`` (the loss a sum of per-adapter
+    means, so each adapter's gradient is its own loss's).
 
     Built on ``optax.multi_transform`` with ``optax.set_to_zero()`` for the frozen group, so the
     state holds moments for ``a``/``b`` alone. The labels are computed from the tree given to
@@ -34,7 +65,9 @@ def freeze(tx: optax.GradientTransformation, tree=None) -> optax.GradientTransfo
       tree: optional; when given it must hold at least one `LoraWeight`.
 
     Raises:
-      ValueError: if ``tree`` is given and holds no LoRA weight (nothing would train).
+      ValueError: if ``tree`` is given and holds no LoRA weight (nothing would train); with a
+        mapping, for an adapter of ``tree`` it does not name, a name ``"frozen"``, or
+        `lora.Trainable` leaves.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lora_jax as lora
@@ -44,4 +77,12 @@ def freeze(tx: optax.GradientTransformation, tree=None) -> optax.GradientTransfo
     """
     if tree is not None and not any(is_node(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_node)):
         raise ValueError("freeze: the tree holds no LoraWeight, so nothing would train; call lora.init first")
-    return optax.multi_transform({TRAIN: tx, FROZEN: optax.set_to_zero()}, labels)
+    if not isinstance(tx, Mapping):
+        return optax.multi_transform({TRAIN: tx, FROZEN: optax.set_to_zero()}, labels)
+    if FROZEN in tx:
+        raise ValueError(f"freeze: {FROZEN!r} cannot name an adapter's optimizer (it labels the frozen leaves)")
+    if tree is not None:
+        missing = [n for n in adapter_names(tree) if n not in tx]
+        if missing:
+            raise ValueError(f"freeze: no optimizer for the adapters {missing}; give one per adapter ({sorted(tx)} given)")
+    return optax.multi_transform({**tx, FROZEN: optax.set_to_zero()}, adapter_labels)

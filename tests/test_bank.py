@@ -9,6 +9,7 @@ import pytest
 import lora_jax as lora
 import lora_jax.hf as hf
 from lora_jax.models import LlamaConfig, build, generate, init_params
+from lora_jax.tree import lora_items
 
 from helpers import nonzero_b
 
@@ -136,3 +137,82 @@ def test_generate_with_a_bank_equals_each_adapter_alone(model_params):
     assert len({tuple(r[5:]) for r in out}) > 2  # the adapters decode differently
     with pytest.raises(ValueError, match="adapter_ids must be an integer array of one id per row"):
         generate(model, bank.tree, prompts, 2, adapter_ids=jnp.zeros((2,), jnp.int32))
+
+
+def _token_ce(logits, x):
+    """Per-row mean next-token cross-entropy."""
+    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    return -jnp.take_along_axis(lp, x[:, 1:, None], axis=-1)[..., 0].mean(axis=1)
+
+
+def test_several_adapters_train_in_one_step_as_if_alone(model_params):
+    """Three adapters (different targets, ranks, alphas, rsLoRA, learning rates, data) on one frozen
+    base, trained together: the loss is the sum of each adapter's mean over its own rows and each
+    adapter has its own optimizer, so every adapter's losses and factors equal a separate run of it."""
+    import optax
+
+    model, params = model_params
+    specs = {"x": (dict(preset="all-linear", rank=2, alpha=4.0), 1e-2),
+             "y": (dict(preset="attention", rank=4, alpha=8.0, rslora=True), 3e-3),
+             "z": (dict(preset="peft", rank=3, alpha=3.0), 2e-2)}
+    tree = params
+    for j, (name, (kw, _)) in enumerate(specs.items()):
+        kw = dict(kw)
+        tree = lora.add(tree, name, hf.rules_for(model, kw.pop("preset"), **kw), j)
+    names = lora.adapter_names(tree)
+    assert names == list(specs)
+    apply = _apply(model)
+    steps = 3
+    data = {n: jax.random.randint(jax.random.key(10 + j), (steps, 2 + j, 8), 0, CFG.vocab_size)
+            for j, n in enumerate(names)}  # adapter j sees 2 + j rows per step, its own stream
+
+    # one run, three adapters
+    tx = lora.freeze({n: optax.adamw(lr, weight_decay=0.01) for n, (_, lr) in specs.items()}, tree)
+    state = tx.init(tree)
+    ids = jnp.concatenate([jnp.full((2 + j,), j, jnp.int32) for j in range(len(names))])
+
+    @jax.jit
+    def joint_step(tree, state, x):
+        def loss(tree):
+            per_row = _token_ce(lora.wrap(apply, adapter_ids=ids)(tree, x), x)
+            each = jnp.stack([jnp.sum(jnp.where(ids == j, per_row, 0)) / jnp.sum(ids == j)
+                              for j in range(len(names))])
+            return each.sum(), each
+        (_, each), g = jax.value_and_grad(loss, has_aux=True)(tree)
+        upd, state = tx.update(g, state, tree)
+        return optax.apply_updates(tree, upd), state, each
+
+    joint = tree
+    joint_losses = []
+    for s in range(steps):
+        joint, state, each = joint_step(joint, state, jnp.concatenate([data[n][s] for n in names]))
+        joint_losses.append(np.asarray(each))
+    joint_losses = np.stack(joint_losses)
+
+    # each adapter alone, from the same start
+    for j, name in enumerate(names):
+        alone = tree
+        for other in names:
+            if other != name:
+                alone = lora.delete(alone, other)
+        tx1 = lora.freeze(optax.adamw(specs[name][1], weight_decay=0.01), alone)
+        st1 = tx1.init(alone)
+
+        @jax.jit
+        def step(tree, st, x):
+            l, g = jax.value_and_grad(lambda t: _token_ce(lora.wrap(apply)(t, x), x).mean())(tree)
+            upd, st = tx1.update(g, st, tree)
+            return optax.apply_updates(tree, upd), st, l
+
+        for s in range(steps):
+            alone, st1, l = step(alone, st1, data[name][s])
+            np.testing.assert_allclose(joint_losses[s, j], l, rtol=1e-6)
+        mine = [(p, n) for p, lw in lora_items(joint) for n in lw.chain() if n.name == name]
+        theirs = dict(lora_items(alone))
+        assert mine and len(mine) == len(theirs)
+        for p, node in mine:
+            np.testing.assert_allclose(node.b, theirs[p].b, rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(node.a, theirs[p].a, rtol=1e-5, atol=1e-7)
+            assert np.abs(np.asarray(node.b)).max() > 1e-4  # it trained (b starts at zero)
+    with pytest.raises(ValueError, match=r"no optimizer for the adapters \['z'\]"):
+        lora.freeze({"x": optax.sgd(1.0), "y": optax.sgd(1.0)}, tree)
