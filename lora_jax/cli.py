@@ -8,6 +8,7 @@
     lora-jax merge --base HF_DIR --adapter PEFT_DIR --out DIR [--overwrite]
     lora-jax export [RUN] [--out DIR] [--overwrite]
     lora-jax generate [RUN] [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--seed S] [--base]
+    lora-jax generate [RUN] --prompts FILE [--adapters NAME=DIR ...]   (each prompt its adapter, one batch)
     lora-jax demo [...]
     lora-jax launch --processes N [--cpu-devices K] [--port P] [--grace S] train ...
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -61,7 +63,7 @@ commands:
   merge     fold a run's adapter into its base and write an HF checkpoint; or, with --base HF_DIR
             --adapter PEFT_DIR --out DIR, any PEFT adapter into a safetensors checkpoint, shard by shard
   export    write a run's adapter (newest checkpoint) in PEFT format
-  generate  sample text from a run's base + adapter
+  generate  sample text from a run's base + adapter; --prompts FILE --adapters NAME=DIR ...: many adapters, one batch
   demo      the seed experiment (LoRA on an MLP, digits)
   launch    several processes of one run on this machine: lora-jax launch --processes N [--cpu-devices K] train ...
 
@@ -333,14 +335,32 @@ def _generate(argv) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base", action="store_true", help="the base model alone (adapter off)")
     ap.add_argument("--adapter", default=None, help="a PEFT adapter dir instead of the run's own")
+    ap.add_argument("--adapters", nargs="+", default=None, metavar="NAME=DIR",
+                    help="several PEFT adapter dirs by name, served in one batch (with --prompts)")
+    ap.add_argument("--prompts", default=None, metavar="FILE",
+                    help='JSONL, one {"prompt": TEXT, "adapter": NAME or null} per line; prints one JSON line each')
     a = ap.parse_args(argv)
     if a.max_new_tokens < 1:
         return _err(f"--max-new-tokens: expected a positive integer, got {a.max_new_tokens}")
     if a.temperature < 0:
         return _err(f"--temperature: expected a number >= 0, got {a.temperature}")
+    if (a.adapters is not None or a.prompts is not None) and (a.adapter is not None or a.base or a.prompt):
+        return _err("--adapters/--prompts serve many prompts; --adapter, --base and --prompt serve one")
+    if a.adapters is not None and a.prompts is None:
+        return _err("--adapters needs --prompts FILE (each prompt names its adapter)")
     try:
+        adapters = _named_dirs(a.adapters or [])
+        jobs = _prompt_jobs(a.prompts) if a.prompts is not None else None
         from .train import runs
 
+        if jobs is not None:
+            h = runs.load_run(_run_dir([a.run] if a.run else []))
+            texts = runs.generate_many(h, [p for p, _ in jobs], [n for _, n in jobs], adapters,
+                                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                       seed=a.seed)
+            for (_, n), text in zip(jobs, texts):
+                print(json.dumps({"adapter": n, "text": text}, ensure_ascii=False))
+            return 0
         h = runs.load_run(_run_dir([a.run] if a.run else []), adapter=a.adapter)
         text = runs.generate(h, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                  top_k=a.top_k, seed=a.seed, use_adapter=not a.base)
@@ -348,6 +368,43 @@ def _generate(argv) -> int:
         return _err(str(e))
     print(text)
     return 0
+
+
+def _named_dirs(items) -> dict:
+    """``NAME=DIR`` arguments as a mapping; ValueError naming a malformed or repeated one."""
+    out = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise ValueError(f"--adapters: expected NAME=DIR, got {item!r}")
+        if name in out:
+            raise ValueError(f"--adapters: {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def _prompt_jobs(path) -> list:
+    """``[(prompt, adapter name or None)]`` from a JSONL file; ValueError naming the line that is off."""
+    jobs = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError as e:
+        raise ValueError(f"--prompts: cannot read {path!r}: {e.strerror or e}") from None
+    for j, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--prompts {path}:{j}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or \
+                not (rec.get("adapter") is None or isinstance(rec.get("adapter"), str)):
+            raise ValueError(f'--prompts {path}:{j}: expected {{"prompt": TEXT, "adapter": NAME or null}}, got {line[:80]!r}')
+        jobs.append((rec["prompt"], rec.get("adapter")))
+    if not jobs:
+        raise ValueError(f"--prompts: {path!r} holds no prompt")
+    return jobs
 
 
 def _demo(argv) -> int:

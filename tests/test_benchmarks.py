@@ -117,3 +117,12 @@ def test_data_prep_small():
     assert build["lora_jax"]["peak_rss_mib"] > 0 and build["speed_ratio"] > 0
     assert warm["what"] == "warm_start" and warm["plan_and_batch_s"] < 1.0
     assert packing["documents_padding"] < packing["none_padding"] and packing["documents_vs_none_tokens_per_step"] > 1
+
+
+def test_adapter_bank_tiny_compiles_once_and_decodes_the_same_tokens():
+    rows = {r["what"]: r for r in _json_lines("adapter_bank.py", "--size", "tiny", "--repeats", "1", "--new-tokens",
+                                              "3", "--train-steps", "1")}
+    assert set(rows) == {"decode", "train", "swap"}
+    assert rows["decode"]["compiles"] == 1 and rows["decode"]["same_tokens"] == 1.0 and rows["decode"]["ratio"] > 0
+    assert rows["train"]["compiles"] == 1 and rows["train"]["compiles_sequential"] == 4
+    assert rows["swap"]["compiles"] == 1 and rows["swap"]["swaps"] == 20

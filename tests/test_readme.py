@@ -101,3 +101,30 @@ def test_gpu_table_is_the_committed_run():
     path = os.path.join(repo, "benchmarks", "results", name)
     assert block == gpu_table.table(path)
     assert "| 93,430 |" in block and "1.35x, 0.86x" in block
+
+
+def test_adapter_bank_block_runs(tmp_path, monkeypatch):
+    """The README's adapter-bank block, on a tiny lora_jax Llama with two saved adapters; each row is
+    its adapter's (or the base's) output."""
+    import lora_jax.hf as hf
+    from lora_jax.models import LlamaConfig, build, init_params
+
+    from helpers import nonzero_b
+
+    model = build(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2))
+    params = init_params(model, jax.random.key(0))
+    sql = nonzero_b(lora.init(params, hf.rules_for(model, "attention", rank=4), 1), scale=0.3)
+    chat = nonzero_b(lora.init(params, hf.rules_for(model, "all-linear", rank=8, alpha=4), 2), seed=2, scale=0.3)
+    monkeypatch.chdir(tmp_path)
+    lora.save_adapter("adapters/sql", sql)
+    hf.save_peft("peft/chat", chat, model)
+    x = jnp.asarray(np.random.RandomState(0).randint(0, 61, (3, 6)))
+    block = next(b for b in _python_blocks() if "AdapterBank" in b)
+    import lora_jax
+
+    exec(block, {"lora": lora, "lora_jax": lora_jax, "params": params, "model": model, "x": x}, ns := {})
+    f = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    want = [lora.wrap(f)(sql, x[:1])[0], lora.wrap(f)(chat, x[1:2])[0], f(params, x[2:])[0]]
+    for got, w in zip(ns["logits"], want):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)

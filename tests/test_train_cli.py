@@ -396,3 +396,32 @@ def test_train_a_dora_adapter_from_the_config_and_peft_loads_it(tmp_path):
     assert nodes and all(n.variant == "dora" and n.m is not None for n in nodes)
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
     assert np.abs(theirs - plain).max() > 1e-4  # the trained DoRA adapter changes the logits
+
+
+def test_generate_serves_several_adapters_in_one_batch(trained, tmp_path, capsys):
+    """``lora-jax generate --prompts FILE --adapters a=DIR b=DIR``: each prompt with its adapter (or the
+    base), all in one batch through an adapter bank; each text equals a greedy run of that adapter alone."""
+    import lora_jax.hf as hf
+    from lora_jax.train import runs
+
+    h = load_run(str(trained))
+    other = jax.tree_util.tree_map(lambda x: x.replace(b=-2 * x.b) if lora.is_lora(x) else x, h.lora_params,
+                                   is_leaf=lora.is_lora)
+    hf.save_peft(str(tmp_path / "b"), other, h.model)
+    jobs = [("LOG, ALDER", "a"), ("LOG. Day", "b"), ("LOG, ALDER", None), ("Wind", "b")]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p, "adapter": n}) for p, n in jobs) + "\n")
+    capsys.readouterr()
+    argv = ["generate", str(trained), "--prompts", str(tmp_path / "p.jsonl"), "--adapters",
+            f"a={trained / 'adapter'}", f"b={tmp_path / 'b'}", "--temperature", "0", "--max-new-tokens", "5"]
+    assert main(argv) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [o["adapter"] for o in out] == [n for _, n in jobs]
+    dirs = {"a": str(trained / "adapter"), "b": str(tmp_path / "b")}
+    for (prompt, name), o in zip(jobs, out):
+        alone = load_run(str(trained), adapter=dirs[name]) if name else h
+        assert o["text"] == runs.generate(alone, prompt, max_new_tokens=5, temperature=0, use_adapter=name is not None)
+    assert out[0]["text"] != out[2]["text"] or out[1]["text"] != runs.generate(h, jobs[1][0], max_new_tokens=5,
+                                                                             temperature=0, use_adapter=False)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "adapter": "c"}\n')
+    assert main(argv[:2] + ["--prompts", str(tmp_path / "bad.jsonl"), "--adapters", f"a={tmp_path / 'b'}"]) == 2
+    assert "no adapter named ['c']" in capsys.readouterr().err
