@@ -150,9 +150,9 @@ def combine_adapters(tree, names: Sequence[str], weights: Sequence[float], metho
         parts = [(nodes[n], w) for n, w in zip(names, weights) if n in nodes]
         if not parts:
             return x
-        odd = sorted({n.variant for n, _ in parts if not n.kind.combines})
-        if odd:
-            raise ValueError(f"combine_adapters: {', '.join(odd)} adapters cannot be combined")
+        odd = sorted({n.variant for n, _ in parts if n.variant != "lora"})
+        if odd:  # a combination is a plain (a, b); a variant's own array and kernel would be lost
+            raise ValueError(f"combine_adapters: combines plain LoRA adapters only, got {', '.join(odd)} adapters")
         layout = parts[0][0].layout
         ns = layout.count("s")
         if method == "cat":

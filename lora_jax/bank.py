@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .io.adapter import load_adapter
-from .layout import factor_shapes
+from .layout import check_layout, factor_shapes
 from .rules import Rules, path_str
 from .tree import is_array, lora_items
 from .weight import AdapterSettings, LoraWeight, is_node, is_trainable
@@ -73,7 +73,8 @@ class AdapterBank:
       params: the base parameters (plain arrays; no LoRA nodes).
       rules: a `lora.Rules` (or what `lora.Rules` takes as targets): which kernels the bank covers
         and their layouts. Its alpha is not used (each slot holds its adapter's own scale) and its
-        rank only as `lora.Rules` checks it against each kernel.
+        rank only as `lora.Rules` checks it against each kernel. Or a mapping ``{tree path:
+        layout}`` of the kernels (e.g. the union of the adapters to serve).
       slots: the number of slots ``K``.
       rank: the largest rank a slot holds, ``R``.
       dtype: the dtype of the slots' factors (float32).
@@ -83,11 +84,11 @@ class AdapterBank:
         that select nothing.
     """
 
-    def __init__(self, params, rules: Union[Rules, Any], *, slots: int, rank: int, dtype: Any = jnp.float32):
+    def __init__(self, params, rules: Union[Rules, Mapping[str, str], Any], *, slots: int, rank: int,
+                 dtype: Any = jnp.float32):
         self.n_slots = _positive_int(slots, "slots")
         self.rank = _positive_int(rank, "rank")
         self.dtype = jnp.dtype(dtype)
-        rules = rules if isinstance(rules, Rules) else Rules(rules)
         flat, self._treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
         nodes = [path_str(kp) for kp, leaf in flat if is_node(leaf)]
         if nodes:
@@ -97,8 +98,17 @@ class AdapterBank:
         self.params = params
         candidates = [(p, tuple(leaf.shape), leaf.dtype) for p, leaf in zip(self._paths, self._leaves)
                       if is_array(leaf)]
-        targets = rules.resolve_all(candidates)
-        self._layouts = {p: t.layout for p, t in targets.items()}
+        if isinstance(rules, Mapping):
+            shapes = {p: s for p, s, _ in candidates}
+            bad = [p for p in rules if p not in shapes]
+            if bad or not rules:
+                raise ValueError(f"AdapterBank: {bad[:3] if bad else 'no'} kernel paths to cover; the paths must be "
+                                 f"array leaves of params (e.g. {list(shapes)[:3]})")
+            targets = {p: check_layout(lay, shapes[p], where=p) for p, lay in rules.items()}
+        else:
+            rules = rules if isinstance(rules, Rules) else Rules(rules)
+            targets = {p: t.layout for p, t in rules.resolve_all(candidates).items()}
+        self._layouts = targets
         self._shapes = {p: tuple(leaf.shape) for p, leaf in zip(self._paths, self._leaves) if p in targets}
         self._zeros = {p: tuple(jnp.zeros(s, self.dtype) for s in factor_shapes(self._shapes[p], self._layouts[p],
                                                                                  self.rank))
@@ -158,6 +168,7 @@ class AdapterBank:
             bank's, a kernel the bank does not cover, a variant other than plain LoRA, several
             active adapters on a kernel, fully trained leaves, a kernel of another shape or layout,
             or no adapter at all; nothing changes then.
+          FileNotFoundError: for a path that is no adapter directory.
         """
         k = self._slot_index(slot, "load")
         source = "tree"

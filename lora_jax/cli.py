@@ -336,9 +336,11 @@ def _generate(argv) -> int:
     ap.add_argument("--base", action="store_true", help="the base model alone (adapter off)")
     ap.add_argument("--adapter", default=None, help="a PEFT adapter dir instead of the run's own")
     ap.add_argument("--adapters", nargs="+", default=None, metavar="NAME=DIR",
-                    help="several PEFT adapter dirs by name, served in one batch (with --prompts)")
+                    help="PEFT adapter dirs by name, served in one batch with --prompts (give RUN before them); "
+                         "the name 'run' is the run's own adapter unless given")
     ap.add_argument("--prompts", default=None, metavar="FILE",
-                    help='JSONL, one {"prompt": TEXT, "adapter": NAME or null} per line; prints one JSON line each')
+                    help='JSONL, one {"prompt": TEXT, "adapter": NAME or null (the base)} per line; prints one '
+                         '{"adapter", "text"} JSON line per prompt')
     a = ap.parse_args(argv)
     if a.max_new_tokens < 1:
         return _err(f"--max-new-tokens: expected a positive integer, got {a.max_new_tokens}")
@@ -366,6 +368,8 @@ def _generate(argv) -> int:
                                  top_k=a.top_k, seed=a.seed, use_adapter=not a.base)
     except (ConfigError, ValueError) as e:
         return _err(str(e))
+    except OSError as e:  # an adapter directory that is not one, an unreadable file
+        return _err(f"{type(e).__name__}: {e}")
     print(text)
     return 0
 
@@ -388,7 +392,7 @@ def _prompt_jobs(path) -> list:
     jobs = []
     try:
         with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+            lines = fh.read().split("\n")  # not splitlines: U+2028 and friends are legal inside JSON strings
     except OSError as e:
         raise ValueError(f"--prompts: cannot read {path!r}: {e.strerror or e}") from None
     for j, line in enumerate(lines, 1):
@@ -398,9 +402,10 @@ def _prompt_jobs(path) -> list:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"--prompts {path}:{j}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or \
-                not (rec.get("adapter") is None or isinstance(rec.get("adapter"), str)):
-            raise ValueError(f'--prompts {path}:{j}: expected {{"prompt": TEXT, "adapter": NAME or null}}, got {line[:80]!r}')
+        if not isinstance(rec, dict) or set(rec) != {"prompt", "adapter"} or not isinstance(rec["prompt"], str) or \
+                not (rec["adapter"] is None or isinstance(rec["adapter"], str)):
+            raise ValueError(f'--prompts {path}:{j}: expected {{"prompt": TEXT, "adapter": NAME or null}}, '
+                             f'got {line[:80]!r}')
         jobs.append((rec["prompt"], rec.get("adapter")))
     if not jobs:
         raise ValueError(f"--prompts: {path!r} holds no prompt")

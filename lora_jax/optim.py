@@ -82,7 +82,15 @@ def freeze(tx: Union[optax.GradientTransformation, Mapping[str, optax.GradientTr
     if FROZEN in tx:
         raise ValueError(f"freeze: {FROZEN!r} cannot name an adapter's optimizer (it labels the frozen leaves)")
     if tree is not None:
-        missing = [n for n in adapter_names(tree) if n not in tx]
+        adapter_labels(tree)  # raises on lora.Trainable leaves
+        active = {n.name for x in jax.tree_util.tree_leaves(tree, is_leaf=is_lora) if is_lora(x)
+                  for n in x.chain() if n.active}
+        missing = [n for n in adapter_names(tree) if n in active and n not in tx]
         if missing:
-            raise ValueError(f"freeze: no optimizer for the adapters {missing}; give one per adapter ({sorted(tx)} given)")
+            raise ValueError(f"freeze: no optimizer for the adapters {missing}; give one per active adapter "
+                             f"({sorted(tx)} given)")
+        idle = sorted(set(tx) & (set(adapter_names(tree)) - active))
+        if idle:
+            raise ValueError(f"freeze: the adapters {idle} are inactive, so they would not train (yet rows routed to "
+                             "them by lora.wrap(adapter_ids=...) run); activate them with lora.select")
     return optax.multi_transform({**tx, FROZEN: optax.set_to_zero()}, adapter_labels)

@@ -180,7 +180,7 @@ def _rule_settings(settings: Mapping[str, Any], what: str) -> tuple[tuple[str, A
     if unknown:
         raise TypeError(f"{what}: unknown option(s) {unknown}; adapter settings are "
                         f"{[n for n in AdapterSettings.names() if n not in _RULE_FREE]} (or "
-                        f"{sorted(AdapterSettings.ALIASES) + sorted(AdapterSettings.FLAGS)})")
+                        f"{sorted(AdapterSettings.ALIASES) + sorted(AdapterSettings.flags())})")
     bad = [k for k in settings if AdapterSettings.field_of(k) in _RULE_FREE]
     if bad:
         raise TypeError(f"{what}: {bad} cannot be given to rules (layers=... selects layers; lora.add names "

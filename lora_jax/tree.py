@@ -133,8 +133,10 @@ def make_weight(leaf, t: Target, key, *, inner=None):
     if inner is not None and not kind.combines:
         raise ValueError(f"{t.path}: {kind.name} adapters cannot share a kernel with other adapters "
                          f"({[n.name for n in inner.chain()]})")
-    if inner is not None and not inner.kind.combines:
-        raise ValueError(f"{t.path}: holds a {inner.kind.name} adapter, which cannot share a kernel with other adapters")
+    alone = [] if inner is None else [n for n in inner.chain() if not n.kind.combines]
+    if alone:
+        raise ValueError(f"{t.path}: holds a {alone[0].kind.name} adapter, which cannot share a kernel with other "
+                         "adapters")
     if kind.has_m:
         lw = lw.replace(m=kind.init_m(lw))
     return lw

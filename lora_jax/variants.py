@@ -41,7 +41,8 @@ import jax.numpy as jnp
 
 from .layout import column_norm, in_w_layout
 
-__all__ = ["Variant", "Lora", "Dora", "register_variant", "get_variant", "variant_names", "variant_of"]
+__all__ = ["Variant", "Lora", "Dora", "register_variant", "get_variant", "variant_names", "peft_variants",
+           "variant_of"]
 
 
 class Variant:
@@ -50,8 +51,8 @@ class Variant:
     Attributes:
       name: the `AdapterSettings.variant` value that selects it; ``label`` its name in messages.
       has_m: whether the adapter has its own array ``m`` (per output feature, ``(*stack, *out)``).
-      combines: whether it may share a kernel with other adapters, be combined
-        (`lora.combine_adapters`) or routed per example (``lora.wrap(adapter_ids=...)``).
+      combines: whether it may share a kernel with other adapters or be routed per example
+        (``lora.wrap(adapter_ids=...)``); `lora.combine_adapters` combines plain LoRA only.
       peft: ``(config flag, tensor suffix)`` of its PEFT form (DoRA: ``("use_dora",
         "lora_magnitude_vector")``; the suffix names ``m``), ``()`` for plain LoRA (no flag), None
         when PEFT has none (export refused).
@@ -217,6 +218,11 @@ def get_variant(name: str) -> Variant:
         return _VARIANTS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown adapter variant {name!r}; registered: {list(_VARIANTS)}") from None
+
+
+def peft_variants() -> list:
+    """The registered variants that PEFT has a config flag for (DoRA: ``use_dora``)."""
+    return [v for v in _VARIANTS.values() if v.peft]
 
 
 LORA = register_variant(Lora())

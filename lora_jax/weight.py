@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .layout import delta_from_factors
-from .variants import Variant, get_variant
+from .variants import Variant, get_variant, peft_variants, variant_names
 
 __all__ = ["AdapterSettings", "LoraWeight", "Trainable", "StoredArray", "is_lora", "is_trainable", "is_node",
            "is_unit", "is_stored", "dense_base", "unstacked", "map_chain", "static_field"]
@@ -202,7 +202,8 @@ def _name(v):
 
 
 def _variant(v):
-    get_variant(v)  # raises naming the registered variants
+    if not isinstance(v, str) or v not in variant_names():
+        raise ValueError(f"one of the registered variants {list(variant_names())}")
     return v
 
 
@@ -245,8 +246,6 @@ class AdapterSettings:
 
     #: older keyword names, still accepted by `parse` (and so by `lora.Rules`): PEFT's spellings
     ALIASES: ClassVar[Mapping[str, str]] = {"use_rslora": "rslora", "enable_lora": "out_slices"}
-    #: PEFT's flag for a variant: ``use_dora=True`` is ``variant="dora"`` (False: ``"lora"``)
-    FLAGS: ClassVar[Mapping[str, str]] = {"use_dora": "dora"}
 
     def __post_init__(self):
         values, problems = _checked({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -266,9 +265,15 @@ class AdapterSettings:
         return get_variant(self.variant)
 
     @classmethod
+    def flags(cls) -> dict:
+        """PEFT's flag of each registered variant that has one: ``use_dora=True`` is
+        ``variant="dora"`` (False: ``"lora"``)."""
+        return {v.peft[0]: v.name for v in peft_variants()}
+
+    @classmethod
     def field_of(cls, key: str) -> str:
         """The field a keyword sets: itself, the field of an alias, or ``variant`` for a PEFT flag."""
-        return "variant" if key in cls.FLAGS else cls.ALIASES.get(key, key)
+        return "variant" if key in cls.flags() else cls.ALIASES.get(key, key)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -284,11 +289,13 @@ class AdapterSettings:
         kw, given, problems = {}, {}, []
         for k, v in values.items():
             key = cls.field_of(k)
-            if k in cls.FLAGS:
+            if k in cls.flags():
+                if v is None:  # not given
+                    continue
                 if not isinstance(v, (bool, np.bool_)):
                     problems.append(f"{prefix}{k} must be True or False, got {v!r}")
                     continue
-                v = cls.FLAGS[k] if v else "lora"
+                v = cls.flags()[k] if v else "lora"
             if key not in cls.names():
                 problems.append(f"{prefix}unknown adapter setting {k!r}; expected one of {list(cls.names())}")
             elif key in kw:
@@ -378,6 +385,9 @@ class LoraWeight:
             settings = AdapterSettings(**fields)
         elif fields:
             settings = dataclasses.replace(settings, **fields)
+        if isinstance(m, (jax.Array, np.ndarray)) and not settings.kind.has_m:  # not JAX's placeholders
+            raise ValueError(f"LoraWeight: an m {getattr(m, 'shape', m)} is given but the adapter's variant "
+                             f"{settings.variant!r} has none; pass variant='dora' (or another variant with an m)")
         for k, v in (("w", w), ("a", a), ("b", b), ("m", m), ("layout", layout), ("settings", settings)):
             object.__setattr__(self, k, v)
 

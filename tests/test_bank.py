@@ -99,6 +99,15 @@ def test_refusals_name_slot_module_and_limit_and_change_nothing(model_params, tm
         bank.load(0, good, name="good")
     with pytest.raises(ValueError, match="'nope' is neither a loaded adapter"):
         bank.ids(["nope"])
+    # a bank over exactly the kernels of the adapters to serve (a mapping path -> layout)
+    from lora_jax.tree import lora_items
+    covering = lora.AdapterBank(params, {p: lw.layout for p, lw in lora_items(good)}, slots=1, rank=2)
+    assert set(covering.targets) == {p for p, _ in lora_items(good)}
+    covering.load(0, good)
+    with pytest.raises(ValueError, match="(?s)slot 0.*mlp/gate_proj/kernel: not a kernel the bank covers"):
+        covering.load(0, mlp)
+    with pytest.raises(ValueError, match=r"\['model/nope'\] kernel paths to cover"):
+        lora.AdapterBank(params, {"model/nope": "io"}, slots=1, rank=2)
 
 
 def test_load_from_lora_jax_and_peft_files(model_params, tmp_path):
@@ -216,3 +225,5 @@ def test_several_adapters_train_in_one_step_as_if_alone(model_params):
             assert np.abs(np.asarray(node.b)).max() > 1e-4  # it trained (b starts at zero)
     with pytest.raises(ValueError, match=r"no optimizer for the adapters \['z'\]"):
         lora.freeze({"x": optax.sgd(1.0), "y": optax.sgd(1.0)}, tree)
+    with pytest.raises(ValueError, match=r"the adapters \['z'\] are inactive, so they would not train"):
+        lora.freeze({n: optax.sgd(1.0) for n in names}, lora.select(tree, ["x", "y"]))

@@ -425,3 +425,9 @@ def test_generate_serves_several_adapters_in_one_batch(trained, tmp_path, capsys
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "adapter": "c"}\n')
     assert main(argv[:2] + ["--prompts", str(tmp_path / "bad.jsonl"), "--adapters", f"a={tmp_path / 'b'}"]) == 2
     assert "no adapter named ['c']" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')  # no adapter key: not silently the base
+    assert main(argv[:2] + ["--prompts", str(tmp_path / "bad.jsonl")]) == 2
+    assert 'bad.jsonl:1: expected {"prompt": TEXT, "adapter": NAME or null}' in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "adapter": "a"}\n')
+    assert main(argv[:2] + ["--prompts", str(tmp_path / "bad.jsonl"), "--adapters", f"a={tmp_path / 'none'}"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -228,7 +228,8 @@ def test_new_variant_refusals(gate):
         lora.wrap(fn, rng=jax.random.key(0))(lp, jnp.ones((1, 8)))
     with pytest.raises(ValueError, match="holds a gate adapter, which cannot share a kernel"):
         lora.add(lp, "second", lora.Rules("w", rank=2), 0)
-    with pytest.raises(ValueError, match="unknown adapter variant 'nope'.*'lora', 'dora'"):
+    with pytest.raises(ValueError, match=r"variant must be one of the registered variants \['lora', 'dora', 'gate'\], "
+                                         "got 'nope'"):
         lora.Rules("w", variant="nope")
     with pytest.raises(ValueError, match="routing does not support gate"):
         lora.wrap(fn, adapter_ids=jnp.zeros((1,), jnp.int32))(lp, jnp.ones((1, 8)))
@@ -243,6 +244,11 @@ def test_use_dora_is_the_dora_variant_and_old_files_read(tmp_path):
     assert a["w"].variant == b["w"].variant == "dora" and a["w"].settings == b["w"].settings
     with pytest.raises(ValueError, match="variant is given twice"):
         lora.Rules("w", use_dora=True, variant="dora")
+    assert lora.Rules("w", rank=2, use_dora=None).settings.variant == "lora"  # None: not given, as before
+    with pytest.raises(ValueError, match=r"an m \(6,\) is given but the adapter's variant 'lora' has none"):
+        lora.LoraWeight(params["w"], a["w"].a, a["w"].b, m=a["w"].m, layout="io", rank=2)
+    with pytest.raises(ValueError, match="combines plain LoRA adapters only, got dora"):
+        lora.combine_adapters(a, ["default"], [1.0])
     lp = perturb(a)
     lora.save_adapter(tmp_path / "d", lp)
     meta = json.loads((tmp_path / "d" / "adapter.json").read_text())

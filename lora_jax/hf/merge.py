@@ -45,8 +45,8 @@ import numpy as np
 from ..io._files import atomic_directory, contained, local_model_dir, read_json, read_safetensors, refuse_overlap, write_safetensors
 from ..models.checkpoint import CONFIG, SAFETENSORS, SAFETENSORS_INDEX
 from ..tree import MERGE_MAGNITUDE_LIMIT
-from .peft import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, config_problems, pattern_value, peft_variants, selection_of,
-                   selects)
+from ..variants import peft_variants
+from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, config_problems, pattern_value, selection_of, selects
 
 __all__ = ["merge_checkpoint"]
 

@@ -53,7 +53,7 @@ import numpy as np
 from ..io._files import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
 from ..models.family import TASK_TYPES, Leaf, family_of, head_of, leaves_of, torch_class
 from ..rules import path_str
-from ..variants import get_variant, variant_names
+from ..variants import get_variant, peft_variants
 from ..weight import LoraWeight, Trainable, is_lora, is_node, is_trainable
 from .verify import check_peft_files
 
@@ -234,11 +234,6 @@ def _target_names(targeted: list[str], all_modules: list[str]) -> list[str]:
     return sorted(out)
 
 
-def peft_variants() -> list:
-    """The registered variants that PEFT has a flag for (DoRA: ``use_dora``)."""
-    return [v for v in map(get_variant, variant_names()) if v.peft]
-
-
 def _m_suffixes() -> str:
     """A regex alternative of the PEFT tensor suffixes of variants' own arrays."""
     return "|".join(re.escape(v.peft[1]) for v in peft_variants() if v.has_m) or "(?!)"
@@ -359,7 +354,7 @@ def _peft_files(view: _View, flat: dict, items: list, full: set, whole: list, bi
             else:
                 tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = ai.T, bi.T
             if mi is not None:
-                tensors[key + "." + lw.kind.peft[1]] = mi
+                tensors[key + "." + lw.kind.peft[1]] = mi  # has_m and a PEFT form: checked in _lora_problems
     lora_modules = {p.rpartition("/")[0] for p, _ in items}
     for p, v in flat.items():
         if view.in_head(p) or p in full:
@@ -384,7 +379,9 @@ def _peft_files(view: _View, flat: dict, items: list, full: set, whole: list, bi
         "rank_pattern": {name: lw.rank for name, lw in adapters.items() if lw.rank != r},
         "alpha_pattern": {name: _number(lw.alpha) for name, lw in adapters.items() if lw.alpha != alpha},
         "use_rslora": items[0][1].rslora,
-        **{v.peft[0]: items[0][1].kind is v for v in peft_variants()},
+        # PEFT's LoraConfig always carries use_dora; another variant's flag only when it is the one
+        **{v.peft[0]: items[0][1].kind is v for v in peft_variants() if v.peft[0] == "use_dora"
+           or items[0][1].kind is v},
         "fan_in_fan_out": False,
         "lora_dropout": dropout,
         "bias": bias_mode,

@@ -32,11 +32,15 @@ from ..io._files import read_json, read_safetensors
 from ..models.checkpoint import read_weights
 from ..models.family import leaves_of, params_from_state
 from ..rules import path_str
+from ..variants import peft_variants
 
 __all__ = ["check_peft_files", "check_merged_files", "check_probe", "probe_tolerance"]
 
-_PEFT_KEY = re.compile(r"(?P<mod>.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
-                       r"lora_magnitude_vector)")
+def _peft_key(key: str):
+    """The match of a PEFT adapter tensor name: a factor, or a variant's own array (DoRA's magnitude)."""
+    own = "|".join(re.escape(v.peft[1]) for v in peft_variants() if v.has_m)
+    return re.fullmatch(r"(?P<mod>.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+                        + (f"|{own}" if own else "") + ")", key)
 
 
 def _same_bits(x, y) -> bool:
@@ -79,7 +83,7 @@ def check_peft_files(path, model, tensors: Mapping[str, Any], config: Optional[M
         if not _finite(got):
             problems.append(f"{k} holds NaN or Inf")
         rest = k[len(prefix):] if k.startswith(prefix) else None
-        m = _PEFT_KEY.fullmatch(rest or "")
+        m = _peft_key(rest or "")
         if m:  # a factor: its module (PEFT nests target_parameters under .base_layer) must exist
             lands = re.sub(r"(\.base_layer)+$", "", m.group("mod")) in modules
         else:  # a full weight (modules_to_save, a bias): its parameter must exist

@@ -185,7 +185,7 @@ def _node_plan(p, e, w_shape, tensors, problems) -> Optional[tuple]:
     if settings is not None and "m" in names and "variant" not in e:
         settings = dataclasses.replace(settings, variant="dora")  # written before variants had names
     if settings is not None and settings.kind.has_m != ("m" in names):
-        problems.append(f"{p}: the {settings.variant} variant " + (f"needs its m tensor, which the entry does not name"
+        problems.append(f"{p}: the {settings.variant} variant " + ("needs its m tensor, which the entry does not name"
                         if settings.kind.has_m else f"has no m tensor, but the entry names {names['m']!r}"))
     arrays = {role: tensors[name] for role, name in names.items() if name in tensors}
     problems += [f"{p}: tensor {names[role]!r} ({role}) is missing from {TENSORS}" for role in names if role not in arrays]

@@ -221,54 +221,67 @@ def generate(handle: RunHandle, prompt: str = "", *, max_new_tokens: int = 64, t
 def generate_many(handle: RunHandle, prompts: Sequence[str], names: Sequence[Optional[str]],
                   adapters: Mapping[str, str], *, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
                   seed: int = 0) -> list[str]:
-    """Each prompt continued with its own adapter, every row in one batch: the adapters (PEFT
-    directories by name; ``"run"`` is the run's own unless given) go into a `lora.AdapterBank`
-    over the model's linear layers and `lora_jax.models.generate` routes each row to its slot
-    (``None``: the base). Each text equals `generate` with that adapter alone (greedy).
+    """Each prompt continued with its own adapter, every row in one batch: the adapters it names
+    (PEFT directories by name; ``"run"`` is the run's own unless given) go into a `lora.AdapterBank`
+    over the kernels they adapt, and `lora_jax.models.generate` routes each row to its slot
+    (``None``: the base, as ``generate --base``). Each text equals `generate` with that adapter
+    alone (greedy), whatever the other rows' lengths.
 
     Raises:
-      ValueError: a name no adapter has, an empty prompt, prompts that fill the model's positions,
+      ValueError: a name no adapter has, an empty prompt, a prompt that fills the model's positions,
         or an adapter that does not fit the bank (its message names the slot and module).
     """
     from ..bank import AdapterBank
-    from ..hf import rules_for
     from ..models import generate as _generate
+    from ..weight import is_trainable, is_unit
 
     if len(prompts) != len(names) or not prompts:
         raise ValueError(f"generate: {len(prompts)} prompts and {len(names)} adapter names; give one name per prompt")
-    trees = {"run": handle.lora_params} if "run" not in adapters else {}
-    trees.update({n: _model.load_peft(handle.model, handle.lora_params, d) for n, d in adapters.items()})
-    unknown = sorted({n for n in names if n is not None and n not in trees})
+    known = set(adapters) | {"run"}
+    unknown = sorted({n for n in names if n is not None and n not in known})
     if unknown:
-        raise ValueError(f"generate: no adapter named {unknown}; adapters: {sorted(trees)} (null: the base model)")
-    used = [n for n in trees if n in names]
+        raise ValueError(f"generate: no adapter named {unknown}; adapters: {sorted(known)} (null: the base model)")
+
+    def plain(tree):  # fully trained leaves (modules_to_save) as the arrays they hold, as `generate --base` runs
+        return jax.tree_util.tree_map(lambda x: x.value if is_trainable(x) else x, tree, is_leaf=is_unit)
+
+    used = list(dict.fromkeys(n for n in names if n is not None))
+    trees = {n: plain(handle.lora_params if n == "run" and "run" not in adapters else
+                      _model.load_peft(handle.model, handle.lora_params, adapters[n])) for n in used}
     tok = handle.tokenizer
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     ids = [bos + list(tok.encode(p, add_special_tokens=False)) for p in prompts]
     if not all(ids):
         raise ValueError("generate: an empty prompt and the tokenizer has no bos_token to start from")
-    width = max(len(i) for i in ids)
     max_pos = _model.max_positions(handle.model)
-    new = int(max_new_tokens) if max_pos is None else min(int(max_new_tokens), int(max_pos) - width)
-    if new < 1:
-        raise ValueError(f"generate: the longest prompt has {width} tokens, the model only {max_pos} positions")
+    room = [int(max_new_tokens) if max_pos is None else min(int(max_new_tokens), int(max_pos) - len(i)) for i in ids]
+    if min(room) < 1:
+        j = room.index(min(room))
+        raise ValueError(f"generate: prompt {j} has {len(ids[j])} tokens, the model only {max_pos} positions")
+    width, new = max(len(i) for i in ids), max(room)  # a row's tokens past its room are cut below
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
     x = np.full((len(ids), width), pad, np.int32)
     mask = np.zeros((len(ids), width), np.int32)
     for j, row in enumerate(ids):  # left padding: every row ends with a real token
         x[j, width - len(row):], mask[j, width - len(row):] = row, 1
+    layouts = {p: lw.layout for n in used for p, lw in _tree.lora_items(trees[n])}
     rank = max([node.rank for n in used for _, lw in _tree.lora_items(trees[n]) for node in lw.chain()] or [1])
-    bank = AdapterBank(_model.base_only(handle.lora_params), rules_for(handle.model, "all-linear", rank=rank),
-                       slots=max(len(used), 1), rank=rank)
-    for k, n in enumerate(used):
-        bank.load(k, trees[n], name=n)
-    out = _generate(handle.model, bank.tree, x, new, attention_mask=mask, temperature=float(temperature),
+    base = plain(_model.base_only(handle.lora_params))
+    if layouts:
+        bank = AdapterBank(base, layouts, slots=len(used), rank=rank)
+        for k, n in enumerate(used):
+            bank.load(k, trees[n], name=n)
+        tree, row_ids = bank.tree, bank.ids(names)
+    else:  # every row runs the base
+        tree, row_ids = base, None
+    out = _generate(handle.model, tree, x, new, attention_mask=mask, temperature=float(temperature),
                     top_k=int(top_k) or None, rng=jax.random.key(int(seed)),
                     eos_token_id=() if eos is None else int(eos), pad_token_id=int(pad), apply_fn=handle.decode_fn,
-                    adapter_ids=bank.ids(names))
+                    adapter_ids=row_ids)
     texts = []
     for j, row in enumerate(np.asarray(jax.device_get(out))[:, width:].tolist()):
+        row = row[:room[j]]
         row = row[: row.index(eos) + 1] if eos is not None and eos in row else row
         texts.append(tok.decode(ids[j] + row, skip_special_tokens=True))
     return texts
