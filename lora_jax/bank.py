@@ -11,7 +11,7 @@ never change: an adapter of rank ``r <= R`` goes into a slot as
 so ``a_slot @ b_slot = scale * a @ b`` exactly, and a target it does not adapt gets zeros. A
 per-layer ``layer_mask`` or ``out_slices`` is folded in the same way (zeros where it gives no delta).
 Loading, swapping and clearing replace arrays only, so a function jitted over the tree compiles
-once. ``lora.wrap(fn, adapter_ids=ids)`` runs each example with the adapter of its slot (``-1``,
+once. Always route: without ``adapter_ids``, `lora.wrap` applies every slot at once (their sum). ``lora.wrap(fn, adapter_ids=ids)`` runs each example with the adapter of its slot (``-1``,
 or any id outside ``0..slots-1``, runs the base) in one batched computation; `lora_jax.models.generate`
 takes ``adapter_ids`` too.
 
@@ -92,7 +92,8 @@ class AdapterBank:
         flat, self._treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
         nodes = [path_str(kp) for kp, leaf in flat if is_node(leaf)]
         if nodes:
-            raise ValueError(f"AdapterBank: params must be the base model's, but hold LoRA nodes at {nodes[:3]}")
+            raise ValueError(f"AdapterBank: params must be the base model's, but hold LoRA nodes at {nodes[:3]}; "
+                             "pass lora.merge(tree) for a merged base, or the params the adapters were made on")
         self._paths = [path_str(kp) for kp, _ in flat]
         self._leaves = [leaf for _, leaf in flat]
         self.params = params
@@ -174,6 +175,9 @@ class AdapterBank:
         source = "tree"
         if isinstance(adapter, (str, os.PathLike)):
             source = os.fspath(adapter)
+            if os.path.isfile(os.path.join(source, "adapter_config.json")):
+                raise ValueError(f"AdapterBank.load(slot {k}): {source!r} is a PEFT adapter directory; load it with "
+                                 f"lora_jax.hf.load_peft(path, bank.params, model) and pass the tree")
             adapter = load_adapter(source, self.params)
         name = name if name is not None else (os.path.basename(os.path.normpath(source)) if source != "tree"
                                               else f"slot{k}")
@@ -181,7 +185,8 @@ class AdapterBank:
             raise ValueError(f"AdapterBank.load(slot {k}): name must be a non-empty string, got {name!r}")
         taken = [j for j, s in enumerate(self._slots) if s is not None and s.name == name and j != k]
         if taken:
-            raise ValueError(f"AdapterBank.load(slot {k}): slot {taken[0]} already holds an adapter named {name!r}")
+            raise ValueError(f"AdapterBank.load(slot {k}): slot {taken[0]} already holds an adapter named {name!r}; "
+                             f"pass another name= or clear slot {taken[0]}")
         factors, ranks, scales, problems = {}, [], set(), []
         full = [path_str(kp) for kp, leaf in jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_node)[0]
                 if is_trainable(leaf)]

@@ -227,3 +227,21 @@ def test_several_adapters_train_in_one_step_as_if_alone(model_params):
         lora.freeze({"x": optax.sgd(1.0), "y": optax.sgd(1.0)}, tree)
     with pytest.raises(ValueError, match=r"the adapters \['z'\] are inactive, so they would not train"):
         lora.freeze({n: optax.sgd(1.0) for n in names}, lora.select(tree, ["x", "y"]))
+
+
+def test_generate_and_load_say_what_to_do(model_params, tmp_path):
+    model, params = model_params
+    bank = lora.AdapterBank(params, hf.rules_for(model, "attention", rank=2), slots=2, rank=2)
+    one = lora.init(params, hf.rules_for(model, "attention", rank=2), 0)
+    bank.load(0, one, name="one")
+    prompts = jnp.ones((2, 3), jnp.int32)
+    for ids in (["one", None], [0.5, 1.0]):
+        with pytest.raises(ValueError, match=r"AdapterBank.ids turns adapter names into ids"):
+            generate(model, bank.tree, prompts, 2, adapter_ids=ids)
+    with pytest.raises(ValueError, match=r"params hold no LoRA weight \(pass an AdapterBank's .tree"):
+        generate(model, bank.params, prompts, 2, adapter_ids=bank.ids(["one", None]))
+    hf.save_peft(tmp_path / "peft", nonzero_b(one), model)
+    with pytest.raises(ValueError, match=r"is a PEFT adapter directory; load it with lora_jax.hf.load_peft"):
+        bank.load(1, tmp_path / "peft")
+    with pytest.raises(ValueError, match="pass lora.merge"):
+        lora.AdapterBank(one, hf.rules_for(model, "attention", rank=2), slots=1, rank=2)

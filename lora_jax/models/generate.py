@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..interpreter import wrap
+from ..weight import is_lora
 from .layers import init_cache
 
 __all__ = ["generate"]
@@ -155,10 +156,17 @@ def generate(model, params, prompt_ids, max_new_tokens: int, *, attention_mask=N
     if eos and pad is None:
         pad = eos[0]
     if adapter_ids is not None:
-        adapter_ids = jnp.asarray(adapter_ids)
+        try:
+            adapter_ids = jnp.asarray(adapter_ids)
+        except (TypeError, ValueError):
+            adapter_ids = np.asarray(adapter_ids, dtype=object)  # names, None: refused below
+        if not any(is_lora(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_lora)):
+            raise ValueError("generate: adapter_ids route rows to adapters, but params hold no LoRA weight "
+                             "(pass an AdapterBank's .tree, not its .params)")
         if adapter_ids.shape != prompt_ids.shape[:1] or not jnp.issubdtype(adapter_ids.dtype, jnp.integer):
             raise ValueError(f"generate: adapter_ids must be an integer array of one id per row, shape "
-                             f"({prompt_ids.shape[0]},), got {adapter_ids.dtype}{list(adapter_ids.shape)}")
+                             f"({prompt_ids.shape[0]},), got {adapter_ids.dtype}{list(adapter_ids.shape)} "
+                             "(AdapterBank.ids turns adapter names into ids)")
         adapter_ids = adapter_ids.astype(jnp.int32)
     key = rng if rng is not None else jax.random.key(0)
     return _generate(params, prompt_ids.astype(jnp.int32), attention_mask, key, adapter_ids, model=model,
