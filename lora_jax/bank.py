@@ -11,8 +11,9 @@ never change: an adapter of rank ``r <= R`` goes into a slot as
 so ``a_slot @ b_slot = scale * a @ b`` exactly, and a target it does not adapt gets zeros. A
 per-layer ``layer_mask`` or ``out_slices`` is folded in the same way (zeros where it gives no delta).
 Loading, swapping and clearing replace arrays only, so a function jitted over the tree compiles
-once. Always route: without ``adapter_ids``, `lora.wrap` applies every slot at once (their sum). ``lora.wrap(fn, adapter_ids=ids)`` runs each example with the adapter of its slot (``-1``,
-or any id outside ``0..slots-1``, runs the base) in one batched computation; `lora_jax.models.generate`
+once. ``lora.wrap(fn, adapter_ids=ids)`` runs each example with the adapter of its slot (``-1``,
+or any id outside ``0..slots-1``, runs the base) in one batched computation; always route: without
+``adapter_ids``, `lora.wrap` applies every slot at once (their sum). `lora_jax.models.generate`
 takes ``adapter_ids`` too.
 
 Example:
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .io.adapter import load_adapter
-from .layout import check_layout, factor_shapes
+from .layout import check_layout, factor_shapes, pad_rank
 from .rules import Rules, path_str
 from .tree import is_array, lora_items
 from .weight import AdapterSettings, LoraWeight, is_node, is_trainable
@@ -244,12 +245,8 @@ class AdapterBank:
 
     def _padded(self, node: LoraWeight) -> tuple[jax.Array, jax.Array]:
         """``(a, b)`` of ``node`` at the bank's rank: masks applied, its scale folded into ``b``."""
-        ns = node.layout.count("s")
-        a = node.effective_a().astype(jnp.float32)
-        b = node.effective_b().astype(jnp.float32) * jnp.float32(node.scale)
-        pad = self.rank - node.rank
-        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
-        b = jnp.pad(b, [(0, 0)] * ns + [(0, pad)] + [(0, 0)] * (b.ndim - ns - 1))
+        a, b = pad_rank(node.effective_a().astype(jnp.float32),
+                        node.effective_b().astype(jnp.float32) * jnp.float32(node.scale), node.layout, self.rank)
         return a.astype(self.dtype), b.astype(self.dtype)
 
     def _build(self):

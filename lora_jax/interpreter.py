@@ -21,6 +21,7 @@ import numpy as np
 
 from . import primitive_rules  # noqa: F401  (registers the built-in rules)
 from .evaluator import Ctx, Lazy, MaterializeWarning, dense, eval_jaxpr, register_rule
+from .layout import pad_rank
 from .variants import variant_of
 from .weight import LoraWeight, dense_base, is_lora, is_node, is_stored, is_trainable
 
@@ -92,15 +93,14 @@ def _lazy_from(v: LoraWeight, n: int, t, rng_key, route_names=None, r_block=0):
         a_parts, b_parts = [], []
         for name in route_names:
             node = by_name.get(name)
-            pad = r_block - (node.rank if node is not None else 0)
             if node is None:
                 a_parts.append(jnp.zeros(a_shape + (r_block,), jnp.float32))
                 b_parts.append(jnp.zeros(b_shape[:ns] + (r_block,) + b_shape[ns:], jnp.float32))
                 continue
-            a = node.effective_a() * jnp.asarray(node.scale, node.a.dtype)
-            a_parts.append(jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]))
-            b = node.effective_b()
-            b_parts.append(jnp.pad(b, [(0, 0)] * ns + [(0, pad)] + [(0, 0)] * (b.ndim - ns - 1)))
+            a, b = pad_rank(node.effective_a() * jnp.asarray(node.scale, node.a.dtype), node.effective_b(),
+                            v.layout, r_block)
+            a_parts.append(a)
+            b_parts.append(b)
     a = jnp.concatenate(a_parts, axis=-1) if len(a_parts) > 1 else a_parts[0]
     b = jnp.concatenate(b_parts, axis=ns) if len(b_parts) > 1 else b_parts[0]
     t = jnp.asarray(t).astype(a.dtype)

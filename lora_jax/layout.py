@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["check_layout", "factor_shapes", "to_matrix", "from_matrix", "delta_from_factors", "column_norm",
-           "in_w_layout"]
+           "in_w_layout", "pad_rank"]
 
 _KINDS = frozenset("sio")
 
@@ -138,3 +138,16 @@ def in_w_layout(v: jax.Array, shape: Sequence[int], layout: str) -> jax.Array:
     for j in order:
         target[j] = shape[j]
     return jnp.transpose(v, np.argsort(np.argsort(order))).reshape(target)
+
+
+def pad_rank(a: jax.Array, b: jax.Array, layout: str, rank: int) -> tuple[jax.Array, jax.Array]:
+    """``(a, b)`` zero-padded to ``rank`` along their rank axes (``a``'s last, ``b``'s after the stack
+    axes), so ``a @ b`` is unchanged.
+
+    >>> import jax.numpy as jnp
+    >>> [x.shape for x in pad_rank(jnp.ones((3, 5, 2)), jnp.ones((3, 2, 4)), "sio", 6)]
+    [(3, 5, 6), (3, 6, 4)]
+    """
+    pad, ns = rank - a.shape[-1], layout.count("s")
+    return (jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]),
+            jnp.pad(b, [(0, 0)] * ns + [(0, pad)] + [(0, 0)] * (b.ndim - ns - 1)))

@@ -175,6 +175,36 @@ def evaluate(handle: RunHandle, rows: _data.Rows, batch_size: Optional[int] = No
     return out
 
 
+def _prompt_ids(tok, prompt: str) -> list[int]:
+    """The token ids a generation starts from: the bos token (if any), then the prompt's."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ids = bos + list(tok.encode(prompt, add_special_tokens=False))
+    if not ids:
+        raise ValueError("generate: empty prompt and the tokenizer has no bos_token to start from")
+    return ids
+
+
+def _room(handle: RunHandle, n_ids: int, max_new_tokens: int) -> int:
+    """How many tokens may follow a prompt of ``n_ids`` tokens (``max_new_tokens``, or fewer where
+    the model's positions end)."""
+    max_pos = _model.max_positions(handle.model)
+    new = int(max_new_tokens) if max_pos is None else min(int(max_new_tokens), int(max_pos) - n_ids)
+    if new < 1:
+        raise ValueError(f"generate: the prompt has {n_ids} tokens, the model only {max_pos} positions")
+    return new
+
+
+def _eos_pad(tok) -> tuple[Optional[int], int]:
+    """The tokenizer's end-of-sequence id and the id written after it."""
+    eos = tok.eos_token_id
+    return eos, tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+
+
+def _until_eos(row: list, eos: Optional[int]) -> list:
+    """``row`` up to and including its first ``eos``."""
+    return row[: row.index(eos) + 1] if eos is not None and eos in row else row
+
+
 def generate_ids(handle: RunHandle, ids, *, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
                  seed: int = 0, use_adapter: bool = True) -> list[int]:
     """Up to ``max_new_tokens`` token ids after ``ids`` from base + adapter (or the base alone),
@@ -189,19 +219,13 @@ def generate_ids(handle: RunHandle, ids, *, max_new_tokens: int = 64, temperatur
     ids = [int(i) for i in ids]
     if not ids:
         raise ValueError("generate: empty prompt")
-    max_pos = _model.max_positions(handle.model)
-    new = int(max_new_tokens) if max_pos is None else min(int(max_new_tokens), int(max_pos) - len(ids))
-    if new < 1:
-        raise ValueError(f"generate: the prompt has {len(ids)} tokens, the model only {max_pos} positions")
-    tok = handle.tokenizer
+    new = _room(handle, len(ids), max_new_tokens)
     tree = handle.lora_params if use_adapter else _model.base_only(handle.lora_params)
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+    eos, pad = _eos_pad(handle.tokenizer)
     out = _generate(handle.model, tree, np.asarray([ids], np.int32), new, temperature=float(temperature),
                     top_k=int(top_k) or None, rng=jax.random.key(int(seed)),
                     eos_token_id=() if eos is None else int(eos), pad_token_id=int(pad), apply_fn=handle.decode_fn)
-    out = np.asarray(jax.device_get(out))[0, len(ids):].tolist()
-    return out[: out.index(eos) + 1] if eos is not None and eos in out else out
+    return _until_eos(np.asarray(jax.device_get(out))[0, len(ids):].tolist(), eos)
 
 
 def generate(handle: RunHandle, prompt: str = "", *, max_new_tokens: int = 64, temperature: float = 0.8,
@@ -209,10 +233,7 @@ def generate(handle: RunHandle, prompt: str = "", *, max_new_tokens: int = 64, t
     """``prompt`` and a sampled continuation from base + adapter (or the base alone), as text
     (`generate_ids`; greedy at ``temperature == 0``)."""
     tok = handle.tokenizer
-    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(
-        tok.encode(prompt, add_special_tokens=False))
-    if not ids:
-        raise ValueError("generate: empty prompt and the tokenizer has no bos_token to start from")
+    ids = _prompt_ids(tok, prompt)
     new = generate_ids(handle, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
                        use_adapter=use_adapter)
     return tok.decode(ids + new, skip_special_tokens=True)
@@ -249,18 +270,10 @@ def generate_many(handle: RunHandle, prompts: Sequence[str], names: Sequence[Opt
     trees = {n: plain(handle.lora_params if n == "run" and "run" not in adapters else
                       _model.load_peft(handle.model, handle.lora_params, adapters[n])) for n in used}
     tok = handle.tokenizer
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    ids = [bos + list(tok.encode(p, add_special_tokens=False)) for p in prompts]
-    if not all(ids):
-        raise ValueError("generate: an empty prompt and the tokenizer has no bos_token to start from")
-    max_pos = _model.max_positions(handle.model)
-    room = [int(max_new_tokens) if max_pos is None else min(int(max_new_tokens), int(max_pos) - len(i)) for i in ids]
-    if min(room) < 1:
-        j = room.index(min(room))
-        raise ValueError(f"generate: prompt {j} has {len(ids[j])} tokens, the model only {max_pos} positions")
+    ids = [_prompt_ids(tok, p) for p in prompts]
+    room = [_room(handle, len(i), max_new_tokens) for i in ids]
     width, new = max(len(i) for i in ids), max(room)  # a row's tokens past its room are cut below
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+    eos, pad = _eos_pad(tok)
     x = np.full((len(ids), width), pad, np.int32)
     mask = np.zeros((len(ids), width), np.int32)
     for j, row in enumerate(ids):  # left padding: every row ends with a real token
@@ -281,7 +294,6 @@ def generate_many(handle: RunHandle, prompts: Sequence[str], names: Sequence[Opt
                     adapter_ids=row_ids)
     texts = []
     for j, row in enumerate(np.asarray(jax.device_get(out))[:, width:].tolist()):
-        row = row[:room[j]]
-        row = row[: row.index(eos) + 1] if eos is not None and eos in row else row
+        row = _until_eos(row[:room[j]], eos)
         texts.append(tok.decode(ids[j] + row, skip_special_tokens=True))
     return texts
