@@ -96,7 +96,9 @@ def test_cache_key_follows_tokens_not_seq_len(tmp_path, tok):
                                                                        "documents-64-0-40.npz"]
 
 
-def test_failed_build_leaves_nothing_and_names_the_record(tmp_path, tok, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failed_build_leaves_nothing_and_names_the_record(tmp_path, tok, monkeypatch, workers):
+    """In-process and in the worker pool alike (the worker's ValueError comes back as itself)."""
     monkeypatch.setattr(C, "CHUNK", 16)
     recs = _chats(100)
     lines = [json.dumps(r) for r in recs]
@@ -105,7 +107,7 @@ def test_failed_build_leaves_nothing_and_names_the_record(tmp_path, tok, monkeyp
     f.write_text("\n".join(lines) + "\n")
     root = tmp_path / "cache"
     with pytest.raises(ValueError, match=re.escape(f"{f}:71: 'messages' must be a non-empty list")):
-        C.load([str(f)], tok, root=str(root), say=lambda s: None)
+        C.load([str(f)], tok, root=str(root), say=lambda s: None, workers=workers)
     assert [n for n in os.listdir(root) if not n.startswith(".")] == ["stat"]  # no entry, no temporary left
     assert not [n for n in os.listdir(root) if ".tmp-" in n]
 

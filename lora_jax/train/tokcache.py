@@ -11,7 +11,7 @@ they key the row plans stored beside them (``plans/``), computed once per layout
 
 Building streams: the main process reads records in chunks (a JSONL line is parsed where it is
 encoded), worker processes encode them (``spawn``ed, each with the tokenizer), results are written
-to ``tokens.bin``/``weights.bin`` as they come back in order, at most two chunks per worker in
+to ``tokens.bin``/``weights.bin`` as they come back in order, one chunk per worker in
 flight, so the build's memory does not grow with the data. Progress (records, records/s) goes
 to ``say`` every few seconds.
 
@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
 import hashlib
@@ -195,34 +194,99 @@ def _workers(requested: int, size: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _serve(conn, tokenizer, columns) -> None:
+    """A worker: encode each chunk received, send back its result (or its exception), until None."""
+    _init_worker(tokenizer, columns)
+    while True:
+        items = conn.recv()
+        if items is None:
+            return
+        try:
+            out = ("ok", _encode_chunk(items))
+        except Exception as e:  # noqa: BLE001 - re-raised in the parent
+            out = ("error", e)
+        try:
+            conn.send(out)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            conn.send(("error", RuntimeError(f"{type(out[1]).__name__}: {out[1]}")))
+
+
 def _results(chunks, tokenizer, columns, workers: int):
-    """The encoded chunks in order: in-process for one worker, else a spawned pool with at most
-    ``2 * workers`` chunks in flight."""
+    """The encoded chunks in order: in-process for one worker, else `workers` spawned processes,
+    each with its own pipe and one chunk in flight (chunk ``i`` goes to worker ``i % workers``).
+
+    Every wait also watches the workers' process sentinels, so a worker that dies (killed, out of
+    memory, or unable to start) ends the build with an error at once; a shared task queue (a
+    `multiprocessing.Pool`, and `ProcessPoolExecutor` when a worker dies mid-transfer) can wait
+    forever instead. A worker is only sent a chunk once its previous result was read, so neither
+    side ever blocks on a full pipe the other is not reading."""
     if workers <= 1:
         for c in chunks:
             yield _encode_chunk(c, tokenizer, columns or {})
         return
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing.connection import wait
 
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                               initargs=(tokenizer, columns or {}))
+    died = RuntimeError(
+        "a tokenizing worker process died (killed, out of memory, or it could not start: a script that "
+        "starts training must guard its entry with `if __name__ == \"__main__\":`, since workers are "
+        "spawned and import the main module); nothing of this cache build is kept")
+    ctx = mp.get_context("spawn")
+    procs, conns = [], []
     try:
-        flight: collections.deque = collections.deque()
-        for c in chunks:
-            flight.append(pool.submit(_encode_chunk, c))
-            if len(flight) >= 2 * workers:
-                yield flight.popleft().result()
-        while flight:
-            yield flight.popleft().result()
-    except BrokenProcessPool:
-        raise RuntimeError(
-            "a tokenizing worker process died (killed, out of memory, or it could not start: a script that "
-            "starts training must guard its entry with `if __name__ == \"__main__\":`, since workers are "
-            "spawned and import the main module); nothing of this cache build is kept") from None
+        for _ in range(workers):
+            here, there = ctx.Pipe()
+            p = ctx.Process(target=_serve, args=(there, tokenizer, columns or {}), daemon=True)
+            p.start()
+            there.close()
+            procs.append(p)
+            conns.append(here)
+        sentinels = [p.sentinel for p in procs]
+
+        def send(w, item):
+            try:
+                conns[w].send(item)
+            except OSError:
+                raise died from None
+
+        it = iter(chunks)
+        busy = 0
+        for w in range(workers):
+            c = next(it, None)
+            if c is None:
+                break
+            send(w, c)
+            busy += 1
+        i = 0
+        while busy:
+            w = i % workers
+            if conns[w] not in wait([conns[w]] + sentinels):
+                raise died
+            try:
+                status, out = conns[w].recv()
+            except (EOFError, OSError):
+                raise died from None
+            busy -= 1
+            if status == "error":
+                raise out
+            c = next(it, None)
+            if c is not None:
+                send(w, c)
+                busy += 1
+            yield out
+            i += 1
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for p in procs:
+            p.join(timeout=10)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+        for conn in conns:
+            conn.close()
 
 
 def _build(tmp: str, fmt_files, tokenizer, columns, workers: int, say: Callable) -> dict:
