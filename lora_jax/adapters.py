@@ -35,12 +35,16 @@ def adapter_names(tree) -> list[str]:
     return names
 
 
-def add(tree, name: str, rules: Union[Rules, Any], key, *, active: bool = True):
+def add(tree, name: str, rules: Union[Rules, Any], key, *, active: bool = True, same_init: bool = False):
     """Add the adapter ``name`` beside any existing ones, on the leaves ``rules`` selects.
 
     A selected plain leaf gets its first adapter; a selected `LoraWeight` gets one more on the
     same base kernel (same layout). Existing adapters keep their ``active`` flags; pass
-    ``active=False`` to add the new one switched off.
+    ``active=False`` to add the new one switched off. Each leaf's key comes from ``key`` and its
+    path (folded once more on a kernel that already holds adapters, so two adapters added with one
+    key differ); with ``same_init`` the new adapter's factors are exactly those of
+    ``lora.init(params, rules, key)``, wherever it lands (several adapters trained together, each
+    starting as its own run would).
 
     Raises:
       ValueError: if ``name`` already exists on a selected kernel, if the rules select nothing,
@@ -76,7 +80,8 @@ def add(tree, name: str, rules: Union[Rules, Any], key, *, active: bool = True):
             if t.layout != leaf.layout:
                 raise ValueError(f"{p}: the new adapter's layout {t.layout!r} differs from the layout {leaf.layout!r} of "
                                  f"the adapters already on this kernel")
-            out.append(make_weight(leaf.base, t, path_key(jax.random.fold_in(key, 1), p), inner=leaf))
+            out.append(make_weight(leaf.base, t, path_key(key if same_init else jax.random.fold_in(key, 1), p),
+                                   inner=leaf))
         else:
             out.append(make_weight(leaf, t, path_key(key, p)))
     return jax.tree_util.tree_unflatten(treedef, out)

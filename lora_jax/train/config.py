@@ -38,7 +38,7 @@ from . import records as _records
 __all__ = [
     "Config", "ModelConfig", "PretrainConfig", "TokenizerConfig", "DataConfig", "LoraConfig", "TrainConfig",
     "MeshConfig", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "config_names", "resolve_path",
-    "deep_update",
+    "deep_update", "adapter_configs", "ADAPTER_KEYS",
     "BUILTIN_PREFIX", "REMAT_POLICIES",
 ]
 
@@ -277,6 +277,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     name: str = _f("default", "the config's name (used for the run directory)")
+    adapters: Optional[list] = _f(None, "several adapters trained side by side on the one frozen base, in one "
+                                  "step: a list of {name, lora: {...}, data: {...}, train: {...}}, each section "
+                                  "overriding the run's own (ADAPTER_KEYS); null: one adapter")
+
+
+# what each entry of ``adapters`` may set (everything else is shared by all adapters of the run)
+ADAPTER_KEYS = {
+    "lora": ("targets", "rank", "alpha", "dropout", "rslora", "variant", "init", "exclude"),
+    "data": ("train", "eval", "eval_fraction", "format", "columns"),
+    "train": ("batch_size", "lr", "schedule", "warmup_steps", "end_lr_ratio", "optimizer", "b1", "b2",
+              "weight_decay", "clip_norm"),
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -415,6 +427,13 @@ def _build(cls, data: dict, prefix: str, problems: list):
                             + f" ({where}: {', '.join(fields)})")
             continue
         tp = hints[k]
+        if cls is Config and k == "adapters":  # a list of mappings, checked whole by `_check_adapters`
+            if v is not None and not (isinstance(v, list) and all(isinstance(x, dict) for x in v)):
+                problems.append(f"adapters: expected a list of mappings ({{name: ..., lora: ..., data: ..., train: "
+                                f"...}}), got {_short(v)}")
+                continue
+            kwargs[k] = None if v is None else yaml.safe_load(yaml.safe_dump(v))
+            continue
         if dataclasses.is_dataclass(tp):
             kwargs[k] = _build(tp, v if v is not None else {}, key + ".", problems)
             continue
@@ -700,9 +719,101 @@ def from_dict(data: dict, *, check_files: bool = True) -> Config:
         _check_lora_patterns(cfg.lora, problems)
     if not problems and check_files:
         _cross_checks(cfg, problems)
+    if not problems and cfg.adapters is not None:
+        _check_adapters(cfg, problems, check_files)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _adapter_entry(cfg: Config, j: int, entry: dict, problems: list, check_files: bool) -> Optional[tuple]:
+    """``(name, Config)`` of ``adapters[j]``: the run's config with the entry's sections over it
+    (problems appended, named ``adapters[j]``; None when there are any)."""
+    from ..optim import FROZEN
+    from ..weight import AdapterSettings
+
+    where = f"adapters[{j}]"
+    name = entry.get("name")
+    try:
+        AdapterSettings.of({"name": name}, where=where)
+    except (TypeError, ValueError) as e:
+        problems.append(f"{where}.name: {e} (each adapter needs a name: it names its export, adapters/<name>)")
+        return None
+    if name in (".", "..", FROZEN) or any(c in name for c in "/\\\x00"):
+        problems.append(f"adapters[{j}].name: {name!r} cannot name an adapter of a run (its export is "
+                        f"adapters/<name>); expected a name without '/', '\\' or NUL, not '.', '..' or {FROZEN!r}")
+        return None
+    where = f"adapters[{j}] ({name})"
+    n = len(problems)
+    over = {}
+    for section, v in entry.items():
+        if section == "name":
+            continue
+        if section not in ADAPTER_KEYS:
+            problems.append(f"{where}: unknown key {section!r}; an adapter sets name and "
+                            f"{', '.join(ADAPTER_KEYS)} (the rest is shared by every adapter of the run)"
+                            + _suggest(str(section), ADAPTER_KEYS))
+            continue
+        if not isinstance(v, dict):
+            problems.append(f"{where}.{section}: expected a mapping, got {_short(v)}")
+            continue
+        for key in v:
+            if key not in ADAPTER_KEYS[section]:
+                problems.append(f"{where}.{section}.{key}: not set per adapter; an adapter sets {section}."
+                                f"{{{', '.join(ADAPTER_KEYS[section])}}}, the rest of {section} is the run's own"
+                                + _suggest(str(key), ADAPTER_KEYS[section]))
+        over[section] = dict(v)
+    if len(problems) > n:
+        return None
+    data = deep_update(yaml.safe_load(yaml.safe_dump({**to_dict(cfg), "adapters": None})), over)
+    try:
+        return name, from_dict(data, check_files=check_files)
+    except ConfigError as e:
+        problems.extend(f"{where}: {p}" for p in e.problems)
+        return None
+
+
+def _check_adapters(cfg: Config, problems: list, check_files: bool = True) -> None:
+    """The ``adapters`` list: each entry valid over the run's config, names unique, and what
+    several adapters in one step cannot do refused."""
+    from ..variants import LORA, get_variant
+
+    if not cfg.adapters:
+        problems.append("adapters: an empty list; give two or more adapters, or null for one")
+        return
+    if cfg.lora.modules_to_save:
+        problems.append(f"lora.modules_to_save: {cfg.lora.modules_to_save!r} with adapters: modules trained in full "
+                        "belong to no one adapter; train them in a run of one adapter")
+    seen = {}
+    for j, entry in enumerate(cfg.adapters):
+        got = _adapter_entry(cfg, j, entry, problems, check_files)
+        if got is None:
+            continue
+        name, one = got
+        if name in seen:
+            problems.append(f"adapters[{j}].name: {name!r} is also adapters[{seen[name]}]'s name; names must differ")
+        seen.setdefault(name, j)
+        kind = get_variant(one.lora.variant)
+        if not (kind is LORA or (kind.factorized and kind.combines)):
+            problems.append(f"adapters[{j}] ({name}).lora.variant: {one.lora.variant!r} cannot share a batch with "
+                            "other adapters (per-row routing needs a factorized variant, e.g. lora)")
+
+
+def adapter_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """``[(name, Config)]`` of a run with ``adapters``: each adapter's whole config (the run's, with
+    the entry's ``lora``/``data``/``train`` keys over it; what its run alone would be);
+    ``[]`` for a run of one adapter.
+
+    Raises:
+      ConfigError: an entry that is not valid (`load_config` has checked them already).
+    """
+    if cfg.adapters is None:
+        return []
+    problems: list[str] = []
+    out = [_adapter_entry(cfg, j, e, problems, False) for j, e in enumerate(cfg.adapters)]
+    if problems:
+        raise ConfigError(problems)
+    return out
 
 
 # ------------------------------------------------------------------------------------------

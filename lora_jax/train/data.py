@@ -25,6 +25,11 @@ loop reads only the rows of each batch). A batch holds ``inputs``, ``targets``, 
 The training order is a fresh permutation of the rows each epoch, drawn from ``(seed, epoch)``;
 the *position* (rows consumed so far) is all a checkpoint needs to continue exactly.
 
+Several adapters trained side by side each read their own data: a `Mixture` serves K row sources
+as one (each batch also holds ``adapter``, the source of each row), and `MixedOrder` takes, every
+step, each source's share of rows in that source's own `Order` — the rows a run of it alone would
+read at that step.
+
 Example:
   >>> import numpy as np
   >>> from lora_jax.train.data import pack
@@ -46,7 +51,7 @@ import numpy as np
 from . import readers as _readers
 from . import records as _rec
 
-__all__ = ["PACKING", "Docs", "Rows", "PackedRows", "Order", "read_documents", "to_record", "encode", "pack",
+__all__ = ["PACKING", "Docs", "Rows", "PackedRows", "Order", "Mixture", "MixedOrder", "read_documents", "to_record", "encode", "pack",
            "plan_documents", "batch", "eval_batches", "split_count", "split_eval", "ShapeCheck", "why_no_targets"]
 
 PACKING = ("documents", "stream", "none")
@@ -477,6 +482,110 @@ class Order:
             e, k = divmod(position + j, self.n)
             out[j] = self.epoch(e)[k]
         return out
+
+
+class Mixture:
+    """K row sources served as one (several adapters trained side by side, one source each): row
+    ``offsets[k] + i`` is row ``i`` of source ``k``, and every batch also holds ``"adapter"``:
+    ``(rows, seq_len)`` int32, the id of each row's source (``ids[k]``, default ``k``) repeated
+    along it.
+
+    Raises:
+      ValueError: no sources, or sources of different ``seq_len`` or batch fields.
+
+    Example:
+      >>> import numpy as np
+      >>> a = pack([(np.arange(6), np.ones(6))], seq_len=5, pad_id=0)
+      >>> b = pack([(np.arange(9), np.ones(9)), (np.arange(4), np.ones(4))], seq_len=5, pad_id=0)
+      >>> m = Mixture([a, b])
+      >>> len(m), m.batch(np.array([2, 0]))["adapter"][:, 0].tolist()
+      (4, [1, 0])
+    """
+
+    def __init__(self, sources: Sequence, ids: Optional[Sequence[int]] = None):
+        self.sources = list(sources)
+        if not self.sources:
+            raise ValueError("Mixture: no row sources")
+        self.ids = np.arange(len(self.sources), dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
+        if self.ids.shape != (len(self.sources),):
+            raise ValueError(f"Mixture: {len(self.ids)} ids for {len(self.sources)} sources")
+        lens = {int(src.seq_len) for src in self.sources}
+        if len(lens) > 1:
+            raise ValueError(f"Mixture: the sources have different seq_len {sorted(lens)}; one is needed")
+        keys = {tuple(sorted(src.batch(np.zeros(1, np.int64)))) for src in self.sources}
+        if len(keys) > 1:
+            raise ValueError(f"Mixture: the sources' batches hold different fields {sorted(keys)} (one packing for all)")
+        self.sizes = np.asarray([len(src) for src in self.sources], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.sources[0].seq_len)
+
+    @property
+    def n_targets(self) -> int:
+        return sum(int(src.n_targets) for src in self.sources)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(int(src.n_tokens) for src in self.sources)
+
+    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        idx = np.asarray(idx, np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"Mixture: row index out of range 0..{len(self) - 1}")
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        out: dict[str, np.ndarray] = {}
+        for k in np.unique(which):
+            at = np.flatnonzero(which == k)
+            part = self.sources[k].batch(idx[at] - self.offsets[k])
+            for key, v in part.items():
+                if key not in out:
+                    out[key] = np.empty((len(idx),) + v.shape[1:], v.dtype)
+                out[key][at] = v
+        out["adapter"] = np.repeat(self.ids[which][:, None], self.seq_len, axis=1)
+        return out
+
+
+class MixedOrder:
+    """The order of a `Mixture`: every step takes ``batch_sizes[k]`` rows of source ``k`` in that
+    source's own ``Order(len(source), seed)``, so each source's rows come exactly as in a run of
+    it alone with batch size ``batch_sizes[k]``. With ``grad_accum`` micro-batches each micro-batch
+    holds its share of every source (micro-batch ``j`` of source ``k``: the rows that run's
+    micro-batch ``j`` would hold). The position counts rows of all sources together.
+
+    Raises:
+      ValueError: a batch size not divisible by ``grad_accum``, or (in `take`) a position or count
+        that is not whole steps.
+    """
+
+    def __init__(self, mixture: Mixture, batch_sizes: Sequence[int], seed: int, grad_accum: int = 1):
+        self.batch_sizes = [int(b) for b in batch_sizes]
+        if len(self.batch_sizes) != len(mixture.sources):
+            raise ValueError(f"MixedOrder: {len(self.batch_sizes)} batch sizes for {len(mixture.sources)} sources")
+        bad = [b for b in self.batch_sizes if b < 1 or b % int(grad_accum)]
+        if bad:
+            raise ValueError(f"MixedOrder: batch sizes {self.batch_sizes} must be positive and divide by grad_accum "
+                             f"{grad_accum}")
+        self.orders = [Order(len(src), seed) for src in mixture.sources]
+        self.offsets, self.accum = mixture.offsets, int(grad_accum)
+        self.total = sum(self.batch_sizes)
+
+    def take(self, position: int, count: int) -> np.ndarray:
+        """The rows of the steps from ``position`` (rows of all sources so far) on, ``count`` rows."""
+        if position % self.total or count % self.total:
+            raise ValueError(f"MixedOrder: position {position} and count {count} must be whole steps of "
+                             f"{self.total} rows")
+        out = []
+        for s in range(position // self.total, (position + count) // self.total):
+            for j in range(self.accum):
+                for k, (order, bs) in enumerate(zip(self.orders, self.batch_sizes)):
+                    mb = bs // self.accum
+                    out.append(order.take(s * bs + j * mb, mb) + self.offsets[k])
+        return np.concatenate(out)
 
 
 def batch(rows, idx: np.ndarray) -> dict[str, np.ndarray]:

@@ -46,26 +46,42 @@ from typing import Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
-__all__ = ["token_stats", "chunked_token_stats", "cross_entropy", "auto_chunk", "CHUNK_BYTES"]
+__all__ = ["token_stats", "group_sum", "chunked_token_stats", "cross_entropy", "auto_chunk", "CHUNK_BYTES"]
 
 # the float32 logits of one chunk: (rows x chunk positions x vocabulary) x 4 bytes, at most this
 CHUNK_BYTES = 256 * 2**20
 
 
-def token_stats(logits, targets, weights):
+def group_sum(x, groups=None, n_groups: int = 0):
+    """The sum of ``x``; with ``groups`` (same shape, ids ``0 .. n_groups-1``) one sum per group.
+
+    >>> import jax.numpy as jnp
+    >>> group_sum(jnp.arange(4.0), jnp.array([1, 0, 1, 1]), 2).tolist()
+    [1.0, 5.0]
+    """
+    if groups is None:
+        return jnp.sum(x)
+    hit = groups[..., None] == jnp.arange(n_groups, dtype=groups.dtype)
+    return jnp.sum(jnp.where(hit, x[..., None], 0.0), axis=tuple(range(x.ndim)))
+
+
+def token_stats(logits, targets, weights, groups=None, n_groups: int = 0):
     """``(sum of weighted next-token NLL, sum of weighted correct argmax)``, in float32.
 
     Args:
       logits: ``(..., V)`` logits (cast to float32 here).
       targets: ``(...)`` integer targets.
       weights: ``(...)`` token weights (0 = not trained, e.g. padding).
+      groups: optional ``(...)`` integer group of each token (e.g. the adapter its row trains):
+        then both sums are ``(n_groups,)`` arrays, one entry per group.
+      n_groups: how many groups (with ``groups``).
     """
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     w = weights.astype(jnp.float32)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return jnp.sum((lse - tgt) * w), jnp.sum(correct * w)
+    return group_sum((lse - tgt) * w, groups, n_groups), group_sum(correct * w, groups, n_groups)
 
 
 def auto_chunk(rows: int, length: int, vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -93,7 +109,7 @@ def _head_fn(head) -> tuple[Callable, Optional[int]]:
 
 
 def chunked_token_stats(hidden, head: Union[Callable, jax.Array], targets, weights, *,
-                        chunk: Optional[int] = None, chunk_bytes: int = CHUNK_BYTES):
+                        chunk: Optional[int] = None, chunk_bytes: int = CHUNK_BYTES, groups=None, n_groups: int = 0):
     """`token_stats` of ``head(hidden)``, computed ``chunk`` positions at a time.
 
     Args:
@@ -106,9 +122,11 @@ def chunked_token_stats(hidden, head: Union[Callable, jax.Array], targets, weigh
       chunk: positions per chunk (all ``B`` rows together); None: `auto_chunk` with
         ``chunk_bytes``. ``T`` need not divide by it (the last chunk is padded with weight 0).
       chunk_bytes: the float32-logit budget of one chunk when ``chunk`` is None.
+      groups, n_groups: per-token groups, as in `token_stats` (``(B, T)``).
 
     Returns:
-      ``(sum of weighted NLL, sum of weighted correct argmax)`` in float32: the same values and
+      ``(sum of weighted NLL, sum of weighted correct argmax)`` in float32 (per group with
+      ``groups``): the same values and
       gradients (w.r.t. ``hidden`` and everything ``head`` uses) as
       ``token_stats(head(hidden), targets, weights)``.
 
@@ -121,7 +139,11 @@ def chunked_token_stats(hidden, head: Union[Callable, jax.Array], targets, weigh
                          f"hidden {hidden.shape}, targets {targets.shape}, weights {weights.shape}")
     *lead, t, d = hidden.shape
     b = math.prod(lead)
+    if groups is not None and jnp.shape(groups) != targets.shape:
+        raise ValueError(f"chunked_token_stats: groups must have the targets' shape {targets.shape}, got "
+                         f"{jnp.shape(groups)}")
     h, tg, w = hidden.reshape(b, t, d), targets.reshape(b, t).astype(jnp.int32), weights.reshape(b, t)
+    g = jnp.zeros((b, t), jnp.int32) if groups is None else jnp.asarray(groups, jnp.int32).reshape(b, t)
     fn, vocab = _head_fn(head)
     if chunk is None:
         if vocab is None:
@@ -136,20 +158,23 @@ def chunked_token_stats(hidden, head: Union[Callable, jax.Array], targets, weigh
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         tg = jnp.pad(tg, ((0, 0), (0, pad)))
         w = jnp.pad(w, ((0, 0), (0, pad)))
+        g = jnp.pad(g, ((0, 0), (0, pad)))
     # (n, B, c, ...): the scan walks the sequence; every chunk holds all rows (batch sharding kept)
-    xs = (h.reshape(b, n, c, d).swapaxes(0, 1), tg.reshape(b, n, c).swapaxes(0, 1), w.reshape(b, n, c).swapaxes(0, 1))
+    xs = (h.reshape(b, n, c, d).swapaxes(0, 1), tg.reshape(b, n, c).swapaxes(0, 1), w.reshape(b, n, c).swapaxes(0, 1),
+          g.reshape(b, n, c).swapaxes(0, 1))
+    grouped = groups is not None
 
     # keep only the chunk's inputs; the backward pass recomputes its logits (no CSE barrier needed in a scan)
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def one(hc, tc, wc):
+    def one(hc, tc, wc, gc):
         with jax.named_scope("lm_loss"):  # names the head and its loss in profiles
-            return token_stats(fn(hc), tc, wc)
+            return token_stats(fn(hc), tc, wc, gc if grouped else None, n_groups)
 
     def body(carry, x):
         nll, correct = one(*x)
         return (carry[0] + nll, carry[1] + correct), None
 
-    zero = jnp.zeros((), jnp.float32)
+    zero = jnp.zeros((int(n_groups),) if grouped else (), jnp.float32)
     (nll, correct), _ = jax.lax.scan(body, (zero, zero), xs)
     return nll, correct
 

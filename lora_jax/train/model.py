@@ -29,9 +29,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -364,19 +365,23 @@ def make_stats(model, *, chunked: bool = True, chunk: Optional[int] = None) -> C
 
     coef = router_aux_coef(model)
 
-    def stats(params, inputs, targets, weights, mask=None, positions=None):
+    def stats(params, inputs, targets, weights, mask=None, positions=None, groups=None, n_groups=0):
         kw = {"mutable": ["intermediates"]} if coef else {}
+        if coef and groups is not None:
+            raise ValueError("per-adapter losses: the router load-balancing loss (output_router_logits) mixes every "
+                             "row of the batch, so it cannot be split by adapter; set output_router_logits false")
         mask, positions = model_inputs(mask, positions)
         if not chunked:
             out = model.apply({"params": params}, inputs, attention_mask=mask, positions=positions, **kw)
             logits, state = out if coef else (out, None)
-            nll, correct = token_stats(logits, targets, weights)
+            nll, correct = token_stats(logits, targets, weights, groups, n_groups)
         else:
             out = model.apply({"params": params}, inputs, attention_mask=mask, positions=positions, method="hidden",
                               **kw)
             (h, _), state = out if coef else (out, None)
             head = lambda x: model.apply({"params": params}, x, method="logits")  # noqa: E731
-            nll, correct = chunked_token_stats(h, head, targets, weights, chunk=chunk)
+            nll, correct = chunked_token_stats(h, head, targets, weights, chunk=chunk, groups=groups,
+                                               n_groups=n_groups)
         if coef:
             real = None if mask is None else mask != 0
             nll = nll + coef * router_aux_loss(model, state, real) * jnp.sum(weights.astype(jnp.float32))
@@ -406,20 +411,37 @@ def router_aux_loss(model, state, mask=None) -> jax.Array:
     return load_balancing_loss(found[0], model.config.num_experts_per_tok, mask)
 
 
-def lora_loss_fn(model, *, chunked: bool = True, chunk: Optional[int] = None) -> Callable:
+def lora_loss_fn(model, *, chunked: bool = True, chunk: Optional[int] = None, adapters: Sequence[str] = ()) -> Callable:
     """``loss(trainable, frozen, batch, rng) -> (nll_sum, correct_sum)`` of a LoRA step: `make_stats`
     through ``lora.wrap`` on ``lora.combine(trainable, frozen)`` (LoRA dropout driven by ``rng``).
 
     The whole loss runs inside ``wrap``, so a LoRA or quantized head stays factorized in every
     chunk. This is the trainer's loss and the step `benchmarks/train_step.py` times as ``lora_jax``.
+
+    With ``adapters`` (names of `lora.add` adapters in the tree) the batch also holds ``"adapter"``,
+    ``(B, T)`` indices into ``adapters`` (one per row, repeated along it): each row runs with its
+    own adapter (``lora.wrap(adapter_ids=...)``) and both sums are ``(len(adapters),)`` arrays, one
+    per adapter.
     """
+    from ..adapters import adapter_names
     from ..interpreter import wrap
 
     stats = make_stats(model, chunked=chunked, chunk=chunk)
+    adapters = tuple(adapters)
 
     def loss(trainable, frozen, batch, rng):
-        return wrap(stats, rng=rng)(_tree.combine(trainable, frozen), batch["inputs"], batch["targets"],
-                                    batch["weights"], batch.get("mask"), batch.get("positions"))
+        tree = _tree.combine(trainable, frozen)
+        args = (tree, batch["inputs"], batch["targets"], batch["weights"], batch.get("mask"), batch.get("positions"))
+        if not adapters:
+            return wrap(stats, rng=rng)(*args)
+        order = adapter_names(tree)  # wrap's routing indexes the tree's own order
+        missing = [n for n in adapters if n not in order]
+        if missing:
+            raise ValueError(f"lora_loss_fn: no adapter named {missing} in the tree (it holds {order})")
+        groups = batch["adapter"]
+        route = jnp.asarray([order.index(n) for n in adapters], jnp.int32)[groups[:, 0]]
+        per_adapter = functools.partial(stats, n_groups=len(adapters))  # a static count, not traced
+        return wrap(per_adapter, rng=rng, adapter_ids=route)(*args, groups)
 
     return loss
 
@@ -441,7 +463,7 @@ def full_loss_fn(model, *, chunked: bool = True, chunk: Optional[int] = None) ->
 
 
 def export_peft(model, lora_params, out_dir: str, *, base_model: Optional[str] = None,
-                overwrite: bool = True) -> None:
+                overwrite: bool = True, adapter: Optional[str] = None) -> None:
     """Write the adapter as a PEFT directory (`lora_jax.hf.save_peft`): ``adapter_model.safetensors``
     with PEFT's key names (one tensor per layer) and ``adapter_config.json``;
     ``PeftModel.from_pretrained`` loads it.
@@ -460,7 +482,7 @@ def export_peft(model, lora_params, out_dir: str, *, base_model: Optional[str] =
                          "nothing written")
     if jax.process_index() != 0:
         return
-    save_peft(out_dir, lora_params, model, overwrite=overwrite, base_model_name_or_path=base_model)
+    save_peft(out_dir, lora_params, model, overwrite=overwrite, base_model_name_or_path=base_model, adapter=adapter)
 
 
 def load_peft(model, lora_params, adapter_dir: str):

@@ -16,10 +16,12 @@ from ..rules import Rules
 from . import data as _data
 from . import model as _model
 from . import tuning as _tuning
-from .config import Config, ConfigError, resolve_path
-from .trainer import LoopSpec, make_optimizer
+from .. import tree as _tree
+from ..adapters import add as _add
+from .config import Config, ConfigError, adapter_configs, resolve_path
+from .trainer import LoopSpec, make_adapter_optimizer, make_optimizer
 
-__all__ = ["compute_dtype", "ckpt_dir", "rules_of", "base_remat", "data_rows", "checkpoint_target", "loss_settings",
+__all__ = ["compute_dtype", "ckpt_dir", "rules_of", "lora_tree", "loop_specs", "base_remat", "data_rows", "checkpoint_target", "loss_settings",
            "tokenized", "packed_rows"]
 
 
@@ -38,6 +40,30 @@ def rules_of(cfg: Config, model) -> Rules:
     lc = cfg.lora
     return _model.lora_rules(model, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, init=lc.init,
                              use_rslora=lc.rslora, variant=lc.variant, exclude=lc.exclude, modules_to_save=lc.modules_to_save)
+
+
+def lora_tree(cfg: Config, model, params, key=None):
+    """The run's LoRA tree from seed ``cfg.seed`` (or ``key``): ``lora.init`` with `rules_of`, or,
+    for a run with ``adapters``, one `lora.add` adapter per entry, each initialized exactly as its
+    run alone would be (``same_init``)."""
+    key = jax.random.key(cfg.seed) if key is None else key
+    ads = adapter_configs(cfg)
+    if not ads:
+        return _tree.init(params, rules_of(cfg, model), key)
+    tree = params
+    for name, one in ads:
+        tree = _add(tree, name, rules_of(one, model), key, same_init=True)
+    return tree
+
+
+def loop_specs(cfg: Config) -> tuple[LoopSpec, dict]:
+    """``(the loop's LoopSpec, {adapter name: its LoopSpec})``: for a run with ``adapters`` each
+    adapter's optimizer settings, and the loop's batch the rows of all of them; ``{}`` otherwise."""
+    ads = adapter_configs(cfg)
+    if not ads:
+        return LoopSpec.from_config(cfg.train), {}
+    specs = {name: LoopSpec.from_config(one.train) for name, one in ads}
+    return LoopSpec.from_config(cfg.train, batch_size=sum(s.batch_size for s in specs.values())), specs
 
 
 def base_remat(cfg: Config) -> Optional[str]:
@@ -124,7 +150,8 @@ def data_rows(cfg, tok, say: Callable) -> tuple:
 def checkpoint_target(cfg: Config, trainable) -> dict:
     """What a checkpoint of this config holds, as ``ShapeDtypeStruct`` on this process's first
     device: ``adapter`` (the trainable half, concrete or abstract), ``opt_state`` and ``rng``."""
-    tx, _ = make_optimizer(LoopSpec.from_config(cfg.train))
+    spec, specs = loop_specs(cfg)
+    tx = make_adapter_optimizer(specs, trainable)[0] if specs else make_optimizer(spec)[0]
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev)  # noqa: E731
     return {"adapter": jax.tree_util.tree_map(sds, trainable),

@@ -35,6 +35,7 @@ Run directory::
     checkpoints/  orbax steps: adapter + optimizer state + rng + data position, with checksums
     damaged-checkpoints/  steps a resume found damaged and skipped (never deleted; only if any)
     adapter/      the adapter, PEFT format
+    adapters/<name>/  instead, for a run with ``adapters``: each adapter, PEFT format
 
 Crashes: every file is written under a temporary name and renamed, and orbax finalizes a step by
 renaming it, so a killed run leaves complete files, finalized checkpoints and hidden temporaries.
@@ -47,6 +48,7 @@ would. SIGINT / SIGTERM checkpoint the current step first (see `trainer.Trainer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 import time
@@ -69,8 +71,9 @@ from .config import Config, ConfigError, load_yaml, resolve_path, to_dict, to_ya
 from .files import atomic_write_text, remove_leftovers
 from .lock import LOCK_NAME, RunDirLocked, RunLock
 from .metrics import MetricsWriter, perplexity, plot_losses, read_metrics, strict_json
-from .parts import (base_remat, checkpoint_target, ckpt_dir, compute_dtype, data_rows, packed_rows, rules_of,
-                    tokenized)
+from .config import adapter_configs
+from .parts import (base_remat, checkpoint_target, ckpt_dir, compute_dtype, data_rows, lora_tree, loop_specs,
+                    packed_rows, rules_of, tokenized)
 from .trainer import LoopSpec, NonFiniteError, Trainer, TrainingInterrupted
 
 __all__ = ["run", "resolve_out_dir", "RESUME_MAY_DIFFER"]
@@ -206,6 +209,8 @@ class _Run:
     eval_rows: Optional[_data.PackedRows] = None
     data_summary: dict = dataclasses.field(default_factory=dict)
     rules: Optional[Rules] = None
+    adapters: list = dataclasses.field(default_factory=list)  # [(name, Config)] of a run with several adapters
+    order: object = None  # the row order of several adapters' rows (data.MixedOrder); None: data.Order
     metrics: Optional[MetricsWriter] = None
     summary: dict = dataclasses.field(default_factory=dict)
     result: Optional[dict] = None  # the fine-tuning loop's result
@@ -267,7 +272,14 @@ def _prepare(cfg: Config, echo: Callable) -> _Run:
     n_batch = sizes["data"] * sizes["fsdp"]
     t = cfg.train
     problems = []
-    if (t.batch_size // t.grad_accum) % n_batch:
+    sizes_of = {name: one.train.batch_size for name, one in adapter_configs(cfg)}
+    if sizes_of:
+        micro = sum(b // t.grad_accum for b in sizes_of.values())
+        if micro % n_batch:
+            problems.append(f"adapters: the micro-batch of all adapters together ({' + '.join(map(str, sizes_of.values()))}"
+                            f" rows / grad_accum {t.grad_accum} = {micro}) must divide by mesh data x fsdp = {n_batch} "
+                            f"(mesh {sizes}); change the adapters' train.batch_size")
+    elif (t.batch_size // t.grad_accum) % n_batch:
         problems.append(f"train.batch_size: {t.batch_size} / grad_accum {t.grad_accum} = {t.batch_size // t.grad_accum}"
                         f" rows per micro-batch must divide by mesh data x fsdp = {n_batch} (mesh {sizes})")
     if cfg.model.path is None and cfg.model.pretrain.steps and cfg.model.pretrain.batch_size % n_batch:
@@ -311,8 +323,7 @@ def _choose_checkpoint(r: _Run) -> None:
     if r.resume_step is None:
         return
     cfg = r.cfg
-    key = jax.random.key(cfg.seed)
-    trainable = jax.eval_shape(lambda p: _tree.split(_tree.init(p, r.rules, key))[0], r.params)
+    trainable = jax.eval_shape(lambda p: _tree.split(lora_tree(cfg, r.model, p))[0], r.params)
     target = checkpoint_target(cfg, trainable)
     ck = Checkpointer(ckpt_dir(r.out_dir), keep=cfg.train.keep_checkpoints, async_save=False)
     chosen = None
@@ -393,18 +404,52 @@ def _load_base(r: _Run) -> None:
 def _load_data(r: _Run) -> None:
     """The fine-tuning data, tokenized and packed, and the LoRA rules resolved against the model."""
     cfg = r.cfg
+    r.adapters = adapter_configs(cfg)
+    if r.adapters:
+        _load_adapters_data(r)
+        return
     r.rows, r.eval_rows, r.data_summary = data_rows(cfg, r.tokenizer, r.say)
     r.rules = rules_of(cfg, r.model)
-    try:
-        _tree.init(r.params, r.rules, 0)  # resolves the targets against the model now, before any write
-    except (ValueError, TypeError) as e:
-        key = "lora.rank" if f"rank {cfg.lora.rank} is larger" in str(e) else "lora.targets"
-        raise ConfigError(f"{key}: {e}") from None
+    _check_targets(r, cfg, "")
     d = r.data_summary
     r.say(f"# data: {d['train_documents']:,} train documents -> {len(r.rows):,} rows of {cfg.data.seq_len + 1} tokens "
           f"(packing {d['packing']}, {100 * d['padding']:.1f}% padding, {r.rows.n_targets:,} trained tokens); "
           f"{d['eval_documents']:,} eval documents" + (f" -> {len(r.eval_rows):,} rows" if r.eval_rows is not None
                                                         else ""))
+
+
+def _check_targets(r: _Run, cfg: Config, where: str) -> None:
+    """Resolve ``cfg``'s LoRA rules against the model now, before any write (ConfigError naming
+    ``where`` + the key otherwise)."""
+    try:
+        _tree.init(r.params, rules_of(cfg, r.model), 0)
+    except (ValueError, TypeError) as e:
+        key = "lora.rank" if f"rank {cfg.lora.rank} is larger" in str(e) else "lora.targets"
+        raise ConfigError(f"{where}{key}: {e}") from None
+
+
+def _load_adapters_data(r: _Run) -> None:
+    """`_load_data` of a run with ``adapters``: each adapter's own train and eval rows (one
+    `data.Mixture`, read in a `data.MixedOrder`: each adapter's rows as its run alone reads them)."""
+    cfg = r.cfg
+    rows, evals, r.data_summary = [], [], {"adapters": {}}
+    for j, (name, one) in enumerate(r.adapters):
+        where = f"adapters[{j}] ({name})."
+        try:
+            t, e, d = data_rows(one, r.tokenizer, r.say)
+        except ConfigError as err:
+            raise ConfigError([where + p for p in err.problems]) from None
+        _check_targets(r, one, where)
+        rows.append(t)
+        evals.append(e)
+        r.data_summary["adapters"][name] = d
+        r.say(f"# data of adapter {name}: {d['train_documents']:,} train documents -> {len(t):,} rows of "
+              f"{cfg.data.seq_len + 1} tokens ({t.n_targets:,} trained tokens, {one.train.batch_size} rows per step); "
+              f"{d['eval_documents']:,} eval documents" + (f" -> {len(e):,} rows" if e is not None else ""))
+    r.rows = _data.Mixture(rows)
+    have = [k for k, e in enumerate(evals) if e is not None]
+    r.eval_rows = _data.Mixture([evals[k] for k in have], ids=have) if have else None
+    r.order = _data.MixedOrder(r.rows, [one.train.batch_size for _, one in r.adapters], cfg.seed, cfg.train.grad_accum)
 
 
 def _start_writes(r: _Run) -> None:
@@ -474,24 +519,25 @@ def _pretrain(r: _Run) -> None:
 def _finetune(r: _Run, stop_after: Optional[int]) -> None:
     """LoRA training with evals and checkpoints (resumed from ``r.resume_step`` if set)."""
     cfg = r.cfg
-    lp = _tree.init(r.params, r.rules, jax.random.key(cfg.seed))
+    lp = lora_tree(cfg, r.model, r.params)
     count = _tree.count(lp)
     r.say(f"# LoRA: {count}")
     trainable, frozen = _tree.split(lp)
     del lp  # the trainer owns (and donates) the trainable half
-    flops, peak = r.flops(cfg.train.batch_size, r.rows.seq_len, n_lora=count.trainable)
+    flops, peak = r.flops(loop_specs(cfg)[0].batch_size, r.rows.seq_len, n_lora=count.trainable)
     ck = Checkpointer(ckpt_dir(r.out_dir), keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoint,
                       remove_unfinished=True)
     if ck.removed:
         r.say(f"# removed unfinished checkpoint save(s) of an interrupted run (never finalized, not used): "
               f"{', '.join(ck.removed)}")
     try:
-        trainer = Trainer(LoopSpec.from_config(cfg.train), mesh=r.mesh,
-                          loss_fn=_step_candidates(r, _model.lora_loss_fn),
+        spec, specs = loop_specs(cfg)
+        trainer = Trainer(spec, mesh=r.mesh,
+                          loss_fn=_step_candidates(r, functools.partial(_model.lora_loss_fn, adapters=tuple(specs))),
                           trainable=trainable, frozen=frozen, rows=r.rows, eval_rows=r.eval_rows, seed=cfg.seed,
                           phase="lora", metrics=r.metrics, checkpointer=ck, echo=r.say,
                           stacked=_model.stacked_paths(r.model), roles=roles_of(r.model), flops_per_step=flops,
-                          peak_flops=peak)
+                          peak_flops=peak, adapters=specs or None, order=r.order)
         r.say(f"# compiled the train/eval steps in {trainer.compile_s:.1f}s ({trainer.settings.label}"
               + (f"; tried {', '.join(t['settings'] for t in trainer.settings_tried)}"
                  if len(trainer.settings_tried) > 1 else "") + ")")
@@ -529,6 +575,13 @@ def _finetune(r: _Run, stop_after: Optional[int]) -> None:
         r.summary["eval_loss_after"] = lora_evals[-1]["eval_loss"]
         r.summary["eval_ppl_before"] = perplexity(r.summary["eval_loss_before"])
         r.summary["eval_ppl_after"] = perplexity(r.summary["eval_loss_after"])
+    if r.adapters:
+        r.summary["adapters"] = {}
+        for name, one in r.adapters:
+            mine = [rec["adapters"][name] for rec in lora_evals if name in rec.get("adapters", {})]
+            r.summary["adapters"][name] = {
+                "rank": one.lora.rank, "lr": one.train.lr, "batch_size": one.train.batch_size,
+                **({"eval_loss_before": mine[0]["eval_loss"], "eval_loss_after": mine[-1]["eval_loss"]} if mine else {})}
 
 
 def _speed(res: dict) -> dict:
@@ -548,9 +601,15 @@ def _export(r: _Run) -> None:
     if r.result["stopped"]:
         r.say(f"# stopped after step {r.result['step']}; resume with train.resume=true out_dir={r.out_dir}")
         return
-    if cfg.train.export:
+    base = cfg.model.path or os.path.abspath(r.base_dir)
+    if cfg.train.export and r.adapters:
+        for name, _ in r.adapters:
+            adapter_dir = os.path.join(r.out_dir, "adapters", name)
+            _model.export_peft(r.model, r.lora_params, adapter_dir, base_model=base, adapter=name)
+            r.summary["adapters"][name]["adapter"] = os.path.abspath(adapter_dir)
+    elif cfg.train.export:
         adapter_dir = os.path.join(r.out_dir, "adapter")
-        _model.export_peft(r.model, r.lora_params, adapter_dir, base_model=cfg.model.path or os.path.abspath(r.base_dir))
+        _model.export_peft(r.model, r.lora_params, adapter_dir, base_model=base)
         r.summary["adapter"] = os.path.abspath(adapter_dir)
     if cfg.train.plot and r.main:
         png = os.path.join(r.out_dir, "loss.png")

@@ -19,7 +19,9 @@ from . import model as _model
 from .checkpoint import Checkpointer, DamagedCheckpoint, latest_step
 from .config import Config, ConfigError, deep_update, from_dict, load_yaml
 from .metrics import perplexity
-from .parts import base_remat, checkpoint_target, ckpt_dir, compute_dtype, data_rows, loss_settings, rules_of
+from ..adapters import delete
+from .config import adapter_configs
+from .parts import base_remat, checkpoint_target, ckpt_dir, compute_dtype, data_rows, lora_tree, loss_settings
 
 __all__ = ["RunHandle", "load_run", "load_checkpoint", "latest_run", "eval_rows_of", "evaluate", "generate",
            "generate_ids"]
@@ -110,11 +112,14 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
     Args:
       out_dir: the run directory.
       adapter: a PEFT adapter directory to use instead of the run's own; by default the newest
-        checkpoint, else ``out_dir/adapter``.
+        checkpoint, else ``out_dir/adapter``. For a run of several adapters (``adapters``): one of
+        their names (that adapter alone, from the newest checkpoint, else ``out_dir/adapters/<name>``)
+        or a directory; it must be given.
       overrides: nested config changes (e.g. ``{"data": {"eval": "other.jsonl"}}``).
 
     Raises:
-      ConfigError: when the directory is not a run or holds no adapter.
+      ConfigError: when the directory is not a run or holds no adapter, or for a run of several
+        adapters, when ``adapter`` names none of them.
     """
     path = os.path.join(out_dir, "config.yaml")
     if not os.path.isfile(path):
@@ -130,15 +135,23 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
         raise ConfigError(f"{out_dir!r}: base model {base!r} not found")
     tok = _model.load_tokenizer(cfg.tokenizer.path or base)
     model, params = _model.load_model(base, compute_dtype=cdt, param_dtype=cfg.model.param_dtype, remat=base_remat(cfg))
-    lp = _tree.init(params, rules_of(cfg, model), jax.random.key(cfg.seed))
-    if adapter is not None:
+    lp = lora_tree(cfg, model, params)
+    names = [name for name, _ in adapter_configs(cfg)]
+    if names and adapter not in names and (adapter is None or not os.path.isdir(adapter)):
+        raise ConfigError(f"{out_dir!r} trained the adapters {names}; choose one by name (or give an adapter "
+                          f"directory)" + ("" if adapter is None else f", not {adapter!r}"))
+    if adapter is not None and adapter not in names:
         return RunHandle(cfg, out_dir, model, tok, _model.load_peft(model, lp, adapter), f"adapter {adapter}")
+    own = dict(adapter_configs(cfg)).get(adapter, cfg)  # a named adapter's handle reads its own data
     restored, source = _restore_adapter(out_dir, cfg, lp)
     if restored is not None:
-        return RunHandle(cfg, out_dir, model, tok, restored, source)
-    exported = os.path.join(out_dir, "adapter")
+        for other in names:
+            if other != adapter:
+                restored = delete(restored, other)
+        return RunHandle(own, out_dir, model, tok, restored, source + (f", adapter {adapter}" if names else ""))
+    exported = os.path.join(out_dir, "adapters", adapter) if names else os.path.join(out_dir, "adapter")
     if os.path.isdir(exported):
-        return RunHandle(cfg, out_dir, model, tok, _model.load_peft(model, lp, exported), f"adapter {exported}")
+        return RunHandle(own, out_dir, model, tok, _model.load_peft(model, lp, exported), f"adapter {exported}")
     raise ConfigError(f"{out_dir!r} holds neither a checkpoint nor an exported adapter")
 
 

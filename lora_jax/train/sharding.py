@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..rules import path_str
-from ..weight import LoraWeight, is_lora
+from ..weight import LoraWeight, is_lora, map_chain
 
 __all__ = ["AXES", "BATCH_AXES", "make_mesh", "kernel_spec", "lora_factor_specs", "param_shardings",
            "state_shardings", "batch_sharding", "replicated", "mesh_shape", "place"]
@@ -168,14 +168,16 @@ def param_shardings(tree, mesh: Mesh, stacked: Collection[str] = (), roles: Opti
 
     def leaf(kp, x):
         path = path_str(kp)
-        if is_lora(x):
-            shape = x.w.shape if x.w is not None else _w_shape(x)
+        if is_lora(x):  # one adapter, or a chain of them on one kernel (lora.add): all sharded alike
+            with_factors = [n for n in x.chain() if n.a is not None]
+            shape = x.base.shape if x.base is not None else _w_shape(with_factors[0] if with_factors else x)
             ws = kernel_spec(path, shape, sizes, x.layout, role=role(path, len(shape), x.layout.count("s")))
             a_s, b_s = lora_factor_specs(ws, x.layout)
             ns = lambda s: NamedSharding(mesh, P(*s))  # noqa: E731
-            return x.replace(w=None if x.w is None else ns(ws), a=None if x.a is None else ns(a_s),
-                             b=None if x.b is None else ns(b_s),
-                             m=None if x.m is None else NamedSharding(mesh, P()))
+            return map_chain(x, lambda n, w: n.replace(w=w, a=None if n.a is None else ns(a_s),
+                                                       b=None if n.b is None else ns(b_s),
+                                                       m=None if n.m is None else NamedSharding(mesh, P())),
+                             lambda base: None if base is None else ns(ws))
         if x is None:
             return None
         stack = int(path in stacked)

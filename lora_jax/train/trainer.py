@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +42,11 @@ from . import tuning as _tuning
 from . import flops as _flops
 from . import sharding as shd
 from .interrupts import StopSignals, TrainingInterrupted, signal_name
-from .loss import token_stats
+from ..optim import adapter_labels, freeze
+from .loss import group_sum, token_stats
 from .metrics import MetricsWriter, Progress, perplexity
 
-__all__ = ["LoopSpec", "make_schedule", "make_optimizer", "token_stats", "make_loss_fn", "make_train_step",
+__all__ = ["LoopSpec", "make_schedule", "make_optimizer", "make_adapter_optimizer", "token_stats", "make_loss_fn", "make_train_step",
            "jit_train_step", "make_eval_step", "Trainer", "NonFiniteError", "TrainingInterrupted", "ON_NONFINITE"]
 
 ON_NONFINITE = ("stop", "skip")
@@ -133,6 +134,15 @@ def make_schedule(spec: LoopSpec) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
 
 
+def make_adapter_optimizer(specs: Mapping[str, LoopSpec], trainable) -> tuple[optax.GradientTransformation, dict]:
+    """``(tx, {name: schedule})`` for several adapters trained side by side: each adapter of
+    ``trainable`` (a `lora.split` half holding the `lora.add` adapters ``specs`` names) gets
+    `make_optimizer` of its own spec (`lora.freeze` with a mapping): its own learning rate,
+    schedule, clipping norm and optimizer state, as in a run of it alone."""
+    made = {name: make_optimizer(spec) for name, spec in specs.items()}
+    return freeze({name: tx for name, (tx, _) in made.items()}, trainable), {n: s for n, (_, s) in made.items()}
+
+
 def make_optimizer(spec: LoopSpec) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``(tx, schedule)``: clipping (if ``clip_norm > 0``), then AdamW / Adam / SGD / Lion."""
     sched = make_schedule(spec)
@@ -179,17 +189,26 @@ def _all_finite(tree):
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: int = 1) -> Callable:
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: int = 1,
+                    adapters: Sequence[str] = ()) -> Callable:
     """``step(state, frozen, batch) -> (state, metrics)``.
 
     ``state`` is ``{"params", "opt_state", "rng", "step"}``; with ``grad_accum > 1`` every batch
     array has a leading micro-batch axis. Gradients are taken of the summed token loss and divided
     by the batch's trained-token count, so the result does not depend on ``grad_accum``.
 
+    With ``adapters`` (several adapters trained side by side, `make_adapter_optimizer`) the batch
+    holds ``"adapter"`` (each row's index into ``adapters``), ``loss_fn`` returns one sum per
+    adapter (`lora_jax.train.model.lora_loss_fn` with ``adapters``), and each adapter's gradient is
+    divided by its own rows' trained-token count: it is the gradient of its own mean loss, as in a
+    run of it alone. ``loss``, ``acc``, ``grad_norm`` and ``tokens`` are then per adapter.
+
     When the loss, the gradient norm or any updated parameter is not finite, the parameters and
     optimizer state are returned unchanged and ``metrics["finite"]`` is False (the rng and the
     step counter advance either way).
     """
+    names = tuple(adapters)
+    shape = (len(names),) if names else ()
 
     def step(state, frozen, batch):
         params = state["params"]
@@ -197,27 +216,37 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_ac
 
         def f(p, b, key):
             nll, correct = loss_fn(p, frozen, b, key)
-            return nll, correct
+            return jnp.sum(nll), (nll, correct)
 
         vg = jax.value_and_grad(f, has_aux=True)
         if grad_accum == 1:
-            (nll, correct), grads = vg(params, batch, sub)
+            (_, (nll, correct)), grads = vg(params, batch, sub)
         else:
             def body(carry, xs):
                 b, j = xs
-                (l_, c_), g_ = vg(params, b, jax.random.fold_in(sub, j))
+                (_, (l_, c_)), g_ = vg(params, b, jax.random.fold_in(sub, j))
                 acc_l, acc_c, acc_g = carry
                 return (acc_l + l_, acc_c + c_, jax.tree_util.tree_map(jnp.add, acc_g, g_)), None
 
-            zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+            zero = (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32),
                     jax.tree_util.tree_map(jnp.zeros_like, params))
             (nll, correct, grads), _ = jax.lax.scan(body, zero, (batch, jnp.arange(grad_accum)))
-        n = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
-        grads = jax.tree_util.tree_map(lambda g: (g / n).astype(g.dtype), grads)  # bf16 params: bf16 grads
-        gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(grads)))
+        weights = batch["weights"].astype(jnp.float32)
+        sq = lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)))  # noqa: E731
+        if names:
+            n = jnp.maximum(group_sum(weights, batch["adapter"], len(names)), 1.0)
+            labels = adapter_labels(params)
+            grads = jax.tree_util.tree_map(lambda g, lab: (g / n[names.index(lab)]).astype(g.dtype), grads, labels)
+            pairs = list(zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(labels)))
+            gnorm = jnp.sqrt(jnp.stack([sum((sq(g) for g, lab in pairs if lab == name), jnp.zeros((), jnp.float32))
+                                        for name in names]))
+        else:
+            n = jnp.maximum(jnp.sum(weights), 1.0)
+            grads = jax.tree_util.tree_map(lambda g: (g / n).astype(g.dtype), grads)  # bf16 params: bf16 grads
+            gnorm = jnp.sqrt(sum(sq(g) for g in jax.tree_util.tree_leaves(grads)))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(nll) & jnp.isfinite(gnorm) & _all_finite(new_params)
+        finite = jnp.all(jnp.isfinite(nll)) & jnp.all(jnp.isfinite(gnorm)) & _all_finite(new_params)
         # the state keeps its dtypes, so the compiled step takes its own output (bf16 params included)
         keep = lambda new, old: jnp.where(finite, new, old).astype(old.dtype)  # noqa: E731
         params = jax.tree_util.tree_map(keep, new_params, params)
@@ -229,19 +258,22 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_ac
 
 
 def jit_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: int = 1, *,
-                   out_shardings=None) -> Callable:
+                   out_shardings=None, adapters: Sequence[str] = ()) -> Callable:
     """`make_train_step` under ``jax.jit``, donating the state it replaces (the trainer's step and
     the one `benchmarks/train_step.py` times)."""
     kw = {} if out_shardings is None else {"out_shardings": out_shardings}
-    return jax.jit(make_train_step(loss_fn, tx, grad_accum), donate_argnums=(0,), **kw)
+    return jax.jit(make_train_step(loss_fn, tx, grad_accum, adapters), donate_argnums=(0,), **kw)
 
 
-def make_eval_step(loss_fn: Callable) -> Callable:
-    """``eval(trainable, frozen, batch) -> (nll_sum, correct_sum, n_tokens)``."""
+def make_eval_step(loss_fn: Callable, adapters: Sequence[str] = ()) -> Callable:
+    """``eval(trainable, frozen, batch) -> (nll_sum, correct_sum, n_tokens)`` (each one per adapter
+    with ``adapters``, as `make_train_step`)."""
+    k = len(tuple(adapters))
 
     def ev(trainable, frozen, batch):
         nll, correct = loss_fn(trainable, frozen, batch, None)
-        return nll, correct, jnp.sum(batch["weights"].astype(jnp.float32))
+        groups = batch["adapter"] if k else None
+        return nll, correct, group_sum(batch["weights"].astype(jnp.float32), groups, k)
 
     return ev
 
@@ -249,6 +281,12 @@ def make_eval_step(loss_fn: Callable) -> Callable:
 # ------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------
+
+
+def _show(x):
+    """A metric for a message: a float, or a list of floats (one per adapter)."""
+    x = np.asarray(x, np.float64)
+    return float(x) if x.ndim == 0 else [float(v) for v in x]
 
 
 def _abstract(tree):
@@ -287,6 +325,13 @@ class Trainer:
       peak_flops: the peak FLOP/s of one device (`flops.peak_flops`), None when unknown.
       memory_limit: bytes per device the step may plan to use when choosing among ``loss_fn``
         candidates; default `tuning.device_memory_limit` (None on a CPU: the first candidate).
+      adapters: several `lora.add` adapters trained side by side: ``{name: LoopSpec}`` of each one's
+        optimizer settings (`make_adapter_optimizer`; ``spec`` keeps the shared loop settings, its
+        ``batch_size`` the rows of all adapters together). ``rows`` is then a `data.Mixture` (one
+        source per adapter, in this order; ``eval_rows`` too) and ``loss_fn`` returns one sum per
+        adapter (`lora_jax.train.model.lora_loss_fn` with ``adapters``); the records carry each
+        adapter's loss, accuracy, gradient norm and learning rate under ``"adapters"``.
+      order: the row order (default `data.Order` over ``rows``; `data.MixedOrder` with ``adapters``).
 
     The trainable state, frozen params and every batch are placed with `sharding` rules; the
     step and eval functions are compiled once, ahead of time.
@@ -297,8 +342,10 @@ class Trainer:
                  eval_rows: Optional[_data.Rows] = None, seed: int = 0, phase: str = "lora",
                  metrics: Optional[MetricsWriter] = None, checkpointer=None, echo: Callable = print,
                  stacked=(), roles=None, flops_per_step: Optional[float] = None, peak_flops: Optional[float] = None,
-                 memory_limit: Optional[int] = None):
+                 memory_limit: Optional[int] = None, adapters: Optional[Mapping[str, LoopSpec]] = None,
+                 order=None):
         self.spec, self.mesh, self.phase, self.seed = spec, mesh, phase, int(seed)
+        self.adapters = tuple(adapters or ())
         self.rows, self.eval_rows = rows, eval_rows
         self.metrics, self.checkpointer, self.echo = metrics, checkpointer, echo
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
@@ -307,8 +354,13 @@ class Trainer:
         if spec.micro_batch % n_batch:
             raise ValueError(f"the micro-batch ({spec.batch_size} / grad_accum {spec.grad_accum} = "
                              f"{spec.micro_batch} rows) must divide by mesh data x fsdp = {n_batch}")
-        self.order = _data.Order(len(rows), self.seed)
-        self.tx, self.schedule = make_optimizer(spec)
+        self.order = _data.Order(len(rows), self.seed) if order is None else order
+        if self.adapters:
+            self.tx, self.schedules = make_adapter_optimizer(adapters, trainable)
+            self.schedule = self.schedules[self.adapters[0]]
+        else:
+            self.tx, self.schedule = make_optimizer(spec)
+            self.schedules = {}
         if (logits_fn is None) == (loss_fn is None):
             raise TypeError("Trainer: give exactly one of logits_fn and loss_fn")
         if loss_fn is None:
@@ -354,7 +406,8 @@ class Trainer:
 
         def compile_step(settings):
             fn = by_label[getattr(settings, "label", None)]
-            step_fn = jit_train_step(fn, self.tx, spec.grad_accum, out_shardings=(self.state_shardings, rep))
+            step_fn = jit_train_step(fn, self.tx, spec.grad_accum, out_shardings=(self.state_shardings, rep),
+                                     adapters=self.adapters)
             return step_fn.lower(_abstract(self.state), self.frozen, ab).compile()
 
         if len(cands) == 1:
@@ -371,7 +424,7 @@ class Trainer:
         if eval_rows is not None and len(eval_rows):
             eb = {k: jax.ShapeDtypeStruct((spec.micro_batch, eval_rows.seq_len), v.dtype,
                                           sharding=self._eval_sharding) for k, v in ab.items()}
-            self._eval = jax.jit(make_eval_step(loss_fn), out_shardings=rep).lower(
+            self._eval = jax.jit(make_eval_step(loss_fn, self.adapters), out_shardings=rep).lower(
                 _abstract(trainable), self.frozen, eb).compile()
         self.compile_s = time.perf_counter() - t0
 
@@ -477,13 +530,19 @@ class Trainer:
         """Loss, perplexity and next-token accuracy over the eval rows (None without eval rows)."""
         if self._eval is None:
             return None
-        nll = correct = n = 0.0
+        sums = np.zeros((3, max(len(self.adapters), 1)))
         for b in _data.eval_batches(self.eval_rows, self.spec.micro_batch, self.spec.eval_batches):
             out = jax.device_get(self._eval(self.state["params"], self.frozen, self._put(b, self._eval_sharding)))
-            nll, correct, n = nll + float(out[0]), correct + float(out[1]), n + float(out[2])
-        loss = nll / max(n, 1.0)
-        rec = {"kind": "eval", "phase": self.phase, "step": self.step, "eval_loss": loss,
-               "eval_ppl": perplexity(loss), "eval_acc": correct / max(n, 1.0), "eval_tokens": int(n)}
+            sums += np.asarray([np.atleast_1d(np.asarray(o, np.float64)) for o in out])
+
+        def record(nll, correct, n):
+            loss = float(nll / max(n, 1.0))
+            return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_acc": float(correct / max(n, 1.0)),
+                    "eval_tokens": int(n)}
+
+        rec = {"kind": "eval", "phase": self.phase, "step": self.step, **record(*sums.sum(axis=1))}
+        if self.adapters:
+            rec["adapters"] = {name: record(*sums[:, k]) for k, name in enumerate(self.adapters)}
         self.evals.append(rec)
         if self.metrics is not None:
             self.metrics.write(rec)
@@ -513,16 +572,26 @@ class Trainer:
         tps = len(pending) * spec.batch_size * self.rows.seq_len / max(dt, 1e-9)
         ok = [bool(g["finite"]) for g in got]
         good = [(s, g) for s, g, f in zip(steps, got, ok) if f]
-        toks = [float(g["tokens"]) for _, g in good]
-        wsum = max(sum(toks), 1.0)
-        self.history += [(s, float(g["loss"])) for s, g in good]
+        k = max(len(self.adapters), 1)
+        # (steps, adapters): per-step mean loss / accuracy and trained tokens of each adapter
+        loss_, acc_, tok_ = (np.asarray([np.atleast_1d(np.asarray(g[key], np.float64)) for _, g in good]).reshape(-1, k)
+                             for key in ("loss", "acc", "tokens"))
+
+        def mean(v, t):
+            return float(np.sum(v * t) / max(np.sum(t), 1.0)) if len(v) else None
+
+        self.history += [(s, mean(loss_[j], tok_[j])) for j, (s, _) in enumerate(good)]
         self._timed_steps += len(pending)
         self._timed_s += dt
-        rec = {"kind": "train", "phase": self.phase, "step": steps[-1],
-               "loss": float(np.dot([float(g["loss"]) for _, g in good], toks) / wsum) if good else None,
-               "acc": float(np.dot([float(g["acc"]) for _, g in good], toks) / wsum) if good else None,
-               "grad_norm": float(got[-1]["grad_norm"]), "lr": float(self.schedule(steps[-1] - 1)),
+        gnorm = np.atleast_1d(np.asarray(got[-1]["grad_norm"], np.float64))
+        rec = {"kind": "train", "phase": self.phase, "step": steps[-1], "loss": mean(loss_, tok_),
+               "acc": mean(acc_, tok_), "grad_norm": float(np.sqrt(np.sum(gnorm ** 2))),
+               "lr": float(self.schedule(steps[-1] - 1)),
                "tokens_per_s": tps, **self._rates(len(pending), dt), "elapsed_s": time.perf_counter() - t_start}
+        if self.adapters:
+            rec["adapters"] = {name: {"loss": mean(loss_[:, j], tok_[:, j]), "acc": mean(acc_[:, j], tok_[:, j]),
+                                      "grad_norm": float(gnorm[j]), "lr": float(self.schedules[name](steps[-1] - 1))}
+                               for j, name in enumerate(self.adapters)}
         bad = [(s, g) for s, g, f in zip(steps, got, ok) if not f]
         if bad:
             rec["skipped"] = len(bad)
@@ -533,7 +602,8 @@ class Trainer:
                 continue
             self.skip_run += 1
             self.skipped += 1
-            what = f"non-finite loss or gradients at step {s} (loss {float(g['loss'])}, grad norm {float(g['grad_norm'])})"
+            what = f"non-finite loss or gradients at step {s} (loss {_show(g['loss'])}, grad norm {_show(g['grad_norm'])}" + (
+                f" of the adapters {list(self.adapters)}" if self.adapters else "") + ")"
             if spec.on_nonfinite == "stop":
                 stop = (s, what + "; the update was not applied")
                 break
