@@ -3,18 +3,20 @@
 ::
 
     lora-jax train [CONFIG] [key=value ...] [--resume] [--dry-run]
-    lora-jax eval [RUN] [key=value ...] [--adapter DIR]
-    lora-jax merge [RUN] [--out DIR] [--adapter DIR] [--overwrite]
+    lora-jax eval [RUN] [key=value ...] [--adapter DIR|NAME]
+    lora-jax merge [RUN] [--out DIR] [--adapter DIR|NAME] [--overwrite]
     lora-jax merge --base HF_DIR --adapter PEFT_DIR --out DIR [--overwrite]
-    lora-jax export [RUN] [--out DIR] [--overwrite]
-    lora-jax generate [RUN] [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--seed S] [--base]
+    lora-jax export [RUN] [--out DIR] [--adapter NAME] [--overwrite]
+    lora-jax generate [RUN] [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--seed S] [--base] [--adapter DIR|NAME]
     lora-jax generate [RUN] --prompts FILE [--adapters NAME=DIR ...]   (each prompt its adapter, one batch)
     lora-jax demo [...]
     lora-jax launch --processes N [--cpu-devices K] [--port P] [--grace S] train ...
 
 ``CONFIG`` is a shipped config name (``default``), ``./conf/NAME.yaml`` or a path to a YAML file;
 ``key=value`` overrides use dotted keys (``train.steps=20 lora.rank=4``, values read as YAML).
-``RUN`` is a run directory (default: the newest under ``./runs``).
+``RUN`` is a run directory (default: the newest under ``./runs``). A run of several adapters
+(``adapters:`` in its config) needs ``--adapter NAME`` to eval, merge, export or generate one of
+them; its own slots are ``RUN/adapters/NAME`` and ``RUN/merged/NAME``.
 
 Every command returns an exit status: 0 on success, 2 for a configuration or usage error (one
 message naming the key and what is allowed; nothing is written), 1 for any other failure.
@@ -211,7 +213,8 @@ def _eval(argv) -> int:
 
     ap = argparse.ArgumentParser(prog="lora-jax eval", description="Eval loss of base and adapter on a run's data.")
     ap.add_argument("args", nargs="*", metavar="[RUN] [key=value ...]")
-    ap.add_argument("--adapter", default=None, help="a PEFT adapter dir instead of the run's own")
+    ap.add_argument("--adapter", default=None, help="a PEFT adapter dir instead of the run's own, or the name of "
+                    "one adapter of a run of several (adapters: in its config)")
     a = ap.parse_intermixed_args(argv)
     try:
         pos, over = _split_overrides(a.args, 1, "RUN")
@@ -268,9 +271,12 @@ def _merge_or_export_body(argv, which: str) -> int:
     ap = argparse.ArgumentParser(prog=f"lora-jax {which}",
                                  description="merged HF checkpoint" if merge else "PEFT adapter")
     ap.add_argument("run", nargs="?", default=None)
-    ap.add_argument("--out", default=None, help=f"output dir (default: RUN/{'merged' if merge else 'adapter'})")
+    ap.add_argument("--out", default=None, help=f"output dir (default: RUN/{'merged' if merge else 'adapter'}; "
+                                                 f"RUN/{'merged' if merge else 'adapters'}/NAME for --adapter NAME)")
+    ap.add_argument("--adapter", default=None,
+                    help=("a PEFT adapter dir instead of the run's own, or " if merge else "")
+                    + "the name of one adapter of a run of several (adapters: in its config)")
     if merge:
-        ap.add_argument("--adapter", default=None, help="a PEFT adapter dir instead of the run's own")
         ap.add_argument("--base", default=None,
                         help="a Hugging Face safetensors checkpoint dir: merge --adapter (a PEFT dir) into it shard "
                              "by shard, without a run (needs --adapter and --out)")
@@ -294,13 +300,22 @@ def _merge_or_export_body(argv, which: str) -> int:
         from .hf.verify import check_merged_files, check_probe
         from .io._files import atomic_directory, refuse_overlap
         from .train import model as _model, runs
+        from .train.config import adapter_configs
 
         run_dir = _run_dir([a.run] if a.run else [])
-        own = os.path.join(run_dir, "merged" if merge else "adapter")
+        adapter = a.adapter
+        names = [n for n, _ in adapter_configs(runs.run_config(run_dir))]
+        if adapter is not None and not names and not merge:
+            raise ValueError(f"export --adapter {adapter}: {run_dir!r} trained one adapter; --adapter names one of "
+                             f"a run of several")
+        if adapter in names:  # one adapter of a run of several: its own slot, RUN/<merged|adapters>/NAME
+            own = os.path.join(run_dir, "merged" if merge else "adapters", adapter)
+        else:
+            own = os.path.join(run_dir, "merged" if merge else "adapter")
         out = a.out or own
-        adapter = getattr(a, "adapter", None)
         inside_ok = os.path.realpath(out) == os.path.realpath(own)  # the run's own export slot
-        refuse_overlap(out, {"the run directory": None if inside_ok else run_dir, "the adapter": adapter}, what=which)
+        refuse_overlap(out, {"the run directory": None if inside_ok else run_dir,
+                             "the adapter": None if adapter in names else adapter}, what=which)
         _check_out(out, a.overwrite)
         h = runs.load_run(run_dir, adapter=adapter)
         base = h.cfg.model.path or os.path.join(run_dir, "base")
@@ -334,7 +349,8 @@ def _generate(argv) -> int:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base", action="store_true", help="the base model alone (adapter off)")
-    ap.add_argument("--adapter", default=None, help="a PEFT adapter dir instead of the run's own")
+    ap.add_argument("--adapter", default=None, help="a PEFT adapter dir instead of the run's own, or the name of "
+                    "one adapter of a run of several (adapters: in its config)")
     ap.add_argument("--adapters", nargs="+", default=None, metavar="NAME=DIR",
                     help="PEFT adapter dirs by name, served in one batch with --prompts (give RUN before them); "
                          "the name 'run' is the run's own adapter unless given")

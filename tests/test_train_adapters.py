@@ -34,7 +34,7 @@ ALONE = {
                "data.train": "builtin:pretrain.txt", "data.eval_fraction": 0.2, "train.lr": 0.003,
                "train.batch_size": 4, "train.optimizer": "adam", "train.schedule": "constant", "train.clip_norm": 0.5},
 }
-SHARED = {"train.steps": STEPS, "train.grad_accum": 2, "mesh.data": 2, "train.plot": False, "train.eval_batches": 0,
+SHARED = {"train.steps": STEPS, "train.grad_accum": 2, "mesh.data": 2, "train.plot": False, "train.eval_batches": 2,
           "train.checkpoint_every": 2, "data.cache": "null"}
 
 
@@ -160,3 +160,29 @@ def test_adapters_config_refusals():
         load_config(None, ["adapters=3"])
     # each adapter's missing data file is named with its adapter
     assert "adapters[1] (b): data.train:" in problems([{"name": "a"}, {"name": "b", "data": {"train": "/no/such.jsonl"}}])
+
+
+def test_the_cli_exports_and_merges_one_adapter_by_name(runs, tmp_path, capsys):
+    """``export``/``merge`` ``--adapter NAME`` of a run of several: that adapter, as the run
+    exported it (export) and folded into the base (merge); no name is a usage error naming them."""
+    from lora_jax.cli import main
+    from lora_jax.train.model import load_model
+
+    both, _, alone = runs
+    assert main(["export", str(both), "--adapter", "narrow", "--out", str(tmp_path / "e")]) == 0
+    got = load_file(str(tmp_path / "e" / "adapter_model.safetensors"))
+    want = load_file(str(both / "adapters" / "narrow" / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    capsys.readouterr()
+    assert main(["export", str(both)]) == 2
+    assert "trained the adapters ['wide', 'narrow']; choose one by name" in capsys.readouterr().err
+    assert main(["export", str(alone["wide"]), "--adapter", "wide", "--out", str(tmp_path / "x")]) == 2
+    assert "trained one adapter" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    # merge: the run's own slot RUN/merged/NAME; equal to merging that adapter's own run
+    assert main(["merge", str(both), "--adapter", "wide"]) == 0
+    assert main(["merge", str(alone["wide"]), "--out", str(tmp_path / "m")]) == 0
+    _, p1 = load_model(str(both / "merged" / "wide"))
+    _, p2 = load_model(str(tmp_path / "m"))
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

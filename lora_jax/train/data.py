@@ -593,16 +593,42 @@ def batch(rows, idx: np.ndarray) -> dict[str, np.ndarray]:
     return rows.batch(np.asarray(idx))
 
 
-def eval_batches(rows, batch_size: int, max_batches: int = 0):
-    """Every eval row in order, in batches of ``batch_size`` (the last one padded with weight 0)."""
-    n = len(rows)
-    n_batches = -(-n // batch_size)
+def eval_batches(rows, batch_size: int, max_batches: int = 0, shares: Optional[Sequence[int]] = None):
+    """Every eval row in order, in batches of ``batch_size`` (the last one padded with weight 0).
+
+    With ``shares`` (``rows`` a `Mixture`, one share per source, ``sum(shares) <= batch_size``),
+    batch ``b`` holds rows ``b * shares[k] ...`` of each source ``k``: each source is evaluated in
+    the batches of ``shares[k]`` rows (and at most ``max_batches`` of them) it would get alone, the
+    rest of a batch padded with weight 0.
+
+    Example:
+      >>> import numpy as np
+      >>> a = pack([(np.arange(12), np.ones(12))], seq_len=3, pad_id=0)
+      >>> b = pack([(np.arange(4), np.ones(4))], seq_len=3, pad_id=0)
+      >>> [x["adapter"][:, 0].tolist() for x in eval_batches(Mixture([a, b]), 4, 2, shares=[2, 1])]
+      [[0, 0, 1, 0], [0, 0, 0, 0]]
+    """
+    if shares is None:
+        parts = [(0, len(rows), batch_size)]
+    else:
+        if not isinstance(rows, Mixture) or len(shares) != len(rows.sources):
+            raise ValueError(f"eval_batches: shares={list(shares)} needs a Mixture of {len(shares)} sources")
+        if sum(shares) > batch_size or min(shares) < 1:
+            raise ValueError(f"eval_batches: shares={list(shares)} must be >= 1 and sum to <= batch_size={batch_size}")
+        parts = [(int(rows.offsets[k]), int(rows.sizes[k]), int(m)) for k, m in enumerate(shares)]
+    counts = [-(-n // m) for _, n, m in parts]
     if max_batches:
-        n_batches = min(n_batches, max_batches)
-    for b in range(n_batches):
-        idx = np.arange(b * batch_size, (b + 1) * batch_size)
-        real = idx < n
-        out = rows.batch(np.where(real, idx, 0))
+        counts = [min(c, max_batches) for c in counts]
+    for b in range(max(counts, default=0)):
+        idx, real = np.zeros(batch_size, np.int64), np.zeros(batch_size, bool)
+        at = 0
+        for (first, n, m), c in zip(parts, counts):
+            local = np.arange(b * m, (b + 1) * m)
+            ok = (local < n) & (b < c)
+            idx[at:at + m] = np.where(ok, first + local, 0)
+            real[at:at + m] = ok
+            at += m
+        out = rows.batch(idx)
         out["weights"] = out["weights"] * real[:, None]
         yield out
 

@@ -660,7 +660,10 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
         if r.lock is not None:
             r.lock.release(clean=not r.writing)
     if "eval_loss_after" in s and not s.get("stopped"):
-        r.say(f"# eval loss on the held-out data: {s['eval_loss_before']:.4f} before LoRA -> "
-              f"{s['eval_loss_after']:.4f} after (perplexity {s['eval_ppl_before']:.2f} -> {s['eval_ppl_after']:.2f})")
+        for name, a in (s.get("adapters") or {None: s}).items():
+            if "eval_loss_after" in a:
+                r.say(f"# eval loss on the held-out data{'' if name is None else ' of adapter ' + name}: "
+                      f"{a['eval_loss_before']:.4f} before LoRA -> {a['eval_loss_after']:.4f} after (perplexity "
+                      f"{perplexity(a['eval_loss_before']):.2f} -> {perplexity(a['eval_loss_after']):.2f})")
     r.say(f"# run directory: {r.out_dir}")
     return s

@@ -97,6 +97,22 @@ def _restore_adapter(out_dir: str, cfg: Config, lp):
     raise ConfigError(f"{out_dir!r}: no intact checkpoint (" + "; ".join(str(e) for e in damaged) + ")")
 
 
+def run_config(out_dir: str, overrides: Optional[dict] = None) -> Config:
+    """The config a run directory was trained with (``config.yaml``), with nested ``overrides``.
+
+    Raises:
+      ConfigError: the directory holds no ``config.yaml``, or it does not parse.
+    """
+    path = os.path.join(out_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{out_dir!r} is not a lora-jax run directory (no config.yaml)")
+    with open(path, encoding="utf-8") as fh:
+        data = load_yaml(fh, path) or {}
+    if overrides:
+        data = deep_update(data, overrides)
+    return from_dict(data)
+
+
 def latest_run(name: Optional[str] = None) -> str:
     """The newest directory under ``runs/`` holding a ``config.yaml`` (of config ``name`` if given)."""
     pat = os.path.join("runs", f"{name}-*" if name else "*")
@@ -121,14 +137,7 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
       ConfigError: when the directory is not a run or holds no adapter, or for a run of several
         adapters, when ``adapter`` names none of them.
     """
-    path = os.path.join(out_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{out_dir!r} is not a lora-jax run directory (no config.yaml)")
-    with open(path, encoding="utf-8") as fh:
-        data = load_yaml(fh, path) or {}
-    if overrides:
-        data = deep_update(data, overrides)
-    cfg = from_dict(data)
+    cfg = run_config(out_dir, overrides)
     cdt = compute_dtype(cfg.model.compute_dtype)
     base = cfg.model.path or os.path.join(out_dir, "base")
     if not os.path.isdir(base):
@@ -138,8 +147,9 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
     lp = lora_tree(cfg, model, params)
     names = [name for name, _ in adapter_configs(cfg)]
     if names and adapter not in names and (adapter is None or not os.path.isdir(adapter)):
-        raise ConfigError(f"{out_dir!r} trained the adapters {names}; choose one by name (or give an adapter "
-                          f"directory)" + ("" if adapter is None else f", not {adapter!r}"))
+        raise ConfigError(f"{out_dir!r} trained the adapters {names}; choose one by name (adapter=NAME, "
+                          f"--adapter NAME on the command line) or give an adapter directory"
+                          + ("" if adapter is None else f", not {adapter!r}"))
     if adapter is not None and adapter not in names:
         return RunHandle(cfg, out_dir, model, tok, _model.load_peft(model, lp, adapter), f"adapter {adapter}")
     own = dict(adapter_configs(cfg)).get(adapter, cfg)  # a named adapter's handle reads its own data

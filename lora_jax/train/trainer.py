@@ -293,6 +293,14 @@ def _abstract(tree):
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _eval_text(ev: dict) -> str:
+    """An eval record as a log line: its loss and perplexity, each adapter's with ``adapters``."""
+    if "adapters" in ev:
+        return "eval loss " + ", ".join(f"{name} {e['eval_loss']:.4f} (ppl {e['eval_ppl']:.2f})"
+                                         for name, e in ev["adapters"].items())
+    return f"eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})"
+
+
 class Trainer:
     """Runs a `LoopSpec` over packed rows on a mesh.
 
@@ -346,6 +354,7 @@ class Trainer:
                  order=None):
         self.spec, self.mesh, self.phase, self.seed = spec, mesh, phase, int(seed)
         self.adapters = tuple(adapters or ())
+        self.adapter_specs = dict(adapters or {})
         self.rows, self.eval_rows = rows, eval_rows
         self.metrics, self.checkpointer, self.echo = metrics, checkpointer, echo
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
@@ -531,7 +540,10 @@ class Trainer:
         if self._eval is None:
             return None
         sums = np.zeros((3, max(len(self.adapters), 1)))
-        for b in _data.eval_batches(self.eval_rows, self.spec.micro_batch, self.spec.eval_batches):
+        shares = None
+        if self.adapters:  # each adapter's eval rows in its own micro-batches, as in its run alone
+            shares = [self.adapter_specs[self.adapters[i]].micro_batch for i in self.eval_rows.ids]
+        for b in _data.eval_batches(self.eval_rows, self.spec.micro_batch, self.spec.eval_batches, shares):
             out = jax.device_get(self._eval(self.state["params"], self.frozen, self._put(b, self._eval_sharding)))
             sums += np.asarray([np.atleast_1d(np.asarray(o, np.float64)) for o in out])
 
@@ -542,7 +554,7 @@ class Trainer:
 
         rec = {"kind": "eval", "phase": self.phase, "step": self.step, **record(*sums.sum(axis=1))}
         if self.adapters:
-            rec["adapters"] = {name: record(*sums[:, k]) for k, name in enumerate(self.adapters)}
+            rec["adapters"] = {self.adapters[k]: record(*sums[:, k]) for k in sorted(int(i) for i in self.eval_rows.ids)}
         self.evals.append(rec)
         if self.metrics is not None:
             self.metrics.write(rec)
@@ -650,7 +662,7 @@ class Trainer:
         tokens_per_step = spec.batch_size * self.rows.seq_len
         if start == 0 and self._eval is not None:
             ev = self.evaluate()
-            say(f"[{self.phase}] step 0: eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
+            say(f"[{self.phase}] step 0: {_eval_text(ev)}")
         pending: list[tuple[int, dict]] = []
         t_start = t_win = time.perf_counter()
         last_ev = None
@@ -670,8 +682,7 @@ class Trainer:
                         pending, t_win = [], time.perf_counter()
                     if self._eval is not None and ((spec.eval_every and s % spec.eval_every == 0) or s == spec.steps):
                         last_ev = self.evaluate()
-                        say(f"[{self.phase}] step {s}: eval loss {last_ev['eval_loss']:.4f} "
-                            f"(ppl {last_ev['eval_ppl']:.2f})")
+                        say(f"[{self.phase}] step {s}: {_eval_text(last_ev)}")
                         t_win = time.perf_counter()  # eval time is not training time
                     if stop.signum is not None and pending:  # arrived during the eval: check before saving
                         self._flush(pending, say, t_win, t_start)
