@@ -128,3 +128,22 @@ def test_adapter_bank_block_runs(tmp_path, monkeypatch):
     want = [lora.wrap(f)(sql, x[:1])[0], lora.wrap(f)(chat, x[1:2])[0], f(params, x[2:])[0]]
     for got, w in zip(ns["logits"], want):
         np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_yaml_block_is_a_valid_config(tmp_path, monkeypatch):
+    """The README's ``adapters:`` example is a config `lora-jax train` accepts, and each adapter gets
+    what the README says it sets, the rest the run's."""
+    from lora_jax.train import load_config
+    from lora_jax.train.config import adapter_configs
+
+    text = open(README, encoding="utf-8").read()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "adapters:" in b]
+    monkeypatch.chdir(tmp_path)
+    for name in ("sql.jsonl", "chat.jsonl"):
+        (tmp_path / name).write_text('{"text": "hello"}\n')
+    (tmp_path / "run.yaml").write_text(block)
+    cfg = load_config("run.yaml", ["lora.rank=4", "train.batch_size=8", "train.lr=0.001"])
+    got = {name: (c.lora.rank, c.lora.targets, c.data.train, c.train.lr, c.train.batch_size)
+           for name, c in adapter_configs(cfg)}
+    assert got == {"sql": (8, cfg.lora.targets, "sql.jsonl", 0.0003, 8),
+                   "chat": (16, ["q_proj", "v_proj"], "chat.jsonl", 0.001, 4)}
