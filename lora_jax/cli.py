@@ -318,7 +318,7 @@ def _merge_or_export_body(argv, which: str) -> int:
                              "the adapter": None if adapter in names else adapter}, what=which)
         _check_out(out, a.overwrite)
         h = runs.load_run(run_dir, adapter=adapter)
-        base = h.cfg.model.path or os.path.join(run_dir, "base")
+        base = os.path.abspath(h.cfg.model.path or os.path.join(run_dir, "base"))
         refuse_overlap(out, {"the base model": base, "the tokenizer": h.cfg.tokenizer.path}, what=which)
         with atomic_directory(out, overwrite=a.overwrite, what=which) as tmp:
             if merge:
@@ -353,7 +353,8 @@ def _generate(argv) -> int:
                     "one adapter of a run of several (adapters: in its config)")
     ap.add_argument("--adapters", nargs="+", default=None, metavar="NAME=DIR",
                     help="PEFT adapter dirs by name, served in one batch with --prompts (give RUN before them); "
-                         "the name 'run' is the run's own adapter unless given")
+                         "the name 'run' is the run's own adapter unless given; a run of several adapters serves "
+                         "each by its own name")
     ap.add_argument("--prompts", default=None, metavar="FILE",
                     help='JSONL, one {"prompt": TEXT, "adapter": NAME or null (the base)} per line; prints one '
                          '{"adapter", "text"} JSON line per prompt')
@@ -372,14 +373,14 @@ def _generate(argv) -> int:
         from .train import runs
 
         if jobs is not None:
-            h = runs.load_run(_run_dir([a.run] if a.run else []))
+            h = runs.load_run(_run_dir([a.run] if a.run else []), every=True)
             texts = runs.generate_many(h, [p for p, _ in jobs], [n for _, n in jobs], adapters,
                                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                        seed=a.seed)
             for (_, n), text in zip(jobs, texts):
                 print(json.dumps({"adapter": n, "text": text}, ensure_ascii=False))
             return 0
-        h = runs.load_run(_run_dir([a.run] if a.run else []), adapter=a.adapter)
+        h = runs.load_run(_run_dir([a.run] if a.run else []), adapter=a.adapter, every=a.base)
         text = runs.generate(h, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                  top_k=a.top_k, seed=a.seed, use_adapter=not a.base)
     except (ConfigError, ValueError) as e:

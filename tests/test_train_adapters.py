@@ -120,7 +120,7 @@ def _base(h):
 
 def test_a_run_of_several_adapters_loads_by_name(runs):
     both, _, alone = runs
-    with pytest.raises(ConfigError, match=r"trained the adapters \['wide', 'narrow'\]; choose one by name"):
+    with pytest.raises(ConfigError, match=r"trained the adapters \['wide', 'narrow'\]; choose one with --adapter NAME"):
         load_run(str(both))
     with pytest.raises(ConfigError, match=r"not 'wid'"):
         load_run(str(both), adapter="wid")
@@ -175,7 +175,7 @@ def test_the_cli_exports_and_merges_one_adapter_by_name(runs, tmp_path, capsys):
     assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
     capsys.readouterr()
     assert main(["export", str(both)]) == 2
-    assert "trained the adapters ['wide', 'narrow']; choose one by name" in capsys.readouterr().err
+    assert "trained the adapters ['wide', 'narrow']; choose one with --adapter NAME" in capsys.readouterr().err
     assert main(["export", str(alone["wide"]), "--adapter", "wide", "--out", str(tmp_path / "x")]) == 2
     assert "trained one adapter" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -186,3 +186,30 @@ def test_the_cli_exports_and_merges_one_adapter_by_name(runs, tmp_path, capsys):
     _, p2 = load_model(str(tmp_path / "m"))
     for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_generate_serves_the_runs_adapters_by_name_in_one_batch(runs):
+    """``generate --prompts`` on a run of several adapters: each row names one of them (or null for
+    the base) and equals a greedy run of that adapter alone; ``--base`` needs no adapter name."""
+    from lora_jax.train.runs import generate, generate_many
+
+    import dataclasses
+
+    import lora_jax as lora
+
+    def loud(h):  # B x 300: four small steps leave greedy text as the base's; this makes each adapter's its own
+        def amp(x):
+            return x.replace(w=amp(x.w), b=x.b * 300.0) if lora.is_lora(x) else x
+        return dataclasses.replace(h, lora_params=jax.tree_util.tree_map(amp, h.lora_params, is_leaf=lora.is_lora))
+
+    both, _, _ = runs
+    prompts, names = ["the", "the", "the", "a b c", "x"], ["narrow", "wide", None, "wide", "narrow"]
+    h = loud(load_run(str(both), every=True))
+    got = generate_many(h, prompts, names, {}, max_new_tokens=6, temperature=0)
+    assert len(set(got[:3])) == 3  # the two adapters and the base decode differently
+    for p, n, text in zip(prompts, names, got):
+        one = loud(load_run(str(both), adapter=n or "wide"))
+        assert text == generate(one, p, max_new_tokens=6, temperature=0, use_adapter=n is not None), (p, n)
+    assert generate(h, "the", max_new_tokens=6, temperature=0, use_adapter=False) == got[2]
+    with pytest.raises(ValueError, match=r"no adapter named \['run'\]; adapters: \['narrow', 'wide'\]"):
+        generate_many(h, ["the"], ["run"], {}, max_new_tokens=2)

@@ -739,9 +739,10 @@ def _adapter_entry(cfg: Config, j: int, entry: dict, problems: list, check_files
     except (TypeError, ValueError) as e:
         problems.append(f"{where}.name: {e} (each adapter needs a name: it names its export, adapters/<name>)")
         return None
-    if name in (".", "..", FROZEN) or any(c in name for c in "/\\\x00"):
+    if name in (".", "..", FROZEN) or any(c in name for c in "/\\\x00") or name.startswith("-"):
         problems.append(f"adapters[{j}].name: {name!r} cannot name an adapter of a run (its export is "
-                        f"adapters/<name>); expected a name without '/', '\\' or NUL, not '.', '..' or {FROZEN!r}")
+                        f"adapters/<name>, --adapter <name> chooses it); expected a name without '/', '\\' or "
+                        f"NUL, not starting with '-', not '.', '..' or {FROZEN!r}")
         return None
     where = f"adapters[{j}] ({name})"
     n = len(problems)
@@ -779,7 +780,7 @@ def _check_adapters(cfg: Config, problems: list, check_files: bool = True) -> No
     from ..variants import LORA, get_variant
 
     if not cfg.adapters:
-        problems.append("adapters: an empty list; give two or more adapters, or null for one")
+        problems.append("adapters: an empty list; give at least one adapter, or null for the run's one adapter")
         return
     if cfg.lora.modules_to_save:
         problems.append(f"lora.modules_to_save: {cfg.lora.modules_to_save!r} with adapters: modules trained in full "

@@ -203,5 +203,8 @@ class Progress:
             self._bar = None
 
 
-def perplexity(loss: float) -> float:
+def perplexity(loss: Optional[float]) -> float:
+    """``exp(loss)``; inf past 80, NaN for a loss that is NaN or None (no scored token)."""
+    if loss is None or math.isnan(loss):
+        return float("nan")
     return math.exp(loss) if loss < 80 else float("inf")

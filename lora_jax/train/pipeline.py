@@ -661,7 +661,7 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, echo: Callable = print
             r.lock.release(clean=not r.writing)
     if "eval_loss_after" in s and not s.get("stopped"):
         for name, a in (s.get("adapters") or {None: s}).items():
-            if "eval_loss_after" in a:
+            if a.get("eval_loss_before") is not None and a.get("eval_loss_after") is not None:
                 r.say(f"# eval loss on the held-out data{'' if name is None else ' of adapter ' + name}: "
                       f"{a['eval_loss_before']:.4f} before LoRA -> {a['eval_loss_after']:.4f} after (perplexity "
                       f"{perplexity(a['eval_loss_before']):.2f} -> {perplexity(a['eval_loss_after']):.2f})")

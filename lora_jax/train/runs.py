@@ -122,7 +122,8 @@ def latest_run(name: Optional[str] = None) -> str:
     return max(runs, key=os.path.getmtime)
 
 
-def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional[dict] = None) -> RunHandle:
+def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional[dict] = None,
+             every: bool = False) -> RunHandle:
     """Load a run directory back: its config, base model, tokenizer and adapter.
 
     Args:
@@ -132,6 +133,8 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
         their names (that adapter alone, from the newest checkpoint, else ``out_dir/adapters/<name>``)
         or a directory; it must be given.
       overrides: nested config changes (e.g. ``{"data": {"eval": "other.jsonl"}}``).
+      every: for a run of several adapters without ``adapter``: all of them, chained on the base
+        (as trained; what `generate_many` serves by name and ``generate --base`` needs none of).
 
     Raises:
       ConfigError: when the directory is not a run or holds no adapter, or for a run of several
@@ -146,10 +149,11 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
     model, params = _model.load_model(base, compute_dtype=cdt, param_dtype=cfg.model.param_dtype, remat=base_remat(cfg))
     lp = lora_tree(cfg, model, params)
     names = [name for name, _ in adapter_configs(cfg)]
-    if names and adapter not in names and (adapter is None or not os.path.isdir(adapter)):
-        raise ConfigError(f"{out_dir!r} trained the adapters {names}; choose one by name (adapter=NAME, "
-                          f"--adapter NAME on the command line) or give an adapter directory"
-                          + ("" if adapter is None else f", not {adapter!r}"))
+    if every and names and adapter is None:
+        names = []  # keep them all: nothing deleted below, the run's own config
+    elif names and adapter not in names and (adapter is None or not os.path.isdir(adapter)):
+        raise ConfigError(f"{out_dir!r} trained the adapters {names}; choose one with --adapter NAME (or give an "
+                          f"adapter directory)" + ("" if adapter is None else f", not {adapter!r}"))
     if adapter is not None and adapter not in names:
         return RunHandle(cfg, out_dir, model, tok, _model.load_peft(model, lp, adapter), f"adapter {adapter}")
     own = dict(adapter_configs(cfg)).get(adapter, cfg)  # a named adapter's handle reads its own data
@@ -159,6 +163,9 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
             if other != adapter:
                 restored = delete(restored, other)
         return RunHandle(own, out_dir, model, tok, restored, source + (f", adapter {adapter}" if names else ""))
+    if every and adapter_configs(cfg):
+        raise ConfigError(f"{out_dir!r} holds no checkpoint of its adapters; give their exports by name "
+                          f"(--adapters NAME={os.path.join(out_dir, 'adapters', 'NAME')} ...)")
     exported = os.path.join(out_dir, "adapters", adapter) if names else os.path.join(out_dir, "adapter")
     if os.path.isdir(exported):
         return RunHandle(own, out_dir, model, tok, _model.load_peft(model, lp, exported), f"adapter {exported}")
@@ -266,7 +273,8 @@ def generate_many(handle: RunHandle, prompts: Sequence[str], names: Sequence[Opt
                   adapters: Mapping[str, str], *, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
                   seed: int = 0) -> list[str]:
     """Each prompt continued with its own adapter, every row in one batch: the adapters it names
-    (PEFT directories by name; ``"run"`` is the run's own unless given) go into a `lora.AdapterBank`
+    (PEFT directories by name; ``"run"`` is the run's own unless given, and a run of several
+    adapters serves each by its name) go into a `lora.AdapterBank`
     over the kernels they adapt, and `lora_jax.models.generate` routes each row to its slot
     (``None``: the base, as ``generate --base``). Each text equals `generate` with that adapter
     alone (greedy), whatever the other rows' lengths.
@@ -281,7 +289,8 @@ def generate_many(handle: RunHandle, prompts: Sequence[str], names: Sequence[Opt
 
     if len(prompts) != len(names) or not prompts:
         raise ValueError(f"generate: {len(prompts)} prompts and {len(names)} adapter names; give one name per prompt")
-    known = set(adapters) | {"run"}
+    run_names = [n for n, _ in adapter_configs(handle.cfg)]  # a run of several adapters: each by name
+    known = set(adapters) | (set(run_names) if run_names else {"run"})
     unknown = sorted({n for n in names if n is not None and n not in known})
     if unknown:
         raise ValueError(f"generate: no adapter named {unknown}; adapters: {sorted(known)} (null: the base model)")
@@ -290,8 +299,16 @@ def generate_many(handle: RunHandle, prompts: Sequence[str], names: Sequence[Opt
         return jax.tree_util.tree_map(lambda x: x.value if is_trainable(x) else x, tree, is_leaf=is_unit)
 
     used = list(dict.fromkeys(n for n in names if n is not None))
-    trees = {n: plain(handle.lora_params if n == "run" and "run" not in adapters else
-                      _model.load_peft(handle.model, handle.lora_params, adapters[n])) for n in used}
+    def own(n):  # the run's adapter of that name (its only one: "run")
+        if n not in run_names:
+            return handle.lora_params
+        tree = handle.lora_params
+        for other in run_names:
+            tree = tree if other == n else delete(tree, other)
+        return tree
+
+    trees = {n: plain(_model.load_peft(handle.model, handle.lora_params, adapters[n]) if n in adapters else own(n))
+             for n in used}
     tok = handle.tokenizer
     ids = [_prompt_ids(tok, p) for p in prompts]
     room = [_room(handle, len(i), max_new_tokens) for i in ids]

@@ -295,10 +295,14 @@ def _abstract(tree):
 
 def _eval_text(ev: dict) -> str:
     """An eval record as a log line: its loss and perplexity, each adapter's with ``adapters``."""
+    def one(e):
+        if not e["eval_tokens"]:
+            return "n/a (no scored token in the eval batches; raise train.eval_batches)"
+        return f"{e['eval_loss']:.4f} (ppl {e['eval_ppl']:.2f})"
+
     if "adapters" in ev:
-        return "eval loss " + ", ".join(f"{name} {e['eval_loss']:.4f} (ppl {e['eval_ppl']:.2f})"
-                                         for name, e in ev["adapters"].items())
-    return f"eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})"
+        return "eval loss " + ", ".join(f"{name} {one(e)}" for name, e in ev["adapters"].items())
+    return f"eval loss {one(ev)}"
 
 
 class Trainer:
@@ -547,9 +551,9 @@ class Trainer:
             out = jax.device_get(self._eval(self.state["params"], self.frozen, self._put(b, self._eval_sharding)))
             sums += np.asarray([np.atleast_1d(np.asarray(o, np.float64)) for o in out])
 
-        def record(nll, correct, n):
-            loss = float(nll / max(n, 1.0))
-            return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_acc": float(correct / max(n, 1.0)),
+        def record(nll, correct, n):  # no scored token: NaN (null in the files), never a perfect 0.0
+            loss = float(nll / n) if n else float("nan")
+            return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_acc": float(correct / n) if n else float("nan"),
                     "eval_tokens": int(n)}
 
         rec = {"kind": "eval", "phase": self.phase, "step": self.step, **record(*sums.sum(axis=1))}
