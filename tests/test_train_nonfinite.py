@@ -320,3 +320,27 @@ def test_merge_refuses_a_nonfinite_adapter_and_writes_nothing(diverged, tmp_path
     # the good adapter merges
     assert main(["merge", str(d), "--adapter", str(good), "--out", str(out)]) == 0
     assert (out / "config.json").is_file()
+
+
+def test_an_eval_without_a_scored_token_is_null_not_zero(tmp_path):
+    """Eval batches that hold no target give loss/ppl/acc NaN (null in metrics.jsonl) and an 'n/a'
+    log line: a loss of 0.0 would read as a perfect model."""
+    from lora_jax.train.data import Rows
+
+    ev = toy_rows(16)
+    empty = Rows(ev.tokens, np.zeros_like(ev.weights), ev.valid)
+    spec = LoopSpec(steps=2, batch_size=BATCH, lr=0.05, warmup_steps=0, log_every=1, eval_every=1, progress=False)
+    metrics = MetricsWriter(str(tmp_path / "metrics.jsonl"))
+    lines = []
+    tr = Trainer(spec, mesh=shd.make_mesh(1, 1, 1), logits_fn=toy_logits, trainable=toy_params(), rows=toy_rows(64),
+                 eval_rows=empty, seed=0, metrics=metrics, echo=lines.append)
+    tr.fit()
+    metrics.close()
+    evals = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["kind"] == "eval"]
+    assert len(evals) == 3 and all(r["eval_loss"] is None and r["eval_ppl"] is None and r["eval_tokens"] == 0
+                                   for r in evals)
+    assert any("eval loss n/a (no scored token" in line for line in lines)
+    # the same rows with their targets: a finite loss
+    tr2 = Trainer(spec, mesh=shd.make_mesh(1, 1, 1), logits_fn=toy_logits, trainable=toy_params(), rows=toy_rows(64),
+                  eval_rows=ev, seed=0, echo=lambda *a: None)
+    assert np.isfinite(tr2.evaluate()["eval_loss"])
