@@ -19,7 +19,7 @@ from . import model as _model
 from .checkpoint import Checkpointer, DamagedCheckpoint, latest_step
 from .config import Config, ConfigError, deep_update, from_dict, load_yaml
 from .metrics import perplexity
-from ..adapters import delete
+from ..adapters import adapter_names, delete
 from .config import adapter_configs
 from .parts import base_remat, checkpoint_target, ckpt_dir, compute_dtype, data_rows, lora_tree, loss_settings
 
@@ -113,6 +113,14 @@ def run_config(out_dir: str, overrides: Optional[dict] = None) -> Config:
     return from_dict(data)
 
 
+def _only(tree, name: str):
+    """``tree`` with the adapter ``name`` alone: every other `lora.add` adapter deleted."""
+    for other in adapter_names(tree):
+        if other != name:
+            tree = delete(tree, other)
+    return tree
+
+
 def latest_run(name: Optional[str] = None) -> str:
     """The newest directory under ``runs/`` holding a ``config.yaml`` (of config ``name`` if given)."""
     pat = os.path.join("runs", f"{name}-*" if name else "*")
@@ -159,9 +167,8 @@ def load_run(out_dir: str, *, adapter: Optional[str] = None, overrides: Optional
     own = dict(adapter_configs(cfg)).get(adapter, cfg)  # a named adapter's handle reads its own data
     restored, source = _restore_adapter(out_dir, cfg, lp)
     if restored is not None:
-        for other in names:
-            if other != adapter:
-                restored = delete(restored, other)
+        if names:
+            restored = _only(restored, adapter)
         return RunHandle(own, out_dir, model, tok, restored, source + (f", adapter {adapter}" if names else ""))
     if every and adapter_configs(cfg):
         raise ConfigError(f"{out_dir!r} holds no checkpoint of its adapters; give their exports by name "
@@ -300,12 +307,7 @@ def generate_many(handle: RunHandle, prompts: Sequence[str], names: Sequence[Opt
 
     used = list(dict.fromkeys(n for n in names if n is not None))
     def own(n):  # the run's adapter of that name (its only one: "run")
-        if n not in run_names:
-            return handle.lora_params
-        tree = handle.lora_params
-        for other in run_names:
-            tree = tree if other == n else delete(tree, other)
-        return tree
+        return _only(handle.lora_params, n) if n in run_names else handle.lora_params
 
     trees = {n: plain(_model.load_peft(handle.model, handle.lora_params, adapters[n]) if n in adapters else own(n))
              for n in used}
